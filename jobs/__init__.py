@@ -1,0 +1,1 @@
+"""arq jobs: rollups, reports, retention and sweeps (see the arq issue)."""

@@ -1,0 +1,112 @@
+"""The `iotflow` command: run, migrate, simulate, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import structlog
+
+from worker.config import ConfigError, Settings, load_settings
+from worker.logging import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iotflow", description=__doc__)
+    parser.add_argument("--config", type=Path, help="TOML settings file (IOTFLOW_* variables win)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", help="run the daemon")
+    commands.add_parser("migrate", help="apply schemas and seed metadata to PostgreSQL")
+    commands.add_parser("config", help="print the effective settings (secrets included: careful)")
+
+    sim = commands.add_parser("simulate", help="publish simulated F2 and JSON device telemetry")
+    sim.add_argument("--devices", type=int, default=8, help="number of devices (default 8)")
+    sim.add_argument("--rate", type=float, default=50.0, help="messages/s, 0 = flat out (default 50)")
+    sim.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    sim.add_argument("--profile", choices=("mixed", "climate"), default="mixed")
+    sim.add_argument("--register", action="store_true", help="insert devices beyond the seed metadata")
+
+    demo = commands.add_parser("demo", help="the whole path on embedded services, with live progress")
+    demo.add_argument("--data-dir", type=Path, default=Path(".iotflow/demo"))
+    demo.add_argument("--devices", type=int, default=8)
+    demo.add_argument("--rate", type=float, default=200.0)
+    demo.add_argument("--count", type=int, default=3000)
+    demo.add_argument("--external", action="store_true", help="use the configured services instead")
+
+    bench = commands.add_parser("bench", help="measure end-to-end throughput, latency and memory")
+    bench.add_argument("--messages", type=int, default=200_000)
+    bench.add_argument("--devices", type=int, default=100)
+    bench.add_argument("--publishers", type=int, default=2)
+    bench.add_argument("--embedded", action="store_true", help="start embedded services for the run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        configure_logging()
+        structlog.get_logger("worker.config").error(
+            "config.invalid", setting=exc.setting, problem=exc.problem, example=exc.example
+        )
+        print(f"iotflow: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log.level, settings.log.format)
+    return _dispatch(args, settings)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "run":
+        return _run(settings)
+    if args.command == "migrate":
+        from worker.migrate import migrate
+
+        asyncio.run(migrate(settings.postgres))
+        return 0
+    if args.command == "config":
+        import dataclasses
+
+        import orjson
+
+        print(orjson.dumps(dataclasses.asdict(settings), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if args.command == "simulate":
+        from worker.simulate import build_fleet, register_fleet, simulate
+
+        if args.register:
+            asyncio.run(register_fleet(settings.postgres, build_fleet(args.devices, args.profile)))
+        simulate(settings.mqtt.url, args.devices, args.rate, args.count, args.profile)
+        return 0
+    if args.command == "demo":
+        from worker.demo import run_demo
+
+        return run_demo(settings, args)
+    if args.command == "bench":
+        from worker.bench import run_bench
+
+        return run_bench(settings, args)
+    raise AssertionError(args.command)  # argparse allows only the commands above
+
+
+def _run(settings: Settings) -> int:
+    from worker.decode.codecs import CodecConfigError, load_codecs
+    from worker.pipeline import run_daemon
+
+    try:
+        load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
+    except CodecConfigError as exc:
+        structlog.get_logger("worker.config").error(
+            "config.invalid", setting="pipeline.codecs", problem=str(exc)
+        )
+        print(f"iotflow: configuration error: pipeline.codecs: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run_daemon(settings))
+    return uvloop.run(run_daemon(settings))

@@ -1,0 +1,341 @@
+"""Settings: one typed tree, read from an optional TOML file and `IOTFLOW_*` variables.
+
+Every setting lives in a section dataclass below. A setting `section.key` is read
+from the TOML table `[section]` and from the variable `IOTFLOW_SECTION_KEY`; the
+environment wins. Values are checked when loaded: a bad one raises `ConfigError`
+naming the setting, what was wrong and an example, and the CLI exits 2 on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+ENV_PREFIX = "IOTFLOW_"
+
+SPEC_TOPICS = ("tele/+/+/+/+", "stat/+/+/+/+", "devices/+/telemetry")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range."""
+
+    def __init__(self, setting: str, problem: str, example: str) -> None:
+        self.setting = setting
+        self.problem = problem
+        self.example = example
+        super().__init__(f"{setting}: {problem} (example: {example})")
+
+
+def _meta(example: str, check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
+    return {"example": example, "check": check, "doc": doc}
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _url(*schemes: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        parsed = urlparse(value)
+        if parsed.scheme not in schemes or not parsed.hostname:
+            return f"must be a URL with scheme {' or '.join(schemes)} and a host"
+        return None
+
+    return check
+
+
+def _identifier(value: Any) -> str | None:
+    return None if value.isidentifier() and value.islower() else "must be a lower-case SQL identifier"
+
+
+@dataclass
+class MqttSettings:
+    url: str = field(
+        default="mqtt://127.0.0.1:1883",
+        metadata=_meta("mqtts://user:secret@broker:8883", _url("mqtt", "mqtts"), "broker URL"),
+    )
+    topics: list[str] = field(
+        default_factory=lambda: list(SPEC_TOPICS),
+        metadata=_meta('["tele/+/+/+/+", "devices/+/telemetry"]', doc="topic filters"),
+    )
+    client_id: str = field(
+        default="iotflow-worker",
+        metadata=_meta("iotflow-gw-1", doc="stable id: the broker keeps the session under it"),
+    )
+    shared_group: str = field(
+        default="",
+        metadata=_meta("iotflow", doc="subscribe as $share/{group}/… so workers split one stream"),
+    )
+    session_expiry_s: int = field(
+        default=86400,
+        metadata=_meta("86400", _non_negative, doc="how long the broker keeps the session"),
+    )
+    receive_maximum: int = field(
+        default=20000,
+        metadata=_meta("20000", _positive, doc="unacknowledged messages the broker may send"),
+    )
+    keepalive_s: int = field(default=30, metadata=_meta("30", _positive))
+    ca_file: str = field(default="", metadata=_meta("/etc/iotflow/ca.pem", doc="TLS CA"))
+    cert_file: str = field(default="", metadata=_meta("/etc/iotflow/client.pem"))
+    key_file: str = field(default="", metadata=_meta("/etc/iotflow/client.key"))
+    reconnect_min_s: float = field(default=0.5, metadata=_meta("0.5", _positive))
+    reconnect_max_s: float = field(default=30.0, metadata=_meta("30", _positive))
+
+
+@dataclass
+class PostgresSettings:
+    url: str = field(
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        metadata=_meta("postgresql://iotflow:secret@db:5432/iotflow", _url("postgresql", "postgres")),
+    )
+    schema: str = field(default="iotflow", metadata=_meta("iot_schema", _identifier))
+    timescale: Literal["auto", "on", "off"] = field(
+        default="auto", metadata=_meta("auto", doc="use TimescaleDB when the extension exists")
+    )
+    partition_days: int = field(
+        default=1, metadata=_meta("1", _positive, doc="range partition width without TimescaleDB")
+    )
+
+
+@dataclass
+class RedisSettings:
+    url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata=_meta("redis://cache:6379/0", _url("redis", "rediss")),
+    )
+    key_prefix: str = field(default="", metadata=_meta("site1:", doc="prefix of every key and channel"))
+
+
+@dataclass
+class PipelineSettings:
+    batch_size: int = field(
+        default=5000, metadata=_meta("5000", _positive, doc="readings per database commit")
+    )
+    flush_interval_ms: int = field(
+        default=200,
+        metadata=_meta("200", _positive, doc="longest wait before a partial batch commits"),
+    )
+    mailbox_size: int = field(
+        default=20000, metadata=_meta("20000", _positive, doc="messages waiting for decoding")
+    )
+    unknown_devices: Literal["reject", "register"] = field(
+        default="reject",
+        metadata=_meta("register", doc="what to do with a device not in `devices`"),
+    )
+    codecs: str = field(
+        default="", metadata=_meta("/etc/iotflow/codecs.toml", doc="F2 codec file; empty: built-in")
+    )
+    max_future_s: int = field(
+        default=300, metadata=_meta("300", _non_negative, doc="accepted clock skew ahead of now")
+    )
+    max_age_s: int = field(
+        default=30 * 86400, metadata=_meta("2592000", _positive, doc="oldest reading accepted")
+    )
+    max_payload_bytes: int = field(
+        default=65536, metadata=_meta("65536", _positive, doc="larger messages are dead-lettered")
+    )
+    dead_letter_payload_bytes: int = field(
+        default=4096,
+        metadata=_meta("4096", _non_negative, doc="payload bytes kept per dead letter"),
+    )
+
+
+@dataclass
+class RuntimeSettings:
+    shutdown_timeout_s: float = field(default=30.0, metadata=_meta("30", _positive))
+    restart_limit: int = field(
+        default=5, metadata=_meta("5", _non_negative, doc="restarts allowed per window")
+    )
+    restart_window_s: float = field(default=300.0, metadata=_meta("300", _positive))
+    restart_backoff_s: float = field(default=1.0, metadata=_meta("1", _positive))
+    report_interval_s: float = field(
+        default=10.0, metadata=_meta("10", _positive, doc="one progress log line per interval")
+    )
+
+
+@dataclass
+class HttpSettings:
+    enabled: bool = field(default=True, metadata=_meta("true"))
+    host: str = field(default="127.0.0.1", metadata=_meta("0.0.0.0"))
+    port: int = field(default=8081, metadata=_meta("8081", _non_negative))
+
+
+@dataclass
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata=_meta("info"))
+    format: Literal["auto", "json", "console"] = field(
+        default="auto", metadata=_meta("json", doc="auto: console on a TTY, JSON otherwise")
+    )
+
+
+@dataclass
+class Settings:
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    postgres: PostgresSettings = field(default_factory=PostgresSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from defaults, then the TOML file, then the environment."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        raw = _read_toml(config_file)
+    settings = Settings()
+    known = {f.name for f in dataclasses.fields(Settings)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(name, "unknown section in the config file", "[mqtt]")
+    for section_field in dataclasses.fields(Settings):
+        section = getattr(settings, section_field.name)
+        table = raw.get(section_field.name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section_field.name, "must be a TOML table", f"[{section_field.name}]")
+        _load_section(section_field.name, section, table, environ)
+    _check_cross_field(settings)
+    return settings
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def describe_settings() -> list[tuple[str, str, str, str]]:
+    """(setting, environment variable, default, description) for the reference docs."""
+    rows = []
+    for section_field in dataclasses.fields(Settings):
+        section = getattr(Settings(), section_field.name)
+        for f in dataclasses.fields(section):
+            rows.append(
+                (
+                    f"{section_field.name}.{f.name}",
+                    env_name(section_field.name, f.name),
+                    repr(getattr(section, f.name)),
+                    f.metadata.get("doc", ""),
+                )
+            )
+    return rows
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file {path} does not exist", "--config /etc/iotflow.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            "--config", f"{path} is not valid TOML: {exc}", '[mqtt]\nurl = "mqtt://…"'
+        ) from None
+
+
+def _load_section(name: str, section: Any, table: dict[str, Any], environ: Mapping[str, str]) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", "unknown setting", f"one of {', '.join(fields)}")
+    hints = typing.get_type_hints(type(section))
+    for key, f in fields.items():
+        setting = f"{name}.{key}"
+        variable = env_name(name, key)
+        if variable in environ:
+            value = _from_env(environ[variable], hints[key], setting, f.metadata["example"])
+            setting = f"{setting} ({variable})"
+        elif key in table:
+            value = table[key]
+        else:
+            continue
+        value = _coerce(value, hints[key], setting, f.metadata["example"])
+        check = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(setting, f"{value!r} {problem}", f.metadata["example"])
+        setattr(section, key, value)
+
+
+def _from_env(text: str, hint: Any, setting: str, example: str) -> Any:
+    if typing.get_origin(hint) is list:
+        text = text.strip()
+        if text.startswith("["):
+            import orjson
+
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError:
+                raise ConfigError(setting, f"{text!r} is not a JSON list", example) from None
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _coerce(value: Any, hint: Any, setting: str, example: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(setting, f"{value!r} is not one of {', '.join(choices)}", example)
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(setting, f"{value!r} is not a list of strings", example)
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(setting, f"{value!r} is not a boolean", example)
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(setting, f"{value!r} is not a number", example)
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            kind = "an integer" if hint is int else "a number"
+            raise ConfigError(setting, f"{value!r} is not {kind}", example) from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(setting, f"{value!r} is not a string", example)
+        return value
+    raise TypeError(f"unsupported setting type {hint!r}")  # a bug in this module, not user input
+
+
+def _check_cross_field(settings: Settings) -> None:
+    mqtt = settings.mqtt
+    if not mqtt.topics:
+        raise ConfigError("mqtt.topics", "needs at least one topic filter", repr(list(SPEC_TOPICS)))
+    if bool(mqtt.cert_file) != bool(mqtt.key_file):
+        raise ConfigError(
+            "mqtt.cert_file",
+            "client certificate and key must be given together",
+            "/etc/iotflow/client.pem",
+        )
+    for path_setting in ("ca_file", "cert_file", "key_file"):
+        path = getattr(mqtt, path_setting)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"mqtt.{path_setting}", f"file {path} does not exist", "/etc/iotflow/ca.pem")
+    if settings.pipeline.codecs and not Path(settings.pipeline.codecs).is_file():
+        raise ConfigError(
+            "pipeline.codecs",
+            f"file {settings.pipeline.codecs} does not exist",
+            "/etc/iotflow/codecs.toml",
+        )
+    if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
+        raise ConfigError("mqtt.reconnect_min_s", "is larger than mqtt.reconnect_max_s", "0.5")

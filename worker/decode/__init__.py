@@ -1,0 +1,1 @@
+"""Decoding: topics and payloads into readings, or a reason to reject them."""

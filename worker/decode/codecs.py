@@ -1,0 +1,174 @@
+"""Declarative frame codecs: byte layouts kept in TOML files, used to decode and encode.
+
+The decoder and the simulator share these definitions, so a frame the simulator
+builds is exactly what the decoder expects.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+import struct
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+_STRUCT_FORMATS = {
+    "int8": ">b", "uint8": ">B",
+    "int16be": ">h", "int16le": "<h", "uint16be": ">H", "uint16le": "<H",
+    "int32be": ">i", "int32le": "<i", "uint32be": ">I", "uint32le": "<I",
+    "float32be": ">f", "float32le": "<f", "float64be": ">d", "float64le": "<d",
+}  # fmt: skip
+
+
+class CodecConfigError(ValueError):
+    """A codec file is malformed; the message names the file, codec and field."""
+
+
+class FrameError(ValueError):
+    """A frame does not match its codec (length, value range)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CodecField:
+    name: str
+    offset: int
+    type: str
+    scale: float = 1.0
+    add: float = 0.0
+    unit: str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    flags: tuple[tuple[str, int], ...] = ()
+    decimals: int = 12  # rounding that removes binary noise (227.70000000000002 → 227.7)
+
+    @property
+    def struct(self) -> struct.Struct:
+        return struct.Struct(_STRUCT_FORMATS[self.type])
+
+    def labels(self) -> list[str]:
+        return [flag for flag, _ in self.flags] if self.flags else [self.name]
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    name: str
+    length: int
+    fields: tuple[CodecField, ...]
+
+    def decode(self, frame: bytes) -> list[tuple[str, float]]:
+        """Return (field or flag name, value) pairs; raise FrameError on a bad frame."""
+        if len(frame) != self.length:
+            raise FrameError(f"codec {self.name} expects {self.length} bytes, got {len(frame)}")
+        values: list[tuple[str, float]] = []
+        for f in self.fields:
+            (raw,) = f.struct.unpack_from(frame, f.offset)
+            if f.flags:
+                values.extend((flag, float((int(raw) >> bit) & 1)) for flag, bit in f.flags)
+                continue
+            value = round(raw * f.scale + f.add, f.decimals)
+            if not math.isfinite(value):
+                raise FrameError(f"{f.name} is not a finite number")
+            if (f.minimum is not None and value < f.minimum) or (f.maximum is not None and value > f.maximum):
+                raise FrameError(f"{f.name}={value:g} outside [{f.minimum}, {f.maximum}]")
+            values.append((f.name, value))
+        return values
+
+    def encode(self, values: dict[str, float]) -> bytes:
+        """Build a frame from field (or flag) values; the simulator's half of the contract."""
+        frame = bytearray(self.length)
+        for f in self.fields:
+            if f.flags:
+                raw: float = sum(1 << bit for flag, bit in f.flags if values.get(flag))
+            else:
+                raw = (values[f.name] - f.add) / f.scale
+                if not f.type.startswith("float"):
+                    raw = round(raw)
+            f.struct.pack_into(frame, f.offset, raw)
+        return bytes(frame)
+
+    def units(self) -> dict[str, str | None]:
+        return {label: f.unit for f in self.fields for label in f.labels()}
+
+
+def builtin_codec_path() -> Path:
+    return Path(str(resources.files("schemas") / "codecs" / "f2.toml"))
+
+
+def load_codecs(path: Path | None = None) -> dict[str, Codec]:
+    """Load and validate a codec file (the built-in F2 layouts when `path` is None)."""
+    path = path or builtin_codec_path()
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CodecConfigError(f"{path}: {exc}") from None
+    codecs = {}
+    for name, table in document.items():
+        codecs[name] = _parse_codec(f"{path}: codec {name!r}", name, table)
+    if not codecs:
+        raise CodecConfigError(f"{path}: defines no codec")
+    return codecs
+
+
+def _parse_codec(where: str, name: str, table: Any) -> Codec:
+    if not isinstance(table, dict):
+        raise CodecConfigError(f"{where}: must be a table")
+    length = table.get("length")
+    if not isinstance(length, int) or length <= 0:
+        raise CodecConfigError(f"{where}: `length` must be a positive integer")
+    raw_fields = table.get("fields")
+    if not isinstance(raw_fields, list) or not raw_fields:
+        raise CodecConfigError(f"{where}: `fields` must be a non-empty list")
+    fields = tuple(_parse_field(where, length, spec) for spec in raw_fields)
+    labels = [label for f in fields for label in f.labels()]
+    if len(labels) != len(set(labels)):
+        raise CodecConfigError(f"{where}: field and flag names must be unique")
+    return Codec(name=name, length=length, fields=fields)
+
+
+def _parse_field(where: str, length: int, spec: Any) -> CodecField:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise CodecConfigError(f"{where}: every field needs a `name`")
+    where = f"{where} field {spec['name']!r}"
+    allowed = {"name", "offset", "type", "scale", "offset_value", "unit", "min", "max", "flags"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise CodecConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    kind = spec.get("type")
+    if kind not in _STRUCT_FORMATS:
+        raise CodecConfigError(f"{where}: `type` must be one of {', '.join(_STRUCT_FORMATS)}")
+    offset = spec.get("offset")
+    size = struct.calcsize(_STRUCT_FORMATS[kind])
+    if not isinstance(offset, int) or offset < 0 or offset + size > length:
+        raise CodecConfigError(f"{where}: `offset` must leave {size} bytes inside {length}")
+    flags = spec.get("flags", {})
+    if not isinstance(flags, dict) or not all(
+        isinstance(bit, int) and 0 <= bit < size * 8 for bit in flags.values()
+    ):
+        raise CodecConfigError(f"{where}: `flags` maps names to bit numbers below {size * 8}")
+    numbers = {key: spec[key] for key in ("scale", "offset_value", "min", "max") if key in spec}
+    for key, value in numbers.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise CodecConfigError(f"{where}: `{key}` must be a number")
+    if numbers.get("scale", 1) == 0:
+        raise CodecConfigError(f"{where}: `scale` must not be 0")
+    return CodecField(
+        name=spec["name"],
+        offset=offset,
+        type=kind,
+        scale=float(numbers.get("scale", 1.0)),
+        add=float(numbers.get("offset_value", 0.0)),
+        unit=spec.get("unit"),
+        minimum=numbers.get("min"),
+        maximum=numbers.get("max"),
+        flags=tuple(sorted(flags.items(), key=lambda item: item[1])),
+        decimals=_decimals(numbers.get("scale", 1.0), numbers.get("offset_value", 0.0)),
+    )
+
+
+def _decimals(*numbers: float) -> int:
+    """Decimal places that `raw * scale + offset` can carry, e.g. 3 for scale 0.001."""
+    places = [-int(Decimal(repr(float(n))).as_tuple().exponent) for n in numbers]
+    return max(0, *places)

@@ -1,0 +1,97 @@
+"""The decoder actor: raw messages in, `DecodedBatch`es of readings and dead letters out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from schemas.records import DeadLetter, DecodedBatch, RawMessage, Reading
+from worker.decode.codecs import Codec
+from worker.decode.parse import Limits, ParsedMessage, Rejected, parse_message
+from worker.metrics import Metrics
+from worker.registry import DeviceRegistry
+from worker.runtime.actor import MailboxActor
+from worker.runtime.mailbox import Mailbox
+
+
+class Decoder(MailboxActor[RawMessage]):
+    name = "decoder"
+    batch_max = 2000
+
+    def __init__(
+        self,
+        mailbox: Mailbox[RawMessage],
+        downstream: Mailbox[DecodedBatch],
+        codecs: dict[str, Codec],
+        limits: Limits,
+        registry: DeviceRegistry,
+        metrics: Metrics,
+    ) -> None:
+        super().__init__(mailbox)
+        self._downstream = downstream
+        self._codecs = codecs
+        self._limits = limits
+        self._registry = registry
+        self._metrics = metrics
+
+    async def handle(self, items: list[RawMessage]) -> None:
+        batch = DecodedBatch(messages=len(items), first_received_at=items[0].received_at)
+        parsed: list[tuple[RawMessage, ParsedMessage]] = []
+        for message in items:
+            batch.acks.append(message.ack)
+            try:
+                parsed.append(
+                    (
+                        message,
+                        parse_message(
+                            message.topic,
+                            message.payload,
+                            message.received_at,
+                            self._codecs,
+                            self._limits,
+                        ),
+                    )
+                )
+            except Rejected as exc:
+                batch.dead_letters.append(_dead(message, exc.reason))
+        if parsed:
+            await self._resolve(parsed, batch)
+        self._metrics.inc("messages_decoded", len(items))
+        await self._downstream.put(batch)
+
+    async def _resolve(self, parsed: list[tuple[RawMessage, ParsedMessage]], batch: DecodedBatch) -> None:
+        devices = await self._registry.resolve({p.device for _, p in parsed})
+        for message, result in parsed:
+            device = devices.get(result.device)
+            if device is None:
+                batch.dead_letters.append(
+                    _dead(
+                        message,
+                        f"unknown_device: {result.device.kind} {result.device.value} is not in devices",
+                    )
+                )
+                continue
+            if device.status == "disabled":
+                batch.dead_letters.append(_dead(message, f"device_disabled: device {device.id}"))
+                continue
+            ids = await self._registry.datapoints(device, {r.label: r.unit for r in result.readings})
+            unknown = [r.label for r in result.readings if r.label not in ids]
+            if unknown:
+                # All or nothing per message, so a redelivery never half-succeeds differently.
+                batch.dead_letters.append(
+                    _dead(message, f"unknown_datapoint: {', '.join(unknown)} on device {device.id}")
+                )
+                continue
+            batch.device_users[device.id] = device.user_id
+            batch.readings.extend(
+                Reading(r.timestamp, device.id, ids[r.label], r.value, r.label) for r in result.readings
+            )
+            if result.skipped:
+                batch.dead_letters.append(_dead(message, "non_numeric_value: " + "; ".join(result.skipped)))
+
+
+def _dead(message: RawMessage, reason: str) -> DeadLetter:
+    return DeadLetter(message.topic, message.payload, reason, message.received_at)
+
+
+def utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)

@@ -1,0 +1,74 @@
+"""A tiny HTTP server for probes: /healthz (alive), /readyz (stores reachable), /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import orjson
+import structlog
+
+from worker.config import HttpSettings
+from worker.metrics import Metrics
+
+log = structlog.get_logger("worker.http")
+
+
+class HealthServer:
+    def __init__(
+        self,
+        settings: HttpSettings,
+        metrics: Metrics,
+        readiness: Callable[[], Awaitable[dict[str, bool]]],
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._readiness = readiness
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self._settings.host, self._settings.port)
+        port = self._server.sockets[0].getsockname()[1]
+        log.info("http.listening", host=self._settings.host, port=port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) >= 2 else "/"
+            status, content_type, body = await self._route(path)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _route(self, path: str) -> tuple[str, str, bytes]:
+        if path == "/healthz":
+            return "200 OK", "application/json", b'{"status":"alive"}'
+        if path == "/readyz":
+            checks = await self._readiness()
+            ok = all(checks.values())
+            body = orjson.dumps({"ready": ok, "checks": checks})
+            return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
+        if path == "/metrics":
+            return "200 OK", "text/plain; version=0.0.4", self._metrics.render_prometheus().encode()
+        return "404 Not Found", "text/plain", b"not found\n"

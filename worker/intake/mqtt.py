@@ -1,0 +1,177 @@
+"""MQTT intake: QoS 1, a persistent MQTT 5 session, and acknowledgement only after storage.
+
+aiomqtt acknowledges on receipt; we switch its paho client to manual
+acknowledgement and send PUBACK when the writer says the batch is committed.
+Flow control comes from MQTT 5's Receive Maximum: the broker never has more than
+`receive_maximum` unacknowledged messages out to us, so when storage stalls the
+broker holds the rest and this process's memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Iterable
+from urllib.parse import unquote, urlparse
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from schemas.records import AckToken, RawMessage
+from worker.config import MqttSettings
+from worker.metrics import Metrics
+from worker.runtime.actor import Actor
+from worker.runtime.mailbox import Mailbox
+
+log = structlog.get_logger("worker.intake")
+
+
+def build_client(settings: MqttSettings, client_id: str | None = None) -> aiomqtt.Client:
+    """An aiomqtt client for `settings.url` speaking MQTT 5 with a persistent session."""
+    url = urlparse(settings.url)
+    tls_params = None
+    if url.scheme == "mqtts":
+        tls_params = aiomqtt.TLSParameters(
+            ca_certs=settings.ca_file or None,
+            certfile=settings.cert_file or None,
+            keyfile=settings.key_file or None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = settings.session_expiry_s
+    properties.ReceiveMaximum = min(settings.receive_maximum, 65535)
+    return aiomqtt.Client(
+        hostname=url.hostname or "127.0.0.1",
+        port=url.port or (8883 if url.scheme == "mqtts" else 1883),
+        username=unquote(url.username) if url.username else None,
+        password=unquote(url.password) if url.password else None,
+        identifier=client_id or settings.client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        keepalive=settings.keepalive_s,
+        tls_params=tls_params,
+        properties=properties,
+        timeout=10,
+    )
+
+
+def subscription_filters(settings: MqttSettings) -> list[str]:
+    if settings.shared_group:
+        return [f"$share/{settings.shared_group}/{topic}" for topic in settings.topics]
+    return list(settings.topics)
+
+
+class MqttIntake(Actor):
+    """Reads the broker into the decoder's mailbox; acknowledges what the writer committed."""
+
+    name = "intake"
+
+    def __init__(self, settings: MqttSettings, mailbox: Mailbox[RawMessage], metrics: Metrics):
+        self._settings = settings
+        self._mailbox = mailbox
+        self._metrics = metrics
+        self._client: aiomqtt.Client | None = None
+        self._generation = 0
+        self._stop_reading = asyncio.Event()
+        self._close = asyncio.Event()
+        self._reading_stopped = asyncio.Event()
+        self.subscribed = asyncio.Event()
+
+    async def run(self) -> None:
+        delay = self._settings.reconnect_min_s
+        while not self._close.is_set():
+            try:
+                await self._session()
+                return
+            except aiomqtt.MqttError as exc:
+                self._client = None
+                self.subscribed.clear()
+                if self._stop_reading.is_set():
+                    return  # shutting down; unacknowledged messages stay with the broker
+                log.warning("mqtt.disconnected", error=str(exc), retry_in_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._close.wait(), delay)
+                delay = min(delay * 2, self._settings.reconnect_max_s)
+            finally:
+                self._reading_stopped.set()
+
+    async def _session(self) -> None:
+        client = build_client(self._settings)
+        client._client.manual_ack_set(True)  # paho: PUBACK only when we call ack()
+        async with client:
+            self._generation += 1
+            self._client = client
+            self._reading_stopped.clear()
+            filters = subscription_filters(self._settings)
+            await client.subscribe([(topic, 1) for topic in filters])
+            log.info("mqtt.subscribed", url=_redact(self._settings.url), topics=filters)
+            self.subscribed.set()
+            reader = asyncio.create_task(self._read(client, self._generation))
+            stop = asyncio.create_task(self._stop_reading.wait())
+            done, _ = await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                stop.cancel()
+                reader.result()  # raises MqttError when the connection dropped
+                return
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._reading_stopped.set()
+            # Stay connected while the pipeline drains, so its acknowledgements reach the broker.
+            await self._close.wait()
+            self._client = None
+
+    async def _read(self, client: aiomqtt.Client, generation: int) -> None:
+        mailbox = self._mailbox
+        metrics = self._metrics
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes):
+                payload = str(payload).encode() if payload is not None else b""
+            await mailbox.put(
+                RawMessage(
+                    topic=message.topic.value,
+                    payload=payload,
+                    received_at=time.time(),
+                    ack=AckToken(generation, message.mid if message.qos else 0),
+                )
+            )
+            metrics.counters["messages_received"] += 1
+
+    def ack(self, tokens: Iterable[AckToken]) -> int:
+        """PUBACK the given messages; tokens from an earlier connection are skipped (redelivered)."""
+        client = self._client
+        if client is None:
+            return 0
+        paho = client._client
+        generation = self._generation
+        sent = 0
+        for token in tokens:
+            if token.mid and token.generation == generation:
+                paho.ack(token.mid, 1)
+                sent += 1
+        return sent
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self.subscribed.is_set()
+
+    async def stop(self) -> None:
+        self._stop_reading.set()
+        if self._client is not None:
+            await self._reading_stopped.wait()
+
+    async def close(self) -> None:
+        self._stop_reading.set()
+        self._close.set()
+
+
+def _redact(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url

@@ -1,0 +1,36 @@
+"""Redis key and channel names (SPEC §6), behind the configurable prefix."""
+
+from __future__ import annotations
+
+
+class RedisKeys:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    def device_latest(self, device_id: int) -> str:
+        return f"{self.prefix}device:latest:{device_id}"
+
+    def device_status(self, device_id: int) -> str:
+        return f"{self.prefix}device:status:{device_id}"
+
+    def devices_online(self) -> str:
+        return f"{self.prefix}devices:online"
+
+    def alerts(self, device_id: int) -> str:
+        return f"{self.prefix}alerts:{device_id}"
+
+    def device_ref(self, kind: str, value: str) -> str:
+        """Metadata cache of a device by `mac` or device `key` (extends SPEC §6's apikey hash)."""
+        return f"{self.prefix}device:{kind}:{value}"
+
+    def device_datapoints(self, device_id: int) -> str:
+        return f"{self.prefix}device:datapoints:{device_id}"
+
+    def telemetry_channel(self, device_id: int) -> str:
+        return f"{self.prefix}channel:device:{device_id}:telemetry"
+
+    def user_notifications_channel(self, user_id: int) -> str:
+        return f"{self.prefix}channel:user:{user_id}:notifications"
+
+    def system_alerts_channel(self) -> str:
+        return f"{self.prefix}channel:system:alerts"

@@ -1,0 +1,187 @@
+"""Wiring: settings → the actor group intake → decoder → writer, and the daemon around it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import structlog
+
+from schemas.records import DecodedBatch, RawMessage
+from worker.config import Settings
+from worker.db import create_pool
+from worker.decode.codecs import load_codecs
+from worker.decode.decoder import Decoder
+from worker.decode.parse import Limits
+from worker.http import HealthServer
+from worker.intake.mqtt import MqttIntake
+from worker.keys import RedisKeys
+from worker.metrics import Metrics
+from worker.registry import DeviceRegistry
+from worker.runtime.actor import Actor
+from worker.runtime.mailbox import Mailbox
+from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
+from worker.sinks.postgres import PostgresTimeseriesWriter
+from worker.sinks.redis_state import RedisHotStateWriter
+from worker.writer import BatchWriter
+
+log = structlog.get_logger("worker.pipeline")
+
+
+class Pipeline:
+    """One incarnation of the actor group; the supervisor builds a new one after a crash."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        pipeline = settings.pipeline
+        self.raw: Mailbox[RawMessage] = Mailbox(pipeline.mailbox_size)
+        # Decoded batches hold up to a decoder batch each; a few are enough to keep the writer busy.
+        self.decoded: Mailbox[DecodedBatch] = Mailbox(max(4, pipeline.mailbox_size // Decoder.batch_max))
+        self.intake = MqttIntake(settings.mqtt, self.raw, metrics)
+        self.keys = RedisKeys(settings.redis.key_prefix)
+        self.redis = aioredis.Redis.from_url(settings.redis.url, socket_timeout=10, socket_connect_timeout=5)
+        self.codecs = load_codecs(Path(pipeline.codecs) if pipeline.codecs else None)
+
+    async def build(self) -> ActorGroup:
+        settings = self.settings
+        self.pool = await create_pool(settings.postgres, min_size=1, max_size=2)
+        registry = DeviceRegistry(
+            self.pool, self.redis, self.keys, settings.pipeline.unknown_devices == "register"
+        )
+        limits = Limits(
+            max_payload_bytes=settings.pipeline.max_payload_bytes,
+            max_future_s=settings.pipeline.max_future_s,
+            max_age_s=settings.pipeline.max_age_s,
+        )
+        decoder = Decoder(self.raw, self.decoded, self.codecs, limits, registry, self.metrics)
+        self.writer = BatchWriter(
+            self.decoded,
+            [
+                PostgresTimeseriesWriter(settings.postgres, settings.pipeline.dead_letter_payload_bytes),
+                RedisHotStateWriter(
+                    aioredis.Redis.from_url(settings.redis.url, socket_timeout=10, socket_connect_timeout=5),
+                    self.keys,
+                ),
+            ],
+            self.intake.ack,
+            self.metrics,
+            settings.pipeline.batch_size,
+            settings.pipeline.flush_interval_ms / 1000,
+        )
+        actors: list[Actor] = [self.intake, decoder, self.writer, _Resources(self)]
+        return ActorGroup(actors, helpers=[self._report])
+
+    async def wait_ready(self) -> None:
+        await self.intake.subscribed.wait()
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {"mqtt": self.intake.connected, "sinks": not self.writer.down}
+        try:
+            async with self.pool.acquire(timeout=2) as conn:
+                checks["postgres"] = await conn.fetchval("SELECT true", timeout=2)
+        except Exception:
+            checks["postgres"] = False
+        try:
+            checks["redis"] = bool(await asyncio.wait_for(self.redis.ping(), 2))
+        except Exception:
+            checks["redis"] = False
+        return checks
+
+    async def _report(self) -> None:
+        """One progress line per interval, never one per message."""
+        interval = self.settings.runtime.report_interval_s
+        counters = self.metrics.counters
+        last = dict(counters)
+        last_time = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            delta = {
+                k: counters[k] - last.get(k, 0)
+                for k in (
+                    "messages_received",
+                    "messages_committed",
+                    "readings_written",
+                    "dead_letters",
+                )
+            }
+            elapsed = now - last_time
+            log.info(
+                "pipeline.progress",
+                messages_per_s=round(delta["messages_received"] / elapsed, 1),
+                readings_per_s=round(delta["readings_written"] / elapsed, 1),
+                committed=counters["messages_committed"],
+                readings=counters["readings_written"],
+                dead_letters=counters["dead_letters"],
+                mailbox=self.raw.qsize(),
+                p99_commit_latency_s=round(self.metrics.commit_latency.quantile(0.99), 4),
+            )
+            last, last_time = dict(counters), now
+
+
+class _Resources(Actor):
+    """Holds the shared pool and clients so they close after the actors that use them."""
+
+    name = "resources"
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self._stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+
+    async def close(self) -> None:
+        self._stopped.set()
+        await self._pipeline.pool.close()
+        await self._pipeline.redis.aclose()
+
+
+async def run_daemon(settings: Settings, on_ready: Callable[[], Awaitable[None]] | None = None) -> int:
+    """`iotflow run`: the supervised pipeline plus the health server. Returns the exit code."""
+    metrics = Metrics()
+    current: list[Pipeline] = []
+
+    async def build() -> ActorGroup:
+        pipeline = Pipeline(settings, metrics)
+        group = await pipeline.build()
+        current[:] = [pipeline]
+        metrics.gauges["mailbox_raw"] = lambda: float(pipeline.raw.qsize())
+        metrics.gauges["mailbox_decoded"] = lambda: float(pipeline.decoded.qsize())
+        return group
+
+    async def ready(group: ActorGroup) -> None:
+        await current[0].wait_ready()
+        if on_ready is not None:
+            await on_ready()
+
+    async def readiness() -> dict[str, bool]:
+        return await current[0].readiness() if current else {"pipeline": False}
+
+    runtime = settings.runtime
+    supervisor = Supervisor(
+        build,
+        RestartPolicy(
+            limit=runtime.restart_limit,
+            window_s=runtime.restart_window_s,
+            backoff_s=runtime.restart_backoff_s,
+            shutdown_timeout_s=runtime.shutdown_timeout_s,
+        ),
+        ready=ready,
+    )
+    supervisor.install_signal_handlers()
+    health = HealthServer(settings.http, metrics, readiness) if settings.http.enabled else None
+    if health is not None:
+        await health.start()
+    try:
+        return await supervisor.run()
+    finally:
+        if health is not None:
+            await health.stop()

@@ -1,0 +1,202 @@
+"""Device metadata: MAC or device key → device, label → datapoint, cached twice.
+
+Lookups go process cache → Redis (`device:mac:{mac}` / `device:key:{key}` hashes
+{device_id, user_id, status} and `device:datapoints:{device_id}` label → id, 1 h
+TTL, shared by every worker) → PostgreSQL, which is the source of truth. Misses
+are fetched for a whole batch at once. A device PostgreSQL does not know is
+remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs one query
+per period, not one per message.
+
+Unknown devices are rejected (`reject`, the default) or inserted with their
+datapoints (`register`); a known device's unknown label follows the same policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from worker.decode.parse import DeviceRef
+from worker.keys import RedisKeys
+
+CACHE_TTL_S = 3600
+NEGATIVE_TTL_S = 30.0
+
+
+@dataclass(slots=True)
+class Device:
+    id: int
+    user_id: int | None
+    status: str
+    datapoints: dict[str, int] = field(default_factory=dict)
+    unknown_labels: dict[str, float] = field(default_factory=dict)  # label → monotonic expiry
+
+
+class DeviceRegistry:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis | None,
+        keys: RedisKeys,
+        register_unknown: bool,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._keys = keys
+        self._register = register_unknown
+        self._devices: dict[DeviceRef, Device] = {}
+        self._unknown: dict[DeviceRef, float] = {}  # ref → monotonic expiry
+
+    async def resolve(self, refs: Iterable[DeviceRef]) -> dict[DeviceRef, Device]:
+        """Known devices among `refs` (registering strangers when the policy says so)."""
+        now = time.monotonic()
+        found = {}
+        wanted = set()
+        for ref in refs:
+            device = self._devices.get(ref)
+            if device is not None:
+                found[ref] = device
+            elif self._unknown.get(ref, 0.0) <= now:
+                wanted.add(ref)
+        if not wanted:
+            return found
+        loaded = await self._load_from_redis(wanted)
+        missing = wanted - loaded.keys()
+        if missing:
+            from_db = await self._load_from_postgres(missing)
+            if self._register and missing - from_db.keys():
+                await self._insert_devices(missing - from_db.keys())
+                from_db = await self._load_from_postgres(missing)
+            await self._store_in_redis(from_db)
+            loaded.update(from_db)
+            for ref in missing - from_db.keys():
+                self._unknown[ref] = now + NEGATIVE_TTL_S
+        self._devices.update(loaded)
+        found.update(loaded)
+        return found
+
+    async def datapoints(self, device: Device, labels: dict[str, str | None]) -> dict[str, int]:
+        """Ids of `labels` (label → unit) on `device`; absent labels stay absent unless registered."""
+        now = time.monotonic()
+        absent = {
+            label: unit
+            for label, unit in labels.items()
+            if label not in device.datapoints and device.unknown_labels.get(label, 0.0) <= now
+        }
+        if absent:
+            # Someone may have added them since we cached the device: look again first.
+            device.datapoints.update(await self._fetch_datapoints(device.id))
+            absent = {label: unit for label, unit in absent.items() if label not in device.datapoints}
+            if absent and self._register:
+                async with self._pool.acquire() as conn:
+                    await conn.executemany(
+                        "INSERT INTO datapoints (device_id, label, unit) VALUES ($1, $2, $3) "
+                        "ON CONFLICT (device_id, label) DO NOTHING",
+                        [(device.id, label, unit) for label, unit in absent.items()],
+                    )
+                device.datapoints.update(await self._fetch_datapoints(device.id))
+            for label in absent.keys() - device.datapoints.keys():
+                device.unknown_labels[label] = now + NEGATIVE_TTL_S
+            if self._redis is not None and device.datapoints:
+                key = self._keys.device_datapoints(device.id)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.hset(key, mapping={k: str(v) for k, v in device.datapoints.items()})
+                    pipe.expire(key, CACHE_TTL_S)
+                    await pipe.execute()
+        return {label: device.datapoints[label] for label in labels if label in device.datapoints}
+
+    def forget(self) -> None:
+        self._devices.clear()
+        self._unknown.clear()
+
+    def _ref_key(self, ref: DeviceRef) -> str:
+        return self._keys.device_ref(ref.kind, ref.value)
+
+    async def _load_from_redis(self, refs: set[DeviceRef]) -> dict[DeviceRef, Device]:
+        if self._redis is None:
+            return {}
+        ordered = list(refs)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for ref in ordered:
+                pipe.hgetall(self._ref_key(ref))
+            heads = await pipe.execute()
+        hits = {ref: head for ref, head in zip(ordered, heads, strict=True) if head}
+        if not hits:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for head in hits.values():
+                pipe.hgetall(self._keys.device_datapoints(int(head[b"device_id"])))
+            datapoint_maps = await pipe.execute()
+        devices = {}
+        for (ref, head), points in zip(hits.items(), datapoint_maps, strict=True):
+            user = head.get(b"user_id", b"")
+            devices[ref] = Device(
+                id=int(head[b"device_id"]),
+                user_id=int(user) if user else None,
+                status=head.get(b"status", b"active").decode(),
+                datapoints={k.decode(): int(v) for k, v in points.items()},
+            )
+        return devices
+
+    async def _load_from_postgres(self, refs: set[DeviceRef]) -> dict[DeviceRef, Device]:
+        macs = [ref.value for ref in refs if ref.kind == "mac"]
+        keys = [ref.value for ref in refs if ref.kind == "key"]
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT d.id, d.mac, d.device_key, d.user_id, d.status, "
+                "coalesce(jsonb_object_agg(p.label, p.id) FILTER (WHERE p.id IS NOT NULL), '{}') AS points "
+                "FROM devices d LEFT JOIN datapoints p ON p.device_id = d.id "
+                "WHERE d.mac = ANY($1::text[]) OR d.device_key = ANY($2::text[]) GROUP BY d.id",
+                macs,
+                keys,
+            )
+        devices = {}
+        for row in rows:
+            device = Device(row["id"], row["user_id"], row["status"], orjson.loads(row["points"]))
+            if row["mac"] in macs:
+                devices[DeviceRef("mac", row["mac"])] = device
+            if row["device_key"] in keys:
+                devices[DeviceRef("key", row["device_key"])] = device
+        return devices
+
+    async def _fetch_datapoints(self, device_id: int) -> dict[str, int]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT label, id FROM datapoints WHERE device_id = $1", device_id)
+        return {row["label"]: row["id"] for row in rows}
+
+    async def _insert_devices(self, refs: set[DeviceRef]) -> None:
+        rows: list[tuple[str | None, str, str]] = []
+        for ref in refs:
+            if ref.kind == "mac":
+                rows.append((ref.value, "f2-" + ref.value.replace(":", ""), f"F2 {ref.value}"))
+            else:
+                rows.append((None, ref.value, ref.value))
+        async with self._pool.acquire() as conn:
+            await conn.executemany(
+                "INSERT INTO devices (mac, device_key, name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+    async def _store_in_redis(self, devices: dict[DeviceRef, Device]) -> None:
+        if self._redis is None or not devices:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for ref, device in devices.items():
+                key = self._ref_key(ref)
+                head = {
+                    "device_id": device.id,
+                    "user_id": device.user_id or "",
+                    "status": device.status,
+                }
+                pipe.hset(key, mapping=head)
+                pipe.expire(key, CACHE_TTL_S)
+                if device.datapoints:
+                    points_key = self._keys.device_datapoints(device.id)
+                    pipe.hset(points_key, mapping={k: str(v) for k, v in device.datapoints.items()})
+                    pipe.expire(points_key, CACHE_TTL_S)
+            await pipe.execute()

@@ -1,0 +1,1 @@
+"""Actor runtime: bounded mailboxes, actors, the supervisor and systemd notification."""

@@ -1,0 +1,243 @@
+"""`iotflow simulate`: F2 controllers and JSON devices publishing realistic telemetry.
+
+Frames are built with the same codec definitions the decoder reads. Values walk
+randomly inside plausible ranges; timestamps are the publish time, strictly
+increasing per device, so every message is a distinct row downstream.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import urlparse
+
+import asyncpg
+import orjson
+import paho.mqtt.client as paho
+import structlog
+
+from schemas import fleet
+from worker.config import PostgresSettings
+from worker.db import connect
+from worker.decode.codecs import Codec, load_codecs
+
+log = structlog.get_logger("worker.simulate")
+
+# Plausible centre and step of each simulated quantity's random walk.
+_WALK = {
+    "temperature": (21.0, 0.05), "humidity": (48.0, 0.2), "pressure": (1013.0, 0.1),
+    "voltage": (230.0, 0.5), "current": (4.0, 0.05), "energy": (1200.0, 0.001),
+    "power_factor": (0.95, 0.002), "rssi": (-67.0, 1.0), "battery": (3.6, 0.001),
+}  # fmt: skip
+
+
+@dataclass
+class SimDevice:
+    kind: str  # "f2" or "json"
+    ref: str  # MAC for F2, device key for JSON
+    rng: random.Random
+    values: dict[str, float] = field(default_factory=dict)
+    last_us: int = 0
+    step: int = 0
+
+    def next_timestamp_us(self) -> int:
+        self.last_us = max(time.time_ns() // 1000, self.last_us + 1000)
+        return self.last_us
+
+    def walk(self, name: str) -> float:
+        centre, step = _WALK.get(name, (10.0, 0.1))
+        value = self.values.get(name, centre) + self.rng.uniform(-step, step)
+        value += (centre - value) * 0.01  # drift back towards the centre
+        self.values[name] = value
+        return value
+
+
+def build_fleet(devices: int, profile: str = "mixed", seed: int = 1) -> list[SimDevice]:
+    """`mixed`: the seeded four F2 controllers, four JSON devices, then alternating.
+    `climate`: F2 controllers only (three readings per message, the bench's shape)."""
+    rng = random.Random(seed)
+    result = []
+    f2_count = json_count = 0
+    for index in range(devices):
+        use_f2 = profile == "climate" or index < 4 or (index >= 8 and index % 2 == 0)
+        if use_f2:
+            result.append(SimDevice("f2", fleet.f2_mac(f2_count), random.Random(rng.random())))
+            f2_count += 1
+        else:
+            result.append(SimDevice("json", fleet.json_device_key(json_count), random.Random(rng.random())))
+            json_count += 1
+    return result
+
+
+def message_stream(
+    devices: list[SimDevice], codecs: dict[str, Codec], profile: str = "mixed"
+) -> Iterator[tuple[str, bytes]]:
+    """Endless (topic, payload) pairs, round robin over the fleet."""
+    sensors = [s for s in fleet.F2_SENSORS if profile != "climate" or s[0] == "climate"]
+    while True:
+        for device in devices:
+            device.step += 1
+            if device.kind == "f2":
+                mode, label, prefix = sensors[device.step % len(sensors)]
+                yield _f2_message(device, codecs[mode], label, prefix)
+            else:
+                yield _json_message(device)
+
+
+def _f2_message(device: SimDevice, codec: Codec, label: str, prefix: str) -> tuple[str, bytes]:
+    values = {name: device.walk(name) for name in codec.units()}
+    if codec.name == "io":
+        values = {"relay1": device.step % 7 == 0, "relay2": device.step % 3 == 0,
+                  "door_open": device.step % 11 == 0, "rssi": device.walk("rssi")}  # fmt: skip
+    stamp = datetime.fromtimestamp(device.next_timestamp_us() / 1e6, UTC)
+    topic = f"{prefix}/f2-{device.ref.replace(':', '')}/sensor-mode/{codec.name}/sensor-{label}"
+    payload = orjson.dumps({"timestamp": stamp.isoformat(), "data": codec.encode(values).hex()})
+    return topic, payload
+
+
+def _json_message(device: SimDevice) -> tuple[str, bytes]:
+    values = {name: round(device.walk(name), 3) for name, _ in fleet.JSON_MEASUREMENTS}
+    ts_ms = device.next_timestamp_us() // 1000
+    form = device.step % 3
+    body: object
+    if form == 0:
+        body = {"ts": ts_ms, "values": values}
+    elif form == 1:
+        # A gateway's batched upload: two samples a millisecond apart.
+        earlier = {k: round(v - 0.01, 3) for k, v in values.items()}
+        device.last_us += 1000
+        body = [{"ts": ts_ms, "values": earlier}, {"ts": ts_ms + 1, "values": values}]
+    else:
+        body = {"ts": ts_ms, "values": values}
+    return f"devices/{device.ref}/telemetry", orjson.dumps(body)
+
+
+def readings_per_message(topic: str, payload: bytes, codecs: dict[str, Codec]) -> int:
+    """How many rows one simulated message becomes (bench and tests count with it)."""
+    if topic.startswith("devices/"):
+        body = orjson.loads(payload)
+        entries = body if isinstance(body, list) else [body]
+        return sum(len(entry["values"]) for entry in entries)
+    return len(codecs[topic.split("/")[3]].units())
+
+
+async def register_fleet(settings: PostgresSettings, devices: list[SimDevice]) -> None:
+    """Insert the simulated devices beyond the seed metadata, with their datapoints."""
+    codecs = load_codecs()
+    f2_points = [
+        (f"{label}.{n}", u) for mode, label, _ in fleet.F2_SENSORS for n, u in codecs[mode].units().items()
+    ]
+    conn = await connect(settings)
+    try:
+        user_id = await conn.fetchval("SELECT id FROM users WHERE username = $1", fleet.DEMO_USER)
+        for device in devices:
+            mac = device.ref if device.kind == "f2" else None
+            key = fleet.f2_device_key(device.ref) if mac else device.ref
+            points: list[tuple[str, str | None]] = f2_points if mac else list(fleet.JSON_MEASUREMENTS)
+            await _upsert_device(conn, user_id, mac, key, points)
+    finally:
+        await conn.close()
+
+
+async def _upsert_device(
+    conn: asyncpg.Connection,
+    user_id: int | None,
+    mac: str | None,
+    key: str,
+    points: list[tuple[str, str | None]],
+) -> None:
+    device_id = await conn.fetchval(
+        "INSERT INTO devices (mac, device_key, user_id, name) VALUES ($1, $2, $3, $2) "
+        "ON CONFLICT (device_key) DO UPDATE SET updated_at = now() RETURNING id",
+        mac, key, user_id,
+    )  # fmt: skip
+    await conn.executemany(
+        "INSERT INTO datapoints (device_id, label, unit) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        [(device_id, label, unit) for label, unit in points],
+    )
+
+
+class Publisher:
+    """A paho client on its own network thread: publish() queues, the thread sends."""
+
+    def __init__(self, url: str, client_id: str, qos: int = 1) -> None:
+        parsed = urlparse(url)
+        self.qos = qos
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        if parsed.username:
+            self.client.username_pw_set(parsed.username, parsed.password)
+        if parsed.scheme == "mqtts":
+            self.client.tls_set()
+        self.client.max_inflight_messages_set(2000)
+        self.client.max_queued_messages_set(0)
+        self._acked = 0
+        self._lock = threading.Lock()
+        self.client.on_publish = self._on_publish
+        self.client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, keepalive=30)
+        self.client.loop_start()
+
+    def _on_publish(self, *args: object) -> None:
+        with self._lock:
+            self._acked += 1
+
+    @property
+    def acked(self) -> int:
+        return self._acked
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=self.qos)
+
+    def close(self, expected: int, timeout: float = 60.0) -> bool:
+        """Wait until the broker acknowledged `expected` messages; True when it did."""
+        deadline = time.monotonic() + timeout
+        while self.qos and self._acked < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.client.disconnect()
+        self.client.loop_stop()
+        return self.qos == 0 or self._acked >= expected
+
+
+def simulate(
+    url: str,
+    devices: int,
+    rate: float,
+    count: int | None,
+    profile: str = "mixed",
+    client_id: str = "",
+) -> int:
+    """Publish at `rate` messages/s (0: as fast as possible) until `count`; return messages sent."""
+    codecs = load_codecs()
+    fleet_devices = build_fleet(devices, profile)
+    stream = message_stream(fleet_devices, codecs, profile)
+    publisher = Publisher(url, client_id or f"iotflow-sim-{time.time_ns()}")
+    sent = 0
+    started = time.monotonic()
+    last_report = started
+    try:
+        while count is None or sent < count:
+            chunk = 100 if count is None else min(100, count - sent)
+            for _ in range(chunk):
+                publisher.publish(*next(stream))
+            sent += chunk
+            if rate > 0:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+            # Keep what waits unacknowledged bounded: never more than a few thousand ahead.
+            while sent - publisher.acked > 5000:
+                time.sleep(0.001)
+            now = time.monotonic()
+            if now - last_report >= 5:
+                log.info("simulate.progress", sent=sent, rate=round(sent / (now - started), 1))
+                last_report = now
+    except KeyboardInterrupt:
+        pass
+    confirmed = publisher.close(sent)
+    elapsed = time.monotonic() - started
+    log.info("simulate.done", sent=sent, confirmed=confirmed, seconds=round(elapsed, 2),
+             rate=round(sent / elapsed, 1) if elapsed else None)  # fmt: skip
+    return sent

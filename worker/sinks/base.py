@@ -1,0 +1,24 @@
+"""The narrow interface every storage backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from schemas.records import DecodedBatch
+
+
+class Sink(Protocol):
+    """A store the pipeline writes each batch to before acknowledging it.
+
+    `write` must be idempotent: after a crash the same messages come again.
+    It raises on failure; the writer retries with backoff after calling `reset`.
+    """
+
+    name: str
+
+    async def write(self, batch: DecodedBatch) -> None: ...
+
+    async def reset(self) -> None:
+        """Drop connections so the next `write` starts afresh."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,119 @@
+"""PostgreSQL writer: `decoded_data` by COPY, dead letters and device last-seen, one transaction.
+
+COPY cannot skip duplicates, so rows are copied into a session temp table and
+moved with `INSERT … SELECT … ON CONFLICT DO NOTHING`: a redelivered message
+finds its rows already there and adds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import asyncpg
+
+from schemas.records import DecodedBatch
+from worker.config import PostgresSettings
+from worker.db import connect
+from worker.partitions import PartitionKeeper, is_partitioned
+
+_STAGE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS decoded_data_stage "
+    "(timestamp timestamptz, device_id integer, datapoint_id integer, value double precision) "
+    "ON COMMIT DELETE ROWS"
+)
+_MOVE = (
+    "INSERT INTO decoded_data (timestamp, device_id, datapoint_id, value) "
+    "SELECT timestamp, device_id, datapoint_id, value FROM decoded_data_stage "
+    "ON CONFLICT DO NOTHING"
+)
+_DEAD_LETTERS = """
+INSERT INTO dead_letters
+    (fingerprint, topic, payload, payload_size, reason, received_at, last_received_at, occurrences)
+SELECT f, t, p, s, r, ts, ts, n
+FROM unnest($1::bytea[], $2::text[], $3::bytea[], $4::int[], $5::text[], $6::timestamptz[], $7::int[])
+     AS d(f, t, p, s, r, ts, n)
+ON CONFLICT (fingerprint) DO UPDATE
+SET occurrences = dead_letters.occurrences + excluded.occurrences,
+    last_received_at = greatest(dead_letters.last_received_at, excluded.last_received_at)
+"""
+_LAST_SEEN = """
+UPDATE devices SET last_seen = greatest(devices.last_seen, s.seen), is_online = true
+FROM unnest($1::int[], $2::timestamptz[]) AS s(id, seen)
+WHERE devices.id = s.id
+"""
+
+
+class PostgresTimeseriesWriter:
+    name = "postgres"
+
+    def __init__(self, settings: PostgresSettings, dead_letter_payload_bytes: int) -> None:
+        self._settings = settings
+        self._payload_cap = dead_letter_payload_bytes
+        self._conn: asyncpg.Connection | None = None
+        self._partitions: PartitionKeeper | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            conn = await connect(self._settings)
+            await conn.execute(_STAGE_DDL)
+            partitioned = await is_partitioned(conn)
+            self._partitions = PartitionKeeper(self._settings.partition_days) if partitioned else None
+            self._conn = conn
+        return self._conn
+
+    async def write(self, batch: DecodedBatch) -> None:
+        conn = await self._connection()
+        if self._partitions is not None and batch.readings:
+            missing = self._partitions.missing(r.timestamp for r in batch.readings)
+            if missing:
+                await self._partitions.ensure(conn, missing)
+        async with conn.transaction():
+            if batch.readings:
+                await conn.copy_records_to_table(
+                    "decoded_data_stage",
+                    records=[(r.timestamp, r.device_id, r.datapoint_id, r.value) for r in batch.readings],
+                )
+                await conn.execute(_MOVE)
+                await conn.execute(_LAST_SEEN, *self._last_seen(batch))
+            if batch.dead_letters:
+                await conn.execute(_DEAD_LETTERS, *self._dead_letter_columns(batch))
+
+    @staticmethod
+    def _last_seen(batch: DecodedBatch) -> tuple[list[int], list[datetime]]:
+        latest: dict[int, datetime] = {}
+        for reading in batch.readings:
+            seen = latest.get(reading.device_id)
+            if seen is None or reading.timestamp > seen:
+                latest[reading.device_id] = reading.timestamp
+        return list(latest), list(latest.values())
+
+    def _dead_letter_columns(self, batch: DecodedBatch) -> list[list[object]]:
+        # One row per fingerprint: a statement may not update the same row twice.
+        rows: dict[bytes, list[object]] = {}
+        for letter in batch.dead_letters:
+            digest = hashlib.sha256(letter.topic.encode() + b"\0" + letter.payload).digest()
+            row = rows.get(digest)
+            if row is None:
+                rows[digest] = [
+                    digest,
+                    letter.topic,
+                    letter.payload[: self._payload_cap],
+                    len(letter.payload),
+                    letter.reason,
+                    datetime.fromtimestamp(letter.received_at, UTC),
+                    1,
+                ]
+            else:
+                row[6] = int(row[6]) + 1  # type: ignore[call-overload]
+        return [list(column) for column in zip(*rows.values(), strict=True)]
+
+    async def reset(self) -> None:
+        await self.close()
+        if self._partitions is not None:
+            self._partitions.forget()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.terminate()

@@ -1,0 +1,143 @@
+"""The writer actor: gathers decoded batches, commits them to every sink, then acknowledges.
+
+A batch commits when it holds `batch_size` rows or its oldest message has waited
+`flush_interval`. A sink that fails is retried with backoff, forever: while it is
+down the mailboxes fill, intake stops, and the broker keeps the rest. Nothing is
+acknowledged until every sink has the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+import redis.exceptions
+import structlog
+
+from schemas.records import AckToken, DecodedBatch
+from worker.metrics import Metrics
+from worker.runtime.actor import MailboxActor
+from worker.runtime.mailbox import Mailbox
+from worker.sinks.base import Sink
+
+log = structlog.get_logger("worker.writer")
+
+# Errors that mean "the store is away", worth waiting out; anything else is a bug and crashes.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+)
+
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 10.0
+
+
+class BatchWriter(MailboxActor[DecodedBatch]):
+    name = "writer"
+    batch_max = 64
+
+    def __init__(
+        self,
+        mailbox: Mailbox[DecodedBatch],
+        sinks: Sequence[Sink],
+        acknowledge: Callable[[list[AckToken]], int],
+        metrics: Metrics,
+        batch_size: int,
+        flush_interval_s: float,
+    ) -> None:
+        super().__init__(mailbox)
+        self._sinks = list(sinks)
+        self._acknowledge = acknowledge
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval_s
+        self._pending = DecodedBatch()
+        self._pending_since = 0.0
+        self.down: set[str] = set()  # sinks currently failing, for /readyz
+
+    def next_timeout(self) -> float:
+        if self.stopping:
+            return 0.0
+        if not self._pending.messages:
+            return self.idle_timeout
+        return max(0.0, self._pending_since + self._flush_interval - time.monotonic())
+
+    async def handle(self, items: list[DecodedBatch]) -> None:
+        if not self._pending.messages:
+            self._pending_since = time.monotonic()
+        for batch in items:
+            self._pending.extend(batch)
+        if len(self._pending.readings) + len(self._pending.dead_letters) >= self._batch_size:
+            await self._commit()
+
+    async def tick(self) -> None:
+        if self._pending.messages and time.monotonic() - self._pending_since >= self._flush_interval:
+            await self._commit()
+
+    async def drained(self) -> None:
+        if self._pending.messages:
+            await self._commit()
+
+    async def _commit(self) -> None:
+        batch, self._pending = self._pending, DecodedBatch()
+        await asyncio.gather(*(self._write_until_stored(sink, batch) for sink in self._sinks))
+        self._acknowledge(batch.acks)
+        self._record(batch)
+
+    async def _write_until_stored(self, sink: Sink, batch: DecodedBatch) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                await sink.write(batch)
+            except TRANSIENT_ERRORS as exc:
+                if sink.name not in self.down:
+                    log.error("sink.unavailable", sink=sink.name, error=repr(exc), holding=batch.messages)
+                    self.down.add(sink.name)
+                self._metrics.inc(f"sink_{sink.name}_errors")
+                await sink.reset()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            if sink.name in self.down:
+                self.down.discard(sink.name)
+                log.info("sink.recovered", sink=sink.name)
+            return
+
+    def _record(self, batch: DecodedBatch) -> None:
+        metrics = self._metrics
+        metrics.inc("messages_committed", batch.messages)
+        metrics.inc("readings_written", len(batch.readings))
+        metrics.inc("batches_committed")
+        if batch.dead_letters:
+            metrics.inc("dead_letters", len(batch.dead_letters))
+            reasons: dict[str, int] = {}
+            for letter in batch.dead_letters:
+                code = letter.reason.split(":", 1)[0]
+                reasons[code] = reasons.get(code, 0) + 1
+            log.warning(
+                "dead_letters.stored",
+                count=len(batch.dead_letters),
+                reasons=reasons,
+                example=batch.dead_letters[0].reason[:200],
+            )
+        # Publish→commit latency: the reading's own timestamp is when the device sent it.
+        now = datetime.now(UTC)
+        latency = metrics.commit_latency
+        for reading in batch.readings:
+            latency.observe((now - reading.timestamp).total_seconds())
+
+    async def close(self) -> None:
+        for sink in self._sinks:
+            await sink.close()
