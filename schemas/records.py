@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,6 +52,7 @@ class DecodedBatch:
     messages: int = 0
     first_received_at: float = 0.0  # earliest receive time in the batch, for latency figures
     device_users: dict[int, int | None] = field(default_factory=dict)
+    alerts: list[Any] = field(default_factory=list)  # alert events the rules actor raised
 
     def extend(self, other: DecodedBatch) -> None:
         self.readings.extend(other.readings)
@@ -58,6 +60,7 @@ class DecodedBatch:
         self.acks.extend(other.acks)
         self.messages += other.messages
         self.device_users.update(other.device_users)
+        self.alerts.extend(other.alerts)
         if other.first_received_at and (
             not self.first_received_at or other.first_received_at < self.first_received_at
         ):

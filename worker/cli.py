@@ -1,12 +1,18 @@
-"""The `iotflow` command: run, migrate, simulate, demo, bench."""
+"""The `iotflow` command: run, migrate, simulate, demo, bench, and the rules/alerts/jobs tools.
+
+Each sub-command is a parser plus a handler `(settings, args) -> exit code`;
+feature packages add theirs through `add_commands(commands)`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 
+import orjson
 import structlog
 
 from worker.config import ConfigError, Settings, load_settings
@@ -16,12 +22,19 @@ EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iotflow", description=__doc__)
+    from jobs.cli import add_commands as add_jobs_commands
+    from worker.rules.cli import add_commands as add_rules_commands
+
+    parser = argparse.ArgumentParser(prog="iotflow", description="IoTFlow worker")
     parser.add_argument("--config", type=Path, help="TOML settings file (IOTFLOW_* variables win)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("run", help="run the daemon")
-    commands.add_parser("migrate", help="apply schemas and seed metadata to PostgreSQL")
-    commands.add_parser("config", help="print the effective settings (secrets included: careful)")
+    commands.add_parser("run", help="run the daemon").set_defaults(handler=_run)
+    commands.add_parser("migrate", help="apply schemas and seed metadata to PostgreSQL").set_defaults(
+        handler=_migrate
+    )
+    commands.add_parser("config", help="print the effective settings (secrets included)").set_defaults(
+        handler=_print_config
+    )
 
     sim = commands.add_parser("simulate", help="publish simulated F2 and JSON device telemetry")
     sim.add_argument("--devices", type=int, default=8, help="number of devices (default 8)")
@@ -29,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--count", type=int, default=None, help="stop after this many messages")
     sim.add_argument("--profile", choices=("mixed", "climate"), default="mixed")
     sim.add_argument("--register", action="store_true", help="insert devices beyond the seed metadata")
+    sim.set_defaults(handler=_simulate)
 
     demo = commands.add_parser("demo", help="the whole path on embedded services, with live progress")
     demo.add_argument("--data-dir", type=Path, default=Path(".iotflow/demo"))
@@ -36,12 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0)
     demo.add_argument("--count", type=int, default=3000)
     demo.add_argument("--external", action="store_true", help="use the configured services instead")
+    demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="measure end-to-end throughput, latency and memory")
     bench.add_argument("--messages", type=int, default=200_000)
     bench.add_argument("--devices", type=int, default=100)
-    bench.add_argument("--publishers", type=int, default=2)
     bench.add_argument("--embedded", action="store_true", help="start embedded services for the run")
+    bench.set_defaults(handler=_bench)
+
+    add_rules_commands(commands)
+    add_jobs_commands(commands)
     return parser
 
 
@@ -57,43 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iotflow: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log.level, settings.log.format)
-    return _dispatch(args, settings)
+    code: int = args.handler(settings, args)
+    return code
 
 
-def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    if args.command == "run":
-        return _run(settings)
-    if args.command == "migrate":
-        from worker.migrate import migrate
-
-        asyncio.run(migrate(settings.postgres))
-        return 0
-    if args.command == "config":
-        import dataclasses
-
-        import orjson
-
-        print(orjson.dumps(dataclasses.asdict(settings), option=orjson.OPT_INDENT_2).decode())
-        return 0
-    if args.command == "simulate":
-        from worker.simulate import build_fleet, register_fleet, simulate
-
-        if args.register:
-            asyncio.run(register_fleet(settings.postgres, build_fleet(args.devices, args.profile)))
-        simulate(settings.mqtt.url, args.devices, args.rate, args.count, args.profile)
-        return 0
-    if args.command == "demo":
-        from worker.demo import run_demo
-
-        return run_demo(settings, args)
-    if args.command == "bench":
-        from worker.bench import run_bench
-
-        return run_bench(settings, args)
-    raise AssertionError(args.command)  # argparse allows only the commands above
-
-
-def _run(settings: Settings) -> int:
+def _run(settings: Settings, args: argparse.Namespace) -> int:
     from worker.decode.codecs import CodecConfigError, load_codecs
     from worker.pipeline import run_daemon
 
@@ -110,3 +96,36 @@ def _run(settings: Settings) -> int:
     except ImportError:
         return asyncio.run(run_daemon(settings))
     return uvloop.run(run_daemon(settings))
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.migrate import migrate
+
+    asyncio.run(migrate(settings.postgres))
+    return 0
+
+
+def _print_config(settings: Settings, args: argparse.Namespace) -> int:
+    print(orjson.dumps(dataclasses.asdict(settings), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.simulate import build_fleet, register_fleet, simulate
+
+    if args.register:
+        asyncio.run(register_fleet(settings.postgres, build_fleet(args.devices, args.profile)))
+    simulate(settings.mqtt.url, args.devices, args.rate, args.count, args.profile)
+    return 0
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(settings, args)
+
+
+def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bench import run_bench
+
+    return run_bench(settings, args)

@@ -118,6 +118,17 @@ class RedisSettings:
 
 
 @dataclass
+class DocumentSettings:
+    backend: Literal["postgres", "mongodb"] = field(
+        default="postgres", metadata=_meta("mongodb", doc="where SPEC §5 documents live")
+    )
+    mongodb_url: str = field(
+        default="mongodb://127.0.0.1:27017", metadata=_meta("mongodb://mongo:27017", _url("mongodb"))
+    )
+    mongodb_database: str = field(default="iotflow", metadata=_meta("iotflow"))
+
+
+@dataclass
 class PipelineSettings:
     batch_size: int = field(
         default=5000, metadata=_meta("5000", _positive, doc="readings per database commit")
@@ -149,6 +160,23 @@ class PipelineSettings:
         default=4096,
         metadata=_meta("4096", _non_negative, doc="payload bytes kept per dead letter"),
     )
+
+
+@dataclass
+class RulesSettings:
+    """Alert-rule evaluation (the rules actor)."""
+
+    enabled: bool = field(default=True, metadata=_meta("true"))
+    refresh_s: float = field(
+        default=5.0, metadata=_meta("5", _positive, doc="longest delay before a rule change applies")
+    )
+
+
+@dataclass
+class JobsSettings:
+    """arq jobs: rollups, reports, retention, sweeps."""
+
+    queue_name: str = field(default="iotflow:jobs", metadata=_meta("iotflow:jobs"))
 
 
 @dataclass
@@ -184,7 +212,10 @@ class Settings:
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    documents: DocumentSettings = field(default_factory=DocumentSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    rules: RulesSettings = field(default_factory=RulesSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)

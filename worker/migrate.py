@@ -142,6 +142,7 @@ MIGRATIONS = (
     Migration(2, "time series", _create_timeseries),
     Migration(3, "dead letters", _sql_file("0003_dead_letters.sql")),
     Migration(4, "seed metadata", _seed_fleet),
+    Migration(5, "document store", _sql_file("0005_documents.sql")),
 )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -144,44 +143,59 @@ class _Resources(Actor):
         await self._pipeline.redis.aclose()
 
 
-async def run_daemon(settings: Settings, on_ready: Callable[[], Awaitable[None]] | None = None) -> int:
-    """`iotflow run`: the supervised pipeline plus the health server. Returns the exit code."""
-    metrics = Metrics()
-    current: list[Pipeline] = []
+class Daemon:
+    """`iotflow run`: the supervised pipeline plus the health server."""
 
-    async def build() -> ActorGroup:
-        pipeline = Pipeline(settings, metrics)
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.pipeline: Pipeline | None = None
+        runtime = settings.runtime
+        self.supervisor = Supervisor(
+            self._build,
+            RestartPolicy(
+                limit=runtime.restart_limit,
+                window_s=runtime.restart_window_s,
+                backoff_s=runtime.restart_backoff_s,
+                shutdown_timeout_s=runtime.shutdown_timeout_s,
+            ),
+            ready=self._ready,
+        )
+        self.ready = asyncio.Event()
+        self.health: HealthServer | None = None
+
+    async def _build(self) -> ActorGroup:
+        pipeline = Pipeline(self.settings, self.metrics)
         group = await pipeline.build()
-        current[:] = [pipeline]
-        metrics.gauges["mailbox_raw"] = lambda: float(pipeline.raw.qsize())
-        metrics.gauges["mailbox_decoded"] = lambda: float(pipeline.decoded.qsize())
+        self.pipeline = pipeline
+        self.metrics.gauges["mailbox_raw"] = lambda: float(pipeline.raw.qsize())
+        self.metrics.gauges["mailbox_decoded"] = lambda: float(pipeline.decoded.qsize())
         return group
 
-    async def ready(group: ActorGroup) -> None:
-        await current[0].wait_ready()
-        if on_ready is not None:
-            await on_ready()
+    async def _ready(self, group: ActorGroup) -> None:
+        assert self.pipeline is not None  # _build ran before the group started
+        await self.pipeline.wait_ready()
+        self.ready.set()
 
-    async def readiness() -> dict[str, bool]:
-        return await current[0].readiness() if current else {"pipeline": False}
+    async def _readiness(self) -> dict[str, bool]:
+        return await self.pipeline.readiness() if self.pipeline else {"pipeline": False}
 
-    runtime = settings.runtime
-    supervisor = Supervisor(
-        build,
-        RestartPolicy(
-            limit=runtime.restart_limit,
-            window_s=runtime.restart_window_s,
-            backoff_s=runtime.restart_backoff_s,
-            shutdown_timeout_s=runtime.shutdown_timeout_s,
-        ),
-        ready=ready,
-    )
-    supervisor.install_signal_handlers()
-    health = HealthServer(settings.http, metrics, readiness) if settings.http.enabled else None
-    if health is not None:
-        await health.start()
-    try:
-        return await supervisor.run()
-    finally:
-        if health is not None:
-            await health.stop()
+    def request_stop(self) -> None:
+        self.supervisor.request_stop()
+
+    async def run(self, handle_signals: bool = True) -> int:
+        """Run until stopped; return the process exit code."""
+        if handle_signals:
+            self.supervisor.install_signal_handlers()
+        if self.settings.http.enabled:
+            self.health = HealthServer(self.settings.http, self.metrics, self._readiness)
+            await self.health.start()
+        try:
+            return await self.supervisor.run()
+        finally:
+            if self.health is not None:
+                await self.health.stop()
+
+
+async def run_daemon(settings: Settings) -> int:
+    return await Daemon(settings).run()

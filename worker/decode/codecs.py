@@ -7,10 +7,10 @@ builds is exactly what the decoder expects.
 from __future__ import annotations
 
 import math
-from decimal import Decimal
 import struct
 import tomllib
 from dataclasses import dataclass
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any

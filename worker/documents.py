@@ -1,0 +1,181 @@
+"""The document store (SPEC §5): MongoDB, or PostgreSQL JSONB with the same shapes.
+
+Documents are plain dicts addressed by (collection, key); the key is MongoDB's
+`_id`. `insert` is idempotent on the key, which is what makes redelivery and
+job retries harmless: the second insert of the same alert is a no-op.
+Filters are equality on top-level fields, which both backends index.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Protocol
+
+import asyncpg
+import orjson
+
+from worker.config import DocumentSettings
+
+
+class DocumentStore(Protocol):
+    async def insert(self, collection: str, key: str, doc: dict[str, Any]) -> bool:
+        """Store `doc` under `key` unless present; True when it was new."""
+
+    async def upsert(self, collection: str, key: str, doc: dict[str, Any]) -> None: ...
+
+    async def update(self, collection: str, key: str, changes: dict[str, Any]) -> bool:
+        """Set top-level fields of an existing document; False when there is none."""
+
+    async def get(self, collection: str, key: str) -> dict[str, Any] | None: ...
+
+    async def find(
+        self,
+        collection: str,
+        where: dict[str, Any] | None = None,
+        *,
+        order_by: str | None = None,
+        descending: bool = False,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]: ...
+
+    async def delete_before(self, collection: str, before: datetime) -> int:
+        """Remove documents created before `before`; return how many."""
+
+    async def close(self) -> None: ...
+
+
+def _json_default(value: Any) -> Any:
+    raise TypeError(f"cannot store {type(value).__name__} in a document")
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    return orjson.dumps(doc, default=_json_default).decode()
+
+
+class PostgresDocumentStore:
+    """Documents in the `documents` JSONB table; datetimes are stored as ISO-8601 text."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def insert(self, collection: str, key: str, doc: dict[str, Any]) -> bool:
+        status = await self._pool.execute(
+            "INSERT INTO documents (collection, key, doc) VALUES ($1, $2, $3::jsonb) "
+            "ON CONFLICT (collection, key) DO NOTHING",
+            collection,
+            key,
+            _dumps(doc),
+        )
+        return bool(status.endswith(" 1"))
+
+    async def upsert(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+        await self._pool.execute(
+            "INSERT INTO documents (collection, key, doc) VALUES ($1, $2, $3::jsonb) "
+            "ON CONFLICT (collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now()",
+            collection,
+            key,
+            _dumps(doc),
+        )
+
+    async def update(self, collection: str, key: str, changes: dict[str, Any]) -> bool:
+        status = await self._pool.execute(
+            "UPDATE documents SET doc = doc || $3::jsonb, updated_at = now() "
+            "WHERE collection = $1 AND key = $2",
+            collection,
+            key,
+            _dumps(changes),
+        )
+        return bool(status.endswith(" 1"))
+
+    async def get(self, collection: str, key: str) -> dict[str, Any] | None:
+        raw = await self._pool.fetchval(
+            "SELECT doc FROM documents WHERE collection = $1 AND key = $2", collection, key
+        )
+        return None if raw is None else {"_id": key, **orjson.loads(raw)}
+
+    async def find(
+        self,
+        collection: str,
+        where: dict[str, Any] | None = None,
+        *,
+        order_by: str | None = None,
+        descending: bool = False,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        order = "created_at"
+        args: list[Any] = [collection, _dumps(where or {}), limit]
+        if order_by:
+            order = "doc->$4"
+            args.append(order_by)
+        rows = await self._pool.fetch(
+            f"SELECT key, doc FROM documents WHERE collection = $1 AND doc @> $2::jsonb "
+            f"ORDER BY {order} {'DESC' if descending else 'ASC'} LIMIT $3",
+            *args,
+        )
+        return [{"_id": row["key"], **orjson.loads(row["doc"])} for row in rows]
+
+    async def delete_before(self, collection: str, before: datetime) -> int:
+        status = await self._pool.execute(
+            "DELETE FROM documents WHERE collection = $1 AND created_at < $2", collection, before
+        )
+        return int(status.split()[-1])
+
+    async def close(self) -> None:
+        """The pool belongs to the caller."""
+
+
+class MongoDocumentStore:
+    """Documents in MongoDB through PyMongo's async API; `key` is `_id`."""
+
+    def __init__(self, settings: DocumentSettings) -> None:
+        from pymongo import AsyncMongoClient
+
+        self._client: Any = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
+        self._db = self._client[settings.mongodb_database]
+
+    async def insert(self, collection: str, key: str, doc: dict[str, Any]) -> bool:
+        from pymongo.errors import DuplicateKeyError
+
+        try:
+            await self._db[collection].insert_one({**doc, "_id": key})
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def upsert(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+        await self._db[collection].replace_one({"_id": key}, {**doc, "_id": key}, upsert=True)
+
+    async def update(self, collection: str, key: str, changes: dict[str, Any]) -> bool:
+        result = await self._db[collection].update_one({"_id": key}, {"$set": changes})
+        return bool(result.matched_count)
+
+    async def get(self, collection: str, key: str) -> dict[str, Any] | None:
+        doc: dict[str, Any] | None = await self._db[collection].find_one({"_id": key})
+        return doc
+
+    async def find(
+        self,
+        collection: str,
+        where: dict[str, Any] | None = None,
+        *,
+        order_by: str | None = None,
+        descending: bool = False,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        cursor = self._db[collection].find(where or {})
+        cursor = cursor.sort(order_by or "_id", -1 if descending else 1).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def delete_before(self, collection: str, before: datetime) -> int:
+        # Documents carry their own creation time as `created_at` (SPEC §5 shapes).
+        result = await self._db[collection].delete_many({"created_at": {"$lt": before}})
+        return int(result.deleted_count)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def open_document_store(settings: DocumentSettings, pool: asyncpg.Pool) -> DocumentStore:
+    if settings.backend == "mongodb":
+        return MongoDocumentStore(settings)
+    return PostgresDocumentStore(pool)

@@ -1,0 +1,1 @@
+"""Alert rules: evaluation on the stream, alert lifecycles, notifications."""
