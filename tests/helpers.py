@@ -53,9 +53,7 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-async def wait_for_count(
-    conn: asyncpg.Connection, query: str, expected: int, timeout: float = 20.0
-) -> int:
+async def wait_for_count(conn: asyncpg.Connection, query: str, expected: int, timeout: float = 20.0) -> int:
     last = -1
 
     async def probe() -> bool:

@@ -23,7 +23,7 @@ def partition_name(start: date) -> str:
 
 
 async def is_partitioned(conn: asyncpg.Connection) -> bool:
-    kind = await conn.fetchval("SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass($1)", PARENT)
+    kind = await conn.fetchval("SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1)", PARENT)
     return kind == "p"
 
 

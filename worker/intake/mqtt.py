@@ -112,14 +112,14 @@ class MqttIntake(Actor):
             self.subscribed.set()
             reader = asyncio.create_task(self._read(client, self._generation))
             stop = asyncio.create_task(self._stop_reading.wait())
-            done, _ = await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
+            try:
+                await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
                 stop.cancel()
-                reader.result()  # raises MqttError when the connection dropped
-                return
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                if not reader.done():
+                    reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader  # re-raises MqttError when the connection dropped
             self._reading_stopped.set()
             # Stay connected while the pipeline drains, so its acknowledgements reach the broker.
             await self._close.wait()

@@ -1,0 +1,112 @@
+"""Settings come from TOML and IOTFLOW_* variables; bad ones say which, what and an example."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.config import ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "iotflow.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_spec() -> None:
+    settings = load_settings(None, environ={})
+    assert settings.mqtt.topics == ["tele/+/+/+/+", "stat/+/+/+/+", "devices/+/telemetry"]
+    assert settings.pipeline.unknown_devices == "reject"
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[mqtt]\nurl = "mqtt://file:1883"\nclient_id = "from-file"\n')
+    settings = load_settings(path, environ={"IOTFLOW_MQTT_URL": "mqtts://env:8883"})
+    assert settings.mqtt.url == "mqtts://env:8883"
+    assert settings.mqtt.client_id == "from-file"
+
+
+def test_environment_values_are_typed() -> None:
+    settings = load_settings(
+        None,
+        environ={
+            "IOTFLOW_PIPELINE_BATCH_SIZE": "250",
+            "IOTFLOW_HTTP_ENABLED": "no",
+            "IOTFLOW_MQTT_TOPICS": "a/+, b/#",
+            "IOTFLOW_RUNTIME_SHUTDOWN_TIMEOUT_S": "2.5",
+        },
+    )
+    assert settings.pipeline.batch_size == 250
+    assert settings.http.enabled is False
+    assert settings.mqtt.topics == ["a/+", "b/#"]
+    assert settings.runtime.shutdown_timeout_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("environ", "setting", "problem"),
+    [
+        ({"IOTFLOW_MQTT_URL": "http://x"}, "mqtt.url (IOTFLOW_MQTT_URL)", "scheme mqtt or mqtts"),
+        ({"IOTFLOW_PIPELINE_BATCH_SIZE": "lots"}, "pipeline.batch_size", "not an integer"),
+        ({"IOTFLOW_PIPELINE_BATCH_SIZE": "0"}, "pipeline.batch_size", "greater than 0"),
+        ({"IOTFLOW_PIPELINE_UNKNOWN_DEVICES": "maybe"}, "pipeline.unknown_devices", "reject, register"),
+        ({"IOTFLOW_POSTGRES_SCHEMA": "Bad-Name"}, "postgres.schema", "SQL identifier"),
+        ({"IOTFLOW_HTTP_ENABLED": "perhaps"}, "http.enabled", "not a boolean"),
+        ({"IOTFLOW_MQTT_CA_FILE": "/nonexistent.pem"}, "mqtt.ca_file", "does not exist"),
+        ({"IOTFLOW_MQTT_CERT_FILE": "/etc/hostname"}, "mqtt.cert_file", "given together"),
+    ],
+)
+def test_bad_values_name_the_setting_and_give_an_example(
+    environ: dict[str, str], setting: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, environ=environ)
+    assert caught.value.setting.startswith(setting.split(" ")[0])
+    assert problem in caught.value.problem
+    assert caught.value.example
+
+
+def test_unknown_keys_in_the_file_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mqtt.urll: unknown setting"):
+        load_settings(write(tmp_path, '[mqtt]\nurll = "mqtt://x"\n'), environ={})
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_settings(write(tmp_path, "[mqqt]\n"), environ={})
+
+
+def test_broken_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[mqtt\n"), environ={})
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+def test_cli_exits_2_with_the_message_on_a_bad_setting() -> None:
+    result = run_cli("run", env={"IOTFLOW_PIPELINE_FLUSH_INTERVAL_MS": "-5"})
+    assert result.returncode == 2
+    assert "pipeline.flush_interval_ms (IOTFLOW_PIPELINE_FLUSH_INTERVAL_MS)" in result.stderr
+    assert "example: 200" in result.stderr
+
+
+def test_cli_exits_2_on_a_missing_config_file(tmp_path: Path) -> None:
+    result = run_cli("--config", str(tmp_path / "absent.toml"), "run")
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def test_cli_exits_2_on_a_broken_codec_file(tmp_path: Path) -> None:
+    codecs = tmp_path / "codecs.toml"
+    codecs.write_text('[climate]\nlength = 2\nfields = [{ name = "t", offset = 1, type = "int16be" }]\n')
+    result = run_cli("run", env={"IOTFLOW_PIPELINE_CODECS": str(codecs)})
+    assert result.returncode == 2
+    assert "codec 'climate' field 't'" in result.stderr

@@ -1,0 +1,118 @@
+"""Topic and payload parsing (SPEC §2), without I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from worker.decode.codecs import load_codecs
+from worker.decode.parse import DeviceRef, Limits, Rejected, normalise_mac, parse_message
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp()
+CODECS = load_codecs()
+LIMITS = Limits()
+
+
+def parse(topic: str, body: object) -> object:
+    payload = body if isinstance(body, bytes) else orjson.dumps(body)
+    return parse_message(topic, payload, NOW, CODECS, LIMITS)
+
+
+@pytest.mark.parametrize("mac", ["aa:bb:cc:dd:ee:01", "AABBCCDDEE01", "aa-bb-cc-dd-ee-01", "aabb.ccdd.ee01"])
+def test_mac_forms_normalise_to_colon_lower_case(mac: str) -> None:
+    assert normalise_mac(mac) == "aa:bb:cc:dd:ee:01"
+
+
+def test_f2_frame_becomes_labelled_readings() -> None:
+    frame = CODECS["climate"].encode({"temperature": 21.5, "humidity": 40, "pressure": 990})
+    message = parse(
+        "tele/f2-AABBCCDDEE01/sensor-mode/climate/sensor-room1",
+        {"timestamp": "2026-11-22T11:59:00.123456Z", "data": frame.hex().upper()},
+    )
+    assert message.device == DeviceRef("mac", "aa:bb:cc:dd:ee:01")
+    assert [(r.label, r.value, r.unit) for r in message.readings] == [
+        ("room1.temperature", 21.5, "°C"),
+        ("room1.humidity", 40.0, "%"),
+        ("room1.pressure", 990.0, "hPa"),
+    ]
+    assert message.readings[0].timestamp == datetime(2026, 11, 22, 11, 59, 0, 123456, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected"),
+    [
+        (NOW - 60, NOW - 60),  # epoch seconds
+        ((NOW - 60) * 1000, NOW - 60),  # epoch milliseconds
+        ("2026-11-22T13:59:00+02:00", NOW - 60),  # with a zone
+        ("2026-11-22T11:59:00", NOW - 60),  # naive means UTC
+        (None, NOW),  # absent: receive time
+    ],
+)
+def test_timestamp_forms(stamp: object, expected: float) -> None:
+    frame = CODECS["io"].encode({"relay1": 1, "rssi": -50})
+    message = parse(
+        "stat/f2-aabbccddee01/sensor-mode/io/sensor-relay", {"timestamp": stamp, "data": frame.hex()}
+    )
+    assert message.readings[0].timestamp.timestamp() == pytest.approx(expected)
+
+
+def test_json_telemetry_forms() -> None:
+    flat = parse("devices/dev-1/telemetry", {"temperature": 23.5, "humidity": 61})
+    assert flat.device == DeviceRef("key", "dev-1")
+    assert [(r.label, r.value) for r in flat.readings] == [("temperature", 23.5), ("humidity", 61.0)]
+    assert flat.readings[0].timestamp.timestamp() == NOW
+
+    ms = int(NOW * 1000) - 5877
+    timed = parse("devices/dev-1/telemetry", {"ts": ms, "values": {"temperature": 1}})
+    assert timed.readings[0].timestamp == datetime.fromtimestamp(ms / 1000, UTC)
+
+    batch = parse(
+        "devices/dev-1/telemetry",
+        [{"ts": ms, "values": {"a": 1}}, {"ts": ms + 1, "values": {"a": 2}}],
+    )
+    assert [r.value for r in batch.readings] == [1.0, 2.0]
+
+
+def test_strings_and_booleans_are_skipped_with_a_reason() -> None:
+    message = parse("devices/dev-1/telemetry", {"t": 1.0, "ok": True, "state": "on"})
+    assert [r.label for r in message.readings] == ["t"]
+    assert message.skipped == [
+        "ok: bool value, only numbers are stored",
+        "state: str value, only numbers are stored",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("topic", "body", "code"),
+    [
+        ("devices/x/telemetry", b"\xff\xfe", "bad_json"),
+        ("devices/x/telemetry", [], "bad_payload"),
+        ("devices/x/telemetry", [1, 2], "bad_payload"),
+        ("devices/x/telemetry", {"ts": 1, "values": [1]}, "bad_payload"),
+        ("devices/x/telemetry", {"a": "b"}, "no_numeric_values"),
+        ("devices/x/telemetry", {"ts": True, "values": {"a": 1}}, "bad_timestamp"),
+        ("devices/x/telemetry", {"ts": NOW + 3600, "values": {"a": 1}}, "timestamp_out_of_range"),
+        ("devices/x/telemetry", {"ts": NOW - 400 * 86400, "values": {"a": 1}}, "timestamp_out_of_range"),
+        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-", {"data": "00"}, "bad_topic"),
+        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": 5}, "bad_payload"),
+        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "0g"}, "bad_hex"),
+        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_frame"),
+        ("tele/f2-aabbccddee01/sensor-mode/warp/sensor-x", {"data": "00"}, "unknown_codec"),
+        ("tele/x2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_topic"),
+        ("tele/f2-aabbccddee0/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_topic"),
+        ("other/topic", {}, "unsupported_topic"),
+        ("devices/x/status", {}, "unsupported_topic"),
+    ],
+)
+def test_rejections_carry_a_reason_code(topic: str, body: object, code: str) -> None:
+    with pytest.raises(Rejected) as caught:
+        parse(topic, body)
+    assert caught.value.code == code
+    assert caught.value.reason.startswith(f"{code}: ")
+
+
+def test_oversized_payloads_are_rejected_before_parsing() -> None:
+    with pytest.raises(Rejected, match="too_large"):
+        parse_message("devices/x/telemetry", b"{" * 70000, NOW, CODECS, LIMITS)

@@ -1,0 +1,149 @@
+"""The supervisor restarts a crashed group with backoff, gives up past its budget, and
+shuts down upstream-first so every stage drains into the next."""
+
+from __future__ import annotations
+
+import asyncio
+
+from worker.runtime.actor import Actor, MailboxActor
+from worker.runtime.mailbox import Mailbox
+from worker.runtime.supervisor import EXIT_GAVE_UP, EXIT_OK, ActorGroup, RestartPolicy, Supervisor
+
+
+class Crasher(Actor):
+    name = "crasher"
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+
+    async def run(self) -> None:
+        await asyncio.sleep(self.after)
+        raise RuntimeError("boom")
+
+
+class Collector(MailboxActor[int]):
+    name = "collector"
+
+    def __init__(self, mailbox: Mailbox[int], log: list[str], seen: list[int]) -> None:
+        super().__init__(mailbox)
+        self.log = log
+        self.seen = seen
+
+    async def handle(self, items: list[int]) -> None:
+        await asyncio.sleep(0.01)  # slow consumer: the mailbox holds work at stop time
+        self.seen.extend(items)
+
+    async def drained(self) -> None:
+        self.log.append(f"drained:{len(self.seen)}")
+
+    async def close(self) -> None:
+        self.log.append("collector closed")
+
+
+class Producer(Actor):
+    name = "producer"
+
+    def __init__(self, mailbox: Mailbox[int], log: list[str]) -> None:
+        self.mailbox = mailbox
+        self.log = log
+        self.stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        for n in range(50):
+            await self.mailbox.put(n)
+        await self.stopped.wait()
+
+    async def stop(self) -> None:
+        self.log.append("producer stopped")
+        self.stopped.set()
+
+    async def close(self) -> None:
+        self.log.append("producer closed")
+
+
+async def test_crashes_restart_with_backoff_then_the_supervisor_gives_up() -> None:
+    builds = 0
+
+    async def build() -> ActorGroup:
+        nonlocal builds
+        builds += 1
+        return ActorGroup([Crasher(after=0.01)])
+
+    policy = RestartPolicy(limit=3, window_s=60, backoff_s=0.02, backoff_max_s=0.05)
+    supervisor = Supervisor(build, policy)
+    code = await asyncio.wait_for(supervisor.run(), 10)
+    assert code == EXIT_GAVE_UP
+    assert builds == 4  # the first start and three restarts
+
+
+async def test_a_crash_restarts_the_group_and_it_recovers() -> None:
+    builds = 0
+    log: list[str] = []
+
+    async def build() -> ActorGroup:
+        nonlocal builds
+        builds += 1
+        if builds == 1:
+            return ActorGroup([Crasher(after=0.01)])
+        mailbox: Mailbox[int] = Mailbox(10)
+        return ActorGroup([Producer(mailbox, log), Collector(mailbox, log, [])])
+
+    supervisor = Supervisor(build, RestartPolicy(limit=2, backoff_s=0.01))
+    task = asyncio.create_task(supervisor.run())
+    while builds < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    supervisor.request_stop()
+    assert await asyncio.wait_for(task, 10) == EXIT_OK
+
+
+async def test_graceful_stop_drains_upstream_first_and_closes_downstream_first() -> None:
+    log: list[str] = []
+    seen: list[int] = []
+    mailbox: Mailbox[int] = Mailbox(100)
+    group = ActorGroup([Producer(mailbox, log), Collector(mailbox, log, seen)])
+
+    async def build() -> ActorGroup:
+        return group
+
+    supervisor = Supervisor(build, RestartPolicy())
+    task = asyncio.create_task(supervisor.run())
+    while mailbox.qsize() < 40 and not seen:
+        await asyncio.sleep(0.001)
+    supervisor.request_stop()
+    assert await asyncio.wait_for(task, 10) == EXIT_OK
+    assert seen == list(range(50))  # nothing left behind in the mailbox
+    assert log == ["producer stopped", "drained:50", "collector closed", "producer closed"]
+
+
+async def test_shutdown_past_its_timeout_exits_non_zero() -> None:
+    class Stuck(Actor):
+        name = "stuck"
+
+        async def run(self) -> None:
+            await asyncio.Event().wait()
+
+        async def stop(self) -> None:
+            await asyncio.Event().wait()
+
+    async def build() -> ActorGroup:
+        return ActorGroup([Stuck()])
+
+    supervisor = Supervisor(build, RestartPolicy(shutdown_timeout_s=0.1))
+    task = asyncio.create_task(supervisor.run())
+    await asyncio.sleep(0.05)
+    supervisor.request_stop()
+    assert await asyncio.wait_for(task, 10) == EXIT_GAVE_UP
+
+
+async def test_mailbox_backpressure_blocks_the_producer() -> None:
+    mailbox: Mailbox[int] = Mailbox(2)
+    await mailbox.put(1)
+    await mailbox.put(2)
+    blocked = asyncio.create_task(mailbox.put(3))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    assert await mailbox.get_batch(10, timeout=0) == [1, 2]
+    await asyncio.wait_for(blocked, 1)
+    assert await mailbox.get_batch(10, timeout=0.1) == [3]
+    assert await mailbox.get_batch(10, timeout=0.01) == []
