@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0)
     demo.add_argument("--count", type=int, default=3000)
     demo.add_argument("--external", action="store_true", help="use the configured services instead")
+    demo.add_argument("--keep", action="store_true", help="keep the embedded services up afterwards")
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="measure end-to-end throughput, latency and memory")

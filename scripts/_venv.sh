@@ -1,0 +1,22 @@
+# Sourced by the scripts: make .venv (Python >= 3.11) and install the project with the given extras.
+set -euo pipefail
+extras="$1"
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "IoTFlow worker needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+.venv/bin/python -m pip install -q -e ".[$extras]"
+# The embedded broker is Mosquitto (no pip-installable broker speaks MQTT 5); install it when we can.
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing mosquitto (the embedded MQTT broker) with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+  else
+    echo "note: no mosquitto on PATH; install it (apt-get install mosquitto / brew install mosquitto)" >&2
+  fi
+fi
