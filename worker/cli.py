@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--count", type=int, default=None, help="stop after this many messages")
     sim.add_argument("--profile", choices=("mixed", "climate"), default="mixed")
     sim.add_argument("--register", action="store_true", help="insert devices beyond the seed metadata")
+    sim.add_argument("--first-device", type=int, default=0, help="skip this many (parallel publishers)")
     sim.set_defaults(handler=_simulate)
 
     demo = commands.add_parser("demo", help="the whole path on embedded services, with live progress")
@@ -56,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure end-to-end throughput, latency and memory")
     bench.add_argument("--messages", type=int, default=200_000)
     bench.add_argument("--devices", type=int, default=100)
-    bench.add_argument("--embedded", action="store_true", help="start embedded services for the run")
+    bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
+    bench.add_argument(
+        "--embedded", action="store_true", help="embedded PostgreSQL and Redis too (the broker always is)"
+    )
     bench.set_defaults(handler=_bench)
 
     add_rules_commands(commands)
@@ -115,8 +119,9 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     from worker.simulate import build_fleet, register_fleet, simulate
 
     if args.register:
-        asyncio.run(register_fleet(settings.postgres, build_fleet(args.devices, args.profile)))
-    simulate(settings.mqtt.url, args.devices, args.rate, args.count, args.profile)
+        fleet = build_fleet(args.devices, args.profile, first=args.first_device)
+        asyncio.run(register_fleet(settings.postgres, fleet))
+    simulate(settings.mqtt.url, args.devices, args.rate, args.count, args.profile, first=args.first_device)
     return 0
 
 

@@ -56,13 +56,14 @@ class SimDevice:
         return value
 
 
-def build_fleet(devices: int, profile: str = "mixed", seed: int = 1) -> list[SimDevice]:
+def build_fleet(devices: int, profile: str = "mixed", seed: int = 1, first: int = 0) -> list[SimDevice]:
     """`mixed`: the seeded four F2 controllers, four JSON devices, then alternating.
-    `climate`: F2 controllers only (three readings per message, the bench's shape)."""
+    `climate`: F2 controllers only (three readings per message, the bench's shape).
+    `first` skips that many devices, so several publishers can share one fleet."""
     rng = random.Random(seed)
     result = []
     f2_count = json_count = 0
-    for index in range(devices):
+    for index in range(first + devices):
         use_f2 = profile == "climate" or index < 4 or (index >= 8 and index % 2 == 0)
         if use_f2:
             result.append(SimDevice("f2", fleet.f2_mac(f2_count), random.Random(rng.random())))
@@ -70,7 +71,7 @@ def build_fleet(devices: int, profile: str = "mixed", seed: int = 1) -> list[Sim
         else:
             result.append(SimDevice("json", fleet.json_device_key(json_count), random.Random(rng.random())))
             json_count += 1
-    return result
+    return result[first:]
 
 
 def message_stream(
@@ -208,10 +209,11 @@ def simulate(
     count: int | None,
     profile: str = "mixed",
     client_id: str = "",
+    first: int = 0,
 ) -> int:
     """Publish at `rate` messages/s (0: as fast as possible) until `count`; return messages sent."""
     codecs = load_codecs()
-    fleet_devices = build_fleet(devices, profile)
+    fleet_devices = build_fleet(devices, profile, first=first)
     stream = message_stream(fleet_devices, codecs, profile)
     publisher = Publisher(url, client_id or f"iotflow-sim-{time.time_ns()}")
     sent = 0
