@@ -166,9 +166,24 @@ class PipelineSettings:
 class RulesSettings:
     """Alert-rule evaluation (the rules actor)."""
 
-    enabled: bool = field(default=True, metadata=_meta("true"))
+    enabled: bool = field(default=True, metadata=_meta("true", doc="evaluate alert rules"))
     refresh_s: float = field(
-        default=5.0, metadata=_meta("5", _positive, doc="longest delay before a rule change applies")
+        default=5.0,
+        metadata=_meta(
+            "5", _positive, doc="rule reload period; changes made through `iotflow rules` apply at once"
+        ),
+    )
+    offline_check_s: float = field(
+        default=1.0, metadata=_meta("1", _positive, doc="how often silent devices are checked")
+    )
+    recent_alerts: int = field(
+        default=100, metadata=_meta("100", _positive, doc="length cap of the Redis list alerts:{device_id}")
+    )
+    restore_resolved: int = field(
+        default=10000,
+        metadata=_meta(
+            "10000", _non_negative, doc="recently resolved alerts read at start, so redelivery cannot refire"
+        ),
     )
 
 
@@ -176,7 +191,97 @@ class RulesSettings:
 class JobsSettings:
     """arq jobs: rollups, reports, retention, sweeps."""
 
-    queue_name: str = field(default="iotflow:jobs", metadata=_meta("iotflow:jobs"))
+    queue_name: str = field(
+        default="iotflow:jobs",
+        metadata=_meta("iotflow:jobs", doc="arq queue; also the prefix of every job id, so keep it unique"),
+    )
+    rollups_enabled: bool = field(default=True, metadata=_meta("true", doc="schedule the hourly rollup"))
+    rollup_minute: int = field(
+        default=5,
+        metadata=_meta(
+            "5", lambda v: None if 0 <= v <= 59 else "must be 0 to 59", "minute past each hour it runs"
+        ),
+    )
+    late_window_s: int = field(
+        default=7200,
+        metadata=_meta("7200", _non_negative, doc="each rollup recomputes the buckets this far back"),
+    )
+    reports_enabled: bool = field(
+        default=True, metadata=_meta("true", doc="schedule the daily device_health reports")
+    )
+    report_hour: int = field(
+        default=1,
+        metadata=_meta("1", lambda v: None if 0 <= v <= 23 else "must be 0 to 23", "UTC hour, previous day"),
+    )
+    report_minute: int = field(
+        default=15,
+        metadata=_meta(
+            "15", lambda v: None if 0 <= v <= 59 else "must be 0 to 59", "minute of jobs.report_hour"
+        ),
+    )
+    retention_enabled: bool = field(default=True, metadata=_meta("true", doc="schedule the daily retention"))
+    retention_hour: int = field(
+        default=3, metadata=_meta("3", lambda v: None if 0 <= v <= 23 else "must be 0 to 23", "UTC hour")
+    )
+    retention_minute: int = field(
+        default=30,
+        metadata=_meta(
+            "30", lambda v: None if 0 <= v <= 59 else "must be 0 to 59", "minute of jobs.retention_hour"
+        ),
+    )
+    sweep_enabled: bool = field(default=True, metadata=_meta("true", doc="schedule the offline sweep"))
+    sweep_every_min: int = field(
+        default=1,
+        metadata=_meta(
+            "1", lambda v: None if 1 <= v <= 60 else "must be 1 to 60", "minutes between offline sweeps"
+        ),
+    )
+    default_max_silence_s: int = field(
+        default=300,
+        metadata=_meta("300", _positive, doc="allowed silence of a device without devices.max_silence_s"),
+    )
+    retention_raw_days: int = field(
+        default=90, metadata=_meta("90", _non_negative, doc="raw readings kept; 0 keeps them forever")
+    )
+    retention_rollups_hourly_days: int = field(
+        default=365, metadata=_meta("365", _non_negative, doc="hourly rollups kept; 0: forever")
+    )
+    retention_rollups_daily_days: int = field(
+        default=1825, metadata=_meta("1825", _non_negative, doc="daily rollups kept; 0: forever")
+    )
+    retention_dead_letters_days: int = field(
+        default=30, metadata=_meta("30", _non_negative, doc="dead letters kept; 0: forever")
+    )
+    retention_resolved_alerts_days: int = field(
+        default=90, metadata=_meta("90", _non_negative, doc="resolved alerts kept; 0: forever")
+    )
+    retention_event_logs_days: int = field(
+        default=90, metadata=_meta("90", _non_negative, doc="event_logs documents kept; 0: forever")
+    )
+    retention_job_runs_days: int = field(
+        default=30, metadata=_meta("30", _non_negative, doc="finished job_runs records kept; 0: forever")
+    )
+    max_tries: int = field(
+        default=5, metadata=_meta("5", _positive, doc="tries of a job on store errors before it fails")
+    )
+    retry_backoff_s: float = field(
+        default=5.0, metadata=_meta("5", _positive, doc="first retry delay; doubles on each try")
+    )
+    retry_backoff_max_s: float = field(default=300.0, metadata=_meta("300", _positive))
+    lock_timeout_s: float = field(
+        default=30.0,
+        metadata=_meta("30", _positive, doc="longest wait for a table lock before a try gives up"),
+    )
+    job_timeout_s: int = field(
+        default=3600, metadata=_meta("3600", _positive, doc="a try running longer is cancelled")
+    )
+    keep_result_s: int = field(
+        default=2 * 86400,
+        metadata=_meta(
+            "172800", _positive, doc="arq keeps results (and so refuses the same job id) this long"
+        ),
+    )
+    max_jobs: int = field(default=4, metadata=_meta("4", _positive, doc="jobs one worker runs at once"))
 
 
 @dataclass

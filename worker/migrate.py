@@ -143,6 +143,8 @@ MIGRATIONS = (
     Migration(3, "dead letters", _sql_file("0003_dead_letters.sql")),
     Migration(4, "seed metadata", _seed_fleet),
     Migration(5, "document store", _sql_file("0005_documents.sql")),
+    Migration(10, "rollup tables", _sql_file("0010_rollups.sql")),
+    Migration(11, "job runs", _sql_file("0011_job_runs.sql")),
 )
 
 

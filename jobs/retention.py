@@ -1,0 +1,182 @@
+"""Retention: remove what is older than its kind's configured age, and log what went.
+
+Raw readings go a whole partition at a time (detached concurrently, then dropped, so the
+ingest path is not blocked), never row by row: a partition goes once its upper bound is
+at or before the cutoff. The raw cutoff never passes the rollup watermark (readings not yet
+rolled up stay) nor the pipeline's oldest accepted reading (a partition that can still
+receive data stays, or the writer would have to recreate it). Rollups go by bucket, dead
+letters by `received_at`, documents by creation time, and for alerts only resolved ones.
+An age of 0 keeps a kind forever.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import cast
+
+import asyncpg
+import structlog
+
+from jobs.context import Connection, JobResources
+from jobs.periods import DAY, HOUR, parse_time
+from jobs.rollups import read_watermark
+from worker.partitions import PARENT, is_partitioned
+
+log = structlog.get_logger("jobs.retention")
+
+_UPPER_BOUND = re.compile(r"TO \('([^']+)'\)")
+
+
+@dataclass
+class Removed:
+    kind: str
+    cutoff: datetime
+    rows: int = 0
+    partitions: list[str] = field(default_factory=list)
+    rows_estimated: bool = False
+
+
+async def apply_retention(res: JobResources, now: datetime) -> list[Removed]:
+    cfg = res.settings.jobs
+    removed: list[Removed] = []
+    if cfg.retention_raw_days:
+        raw = await _raw_cutoff(res, now, now - timedelta(days=cfg.retention_raw_days))
+        if raw is not None:
+            removed.append(_logged(await drop_raw_before(res.pool, raw)))
+    tables = (
+        ("rollups_hourly", cfg.retention_rollups_hourly_days, "rollup_hourly", "bucket", HOUR),
+        ("rollups_daily", cfg.retention_rollups_daily_days, "rollup_daily", "bucket", DAY),
+        ("dead_letters", cfg.retention_dead_letters_days, "dead_letters", "received_at", timedelta()),
+        ("job_runs", cfg.retention_job_runs_days, "job_runs", "started_at", timedelta()),
+    )
+    for kind, days, table, column, width in tables:
+        if days:
+            cutoff = now - timedelta(days=days)
+            removed.append(_logged(await _delete_rows(res.pool, kind, table, column, width, cutoff)))
+    if cfg.retention_resolved_alerts_days:
+        cutoff = now - timedelta(days=cfg.retention_resolved_alerts_days)
+        rows = await res.doc_queries.delete_before_where("alerts", cutoff, {"status": "resolved"})
+        removed.append(_logged(Removed("resolved_alerts", cutoff, rows)))
+    if cfg.retention_event_logs_days:
+        cutoff = now - timedelta(days=cfg.retention_event_logs_days)
+        rows = await res.docs.delete_before("event_logs", cutoff)
+        removed.append(_logged(Removed("event_logs", cutoff, rows)))
+    return removed
+
+
+def _logged(item: Removed) -> Removed:
+    """One line per kind as soon as it is done, so a later failure does not hide it."""
+    log.info(
+        "retention.removed",
+        kind=item.kind,
+        cutoff=item.cutoff.isoformat(),
+        rows=item.rows,
+        rows_estimated=item.rows_estimated,
+        partitions=item.partitions,
+    )
+    return item
+
+
+async def _raw_cutoff(res: JobResources, now: datetime, wanted: datetime) -> datetime | None:
+    cfg = res.settings
+    cutoff = min(wanted, now - timedelta(seconds=cfg.pipeline.max_age_s))
+    if cfg.jobs.rollups_enabled:
+        watermark = await read_watermark(res.pool)
+        if watermark is None:
+            log.warning("retention.raw_waits", reason="no rollup has run yet; raw readings are kept")
+            return None
+        cutoff = min(cutoff, watermark - timedelta(seconds=cfg.jobs.late_window_s))
+    if cutoff < wanted:
+        log.info("retention.raw_cutoff_held", wanted=wanted.isoformat(), cutoff=cutoff.isoformat())
+    return cutoff
+
+
+async def _delete_rows(
+    pool: asyncpg.Pool, kind: str, table: str, column: str, width: timedelta, cutoff: datetime
+) -> Removed:
+    """Rows whose whole span [column, column + width) ends at or before the cutoff."""
+    if width:
+        status = await pool.execute(f"DELETE FROM {table} WHERE {column} <= $1", cutoff - width)
+    else:
+        status = await pool.execute(f"DELETE FROM {table} WHERE {column} < $1", cutoff)
+    return Removed(kind, cutoff, int(status.split()[-1]))
+
+
+async def drop_raw_before(pool: asyncpg.Pool, cutoff: datetime) -> Removed:
+    """Drop raw readings older than `cutoff` the cheapest way the table allows."""
+    async with pool.acquire() as conn:
+        if await is_partitioned(cast(asyncpg.Connection, conn)):  # a pool proxy behaves the same
+            return await _drop_partitions(conn, cutoff)
+        if await _is_hypertable(conn):
+            names = await conn.fetch("SELECT drop_chunks($1, older_than => $2)::text AS name", PARENT, cutoff)
+            return Removed("raw", cutoff, partitions=[row["name"] for row in names])
+        # A plain table (partitioning off): the only way left is row by row.
+        status = await conn.execute(f"DELETE FROM {PARENT} WHERE timestamp < $1", cutoff)
+        return Removed("raw", cutoff, rows=int(status.split()[-1]))
+
+
+async def _drop_partitions(conn: Connection, cutoff: datetime) -> Removed:
+    """Detach and drop each partition whose upper bound is at or before the cutoff.
+
+    `rows` is then PostgreSQL's estimate (`reltuples`): counting a day of readings exactly
+    would cost a scan of the very data being thrown away.
+    """
+    removed = Removed("raw", cutoff, rows_estimated=True)
+    for part in await _partitions(conn):
+        if part.upper is None or part.upper > cutoff:
+            if part.pending:
+                log.warning("retention.pending_detach_kept", partition=part.name)
+            continue
+        if part.pending:
+            # An earlier run was interrupted between its two phases; finish it.
+            await conn.execute(f'ALTER TABLE {PARENT} DETACH PARTITION "{part.name}" FINALIZE')
+        else:
+            # CONCURRENTLY takes no lock that blocks writers of the parent. It cannot run in a
+            # transaction block; asyncpg's execute outside `transaction()` is not one.
+            await conn.execute(f'ALTER TABLE {PARENT} DETACH PARTITION "{part.name}" CONCURRENTLY')
+        await conn.execute(f'DROP TABLE "{part.name}"')
+        removed.partitions.append(part.name)
+        removed.rows += part.estimated_rows
+    return removed
+
+
+@dataclass(frozen=True)
+class _Partition:
+    name: str
+    upper: datetime | None  # None: the default partition
+    estimated_rows: int
+    pending: bool  # a detach was started and not finished
+
+
+async def _partitions(conn: Connection) -> list[_Partition]:
+    """Partitions of the raw table; bounds are read with the session in UTC to parse unambiguously."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL TimeZone = 'UTC'")
+        rows = await conn.fetch(
+            "SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound, "
+            "greatest(c.reltuples, 0)::bigint AS estimate, i.inhdetachpending AS pending "
+            "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = to_regclass($1) ORDER BY c.relname",
+            PARENT,
+        )
+    partitions = []
+    for row in rows:
+        match = _UPPER_BOUND.search(row["bound"])
+        upper = parse_time(match.group(1)) if match else None
+        partitions.append(_Partition(row["name"], upper, int(row["estimate"]), bool(row["pending"])))
+    return partitions
+
+
+async def _is_hypertable(conn: Connection) -> bool:
+    """TimescaleDB's catalog exists only with the extension installed."""
+    if not await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"):
+        return False
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM timescaledb_information.hypertables "
+            "WHERE hypertable_name = $1 AND hypertable_schema = current_schema()",
+            PARENT,
+        )
+    )

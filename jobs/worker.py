@@ -1,0 +1,88 @@
+"""The arq worker: job functions, the scheduling cron tick, and the stores opened per process.
+
+`build_worker(settings)` is what `iotflow jobs run` starts; run more processes to scale
+out, they share the queue in Redis. The plain `arq` command works too, through
+`jobs.arq_settings.WorkerSettings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from arq import cron, func
+from arq.connections import ArqRedis, RedisSettings
+from arq.worker import Worker
+
+from jobs.context import CTX_KEY, open_resources
+from jobs.schedule import schedule_tick
+from jobs.tasks import FUNCTIONS
+from worker.config import Settings
+
+SETTINGS_KEY = "settings"
+CLOCK_KEY = "clock"
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    # arq's own connection serves the hot-state writes too: one pool per process.
+    ctx[CTX_KEY] = await open_resources(ctx[SETTINGS_KEY], redis=ctx["redis"], clock=ctx.get(CLOCK_KEY))
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    if CTX_KEY in ctx:
+        await ctx.pop(CTX_KEY).close()
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    return RedisSettings.from_dsn(settings.redis.url)
+
+
+def worker_options(
+    settings: Settings, *, cron_jobs: bool = True, clock: Callable[[], datetime] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of arq's `Worker` for these settings."""
+    cfg = settings.jobs
+    functions = [
+        # arq's own try limit sits one above ours: the last of our tries records the failure itself.
+        func(f, max_tries=cfg.max_tries + 1, timeout=cfg.job_timeout_s, keep_result=cfg.keep_result_s)
+        for f in FUNCTIONS
+    ]
+    ctx: dict[str, Any] = {SETTINGS_KEY: settings}
+    if clock is not None:
+        ctx[CLOCK_KEY] = clock
+    return {
+        "functions": functions,
+        # The tick's name carries the queue: arq's cron job ids are global to the Redis database.
+        "cron_jobs": [cron(schedule_tick, name=f"{cfg.queue_name}:schedule", second=0, run_at_startup=True)]
+        if cron_jobs
+        else [],
+        "queue_name": cfg.queue_name,
+        "redis_settings": redis_settings(settings),
+        "on_startup": _startup,
+        "on_shutdown": _shutdown,
+        "ctx": ctx,
+        "max_jobs": cfg.max_jobs,
+        "job_timeout": cfg.job_timeout_s,
+        "keep_result": cfg.keep_result_s,
+        "max_tries": cfg.max_tries + 1,
+        "timezone": UTC,
+    }
+
+
+def build_worker(
+    settings: Settings,
+    *,
+    cron_jobs: bool = True,
+    burst: bool = False,
+    handle_signals: bool = True,
+    redis_pool: ArqRedis | None = None,
+    clock: Callable[[], datetime] | None = None,
+    **overrides: Any,
+) -> Worker:
+    options = worker_options(settings, cron_jobs=cron_jobs, clock=clock)
+    if redis_pool is not None:
+        options.pop("redis_settings")
+        options["redis_pool"] = redis_pool
+    options.update(overrides)
+    return Worker(burst=burst, handle_signals=handle_signals, **options)

@@ -1,0 +1,75 @@
+"""`iotflow jobs enqueue|run|status` and `iotflow report device`, as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from worker.config import Settings
+
+from .conftest import worker_env
+from .test_jobs_support import drop_arq_keys, insert_readings, utc, with_unique_queue
+
+__all__ = ["drop_arq_keys"]
+pytestmark = pytest.mark.usefixtures("drop_arq_keys")
+
+
+async def iotflow(settings: Settings, *args: str) -> tuple[int, str]:
+    env = {**worker_env(settings), "IOTFLOW_JOBS_QUEUE_NAME": settings.jobs.queue_name}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=Path(__file__).parent.parent,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_backfill_is_enqueued_once_run_by_a_burst_worker_and_shown_in_status(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    settings = with_unique_queue(settings)
+    await insert_readings(
+        pg, settings, [(utc("2026-03-10 10:15"), 7, 1, 2.5), (utc("2026-03-10 10:45"), 7, 1, 3.5)]
+    )
+    backfill = ("jobs", "enqueue", "rollup", "--from", "2026-03-10T10:00Z", "--to", "2026-03-10T11:00Z")
+
+    code, out = await iotflow(settings, *backfill)
+    assert code == 0 and "enqueued" in out, out
+    code, out = await iotflow(settings, *backfill)
+    assert code == 1 and "already queued" in out, out
+    code, out = await iotflow(settings, "jobs", "enqueue", "rollup", "--from", "2026-03-10T10:00Z")
+    assert code == 2 and "both --from and --to" in out, out
+
+    code, out = await iotflow(settings, "jobs", "run", "--burst", "--no-cron")
+    assert code == 0, out
+    row = await pg.fetchrow("SELECT count, avg FROM rollup_hourly WHERE bucket = '2026-03-10 10:00+00'")
+    assert row is not None and row["count"] == 2 and row["avg"] == 3.0
+
+    code, out = await iotflow(settings, "jobs", "status")
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if " rollup " in line)
+    assert "2026-03-10T10:00:00+00:00/2026-03-10T11:00:00+00:00" in line and " done " in line
+
+
+async def test_report_device_prints_the_report_as_json(settings: Settings, pg: asyncpg.Connection) -> None:
+    device_id = await pg.fetchval("SELECT id FROM devices WHERE device_key = 'sim-json-01'")
+    code, out = await iotflow(settings, "report", "device", str(device_id), "--period", "1d")
+    assert code == 0, out
+    report = orjson.loads(out[out.index("{") :])
+    assert report["device_id"] == device_id and report["report_type"] == "device_health"
+    assert report["metrics"]["total_data_points"] == 0 and report["metrics"]["uptime_percentage"] == 0.0
+
+    code, out = await iotflow(settings, "report", "device", str(device_id), "--period", "last week")
+    assert code == 2 and "neither a span" in out, out
