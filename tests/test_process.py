@@ -159,3 +159,11 @@ async def test_shared_subscription_splits_one_stream_between_workers(
 def _last_committed(output: list[bytes]) -> int:
     progress = [orjson.loads(line) for line in output if b'"pipeline.progress"' in line]
     return int(progress[-1]["committed"])
+
+
+async def test_worker_refuses_an_unmigrated_schema_with_exit_2(settings: Settings) -> None:
+    worker = await start_worker_process(settings, IOTFLOW_POSTGRES_SCHEMA="never_migrated")
+    output = await asyncio.wait_for(drain_output(worker), 30)
+    assert await worker.wait() == 2
+    problems = [orjson.loads(line) for line in output if b'"schema.not_ready"' in line]
+    assert "run `iotflow migrate`" in str(problems[0]["problem"])

@@ -95,13 +95,21 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     try:
         ceiling = _measure_ceiling(settings, messages, devices, publishers)
         print(f"raw ceiling (bare aiomqtt subscriber, parse only): {ceiling:,.0f} msg/s", flush=True)
-        results = [_measure_worker(settings, messages, devices, publishers, "rules off", {})]
+        off = {"IOTFLOW_RULES_ENABLED": "false"}
+        results = [_measure_worker(settings, messages, devices, publishers, "flood, rules off", off)]
+        # Latency means little while the broker holds a backlog: measure it at half the flood rate.
+        paced = results[0].rate / 2
+        asyncio.run(_truncate(settings))
+        results.append(
+            _measure_worker(settings, messages // 2, devices, publishers, f"{paced:,.0f}/s paced", off, paced)
+        )
         rules_env = _install_rules(settings, devices)
         if rules_env is not None:
             asyncio.run(_truncate(settings))
-            results.append(
-                _measure_worker(settings, messages, devices, publishers, "10 rules/device", rules_env)
+            with_rules = _measure_worker(
+                settings, messages, devices, publishers, "flood, 10 rules", rules_env
             )
+            results.append(with_rules)
         _report(results, ceiling)
         lost = [r for r in results if r.rows != r.messages * READINGS_PER_MESSAGE]
         return 1 if lost else 0
@@ -109,7 +117,9 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         asyncio.run(_drop(settings))
 
 
-def _publishers(settings: Settings, messages: int, devices: int, count: int) -> list[subprocess.Popen[bytes]]:
+def _publishers(
+    settings: Settings, messages: int, devices: int, count: int, rate: float = 0.0
+) -> list[subprocess.Popen[bytes]]:
     """`count` publisher processes, each with its own slice of the fleet and of the messages."""
     procs = []
     for index in range(count):
@@ -117,6 +127,7 @@ def _publishers(settings: Settings, messages: int, devices: int, count: int) -> 
         first = index * devices // count
         slice_devices = (index + 1) * devices // count - first
         command = ["worker.bench_publisher", settings.mqtt.url, str(share), str(slice_devices), str(first)]
+        command.append(str(rate / count))
         procs.append(subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.DEVNULL))
     return procs
 
@@ -139,7 +150,13 @@ def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers
 
 
 def _measure_worker(
-    settings: Settings, messages: int, devices: int, publishers: int, label: str, extra_env: dict[str, str]
+    settings: Settings,
+    messages: int,
+    devices: int,
+    publishers: int,
+    label: str,
+    extra_env: dict[str, str],
+    rate: float = 0.0,
 ) -> RunResult:
     port = free_port()
     env = {
@@ -165,7 +182,7 @@ def _measure_worker(
         with contextlib.suppress(Exception):  # keep its stdout drained in the background
             _drain(worker)
         started = time.monotonic()
-        procs = _publishers(settings, messages, devices, publishers)
+        procs = _publishers(settings, messages, devices, publishers, rate)
         deadline = started + max(120.0, messages / 1000)
         metrics = _metrics(port)
         while metrics.get("iotflow_messages_committed_total", 0) < messages:
@@ -270,15 +287,15 @@ async def _drop(settings: Settings) -> None:
 def _report(results: list[RunResult], ceiling: float) -> None:
     rows: list[dict[str, Any]] = []
     print()
-    print(f"{'run':<16} {'msg/s':>9} {'readings/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} "
+    print(f"{'run':<18} {'msg/s':>9} {'readings/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} "
           f"{'of ceiling':>10} {'loss':>6}")  # fmt: skip
     for r in results:
         loss = r.messages * READINGS_PER_MESSAGE - r.rows
         print(
-            f"{r.label:<16} {r.rate:>9,.0f} {r.rate * READINGS_PER_MESSAGE:>11,.0f} {r.p50_s * 1000:>8.1f} "
+            f"{r.label:<18} {r.rate:>9,.0f} {r.rate * READINGS_PER_MESSAGE:>11,.0f} {r.p50_s * 1000:>8.1f} "
             f"{r.p99_s * 1000:>8.1f} {r.peak_rss_mb:>12.1f} {r.rate / ceiling:>10.0%} {loss:>6}"
         )
         rows.append({**r.__dict__, "rate": r.rate, "loss": loss, "ceiling": ceiling})
-    if len(results) == 2:
-        print(f"\nrules on / rules off: {results[1].rate / results[0].rate:.1%}")
+    if len(results) == 3:
+        print(f"\nrules on / rules off (flood): {results[2].rate / results[0].rate:.1%}")
     print("\n" + orjson.dumps(rows).decode())

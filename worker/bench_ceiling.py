@@ -35,7 +35,8 @@ async def ceiling(url: str, count: int, timeout: float) -> dict[str, float]:
             nonlocal received, first, last
             async for message in client.messages:
                 document = orjson.loads(message.payload)
-                binascii.unhexlify(document["data"])
+                if isinstance(document, dict) and "data" in document:
+                    binascii.unhexlify(document["data"])
                 received += 1
                 if received == 1:
                     first = time.monotonic()

@@ -6,7 +6,8 @@ worker that should do 10k. This publisher frames PUBLISH packets itself and
 writes them in batches, with a window of unacknowledged packet ids, and counts
 PUBACKs so a run knows the broker took every message.
 
-Run as `python -m worker.bench_publisher URL COUNT DEVICES FIRST_DEVICE`.
+Run as `python -m worker.bench_publisher URL COUNT DEVICES FIRST_DEVICE [RATE]`
+(RATE in messages/s; absent or 0: as fast as the broker takes them).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
     return _packet(0x32, _string(topic.encode()) + struct.pack(">H", packet_id) + payload)
 
 
-async def publish(url: str, count: int, devices: int, first: int) -> dict[str, float]:
+async def publish(url: str, count: int, devices: int, first: int, rate: float = 0.0) -> dict[str, float]:
     parsed = urlparse(url)
     reader, writer = await asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 1883)
     writer.write(connect_packet(f"iotflow-bench-pub-{first}-{time.time_ns()}"))
@@ -89,6 +90,10 @@ async def publish(url: str, count: int, devices: int, first: int) -> dict[str, f
         writer.write(b"".join(batch))
         await writer.drain()
         sent += len(batch)
+        if rate > 0:
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
     await acks
     elapsed = time.monotonic() - started
     writer.write(b"\xe0\x00")  # DISCONNECT
@@ -99,7 +104,8 @@ async def publish(url: str, count: int, devices: int, first: int) -> dict[str, f
 
 def main() -> None:
     url, count, devices, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    print(orjson.dumps(asyncio.run(publish(url, count, devices, first))).decode(), flush=True)
+    rate = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    print(orjson.dumps(asyncio.run(publish(url, count, devices, first, rate))).decode(), flush=True)
 
 
 if __name__ == "__main__":

@@ -176,3 +176,25 @@ async def migrate(settings: PostgresSettings) -> list[int]:
         return applied
     finally:
         await conn.close()
+
+
+async def schema_problem(settings: PostgresSettings) -> str | None:
+    """Why this worker cannot use the schema (not migrated, or behind), or None.
+
+    An unreachable database is not a schema problem: the supervisor retries it."""
+    try:
+        conn = await connect(settings, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return None
+    try:
+        applied = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+    except asyncpg.UndefinedTableError:
+        applied = set()
+    finally:
+        await conn.close()
+    missing = sorted({m.version for m in MIGRATIONS} - applied)
+    if not applied:
+        return f"schema {settings.schema!r} has no migrations applied: run `iotflow migrate`"
+    if missing:
+        return f"schema {settings.schema!r} lacks migrations {missing}: run `iotflow migrate`"
+    return None

@@ -19,15 +19,21 @@ from worker.http import HealthServer
 from worker.intake.mqtt import MqttIntake
 from worker.keys import RedisKeys
 from worker.metrics import Metrics
+from worker.migrate import schema_problem
 from worker.registry import DeviceRegistry
+from worker.rules.actor import RulesActor
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
+from worker.sinks.alerts import AlertSink
+from worker.sinks.base import Sink
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.writer import BatchWriter
 
 log = structlog.get_logger("worker.pipeline")
+
+EXIT_CONFIG = 2  # as for a bad setting: nothing a restart would fix
 
 
 class Pipeline:
@@ -56,22 +62,31 @@ class Pipeline:
             max_future_s=settings.pipeline.max_future_s,
             max_age_s=settings.pipeline.max_age_s,
         )
-        decoder = Decoder(self.raw, self.decoded, self.codecs, limits, registry, self.metrics)
+        sinks: list[Sink] = [
+            PostgresTimeseriesWriter(settings.postgres, settings.pipeline.dead_letter_payload_bytes),
+            RedisHotStateWriter(
+                aioredis.Redis.from_url(settings.redis.url, socket_timeout=10, socket_connect_timeout=5),
+                self.keys,
+            ),
+        ]
+        # With rules on: decoder → `evaluating` → rules actor → `decoded` → writer, whose
+        # AlertSink stores the alerts a batch caused before its messages are acknowledged.
+        stages: list[Actor] = []
+        decoder_out = self.decoded
+        if settings.rules.enabled:
+            decoder_out = Mailbox(self.decoded.maxsize)
+            stages.append(RulesActor(settings, decoder_out, self.decoded, self.pool, self.metrics))
+            sinks.append(AlertSink(settings))
+        decoder = Decoder(self.raw, decoder_out, self.codecs, limits, registry, self.metrics)
         self.writer = BatchWriter(
             self.decoded,
-            [
-                PostgresTimeseriesWriter(settings.postgres, settings.pipeline.dead_letter_payload_bytes),
-                RedisHotStateWriter(
-                    aioredis.Redis.from_url(settings.redis.url, socket_timeout=10, socket_connect_timeout=5),
-                    self.keys,
-                ),
-            ],
+            sinks,
             self.intake.ack,
             self.metrics,
             settings.pipeline.batch_size,
             settings.pipeline.flush_interval_ms / 1000,
         )
-        actors: list[Actor] = [self.intake, decoder, self.writer, _Resources(self)]
+        actors: list[Actor] = [self.intake, decoder, *stages, self.writer, _Resources(self)]
         return ActorGroup(actors, helpers=[self._report])
 
     async def wait_ready(self) -> None:
@@ -185,6 +200,10 @@ class Daemon:
 
     async def run(self, handle_signals: bool = True) -> int:
         """Run until stopped; return the process exit code."""
+        problem = await schema_problem(self.settings.postgres)
+        if problem:
+            log.error("schema.not_ready", problem=problem)
+            return EXIT_CONFIG
         if handle_signals:
             self.supervisor.install_signal_handlers()
         if self.settings.http.enabled:

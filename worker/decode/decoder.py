@@ -73,7 +73,11 @@ class Decoder(MailboxActor[RawMessage]):
             if device.status == "disabled":
                 batch.dead_letters.append(_dead(message, f"device_disabled: device {device.id}"))
                 continue
-            ids = await self._registry.datapoints(device, {r.label: r.unit for r in result.readings})
+            known = device.datapoints
+            if all(r.label in known for r in result.readings):
+                ids = known  # the common case: no await, no dict built
+            else:
+                ids = await self._registry.datapoints(device, {r.label: r.unit for r in result.readings})
             unknown = [r.label for r in result.readings if r.label not in ids]
             if unknown:
                 # All or nothing per message, so a redelivery never half-succeeds differently.
