@@ -15,7 +15,15 @@ from worker.intake.mqtt import subscription_filters
 def test_publish_properties_still_decode_with_shared_tables() -> None:
     topic = b"devices/d1/telemetry"
     # properties: Message Expiry Interval (2) = 60, User Property (38) = ("k", "v")
-    props = bytes([2]) + struct.pack(">I", 60) + bytes([38]) + struct.pack(">H", 1) + b"k" + struct.pack(">H", 1) + b"v"
+    props = (
+        bytes([2])
+        + struct.pack(">I", 60)
+        + bytes([38])
+        + struct.pack(">H", 1)
+        + b"k"
+        + struct.pack(">H", 1)
+        + b"v"
+    )
     body = struct.pack(">H", len(topic)) + topic + struct.pack(">H", 7) + bytes([len(props)]) + props + b"{}"
     first = _packet.decode_publish(0x32, body, MQTTProtocolVersion.MQTTv5)
     second = _packet.decode_publish(0x32, body, MQTTProtocolVersion.MQTTv5)
