@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import orjson
-import structlog
 
 from worker.config import ConfigError, Settings, load_settings
 from worker.logging import configure_logging
@@ -73,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        configure_logging()
-        structlog.get_logger("worker.config").error(
-            "config.invalid", setting=exc.setting, problem=exc.problem, example=exc.example
-        )
+        # One line on stderr (the journal keeps it), before logging is even configured.
         print(f"iotflow: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log.level, settings.log.format)
@@ -91,9 +87,6 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
     except CodecConfigError as exc:
-        structlog.get_logger("worker.config").error(
-            "config.invalid", setting="pipeline.codecs", problem=str(exc)
-        )
         print(f"iotflow: configuration error: pipeline.codecs: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
