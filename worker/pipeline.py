@@ -74,8 +74,9 @@ class Pipeline:
         stages: list[Actor] = []
         decoder_out = self.decoded
         if settings.rules.enabled:
-            decoder_out = Mailbox(self.decoded.maxsize)
-            stages.append(RulesActor(settings, decoder_out, self.decoded, self.pool, self.metrics))
+            rules = RulesActor(settings, self.decoded, self.pool, self.metrics)
+            decoder_out = rules.mailbox
+            stages.append(rules)
             sinks.append(AlertSink(settings))
         decoder = Decoder(self.raw, decoder_out, self.codecs, limits, registry, self.metrics)
         self.writer = BatchWriter(

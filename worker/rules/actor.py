@@ -1,0 +1,263 @@
+"""The rules actor: between the decoder and the writer, it judges every reading against the rules.
+
+Alert events a batch causes travel with that batch (`DecodedBatch.alerts`) to the
+writer, whose `AlertSink` stores them before the batch's messages are
+acknowledged. Events no message caused — offline alerts from the timer, alerts
+closed because their rule was withdrawn — are written here directly, with the
+writer's retry policy; the actor waits for them, so while the store is away
+backpressure builds exactly as it does behind the writer.
+
+Rules are loaded before the first batch is judged (batches wait in the mailbox
+meanwhile) and reloaded in a background task — at once when `iotflow rules`
+announces a change on Redis, otherwise every `rules.refresh_s`. The new rule set is
+swapped in between batches, so evaluation never sees half a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from schemas.records import DecodedBatch
+from worker.config import Settings
+from worker.documents import DocumentStore, MongoDocumentStore, PostgresDocumentStore
+from worker.keys import RedisKeys
+from worker.metrics import Metrics
+from worker.rules.evaluator import Clock, Evaluator, utc_now
+from worker.rules.events import AlertEvent
+from worker.rules.mailbox import WAKE, WokenMailbox
+from worker.rules.source import LoadedRules, RuleProblem, RuleSource, rules_channel
+from worker.rules.state import load_state
+from worker.runtime.actor import MailboxActor
+from worker.runtime.mailbox import Mailbox
+from worker.sinks.alerts import AlertSink
+from worker.writer import RETRY_MAX_S, RETRY_MIN_S, TRANSIENT_ERRORS
+
+log = structlog.get_logger("worker.rules")
+
+
+class RulesActor(MailboxActor[DecodedBatch]):
+    name = "rules"
+    batch_max = 64
+
+    def __init__(
+        self,
+        settings: Settings,
+        downstream: Mailbox[DecodedBatch],
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        clock: Clock = utc_now,
+    ) -> None:
+        """The inbox (`self.mailbox`) is the actor's own, the size of `downstream`."""
+        self.mailbox: WokenMailbox = WokenMailbox(downstream.maxsize)
+        super().__init__(self.mailbox)
+        self._settings = settings
+        self._downstream = downstream
+        self._pool = pool
+        self._metrics = metrics
+        self._clock = clock
+        mongodb = settings.documents.backend == "mongodb"
+        self._documents: DocumentStore = (
+            MongoDocumentStore(settings.documents) if mongodb else PostgresDocumentStore(pool)
+        )
+        self._source = RuleSource(self._documents, pool, documents_in_postgres=not mongodb)
+        self._sink = AlertSink(settings)  # for events that no message caused
+        self._redis = aioredis.Redis.from_url(
+            settings.redis.url, socket_connect_timeout=5, health_check_interval=30
+        )
+        self._channel = rules_channel(RedisKeys(settings.redis.key_prefix))
+        self._evaluator: Evaluator | None = None
+        self._signature = ""
+        self._invalidated = asyncio.Event()
+        self._reload: asyncio.Task[LoadedRules | None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._next_refresh = 0.0
+        self._next_offline = 0.0
+        self._problems = 0
+        metrics.gauges["rules_loaded"] = lambda: float(len(self._evaluator.rules) if self._evaluator else 0)
+        metrics.gauges["rules_invalid"] = lambda: float(self._problems)
+        metrics.gauges["alerts_active"] = lambda: float(
+            len(self._evaluator.active_alerts()) if self._evaluator else 0
+        )
+
+    @property
+    def evaluator(self) -> Evaluator | None:
+        return self._evaluator
+
+    async def run(self) -> None:
+        ticker = asyncio.create_task(self.mailbox.ticker(self.idle_timeout), name="rules.ticker")
+        try:
+            await super().run()
+        finally:
+            ticker.cancel()
+
+    async def handle(self, items: list[DecodedBatch]) -> None:
+        evaluator = await self._started()
+        for batch in items:
+            if batch is WAKE:
+                continue
+            if batch.readings:
+                events = evaluator.evaluate(batch.readings, batch.device_users)
+                if events:
+                    batch.alerts.extend(events)
+                    self._record(events)
+            await self._downstream.put(batch)
+
+    async def tick(self) -> None:
+        evaluator = await self._started()
+        now = time.monotonic()
+        if self._reload is not None:
+            if self._reload.done():
+                await self._finish_reload(self._reload)
+                self._reload = None
+        elif self._invalidated.is_set() or now >= self._next_refresh:
+            self._invalidated.clear()
+            self._next_refresh = now + self._settings.rules.refresh_s
+            self._reload = asyncio.create_task(self._source.load(), name="rules.reload")
+        if now >= self._next_offline:
+            self._next_offline = now + self._settings.rules.offline_check_s
+            events = evaluator.check_offline()
+            if events:
+                await self._write_direct(events)
+
+    async def drained(self) -> None:
+        await self._cancel_tasks()
+
+    async def close(self) -> None:
+        await self._cancel_tasks()
+        await self._sink.close()
+        await self._redis.aclose()
+        if self._settings.documents.backend == "mongodb":
+            await self._documents.close()
+
+    # --- start -----------------------------------------------------------------------------------
+
+    async def _started(self) -> Evaluator:
+        if self._evaluator is None:
+            self._evaluator = await self._start()
+        return self._evaluator
+
+    async def _start(self) -> Evaluator:
+        """Load rules and saved state, retrying while a store is away (mail waits meanwhile)."""
+        rules = self._settings.rules
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                loaded = await self._source.load(force=True)
+                assert loaded is not None  # force=True always loads
+                state = await load_state(
+                    self._documents,
+                    self._pool,
+                    order_by_field=self._settings.documents.backend == "mongodb",
+                    resolved_limit=rules.restore_resolved,
+                )
+                break
+            except TRANSIENT_ERRORS as exc:
+                log.error("rules.load_failed", error=repr(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+        evaluator = Evaluator(loaded.ruleset, self._clock)
+        self._signature = loaded.signature
+        self._report(loaded)
+        withdrawn = evaluator.restore(state.alerts, state.last_seen, state.users)
+        if withdrawn:
+            await self._write_direct(withdrawn)
+        log.info(
+            "rules.started",
+            rules=len(loaded.ruleset),
+            invalid=len(loaded.problems),
+            active_alerts=len(evaluator.active_alerts()),
+        )
+        now = time.monotonic()
+        self._next_refresh = now + rules.refresh_s
+        self._next_offline = now + rules.offline_check_s
+        self._listener = asyncio.create_task(self._listen(), name="rules.listen")
+        return evaluator
+
+    # --- reloads ---------------------------------------------------------------------------------
+
+    async def _finish_reload(self, task: asyncio.Task[LoadedRules | None]) -> None:
+        assert self._evaluator is not None
+        try:
+            loaded = task.result()
+        except Exception as exc:  # keep evaluating with the rules we have; try again next period
+            log.error("rules.reload_failed", error=repr(exc))
+            return
+        if loaded is None or loaded.signature == self._signature:
+            return
+        self._signature = loaded.signature
+        self._report(loaded)
+        withdrawn = self._evaluator.replace_rules(loaded.ruleset)
+        log.info("rules.reloaded", rules=len(loaded.ruleset), invalid=len(loaded.problems))
+        if withdrawn:
+            await self._write_direct(withdrawn)
+
+    def _report(self, loaded: LoadedRules) -> None:
+        """One log line per malformed rule, once per distinct set of rules."""
+        self._problems = len(loaded.problems)
+        problem: RuleProblem
+        for problem in loaded.problems:
+            log.warning("rules.invalid", config=problem.config, field=problem.path, problem=problem.problem)
+
+    async def _listen(self) -> None:
+        """Set `_invalidated` on every announcement; resubscribe (and reload) after a lost connection."""
+        delay = RETRY_MIN_S
+        first = True
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                if not first:
+                    self._invalidated.set()  # announcements may have been missed meanwhile
+                first = False
+                delay = RETRY_MIN_S
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._invalidated.set()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                log.warning("rules.announcements_lost", error=repr(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _cancel_tasks(self) -> None:
+        tasks = [t for t in (self._listener, self._reload) if t is not None]
+        self._listener = self._reload = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- output ----------------------------------------------------------------------------------
+
+    async def _write_direct(self, events: Sequence[AlertEvent]) -> None:
+        self._record(events)
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                await self._sink.write_events(events)
+                return
+            except TRANSIENT_ERRORS as exc:
+                log.error("rules.alert_write_failed", error=repr(exc), holding=len(events), retry_in_s=delay)
+                await self._sink.reset()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    def _record(self, events: Sequence[AlertEvent]) -> None:
+        kinds = Counter(event.kind for event in events)
+        for kind, count in kinds.items():
+            self._metrics.inc(f"alerts_{kind}", count)
+        log.info(
+            "rules.alerts",
+            **{kind: count for kind, count in kinds.items()},
+            examples=[f"{e.kind}: {e.message}" for e in events[:3]],
+        )

@@ -1,0 +1,119 @@
+"""Alert events and the documents and notifications made from them (SPEC §5, §6).
+
+An `AlertEvent` is what the evaluator raises (`fired`, `resolved`) or the CLI
+records (`acknowledged`). Everything stored or published for it is derived here,
+deterministically, so a redelivered batch rebuilds byte-for-byte the same keys:
+the alert id is `{rule_uid}:{device_id}:{event time}` where the event time is the
+timestamp of the reading that fired it (or, for an offline alert, the moment the
+device's silence passed the rule's duration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+EventKind = Literal["fired", "resolved", "acknowledged"]
+
+
+@dataclass(slots=True, frozen=True)
+class AlertEvent:
+    kind: EventKind
+    alert_id: str
+    rule_id: str  # the rule's uid: `{scope}/{id}`
+    device_id: int
+    user_id: int | None
+    alert_type: str  # threshold | range | rate | offline
+    severity: str
+    message: str
+    at: datetime  # event time: the triggering reading's timestamp, or the acknowledgement time
+    raised_at: datetime  # wall clock when the event was raised
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def event_key(self) -> str:
+        """The `event_logs` key: one entry per alert and kind, whatever the redeliveries."""
+        return f"{self.alert_id}:{self.kind}"
+
+
+def alert_id(rule_uid: str, device_id: int, at: datetime) -> str:
+    return f"{rule_uid}:{device_id}:{compact_time(at)}"
+
+
+def compact_time(at: datetime) -> str:
+    """UTC with microseconds, no separators that need quoting: 20241122T051320.123456Z."""
+    return at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def alert_document(event: AlertEvent) -> dict[str, Any]:
+    """The `alerts` document (SPEC §5) for a fired event."""
+    return {
+        "device_id": event.device_id,
+        "user_id": event.user_id,
+        "rule_id": event.rule_id,
+        "alert_type": event.alert_type,
+        "severity": event.severity,
+        "message": event.message,
+        "details": event.details,
+        "status": "active",
+        "acknowledged": False,
+        "fired_at": event.at,
+        "created_at": event.raised_at,
+        "resolved_at": None,
+    }
+
+
+def alert_changes(event: AlertEvent) -> dict[str, Any]:
+    """Top-level fields a resolved or acknowledged event sets on the existing alert document."""
+    if event.kind == "resolved":
+        return {"status": "resolved", "resolved_at": event.at, "resolution": event.details}
+    return {"acknowledged": True, "acknowledged_at": event.at, "acknowledged_by": event.details.get("by")}
+
+
+def event_log_document(event: AlertEvent) -> dict[str, Any]:
+    """The `event_logs` entry (SPEC §5); `notified` turns true once notifications went out."""
+    return {
+        "event_type": f"alert.{event.kind}",
+        "device_id": event.device_id,
+        "user_id": event.user_id,
+        "timestamp": event.at,
+        "details": {
+            "alert_id": event.alert_id,
+            "rule_id": event.rule_id,
+            "alert_type": event.alert_type,
+            "severity": event.severity,
+            "message": event.message,
+            **event.details,
+        },
+        "metadata": {"source": "rules"},
+        "created_at": event.raised_at,
+        "notified": False,
+    }
+
+
+def notification(event: AlertEvent) -> dict[str, Any]:
+    """What goes on `alerts:{device_id}` and the pub/sub channels."""
+    return {
+        "event": f"alert.{event.kind}",
+        "alert_id": event.alert_id,
+        "rule_id": event.rule_id,
+        "device_id": event.device_id,
+        "user_id": event.user_id,
+        "alert_type": event.alert_type,
+        "severity": event.severity,
+        "message": event.message,
+        "details": event.details,
+        "status": "resolved" if event.kind == "resolved" else "active",
+        "at": event.at,
+    }
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A stored time back to a datetime: MongoDB keeps datetimes, PostgreSQL JSONB ISO text."""
+    if value is None or isinstance(value, datetime):
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str):
+        parsed = datetime.fromisoformat(value)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise ValueError(f"{value!r} is not a time")

@@ -1,0 +1,160 @@
+"""Alert sink: alert events → `alerts` and `event_logs` documents, `alerts:{device_id}`, pub/sub.
+
+The writer calls it with every batch, like the other sinks, so a message is
+acknowledged only once the alerts it caused are stored. The rules actor keeps a
+second instance for the offline alerts its timer raises, which have no message.
+
+Idempotent by construction: alert and event-log keys are deterministic (see
+worker/rules/events.py); inserting an existing key is a no-op, updates set the
+same fields to the same values. Notifications are at least once: an event log
+entry is written with `notified: false` and flipped after the Redis pipeline has
+run, so a crash in between makes the redelivery publish again instead of never.
+Order-tolerant: the two instances write independently, so a resolution can be
+stored before its alert; the alert's insert then applies the logged resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+import structlog
+
+from schemas.records import DecodedBatch
+from worker.config import Settings
+from worker.db import create_pool
+from worker.documents import DocumentStore, MongoDocumentStore, PostgresDocumentStore
+from worker.keys import RedisKeys
+from worker.rules.events import (
+    AlertEvent,
+    alert_changes,
+    alert_document,
+    event_log_document,
+    notification,
+)
+
+log = structlog.get_logger("worker.sinks.alerts")
+
+RECENT_ALERTS_TTL_S = 86400  # SPEC §6: alerts:{device_id}, 24 h
+
+
+class AlertSink:
+    name = "alerts"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._keys = RedisKeys(settings.redis.key_prefix)
+        self._recent = settings.rules.recent_alerts
+        self._pool: asyncpg.Pool | None = None
+        self._docs: DocumentStore | None = None
+        self._redis: aioredis.Redis | None = None
+
+    async def write(self, batch: DecodedBatch) -> None:
+        if batch.alerts:
+            await self.write_events(batch.alerts)
+
+    async def write_events(self, events: Sequence[AlertEvent]) -> None:
+        """Store then announce `events`, in order; safe to call again with the same events."""
+        try:
+            docs = await self._documents()
+            unannounced: list[AlertEvent] = []
+            for event in events:
+                if event.kind == "fired":
+                    if await docs.insert("alerts", event.alert_id, alert_document(event)):
+                        await self._apply_early_resolution(docs, event)
+                elif not await docs.update("alerts", event.alert_id, alert_changes(event)):
+                    # Not stored yet (see _apply_early_resolution): the event log entry carries it.
+                    log.info("alerts.ahead_of_alert", alert_id=event.alert_id, kind=event.kind)
+                if await docs.insert("event_logs", event.event_key, event_log_document(event)):
+                    unannounced.append(event)
+                else:  # written before a crash or a retry: announce only if that did not happen yet
+                    logged = await docs.get("event_logs", event.event_key)
+                    if not (logged or {}).get("notified"):
+                        unannounced.append(event)
+            if unannounced:
+                await self._announce(unannounced)
+                for event in unannounced:
+                    await docs.update("event_logs", event.event_key, {"notified": True})
+        except Exception as exc:
+            if _mongo_unavailable(exc):
+                raise ConnectionError(f"mongodb: {exc}") from exc  # a transient error to the writer
+            raise
+
+    @staticmethod
+    async def _apply_early_resolution(docs: DocumentStore, event: AlertEvent) -> None:
+        """A resolution may be stored first: the rules actor writes a withdrawal directly while
+        the batch that fired the alert still waits in the writer. The log entry keeps it."""
+        early = await docs.get("event_logs", f"{event.alert_id}:resolved")
+        if early is not None:
+            await docs.update(
+                "alerts",
+                event.alert_id,
+                {
+                    "status": "resolved",
+                    "resolved_at": early.get("timestamp"),
+                    "resolution": early.get("details"),
+                },
+            )
+
+    async def _announce(self, events: Sequence[AlertEvent]) -> None:
+        client = self._client()
+        keys = self._keys
+        async with client.pipeline(transaction=False) as pipe:
+            for event in events:
+                body = orjson.dumps(notification(event))
+                recent = keys.alerts(event.device_id)
+                pipe.lpush(recent, body)
+                pipe.ltrim(recent, 0, self._recent - 1)
+                pipe.expire(recent, RECENT_ALERTS_TTL_S)
+                pipe.publish(keys.system_alerts_channel(), body)
+                if event.user_id is not None:
+                    pipe.publish(keys.user_notifications_channel(event.user_id), body)
+            await pipe.execute()
+
+    async def _documents(self) -> DocumentStore:
+        if self._docs is None:
+            if self._settings.documents.backend == "mongodb":
+                self._docs = MongoDocumentStore(self._settings.documents)
+            else:
+                self._pool = await create_pool(self._settings.postgres, min_size=1, max_size=2)
+                self._docs = PostgresDocumentStore(self._pool)
+        return self._docs
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = aioredis.Redis.from_url(
+                self._settings.redis.url, socket_timeout=10, socket_connect_timeout=5
+            )
+        return self._redis
+
+    async def reset(self) -> None:
+        """Start afresh on the next write: the store or Redis went away."""
+        docs, pool = self._docs, self._pool
+        self._docs = self._pool = None
+        if pool is not None:
+            pool.terminate()
+        elif docs is not None:
+            await docs.close()
+        if self._redis is not None:
+            await self._redis.connection_pool.disconnect()
+
+    async def close(self) -> None:
+        docs, pool = self._docs, self._pool
+        self._docs = self._pool = None
+        if pool is not None:
+            await pool.close()
+        elif docs is not None:
+            await docs.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+
+def _mongo_unavailable(exc: BaseException) -> bool:
+    try:
+        from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
+    except ImportError:
+        return False
+    return isinstance(exc, AutoReconnect | ConnectionFailure | ServerSelectionTimeoutError)
