@@ -147,3 +147,27 @@ async def test_mailbox_backpressure_blocks_the_producer() -> None:
     await asyncio.wait_for(blocked, 1)
     assert await mailbox.get_batch(10, timeout=0.1) == [3]
     assert await mailbox.get_batch(10, timeout=0.01) == []
+
+
+async def test_mailbox_wait_times_out_empty_or_wakes_on_mail() -> None:
+    mailbox: Mailbox[int] = Mailbox(4)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await mailbox.get_batch(10, timeout=0.05) == []
+    assert loop.time() - started >= 0.04
+    waiting = asyncio.create_task(mailbox.get_batch(10, timeout=5))
+    await asyncio.sleep(0.01)
+    await mailbox.put(7)
+    assert await asyncio.wait_for(waiting, 1) == [7]
+
+
+async def test_a_cancelled_putter_passes_its_slot_on() -> None:
+    mailbox: Mailbox[int] = Mailbox(1)
+    await mailbox.put(1)
+    first = asyncio.create_task(mailbox.put(2))
+    second = asyncio.create_task(mailbox.put(3))
+    await asyncio.sleep(0.01)
+    assert await mailbox.get_batch(1, timeout=0) == [1]  # frees one slot, wakes `first`
+    first.cancel()
+    await asyncio.wait_for(second, 1)
+    assert await mailbox.get_batch(5, timeout=0) == [3]

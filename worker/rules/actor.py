@@ -33,7 +33,6 @@ from worker.keys import RedisKeys
 from worker.metrics import Metrics
 from worker.rules.evaluator import Clock, Evaluator, utc_now
 from worker.rules.events import AlertEvent
-from worker.rules.mailbox import WAKE, WokenMailbox
 from worker.rules.source import LoadedRules, RuleProblem, RuleSource, rules_channel
 from worker.rules.state import load_state
 from worker.runtime.actor import MailboxActor
@@ -57,8 +56,7 @@ class RulesActor(MailboxActor[DecodedBatch]):
         clock: Clock = utc_now,
     ) -> None:
         """The inbox (`self.mailbox`) is the actor's own, the size of `downstream`."""
-        self.mailbox: WokenMailbox = WokenMailbox(downstream.maxsize)
-        super().__init__(self.mailbox)
+        super().__init__(Mailbox(downstream.maxsize))
         self._settings = settings
         self._downstream = downstream
         self._pool = pool
@@ -92,18 +90,9 @@ class RulesActor(MailboxActor[DecodedBatch]):
     def evaluator(self) -> Evaluator | None:
         return self._evaluator
 
-    async def run(self) -> None:
-        ticker = asyncio.create_task(self.mailbox.ticker(self.idle_timeout), name="rules.ticker")
-        try:
-            await super().run()
-        finally:
-            ticker.cancel()
-
     async def handle(self, items: list[DecodedBatch]) -> None:
         evaluator = await self._started()
         for batch in items:
-            if batch is WAKE:
-                continue
             if batch.readings:
                 events = evaluator.evaluate(batch.readings, batch.device_users)
                 if events:

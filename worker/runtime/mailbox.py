@@ -1,45 +1,81 @@
-"""A bounded mailbox that hands items out in batches."""
+"""A bounded mailbox that hands items out in batches, to one consumer."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
+def _wake(waiters: deque[asyncio.Future[None]], count: int = 1) -> None:
+    while count and waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            count -= 1
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Mailbox(Generic[T]):
-    """A bounded FIFO: `put` waits while it is full, which is how backpressure reaches intake."""
+    """A bounded FIFO: `put` waits while it is full, which is how backpressure reaches intake.
+
+    Waits are bare futures with a timer handle rather than `asyncio.wait_for`, which
+    creates a task per wait: between two busy stages a consumer waits once per small
+    batch, and that task was a measurable share of a stage's CPU.
+    """
 
     def __init__(self, maxsize: int) -> None:
-        self._queue: asyncio.Queue[T] = asyncio.Queue(maxsize)
+        self._items: deque[T] = deque()
+        self._maxsize = maxsize
+        self._getters: deque[asyncio.Future[None]] = deque()
+        self._putters: deque[asyncio.Future[None]] = deque()
 
     async def put(self, item: T) -> None:
-        await self._queue.put(item)
+        while len(self._items) >= self._maxsize:
+            waiter = asyncio.get_running_loop().create_future()
+            self._putters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    _wake(self._putters)  # pass the slot we were given to the next putter
+                raise
+        self._items.append(item)
+        _wake(self._getters)
 
     async def get_batch(self, max_items: int, timeout: float | None) -> list[T]:
-        """Wait up to `timeout` for one item, then take whatever else is ready, up to `max_items`."""
-        queue = self._queue
-        if queue.empty():
+        """Wait up to `timeout` (None: forever) for one item, then take what else is ready."""
+        items = self._items
+        if not items:
             if timeout is not None and timeout <= 0:
                 return []
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            self._getters.append(waiter)
+            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
             try:
-                first = await asyncio.wait_for(queue.get(), timeout)
-            except TimeoutError:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if not items:
                 return []
-        else:
-            first = queue.get_nowait()
-        items = [first]
-        while len(items) < max_items and not queue.empty():
-            items.append(queue.get_nowait())
-        return items
+        batch = [items.popleft() for _ in range(min(max_items, len(items)))]
+        _wake(self._putters, len(batch))
+        return batch
 
     def qsize(self) -> int:
-        return self._queue.qsize()
+        return len(self._items)
 
     def empty(self) -> bool:
-        return self._queue.empty()
+        return not self._items
 
     @property
     def maxsize(self) -> int:
-        return self._queue.maxsize
+        return self._maxsize
