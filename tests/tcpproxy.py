@@ -25,14 +25,18 @@ class TcpProxy:
             await self._server.wait_closed()
 
     def cut(self) -> None:
-        """Drop every open connection and refuse new ones (accept, then close at once)."""
+        """Drop every open connection and stop listening: new connections are refused."""
         self._cut = True
+        if self._server is not None:
+            self._server.close()
         for writer in list(self._links):
             writer.transport.abort()
         self._links.clear()
 
-    def restore(self) -> None:
+    async def restore(self) -> None:
+        """Listen again on the same port."""
         self._cut = False
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:

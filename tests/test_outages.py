@@ -56,7 +56,7 @@ async def test_postgres_outage_holds_messages_and_recovers(
             committed_during_outage = daemon.metrics.counters["messages_committed"]
             assert committed_during_outage == 100  # nothing acknowledged while the store is away
 
-            proxy.restore()
+            await proxy.restore()
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 500, timeout=30)
             await wait_for(lambda: _true(not writer.down), timeout=10)
         assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 500
@@ -77,7 +77,7 @@ async def test_redis_outage_holds_messages_and_recovers(settings: Settings, pg: 
             await publish(settings.mqtt.url, json_messages(50, 50))
             await asyncio.sleep(1.0)
             assert daemon.metrics.counters["messages_committed"] == 50
-            proxy.restore()
+            await proxy.restore()
             await wait_for(lambda: _true(daemon.metrics.counters["messages_committed"] == 100), timeout=30)
         assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 100
     finally:
@@ -86,3 +86,33 @@ async def test_redis_outage_holds_messages_and_recovers(settings: Settings, pg: 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messages(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    settings.pipeline.max_age_s = 10 * 365 * 86400
+    settings.pipeline.max_future_s = 10 * 365 * 86400
+    settings.mqtt.reconnect_min_s = 0.1
+    proxy, url = await proxied(settings.mqtt.url)
+    broker_url = settings.mqtt.url
+    settings.mqtt = replace(settings.mqtt, url=url)
+    try:
+        async with running_daemon(settings) as daemon:
+            assert daemon.pipeline is not None
+            intake = daemon.pipeline.intake
+            await publish(broker_url, json_messages(0, 50))
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 50)
+
+            proxy.cut()  # the worker loses the broker; publishers still reach it
+            await wait_for(lambda: _true(not intake.connected), timeout=10)
+            await publish(broker_url, json_messages(50, 150))
+            await asyncio.sleep(0.5)
+            assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 50
+
+            await proxy.restore()  # the persistent session hands over what waited
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200, timeout=30)
+            assert intake.connected
+        assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 200
+    finally:
+        await proxy.stop()
