@@ -15,7 +15,6 @@ import asyncpg
 import redis.asyncio as aioredis
 from asyncpg.pool import PoolConnectionProxy
 
-from jobs.doc_queries import DocumentQueries, open_document_queries
 from jobs.periods import utc_now
 from worker.config import Settings
 from worker.documents import DocumentStore, open_document_store
@@ -32,14 +31,12 @@ class JobResources:
     settings: Settings
     pool: asyncpg.Pool
     docs: DocumentStore
-    doc_queries: DocumentQueries
     redis: aioredis.Redis
     keys: RedisKeys
     clock: Callable[[], datetime] = utc_now  # tests pin it to make periods deterministic
     owns_redis: bool = True
 
     async def close(self) -> None:
-        await self.doc_queries.close()
         await self.docs.close()
         if self.owns_redis:
             await self.redis.aclose()
@@ -76,7 +73,6 @@ async def open_resources(
         settings=settings,
         pool=pool,
         docs=open_document_store(settings.documents, pool),
-        doc_queries=open_document_queries(settings.documents, pool),
         redis=client,
         keys=RedisKeys(settings.redis.key_prefix),
         clock=clock or utc_now,

@@ -88,8 +88,8 @@ async def build_reports(
     series: dict[int, list[asyncpg.Record]] = {}
     for row in await pool.fetch(_AVERAGES, start, effective_end, ids):
         series.setdefault(row["device_id"], []).append(row)
-    alerts = await res.doc_queries.count_per_device("alerts", start, end)
-    maintenance = await res.doc_queries.count_per_device(
+    alerts = await res.docs.count_per_device("alerts", start, end)
+    maintenance = await res.docs.count_per_device(
         "event_logs", start, end, time_field="timestamp", where={"event_type": MAINTENANCE_EVENT}
     )
     span_s = (effective_end - start).total_seconds()

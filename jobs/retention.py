@@ -57,7 +57,7 @@ async def apply_retention(res: JobResources, now: datetime) -> list[Removed]:
             removed.append(_logged(await _delete_rows(res.pool, kind, table, column, width, cutoff)))
     if cfg.retention_resolved_alerts_days:
         cutoff = now - timedelta(days=cfg.retention_resolved_alerts_days)
-        rows = await res.doc_queries.delete_before_where("alerts", cutoff, {"status": "resolved"})
+        rows = await res.docs.delete_before("alerts", cutoff, {"status": "resolved"})
         removed.append(_logged(Removed("resolved_alerts", cutoff, rows)))
     if cfg.retention_event_logs_days:
         cutoff = now - timedelta(days=cfg.retention_event_logs_days)

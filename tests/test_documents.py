@@ -57,3 +57,31 @@ async def test_delete_before(store: DocumentStore) -> None:
     deleted = await store.delete_before("analytics", datetime.now(UTC) + timedelta(seconds=1))
     assert deleted == 1
     assert await store.get("analytics", "a") is None
+
+
+async def test_count_per_device_in_a_time_range(store: DocumentStore) -> None:
+    base = datetime(2026, 11, 20, tzinfo=UTC)
+    for n, (device, hours) in enumerate([(1, 1), (1, 5), (2, 2), (1, 30), (3, 3)]):
+        status = "resolved" if n == 1 else "active"
+        await store.insert(
+            "alerts",
+            f"a{n}",
+            {"device_id": device, "created_at": base + timedelta(hours=hours), "status": status},
+        )
+    counts = await store.count_per_device("alerts", base, base + timedelta(days=1))
+    assert counts == {1: 2, 2: 1, 3: 1}
+    resolved = await store.count_per_device(
+        "alerts", base, base + timedelta(days=1), where={"status": "resolved"}
+    )
+    assert resolved == {1: 1}
+
+
+async def test_delete_before_can_filter(store: DocumentStore) -> None:
+    old = datetime.now(UTC) - timedelta(days=3)
+    await store.insert("alerts", "r", {"created_at": old, "status": "resolved"})
+    await store.insert("alerts", "a", {"created_at": old, "status": "active"})
+    deleted = await store.delete_before(
+        "alerts", datetime.now(UTC) + timedelta(seconds=1), {"status": "resolved"}
+    )
+    assert deleted == 1
+    assert await store.get("alerts", "r") is None and await store.get("alerts", "a") is not None

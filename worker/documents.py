@@ -3,7 +3,8 @@
 Documents are plain dicts addressed by (collection, key); the key is MongoDB's
 `_id`. `insert` is idempotent on the key, which is what makes redelivery and
 job retries harmless: the second insert of the same alert is a no-op.
-Filters are equality on top-level fields, which both backends index.
+Filters are equality on top-level fields, which both backends index; the two range
+queries the jobs need (`count_per_device`, `delete_before`) run natively on each.
 """
 
 from __future__ import annotations
@@ -38,8 +39,21 @@ class DocumentStore(Protocol):
         limit: int = 100,
     ) -> list[dict[str, Any]]: ...
 
-    async def delete_before(self, collection: str, before: datetime) -> int:
-        """Remove documents created before `before`; return how many."""
+    async def delete_before(
+        self, collection: str, before: datetime, where: dict[str, Any] | None = None
+    ) -> int:
+        """Remove documents created before `before` (and matching `where`); return how many."""
+
+    async def count_per_device(
+        self,
+        collection: str,
+        start: datetime,
+        end: datetime,
+        *,
+        time_field: str = "created_at",
+        where: dict[str, Any] | None = None,
+    ) -> dict[int, int]:
+        """Documents per `device_id` whose `time_field` is in [start, end) and that match `where`."""
 
     async def close(self) -> None: ...
 
@@ -114,11 +128,38 @@ class PostgresDocumentStore:
         )
         return [{"_id": row["key"], **orjson.loads(row["doc"])} for row in rows]
 
-    async def delete_before(self, collection: str, before: datetime) -> int:
+    async def delete_before(
+        self, collection: str, before: datetime, where: dict[str, Any] | None = None
+    ) -> int:
         status = await self._pool.execute(
-            "DELETE FROM documents WHERE collection = $1 AND created_at < $2", collection, before
+            "DELETE FROM documents WHERE collection = $1 AND created_at < $2 AND doc @> $3::jsonb",
+            collection,
+            before,
+            _dumps(where or {}),
         )
         return int(status.split()[-1])
+
+    async def count_per_device(
+        self,
+        collection: str,
+        start: datetime,
+        end: datetime,
+        *,
+        time_field: str = "created_at",
+        where: dict[str, Any] | None = None,
+    ) -> dict[int, int]:
+        # Times inside documents are ISO-8601 text here: cast them for the range.
+        rows = await self._pool.fetch(
+            "SELECT (doc->>'device_id')::integer AS device_id, count(*) AS n FROM documents "
+            "WHERE collection = $1 AND doc @> $2::jsonb AND doc ? 'device_id' "
+            "AND (doc->>$3)::timestamptz >= $4 AND (doc->>$3)::timestamptz < $5 GROUP BY 1",
+            collection,
+            _dumps(where or {}),
+            time_field,
+            start,
+            end,
+        )
+        return {row["device_id"]: row["n"] for row in rows}
 
     async def close(self) -> None:
         """The pool belongs to the caller."""
@@ -166,10 +207,26 @@ class MongoDocumentStore:
         cursor = cursor.sort(order_by or "_id", -1 if descending else 1).limit(limit)
         return [doc async for doc in cursor]
 
-    async def delete_before(self, collection: str, before: datetime) -> int:
+    async def delete_before(
+        self, collection: str, before: datetime, where: dict[str, Any] | None = None
+    ) -> int:
         # Documents carry their own creation time as `created_at` (SPEC §5 shapes).
-        result = await self._db[collection].delete_many({"created_at": {"$lt": before}})
+        result = await self._db[collection].delete_many({**(where or {}), "created_at": {"$lt": before}})
         return int(result.deleted_count)
+
+    async def count_per_device(
+        self,
+        collection: str,
+        start: datetime,
+        end: datetime,
+        *,
+        time_field: str = "created_at",
+        where: dict[str, Any] | None = None,
+    ) -> dict[int, int]:
+        match = {**(where or {}), time_field: {"$gte": start, "$lt": end}}
+        pipeline = [{"$match": match}, {"$group": {"_id": "$device_id", "n": {"$sum": 1}}}]
+        cursor = await self._db[collection].aggregate(pipeline)
+        return {int(doc["_id"]): int(doc["n"]) async for doc in cursor if doc["_id"] is not None}
 
     async def close(self) -> None:
         await self._client.close()
