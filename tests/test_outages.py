@@ -116,3 +116,25 @@ async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messa
         assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 200
     finally:
         await proxy.stop()
+
+
+async def test_a_device_first_seen_during_a_postgres_outage_waits_for_it(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    proxy, url = await proxied(settings.postgres.url)
+    settings.postgres = replace(settings.postgres, url=url)
+    try:
+        async with running_daemon(settings) as daemon:
+            pipeline = daemon.pipeline
+            proxy.cut()
+            # Not in any cache yet: decoding it needs PostgreSQL, which is away.
+            await publish(settings.mqtt.url, [("devices/sim-json-03/telemetry", b'{"temperature": 4.5}')])
+            await asyncio.sleep(1.5)
+            assert daemon.supervisor.restarts_total == 0, "the pipeline was restarted instead of waiting"
+            assert daemon.pipeline is pipeline
+            assert daemon.metrics.counters["messages_committed"] == 0
+            await proxy.restore()
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 1, timeout=30)
+        assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
+    finally:
+        await proxy.stop()

@@ -178,6 +178,7 @@ class Daemon:
             ready=self._ready,
         )
         self.ready = asyncio.Event()
+        self.metrics.gauges["pipeline_restarts"] = lambda: float(self.supervisor.restarts_total)
         self.health: HealthServer | None = None
 
     async def _build(self) -> ActorGroup:

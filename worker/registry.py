@@ -110,7 +110,8 @@ class DeviceRegistry:
                     await pipe.execute()
         return {label: device.datapoints[label] for label in labels if label in device.datapoints}
 
-    def forget(self) -> None:
+    async def forget(self) -> None:
+        """Drop the process cache (after an outage the database may have changed)."""
         self._devices.clear()
         self._unknown.clear()
 

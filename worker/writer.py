@@ -13,35 +13,16 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-import asyncpg
-import redis.exceptions
 import structlog
 
 from schemas.records import AckToken, DecodedBatch
 from worker.metrics import Metrics
+from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.base import Sink
 
 log = structlog.get_logger("worker.writer")
-
-# Errors that mean "the store is away", worth waiting out; anything else is a bug and crashes.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-)
-
-RETRY_MIN_S = 0.2
-RETRY_MAX_S = 10.0
 
 
 class BatchWriter(MailboxActor[DecodedBatch]):
@@ -97,23 +78,19 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         self._record(batch)
 
     async def _write_until_stored(self, sink: Sink, batch: DecodedBatch) -> None:
-        delay = RETRY_MIN_S
-        while True:
-            try:
-                await sink.write(batch)
-            except TRANSIENT_ERRORS as exc:
-                if sink.name not in self.down:
-                    log.error("sink.unavailable", sink=sink.name, error=repr(exc), holding=batch.messages)
-                    self.down.add(sink.name)
-                self._metrics.inc(f"sink_{sink.name}_errors")
-                await sink.reset()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            if sink.name in self.down:
-                self.down.discard(sink.name)
-                log.info("sink.recovered", sink=sink.name)
-            return
+        def down(exc: BaseException) -> None:
+            self.down.add(sink.name)
+            self._metrics.inc(f"sink_{sink.name}_errors")
+
+        await retry_transient(
+            lambda: sink.write(batch),
+            "sink",
+            reset=sink.reset,
+            on_down=down,
+            on_up=lambda: self.down.discard(sink.name),
+            sink=sink.name,
+            holding=batch.messages,
+        )
 
     def _record(self, batch: DecodedBatch) -> None:
         metrics = self._metrics

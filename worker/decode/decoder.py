@@ -9,6 +9,7 @@ from worker.decode.codecs import Codec
 from worker.decode.parse import Limits, ParsedMessage, Rejected, parse_message
 from worker.metrics import Metrics
 from worker.registry import DeviceRegistry
+from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
 
@@ -34,6 +35,15 @@ class Decoder(MailboxActor[RawMessage]):
         self._metrics = metrics
 
     async def handle(self, items: list[RawMessage]) -> None:
+        # Device lookups may hit PostgreSQL/Redis: wait out an outage rather than crash,
+        # decoding the whole batch afresh each time so nothing is half done.
+        batch = await retry_transient(
+            lambda: self._decode(items), "metadata", reset=self._registry.forget, holding=len(items)
+        )
+        self._metrics.inc("messages_decoded", len(items))
+        await self._downstream.put(batch)
+
+    async def _decode(self, items: list[RawMessage]) -> DecodedBatch:
         batch = DecodedBatch(messages=len(items), first_received_at=items[0].received_at)
         parsed: list[tuple[RawMessage, ParsedMessage]] = []
         for message in items:
@@ -55,8 +65,7 @@ class Decoder(MailboxActor[RawMessage]):
                 batch.dead_letters.append(_dead(message, exc.reason))
         if parsed:
             await self._resolve(parsed, batch)
-        self._metrics.inc("messages_decoded", len(items))
-        await self._downstream.put(batch)
+        return batch
 
     async def _resolve(self, parsed: list[tuple[RawMessage, ParsedMessage]], batch: DecodedBatch) -> None:
         devices = await self._registry.resolve({p.device for _, p in parsed})

@@ -31,6 +31,7 @@ from worker.config import Settings
 from worker.documents import DocumentStore, MongoDocumentStore, PostgresDocumentStore
 from worker.keys import RedisKeys
 from worker.metrics import Metrics
+from worker.retry import RETRY_MAX_S, RETRY_MIN_S, TRANSIENT_ERRORS
 from worker.rules.evaluator import Clock, Evaluator, utc_now
 from worker.rules.events import AlertEvent
 from worker.rules.source import LoadedRules, RuleProblem, RuleSource, rules_channel
@@ -38,7 +39,6 @@ from worker.rules.state import load_state
 from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.alerts import AlertSink
-from worker.writer import RETRY_MAX_S, RETRY_MIN_S, TRANSIENT_ERRORS
 
 log = structlog.get_logger("worker.rules")
 

@@ -100,6 +100,7 @@ class Supervisor:
         self._ready = ready
         self._stop = asyncio.Event()
         self._restarts: deque[float] = deque()
+        self.restarts_total = 0
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -192,6 +193,7 @@ class Supervisor:
             return False
         delay = min(self._policy.backoff_s * 2 ** len(self._restarts), self._policy.backoff_max_s)
         self._restarts.append(now)
+        self.restarts_total += 1
         log.warning("supervisor.restarting", in_s=delay, restarts=len(self._restarts))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), delay)
