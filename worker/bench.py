@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import redis.asyncio as aioredis
 
 from worker.config import Settings
 from worker.db import connect
@@ -277,11 +278,19 @@ async def _truncate(settings: Settings) -> None:
 
 
 async def _drop(settings: Settings) -> None:
+    """Leave nothing behind: the run's schema and its Redis keys."""
     conn: asyncpg.Connection = await asyncpg.connect(settings.postgres.url)
     try:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres.schema}" CASCADE')
     finally:
         await conn.close()
+    client = aioredis.Redis.from_url(settings.redis.url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+    finally:
+        await client.aclose()
 
 
 def _report(results: list[RunResult], ceiling: float) -> None:
