@@ -138,3 +138,34 @@ async def test_a_device_first_seen_during_a_postgres_outage_waits_for_it(
         assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
     finally:
         await proxy.stop()
+
+
+async def test_memory_stays_bounded_while_postgres_is_away(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """Every in-process queue stops at its bound; the broker holds the rest."""
+    settings.pipeline.max_age_s = 10 * 365 * 86400
+    settings.pipeline.max_future_s = 10 * 365 * 86400
+    settings.pipeline.mailbox_size = 100
+    settings.mqtt.receive_maximum = 300
+    proxy, url = await proxied(settings.postgres.url)
+    settings.postgres = replace(settings.postgres, url=url)
+    try:
+        async with running_daemon(settings) as daemon:
+            assert daemon.pipeline is not None
+            pipeline = daemon.pipeline
+            await publish(settings.mqtt.url, json_messages(0, 10))
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 10)
+            proxy.cut()
+            await publish(settings.mqtt.url, json_messages(10, 3000))
+            await asyncio.sleep(1.5)
+            taken = daemon.metrics.counters["messages_received"] - 10
+            # Unacknowledged messages in the process never exceed Receive Maximum…
+            assert taken + pipeline.intake.buffered <= settings.mqtt.receive_maximum
+            assert pipeline.raw.qsize() <= settings.pipeline.mailbox_size
+            assert pipeline.decoded.qsize() <= pipeline.decoded.maxsize
+            # …so the other ~2700 wait in the broker, and arrive once PostgreSQL is back.
+            await proxy.restore()
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 3010, timeout=60)
+    finally:
+        await proxy.stop()

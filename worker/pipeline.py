@@ -185,6 +185,7 @@ class Daemon:
         pipeline = Pipeline(self.settings, self.metrics)
         group = await pipeline.build()
         self.pipeline = pipeline
+        self.metrics.gauges["mqtt_buffered"] = lambda: float(pipeline.intake.buffered)
         self.metrics.gauges["mailbox_raw"] = lambda: float(pipeline.raw.qsize())
         self.metrics.gauges["mailbox_decoded"] = lambda: float(pipeline.decoded.qsize())
         return group

@@ -175,6 +175,12 @@ class MqttIntake(Actor):
         return sent
 
     @property
+    def buffered(self) -> int:
+        """Messages aiomqtt received that intake has not taken yet (bounded by Receive Maximum)."""
+        client = self._client
+        return client._queue.qsize() if client is not None else 0
+
+    @property
     def connected(self) -> bool:
         return self._client is not None and self.subscribed.is_set()
 
