@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--messages", type=int, default=200_000)
     bench.add_argument("--devices", type=int, default=100)
     bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
+    bench.add_argument("--repeat", type=int, default=2, help="flood runs per configuration, alternated")
     bench.add_argument(
         "--embedded", action="store_true", help="embedded PostgreSQL and Redis too (the broker always is)"
     )
