@@ -1,4 +1,4 @@
-"""Wiring: settings → the actor group intake → decoder → writer, and the daemon around it."""
+"""Wiring: settings → the actor group intake → decoder → rules → writer, and the daemon around it."""
 
 from __future__ import annotations
 
@@ -110,32 +110,24 @@ class Pipeline:
         """One progress line per interval, never one per message."""
         interval = self.settings.runtime.report_interval_s
         counters = self.metrics.counters
-        last = dict(counters)
+        last_received, last_written = counters["messages_received"], counters["readings_written"]
         last_time = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            delta = {
-                k: counters[k] - last.get(k, 0)
-                for k in (
-                    "messages_received",
-                    "messages_committed",
-                    "readings_written",
-                    "dead_letters",
-                )
-            }
             elapsed = now - last_time
             log.info(
                 "pipeline.progress",
-                messages_per_s=round(delta["messages_received"] / elapsed, 1),
-                readings_per_s=round(delta["readings_written"] / elapsed, 1),
+                messages_per_s=round((counters["messages_received"] - last_received) / elapsed, 1),
+                readings_per_s=round((counters["readings_written"] - last_written) / elapsed, 1),
                 committed=counters["messages_committed"],
                 readings=counters["readings_written"],
                 dead_letters=counters["dead_letters"],
                 mailbox=self.raw.qsize(),
                 p99_commit_latency_s=round(self.metrics.commit_latency.quantile(0.99), 4),
             )
-            last, last_time = dict(counters), now
+            last_received, last_written = counters["messages_received"], counters["readings_written"]
+            last_time = now
 
 
 class _Resources(Actor):
