@@ -73,7 +73,10 @@ class BatchWriter(MailboxActor[DecodedBatch]):
 
     async def _commit(self) -> None:
         batch, self._pending = self._pending, DecodedBatch()
-        await asyncio.gather(*(self._write_until_stored(sink, batch) for sink in self._sinks))
+        # All sinks at once; a crash in one cancels the others (nothing is acknowledged then).
+        async with asyncio.TaskGroup() as group:
+            for sink in self._sinks:
+                group.create_task(self._write_until_stored(sink, batch))
         self._acknowledge(batch.acks)
         self._record(batch)
 
