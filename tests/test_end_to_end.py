@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import datetime
 
 import asyncpg
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from schemas import fleet
@@ -88,3 +91,26 @@ async def test_telemetry_channel_announces_each_batch(settings: Settings, pg: as
         await pubsub.aclose()
         await client.aclose()
         await asyncio.sleep(0)
+
+
+async def test_a_backlog_upload_does_not_replace_newer_hot_state(
+    settings: Settings, pg: asyncpg.Connection, redis_client: aioredis.Redis
+) -> None:
+    device_id = await pg.fetchval("SELECT id FROM devices WHERE device_key = 'sim-json-02'")
+    now_ms = int(time.time() * 1000)
+    live = orjson.dumps({"ts": now_ms, "values": {"temperature": 30.0}})
+    # A gateway catching up an hour later: older samples, arriving after the live one.
+    backlog = orjson.dumps(
+        [{"ts": now_ms - 3_600_000 + n, "values": {"temperature": 10.0 + n}} for n in range(3)]
+    )
+    async with running_daemon(settings):
+        await publish(settings.mqtt.url, [("devices/sim-json-02/telemetry", live)])
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 1)
+        await publish(settings.mqtt.url, [("devices/sim-json-02/telemetry", backlog)])
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 4)
+    prefix = settings.redis.key_prefix
+    assert await redis_client.hget(f"{prefix}device:latest:{device_id}", "temperature") == "30.0"
+    status = await redis_client.hgetall(f"{prefix}device:status:{device_id}")
+    assert datetime.fromisoformat(status["last_seen"]).timestamp() == pytest.approx(now_ms / 1000)
+    score = await redis_client.zscore(f"{prefix}devices:online", str(device_id))
+    assert score == pytest.approx(now_ms / 1000)

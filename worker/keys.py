@@ -10,6 +10,10 @@ class RedisKeys:
     def device_latest(self, device_id: int) -> str:
         return f"{self.prefix}device:latest:{device_id}"
 
+    def device_latest_times(self, device_id: int) -> str:
+        """When each value of `device_latest` was measured (epoch s): extends SPEC §6."""
+        return f"{self.prefix}device:latest_ts:{device_id}"
+
     def device_status(self, device_id: int) -> str:
         return f"{self.prefix}device:status:{device_id}"
 

@@ -1,5 +1,7 @@
 """Redis hot state (SPEC §6): latest values, status, the online set, telemetry pub/sub.
 
+The newest reading wins, also across batches (one Lua script per device).
+
 One pipeline per batch, one set of commands per device in it: a device that sent
 500 messages in the batch costs the same round trip as one that sent one.
 """
@@ -17,6 +19,32 @@ from worker.keys import RedisKeys
 LATEST_TTL_S = 600
 STATUS_TTL_S = 300
 
+# Newest wins, across batches too: a gateway uploading its backlog must not replace a
+# device's latest values (or its last_seen) with older ones. Per-label times live in
+# `device:latest_ts:{id}`; the online set's score is the device's last_seen.
+# KEYS: latest, latest_ts, status, online set.
+# ARGV: device id, last_seen (epoch s), last_seen (ISO), latest TTL, status TTL,
+#       then label, value, time (epoch s) for each label.
+_UPDATE_DEVICE = """
+local newest = tonumber(ARGV[2])
+local score = redis.call('ZSCORE', KEYS[4], ARGV[1])
+if (not score) or newest >= tonumber(score) then
+    redis.call('ZADD', KEYS[4], newest, ARGV[1])
+    redis.call('HSET', KEYS[3], 'status', 'online', 'last_seen', ARGV[3], 'is_online', 1)
+    redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
+for i = 6, #ARGV, 3 do
+    local seen = redis.call('HGET', KEYS[2], ARGV[i])
+    if (not seen) or tonumber(ARGV[i + 2]) >= tonumber(seen) then
+        redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+        redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+    end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
 
 class RedisHotStateWriter:
     name = "redis"
@@ -24,6 +52,7 @@ class RedisHotStateWriter:
     def __init__(self, client: aioredis.Redis, keys: RedisKeys) -> None:
         self._redis = client
         self._keys = keys
+        self._update_device = client.register_script(_UPDATE_DEVICE)
 
     async def write(self, batch: DecodedBatch) -> None:
         if not batch.readings:
@@ -38,18 +67,25 @@ class RedisHotStateWriter:
         async with self._redis.pipeline(transaction=False) as pipe:
             for device_id, latest in by_device.items():
                 last_seen = max(r.timestamp for r in latest.values())
-                pipe.hset(keys.device_latest(device_id), mapping={k: r.value for k, r in latest.items()})
-                pipe.expire(keys.device_latest(device_id), LATEST_TTL_S)
-                pipe.hset(
-                    keys.device_status(device_id),
-                    mapping={
-                        "status": "online",
-                        "last_seen": last_seen.isoformat(),
-                        "is_online": 1,
-                    },
+                args: list[str | float | int] = [
+                    device_id,
+                    last_seen.timestamp(),
+                    last_seen.isoformat(timespec="microseconds"),
+                    LATEST_TTL_S,
+                    STATUS_TTL_S,
+                ]
+                for label, reading in latest.items():
+                    args += [label, reading.value, reading.timestamp.timestamp()]
+                await self._update_device(
+                    keys=[
+                        keys.device_latest(device_id),
+                        keys.device_latest_times(device_id),
+                        keys.device_status(device_id),
+                        keys.devices_online(),
+                    ],
+                    args=args,
+                    client=pipe,
                 )
-                pipe.expire(keys.device_status(device_id), STATUS_TTL_S)
-                pipe.zadd(keys.devices_online(), {str(device_id): last_seen.timestamp()}, gt=True)
                 pipe.publish(
                     keys.telemetry_channel(device_id),
                     _telemetry_message(device_id, latest, last_seen),
