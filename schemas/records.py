@@ -50,7 +50,6 @@ class DecodedBatch:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     acks: list[AckToken] = field(default_factory=list)
     messages: int = 0
-    first_received_at: float = 0.0  # earliest receive time in the batch, for latency figures
     device_users: dict[int, int | None] = field(default_factory=dict)
     alerts: list[Any] = field(default_factory=list)  # alert events the rules actor raised
 
@@ -61,7 +60,3 @@ class DecodedBatch:
         self.messages += other.messages
         self.device_users.update(other.device_users)
         self.alerts.extend(other.alerts)
-        if other.first_received_at and (
-            not self.first_received_at or other.first_received_at < self.first_received_at
-        ):
-            self.first_received_at = other.first_received_at

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from schemas.records import DeadLetter, DecodedBatch, RawMessage, Reading
 from worker.decode.codecs import Codec
 from worker.decode.parse import Limits, ParsedMessage, Rejected, parse_message
@@ -44,7 +42,7 @@ class Decoder(MailboxActor[RawMessage]):
         await self._downstream.put(batch)
 
     async def _decode(self, items: list[RawMessage]) -> DecodedBatch:
-        batch = DecodedBatch(messages=len(items), first_received_at=items[0].received_at)
+        batch = DecodedBatch(messages=len(items))
         parsed: list[tuple[RawMessage, ParsedMessage]] = []
         for message in items:
             batch.acks.append(message.ack)
@@ -104,7 +102,3 @@ class Decoder(MailboxActor[RawMessage]):
 
 def _dead(message: RawMessage, reason: str) -> DeadLetter:
     return DeadLetter(message.topic, message.payload, reason, message.received_at)
-
-
-def utc(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
