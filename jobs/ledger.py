@@ -2,7 +2,10 @@
 
 A period whose run is `done` is never run again unless forced; one that is `running`
 under another arq job id is left alone (a second scheduler got there first) unless it
-has been running longer than a job may, which means its worker died.
+has been running longer than a job may, which means its worker died. Forcing re-runs a
+period that is done or failed, never one that is running (unless stale). An error is
+recorded only on the row of the run that claimed it (same arq job id) and never over
+`done`: a run whose claim failed does not mark another's live run `retrying` (claimable).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ VALUES ($1, $2, 'running', 1, $3, now())
 ON CONFLICT (job, period) DO UPDATE
 SET status = 'running', attempts = job_runs.attempts + 1, job_id = excluded.job_id,
     started_at = now(), finished_at = NULL, duration_ms = NULL, error = NULL
-WHERE $4
+WHERE ($4 AND job_runs.status <> 'running')
    OR job_runs.status IN ('retrying', 'failed')
    OR (job_runs.status = 'running'
        AND (job_runs.job_id = excluded.job_id OR job_runs.started_at < now() - make_interval(secs => $5)))
@@ -38,7 +41,8 @@ INSERT INTO job_runs (job, period, status, attempts, job_id, started_at, finishe
 VALUES ($1, $2, $3, 1, $4, now(), now(), $5, $6)
 ON CONFLICT (job, period) DO UPDATE
 SET status = excluded.status, finished_at = now(), duration_ms = excluded.duration_ms,
-    error = excluded.error, job_id = excluded.job_id
+    error = excluded.error
+WHERE job_runs.job_id = excluded.job_id AND job_runs.status <> 'done'
 """
 
 

@@ -2,10 +2,12 @@
 
 Raw readings go a whole partition at a time (detached concurrently, then dropped, so the
 ingest path is not blocked), never row by row: a partition goes once its upper bound is
-at or before the cutoff. The raw cutoff never passes the rollup watermark (readings not yet
-rolled up stay) nor the pipeline's oldest accepted reading (a partition that can still
-receive data stays, or the writer would have to recreate it). Rollups go by bucket, dead
-letters by `received_at`, documents by creation time, and for alerts only resolved ones.
+at or before the cutoff. The raw cutoff never passes the rollup watermark minus the late
+window (hours the incremental rollup has not reached stay; readings that arrived too late
+for it are not protected: only a backfill rolls them up) nor the pipeline's oldest accepted
+reading (a partition that can still receive data stays, or the writer would have to
+recreate it). Rollups go by bucket, dead letters by `received_at`, documents by creation
+time, and for alerts only resolved ones.
 An age of 0 keeps a kind forever.
 """
 
@@ -21,7 +23,7 @@ import structlog
 
 from jobs.context import Connection, JobResources
 from jobs.periods import DAY, HOUR, parse_time
-from jobs.rollups import read_watermark
+from jobs.rollups import LOCK_RAW, RAW_HORIZON, read_watermark
 from worker.partitions import PARENT, is_partitioned
 
 log = structlog.get_logger("jobs.retention")
@@ -105,16 +107,37 @@ async def _delete_rows(
 
 
 async def drop_raw_before(pool: asyncpg.Pool, cutoff: datetime) -> Removed:
-    """Drop raw readings older than `cutoff` the cheapest way the table allows."""
+    """Drop raw readings older than `cutoff` the cheapest way the table allows.
+
+    Under the exclusive raw lock, so no rollup bucket is being recomputed from the data
+    that goes. Without partitions the cutoff is recorded as the raw horizon first: rollups
+    before it are then never recomputed (from data that is gone).
+    """
     async with pool.acquire() as conn:
-        if await is_partitioned(cast(asyncpg.Connection, conn)):  # a pool proxy behaves the same
-            return await _drop_partitions(conn, cutoff)
-        if await _is_hypertable(conn):
-            names = await conn.fetch("SELECT drop_chunks($1, older_than => $2)::text AS name", PARENT, cutoff)
-            return Removed("raw", cutoff, partitions=[row["name"] for row in names])
-        # A plain table (partitioning off): the only way left is row by row.
-        status = await conn.execute(f"DELETE FROM {PARENT} WHERE timestamp < $1", cutoff)
-        return Removed("raw", cutoff, rows=int(status.split()[-1]))
+        await conn.execute("SELECT pg_advisory_lock($1, $2)", *LOCK_RAW)
+        try:
+            return await _drop_raw(conn, cutoff)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", *LOCK_RAW)
+
+
+async def _drop_raw(conn: Connection, cutoff: datetime) -> Removed:
+    if await is_partitioned(cast(asyncpg.Connection, conn)):  # a pool proxy behaves the same
+        return await _drop_partitions(conn, cutoff)  # the partitions left are the horizon
+    await conn.execute(
+        "INSERT INTO rollup_watermarks (name, watermark) VALUES ($1, $2) ON CONFLICT (name) "
+        "DO UPDATE SET watermark = greatest(rollup_watermarks.watermark, excluded.watermark), "
+        "updated_at = now()",
+        RAW_HORIZON,
+        cutoff,
+    )
+    if await _is_hypertable(conn):
+        # Chunks entirely before the cutoff go; the recorded horizon errs on the safe side.
+        names = await conn.fetch("SELECT drop_chunks($1, older_than => $2)::text AS name", PARENT, cutoff)
+        return Removed("raw", cutoff, partitions=[row["name"] for row in names])
+    # A plain table (partitioning off): the only way left is row by row.
+    status = await conn.execute(f"DELETE FROM {PARENT} WHERE timestamp < $1", cutoff)
+    return Removed("raw", cutoff, rows=int(status.split()[-1]))
 
 
 async def _drop_partitions(conn: Connection, cutoff: datetime) -> Removed:

@@ -33,6 +33,9 @@ def _rollup_summary(counts: RollupCounts, **details: Any) -> Summary:
             "days": counts.days,
             "hourly_rows": counts.hourly_rows,
             "daily_rows": counts.daily_rows,
+            # Before the raw horizon (raw data retention removed): kept as they are.
+            "skipped_hours": counts.skipped_hours,
+            "skipped_days": counts.skipped_days,
             **details,
         },
     )
@@ -47,7 +50,8 @@ async def rollup(
     force: bool = False,
 ) -> dict[str, Any]:
     """Scheduled: `period` is the hour that just began; every closed hour before it is rolled up
-    incrementally. Backfill: `start` and `end` give the range, recomputed whole."""
+    incrementally. Backfill: `start` and `end` give the range, recomputed whole except what
+    lies before the oldest raw data retention kept (skipped, counted, rollups left as they are)."""
     if start is not None and end is not None:
         first, last = parse_time(start), parse_time(end)
 

@@ -9,6 +9,7 @@ import pytest
 
 from jobs import ledger, tasks
 from jobs.context import JobResources
+from jobs.retention import drop_raw_before
 from jobs.rollups import read_watermark
 from worker.config import Settings
 
@@ -139,3 +140,65 @@ async def test_a_backfill_over_an_empty_range_writes_nothing_and_removes_stale_r
     await pg.execute("DELETE FROM decoded_data WHERE timestamp < '2026-03-10 11:00+00'")
     await tasks.rollup(ctx_of(res), start="2026-03-10T10:00Z", end="2026-03-10T11:00Z", force=True)
     assert set(await rows(pg, "rollup_hourly")) == {("2026-03-10T11:00:00+00:00", TEMP)}
+
+
+async def test_a_backfill_keeps_the_rollups_of_raw_data_retention_already_dropped(
+    settings: Settings, pg: asyncpg.Connection, res: JobResources
+) -> None:
+    # Raw readings on 03-01 and 03-10 (one-day partitions), both rolled up.
+    await insert_readings(
+        pg,
+        settings,
+        [(utc("2026-03-01 10:15"), DEVICE, TEMP, 3.0), (utc("2026-03-10 10:15"), DEVICE, TEMP, 5.0)],
+    )
+    await tasks.rollup(ctx_of(res), start="2026-03-01T00:00Z", end="2026-03-11T00:00Z")
+    before_hourly, before_daily = await rows(pg, "rollup_hourly"), await rows(pg, "rollup_daily")
+    assert len(before_hourly) == 2 and len(before_daily) == 2
+
+    # Raw retention drops the partitions before 03-02; the rollups are kept far longer.
+    removed = await drop_raw_before(res.pool, utc("2026-03-02 00:00"))
+    assert "decoded_data_p20260301" in removed.partitions
+    # A late reading on 03-10 arrives, then the whole range is backfilled again.
+    await insert_readings(pg, settings, [(utc("2026-03-10 10:45"), DEVICE, TEMP, 7.0)])
+    result = await tasks.rollup(ctx_of(res), start="2026-03-01T00:00Z", end="2026-03-11T00:00Z", force=True)
+
+    assert result["status"] == "done"
+    hourly, daily = await rows(pg, "rollup_hourly"), await rows(pg, "rollup_daily")
+    old_hour, old_day = ("2026-03-01T10:00:00+00:00", TEMP), ("2026-03-01T00:00:00+00:00", TEMP)
+    assert hourly[old_hour] == before_hourly[old_hour] and daily[old_day] == before_daily[old_day]
+    assert hourly[("2026-03-10T10:00:00+00:00", TEMP)] == agg(2, 5, 7, 12, 7, "2026-03-10 10:45")
+    assert daily[("2026-03-10T00:00:00+00:00", TEMP)] == agg(2, 5, 7, 12, 7, "2026-03-10 10:45")
+    # Everything before the oldest partition still kept is skipped (and said so).
+    oldest_kept = await pg.fetchval("SELECT min(timestamp) FROM decoded_data")
+    assert oldest_kept >= utc("2026-03-02 00:00")
+    assert result["skipped_hours"] >= 24 and result["skipped_days"] >= 1
+    assert result["hours"] + result["skipped_hours"] == 240
+
+
+async def test_a_backfill_keeps_rollups_before_the_recorded_horizon_of_an_unpartitioned_table(
+    settings: Settings, pg: asyncpg.Connection, res: JobResources
+) -> None:
+    # Partitioning off: raw retention deletes row by row and records where it cut.
+    await pg.execute("DROP TABLE decoded_data")
+    await pg.execute(
+        "CREATE TABLE decoded_data (timestamp timestamptz NOT NULL, device_id integer NOT NULL, "
+        "datapoint_id integer NOT NULL, value double precision, "
+        "PRIMARY KEY (timestamp, device_id, datapoint_id))"
+    )
+    await pg.executemany(
+        "INSERT INTO decoded_data (timestamp, device_id, datapoint_id, value) VALUES ($1, $2, $3, $4)",
+        [(ts, DEVICE, TEMP, value) for ts, _, _, value in READINGS],
+    )
+    await tasks.rollup(ctx_of(res), start="2026-03-10T10:00Z", end="2026-03-10T12:00Z")
+    before_hourly, before_daily = await rows(pg, "rollup_hourly"), await rows(pg, "rollup_daily")
+
+    # The cutoff falls inside hour 11: hour 10 is gone, hour 11 and the day are partial.
+    await drop_raw_before(res.pool, utc("2026-03-10 11:30"))
+    result = await tasks.rollup(ctx_of(res), start="2026-03-10T10:00Z", end="2026-03-10T13:00Z", force=True)
+
+    hourly = await rows(pg, "rollup_hourly")
+    assert {key: hourly[key] for key in before_hourly} == before_hourly
+    assert hourly[("2026-03-10T12:00:00+00:00", TEMP)] == agg(1, 100, 100, 100, 100, "2026-03-10 12:00")
+    assert await rows(pg, "rollup_daily") == before_daily  # not rebuilt from a partial day
+    assert (result["hours"], result["skipped_hours"]) == (1, 2)
+    assert (result["days"], result["skipped_days"]) == (0, 1)

@@ -13,16 +13,16 @@ from arq.connections import ArqRedis
 from arq.constants import result_key_prefix
 from arq.jobs import Job
 
-from jobs import tasks
-from jobs.context import open_resources
+from jobs import ledger, tasks
+from jobs.context import JobResources, open_resources
 from jobs.runner import JobFailed
 from jobs.schedule import due_jobs, enqueue, job_id, schedule_tick
 from jobs.worker import build_worker, redis_settings
 from worker.config import JobsSettings, Settings
 
-from .test_jobs_support import Clock, ctx_of, drop_arq_keys, utc, with_unique_queue
+from .test_jobs_support import Clock, ctx_of, drop_arq_keys, res, utc, with_unique_queue
 
-__all__ = ["drop_arq_keys"]
+__all__ = ["drop_arq_keys", "res"]
 
 NOW = utc("2026-03-10 03:40")
 
@@ -175,3 +175,47 @@ async def test_a_job_failing_on_a_store_error_is_retried_then_recorded_as_failed
     assert again is not None
     assert await run_burst(settings, clock) == (1, 0, 0)
     assert await pg.fetchval("SELECT status FROM job_runs WHERE period = $1", period) == "done"
+
+
+async def test_force_does_not_take_a_period_another_worker_is_running(
+    pg: asyncpg.Connection, res: JobResources
+) -> None:
+    period = "2026-03-10T03:00:00+00:00"
+    assert await ledger.claim(res.pool, "rollup", period, "a", force=False, stale_after_s=3660) == 1
+    # A forced second run of the same period while the first still runs: refused.
+    assert await ledger.claim(res.pool, "rollup", period, "b", force=True, stale_after_s=3660) is None
+    row = await pg.fetchrow("SELECT status, job_id FROM job_runs WHERE period = $1", period)
+    assert row is not None and tuple(row) == ("running", "a")
+    # Once it is done, forcing runs it again; a running row gone stale is taken over too.
+    await ledger.finish(res.pool, "rollup", period, duration_ms=1, rows_in=0, rows_out=0, details={})
+    assert await ledger.claim(res.pool, "rollup", period, "b", force=True, stale_after_s=3660) == 2
+    await pg.execute("UPDATE job_runs SET started_at = now() - interval '2 hours'")
+    assert await ledger.claim(res.pool, "rollup", period, "c", force=True, stale_after_s=3660) == 3
+
+
+async def test_an_error_of_a_run_that_did_not_claim_the_period_leaves_its_row_alone(
+    pg: asyncpg.Connection, res: JobResources
+) -> None:
+    period = "2026-03-10T03:00:00+00:00"
+
+    async def row() -> tuple[str, str | None]:
+        found = await pg.fetchrow("SELECT status, job_id FROM job_runs WHERE period = $1", period)
+        assert found is not None
+        return found["status"], found["job_id"]
+
+    await ledger.claim(res.pool, "rollup", period, "a", force=False, stale_after_s=3660)
+    # Run b's claim hit a store error while a runs: a's row stays running, so no third run.
+    await ledger.record_error(res.pool, "rollup", period, "b", final=False, duration_ms=1, reason="x")
+    assert await row() == ("running", "a")
+    assert await ledger.claim(res.pool, "rollup", period, "c", force=False, stale_after_s=3660) is None
+    # Nor does it turn a done period into a retrying (claimable) one.
+    await ledger.finish(res.pool, "rollup", period, duration_ms=1, rows_in=0, rows_out=0, details={})
+    await ledger.record_error(res.pool, "rollup", period, "b", final=True, duration_ms=1, reason="x")
+    assert await row() == ("done", "a")
+    # The run's own errors are recorded, as is an error on a period nobody had claimed yet.
+    await ledger.claim(res.pool, "rollup", period, "d", force=True, stale_after_s=3660)
+    await ledger.record_error(res.pool, "rollup", period, "d", final=False, duration_ms=1, reason="x")
+    assert await row() == ("retrying", "d")
+    other = "2026-03-10T04:00:00+00:00"
+    await ledger.record_error(res.pool, "rollup", other, "e", final=False, duration_ms=1, reason="x")
+    assert await pg.fetchval("SELECT status FROM job_runs WHERE period = $1", other) == "retrying"
