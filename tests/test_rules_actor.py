@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
 
 import asyncpg
 import orjson
@@ -15,10 +17,16 @@ import redis.asyncio as aioredis
 from schemas.records import DecodedBatch, Reading
 from worker.config import Settings
 from worker.db import create_pool
+from worker.documents import PostgresDocumentStore
+from worker.keys import RedisKeys
 from worker.metrics import Metrics
 from worker.rules.actor import RulesActor
 from worker.rules.admin import RuleAdmin, open_admin
-from worker.rules.model import Scope
+from worker.rules.evaluator import Evaluator
+from worker.rules.events import AlertEvent
+from worker.rules.model import Scope, parse_rule
+from worker.rules.ruleset import RuleSet
+from worker.rules.source import rules_channel
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.alerts import AlertSink
 
@@ -186,3 +194,182 @@ async def test_the_sink_is_idempotent_and_announces_what_a_crash_left_unannounce
 
 async def _llen_is(client: aioredis.Redis, key: str, expected: int) -> bool:
     return bool(await client.llen(key) == expected)
+
+
+class CrashingSink(AlertSink):
+    """The writer's sink dying after the documents are stored, before Redis hears of them."""
+
+    async def _announce(self, events: Sequence[AlertEvent]) -> None:
+        raise RuntimeError("crash before the announcement")
+
+
+async def test_an_alert_stored_but_not_announced_before_a_crash_is_announced_after_the_restart(
+    settings: Settings, pg: asyncpg.Connection, pool: asyncpg.Pool, admin: RuleAdmin, device: tuple[int, int]
+) -> None:
+    device_id, user_id = device
+    await admin.set_rule(
+        Scope("device", device_id),
+        {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30},
+    )
+    recent = f"{settings.redis.key_prefix}alerts:{device_id}"
+    client = aioredis.Redis.from_url(settings.redis.url)
+    try:
+        for value, at, announced in (
+            (35.0, T0, ["alert.fired"]),
+            (25.0, T0 + timedelta(seconds=1), ["alert.resolved", "alert.fired"]),
+        ):
+            before = len(announced) - 1
+            harness = Harness(settings, pool, Clock(T0))  # a new process each time
+            try:
+                await wait_for(partial(_llen_is, client, recent, before), timeout=5)
+                crashing = CrashingSink(settings)
+                try:
+                    with pytest.raises(RuntimeError):
+                        await crashing.write(await harness.send(device_id, user_id, at, value))
+                finally:
+                    await crashing.close()
+            finally:
+                await harness.stop()
+            assert await client.llen(recent) == before
+            harness = Harness(settings, pool, Clock(T0))  # restarted; the broker redelivers the reading
+            try:
+                await wait_for(partial(_llen_is, client, recent, before + 1), timeout=5)
+                redelivered = await harness.send(device_id, user_id, at, value)
+                assert redelivered.alerts == []  # already judged: only the start could announce it
+                await harness.sink.write(redelivered)
+            finally:
+                await harness.stop()
+            items = [orjson.loads(item)["event"] for item in await client.lrange(recent, 0, -1)]
+            assert items == announced
+        unnotified = await pg.fetchval(
+            "SELECT count(*) FROM documents WHERE collection = 'event_logs' AND doc->>'notified' = 'false'"
+        )
+        assert unnotified == 0
+        status = await pg.fetchval("SELECT doc->>'status' FROM documents WHERE collection = 'alerts'")
+        assert status == "resolved"
+    finally:
+        await client.aclose()
+
+
+async def test_a_store_outage_longer_than_an_offline_rule_raises_no_offline_alert(
+    settings: Settings, pg: asyncpg.Connection, pool: asyncpg.Pool, admin: RuleAdmin, device: tuple[int, int]
+) -> None:
+    device_id, user_id = device
+    settings.rules = replace(settings.rules, offline_check_s=0.02)
+    await admin.set_rule(Scope("device", device_id), {"id": "silent", "type": "offline", "duration": "10m"})
+    clock = Clock(T0)
+    harness = Harness(settings, pool, clock)
+    harness.actor.stall_s = 0.3
+    try:
+        await harness.send(device_id, user_id, T0, 20.0)
+        for _ in range(harness.outbox.maxsize):  # the writer stops taking batches: the store is away
+            await harness.outbox.put(DecodedBatch())
+        reading = DecodedBatch(
+            readings=[Reading(T0 + timedelta(seconds=1), device_id, 1, 21.0, "temperature")],
+            device_users={device_id: user_id},
+        )
+        await harness.inbox.put(reading)  # the actor judges it, then waits on the full mailbox
+        clock.now = T0 + timedelta(minutes=20)  # the outage outlasts the rule's duration
+        await asyncio.sleep(0.6)
+        drained: list[DecodedBatch] = []
+        while reading not in drained:  # the store is back: the writer catches up
+            drained += await harness.outbox.get_batch(64, 1)
+        await asyncio.sleep(0.3)  # many offline checks
+        assert await pg.fetchval(ALERTS) == 0
+        clock.now = T0 + timedelta(minutes=30, seconds=1)  # silence counted from the end of the stall
+        await wait_for_count(pg, ALERTS, 1, timeout=5)
+    finally:
+        await harness.stop()
+
+
+class PausingStore:
+    """The real PostgreSQL document store, pausing after its first update of an `alerts` document."""
+
+    def __init__(self, inner: PostgresDocumentStore) -> None:
+        self._inner = inner
+        self.paused = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def update(self, collection: str, key: str, changes: dict[str, Any]) -> bool:
+        updated = await self._inner.update(collection, key, changes)
+        if collection == "alerts" and not self.paused.is_set():
+            self.paused.set()
+            await self.resume.wait()
+        return updated
+
+
+async def test_a_withdrawal_racing_the_insert_of_its_alert_still_resolves_it(
+    settings: Settings, pg: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    hot = parse_rule(
+        {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30},
+        Scope("device", 5),
+    )
+    evaluator = Evaluator(RuleSet([hot]), Clock(T0))
+    (fired,) = evaluator.evaluate([Reading(T0, 5, 1, 35.0, "temperature")], {5: None})
+    (withdrawn,) = evaluator.replace_rules(RuleSet([]))
+    store = PausingStore(PostgresDocumentStore(pool))
+    actor_sink, writer_sink = AlertSink(settings), AlertSink(settings)
+    actor_sink._docs = store  # type: ignore[assignment]
+    try:
+        withdrawing = asyncio.create_task(actor_sink.write_events([withdrawn]))
+        await asyncio.wait_for(store.paused.wait(), 5)  # the actor's update of the alert ran
+        await writer_sink.write_events([fired])  # the writer stores the alert meanwhile
+        store.resume.set()
+        await withdrawing
+    finally:
+        await actor_sink.close()
+        await writer_sink.close()
+    doc = orjson.loads(await pg.fetchval("SELECT doc FROM documents WHERE collection = 'alerts'"))
+    assert doc["status"] == "resolved" and doc["resolution"]["reason"] == "rule_withdrawn"
+
+
+async def test_announcements_survive_an_unexpected_listener_error(
+    settings: Settings, pool: asyncpg.Pool, admin: RuleAdmin, device: tuple[int, int]
+) -> None:
+    device_id, user_id = device
+    settings.rules = replace(settings.rules, refresh_s=3600)  # only an announcement reloads
+    harness = Harness(settings, pool, Clock(T0))
+    real_pubsub = harness.actor._redis.pubsub
+    calls = 0
+
+    def pubsub() -> Any:
+        nonlocal calls
+        calls += 1
+        made = real_pubsub()
+        if calls == 1:
+
+            async def subscribe(*_: Any) -> None:
+                raise ValueError("unexpected")  # not a connection error
+
+            made.subscribe = subscribe
+        return made
+
+    harness.actor._redis.pubsub = pubsub  # type: ignore[method-assign]
+    client = aioredis.Redis.from_url(settings.redis.url)
+    channel = rules_channel(RedisKeys(settings.redis.key_prefix))
+    try:
+        assert (await harness.send(device_id, user_id, T0, 35.0)).alerts == []
+        await wait_for(lambda: _subscribed(client, channel), timeout=5)
+        await admin.set_rule(
+            Scope("device", device_id),
+            {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30},
+        )
+        await wait_for(lambda: _has_rules(harness.actor), timeout=5)
+        out = await harness.send(device_id, user_id, T0 + timedelta(seconds=1), 36.0)
+        assert [e.kind for e in out.alerts] == ["fired"]
+    finally:
+        await harness.stop()
+        await client.aclose()
+
+
+async def _subscribed(client: aioredis.Redis, channel: str) -> bool:
+    ((_, count),) = await client.pubsub_numsub(channel)
+    return bool(count)
+
+
+async def _has_rules(actor: RulesActor) -> bool:
+    return actor.evaluator is not None and len(actor.evaluator.rules) > 0

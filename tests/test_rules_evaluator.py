@@ -321,6 +321,40 @@ def test_a_deleted_rule_resolves_its_active_alert() -> None:
     assert ev.evaluate(readings([50], start=1)) == []
 
 
+def test_a_rule_that_changes_kind_under_the_same_id_withdraws_its_alert() -> None:
+    clock = Clock(50)
+    ev = evaluator(
+        rule(id="watch", type="threshold", field="temperature", condition=">", value=30), clock=clock
+    )
+    (fired,) = ev.evaluate(readings([35]))
+    (withdrawn,) = ev.replace_rules(RuleSet([rule(id="watch", type="offline", duration=60)]))
+    assert (withdrawn.kind, withdrawn.alert_id, withdrawn.details) == (
+        "resolved",
+        fired.alert_id,
+        {"reason": "rule_withdrawn"},
+    )
+    assert ev.active_alerts() == {}
+    clock.set(200)  # the offline rule now watches the device, from the change on
+    (offline,) = ev.check_offline()
+    assert (offline.alert_type, offline.at) == ("offline", at(110))
+    (back,) = ev.evaluate(readings([20], start=201))
+    assert (back.kind, back.alert_id) == ("resolved", offline.alert_id)
+
+
+def test_holding_offline_after_a_stall_counts_silence_from_then() -> None:
+    clock = Clock(0)
+    ev = evaluator(rule(type="offline", duration=60), clock=clock)
+    ev.evaluate(readings([20], start=10))
+    clock.set(500)  # the actor was stalled: what the device sent meanwhile has not arrived yet
+    ev.hold_offline(clock())
+    assert ev.check_offline() == []
+    ev.evaluate(readings([21], start=400))  # the backlog arrives
+    clock.set(559)
+    assert ev.check_offline() == []
+    clock.set(560)
+    assert kinds(ev.check_offline()) == [("fired", at(560))]
+
+
 def test_a_rule_that_raises_is_skipped_and_the_others_still_fire() -> None:
     broken = rule(id="broken", type="threshold", field="temperature", condition=">", value=30)
 

@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -42,10 +43,14 @@ from worker.sinks.alerts import AlertSink
 
 log = structlog.get_logger("worker.rules")
 
+T = TypeVar("T")
+
 
 class RulesActor(MailboxActor[DecodedBatch]):
     name = "rules"
     batch_max = 64
+    # A gap between ticks longer than this (s, monotonic) is a stall, not a quiet fleet.
+    stall_s = 1.0
 
     def __init__(
         self,
@@ -79,6 +84,7 @@ class RulesActor(MailboxActor[DecodedBatch]):
         self._listener: asyncio.Task[None] | None = None
         self._next_refresh = 0.0
         self._next_offline = 0.0
+        self._last_tick = 0.0
         self._problems = 0
         metrics.gauges["rules_loaded"] = lambda: float(len(self._evaluator.rules) if self._evaluator else 0)
         metrics.gauges["rules_invalid"] = lambda: float(self._problems)
@@ -103,6 +109,14 @@ class RulesActor(MailboxActor[DecodedBatch]):
     async def tick(self) -> None:
         evaluator = await self._started()
         now = time.monotonic()
+        if now - self._last_tick > self.stall_s:
+            # The actor was held up (blocked on a full writer mailbox while the store was away,
+            # or writing alerts itself): readings waited upstream meanwhile, so the silence
+            # seen now is ours, not the devices'. Count offline silence from now, as after
+            # a restart.
+            evaluator.hold_offline(self._clock())
+            log.info("rules.offline_held", stalled_s=round(now - self._last_tick, 3))
+        self._last_tick = now
         if self._reload is not None:
             if self._reload.done():
                 await self._finish_reload(self._reload)
@@ -159,6 +173,11 @@ class RulesActor(MailboxActor[DecodedBatch]):
         withdrawn = evaluator.restore(state.alerts, state.last_seen, state.users)
         if withdrawn:
             await self._write_direct(withdrawn)
+        # Events stored but never announced (a crash in between): their readings, if
+        # redelivered, are now skipped as judged, so nothing else would announce them.
+        announced = await self._retry(self._sink.announce_pending, "rules.announce_failed")
+        if announced:
+            log.info("rules.announced_pending", events=announced)
         log.info(
             "rules.started",
             rules=len(loaded.ruleset),
@@ -168,6 +187,7 @@ class RulesActor(MailboxActor[DecodedBatch]):
         now = time.monotonic()
         self._next_refresh = now + rules.refresh_s
         self._next_offline = now + rules.offline_check_s
+        self._last_tick = now
         self._listener = asyncio.create_task(self._listen(), name="rules.listen")
         return evaluator
 
@@ -199,6 +219,8 @@ class RulesActor(MailboxActor[DecodedBatch]):
     async def _listen(self) -> None:
         """Set `_invalidated` on every announcement; resubscribe (and reload) after a lost connection."""
         delay = RETRY_MIN_S
+        broken_delay = RETRY_MIN_S  # unexpected errors: a backoff never reset, logged once
+        broken = False
         first = True
         while True:
             pubsub = self._redis.pubsub()
@@ -215,6 +237,12 @@ class RulesActor(MailboxActor[DecodedBatch]):
                 log.warning("rules.announcements_lost", error=repr(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+            except Exception as exc:  # a bug or an odd reply: keep listening, or reloads lag refresh_s
+                if not broken:
+                    broken = True
+                    log.error("rules.announcements_failed", error=repr(exc), retry_in_s=broken_delay)
+                await asyncio.sleep(broken_delay)
+                broken_delay = min(broken_delay * 2, RETRY_MAX_S)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -230,13 +258,16 @@ class RulesActor(MailboxActor[DecodedBatch]):
 
     async def _write_direct(self, events: Sequence[AlertEvent]) -> None:
         self._record(events)
+        await self._retry(lambda: self._sink.write_events(events), "rules.alert_write_failed", len(events))
+
+    async def _retry(self, action: Callable[[], Awaitable[T]], event: str, holding: int = 0) -> T:
+        """Run `action` with the writer's backoff while the store is away."""
         delay = RETRY_MIN_S
         while True:
             try:
-                await self._sink.write_events(events)
-                return
+                return await action()
             except TRANSIENT_ERRORS as exc:
-                log.error("rules.alert_write_failed", error=repr(exc), holding=len(events), retry_in_s=delay)
+                log.error(event, error=repr(exc), holding=holding, retry_in_s=delay)
                 await self._sink.reset()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)

@@ -251,6 +251,15 @@ class Evaluator:
                     events.append(self._fire_offline(t, seen, went_silent))
         return events
 
+    def hold_offline(self, now: datetime) -> None:
+        """Count offline silence from `now` at the earliest, as after a restart: the caller
+        was stalled (backpressure) and the readings sent meanwhile have not reached it yet."""
+        if now > self._rules_since:
+            self._rules_since = now
+        for t in self._trackers.values():
+            if t.rule.kind == "offline" and now > t.watch_from:
+                t.watch_from = now
+
     # --- rule changes and restarts -----------------------------------------------------------------
 
     def replace_rules(self, rules: RuleSet) -> list[AlertEvent]:
@@ -258,7 +267,8 @@ class Evaluator:
 
         A changed definition restarts its debounce but keeps its active alert (the
         next reading judges it against the new levels); an alert whose rule is gone,
-        disabled or no longer applies to its device is resolved now.
+        disabled, no longer applies to its device or changed kind (an offline alert
+        is not judged by values, nor a value alert by silence) is resolved now.
         """
         self._rules = rules
         self._rules_since = self._clock()
@@ -268,7 +278,7 @@ class Evaluator:
         for key, t in list(self._trackers.items()):
             uid, device_id = key
             rule = rules.rules.get(uid)
-            if rule is None or not rules.applies(uid, device_id):
+            if rule is None or not rules.applies(uid, device_id) or rule.kind != t.rule.kind:
                 if t.active is not None:
                     events.append(self._withdraw(uid, device_id, t.active, t.rule.kind, t.rule.severity))
                 del self._trackers[key]

@@ -10,6 +10,7 @@ device's silence passed the rule's duration).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -90,6 +91,35 @@ def event_log_document(event: AlertEvent) -> dict[str, Any]:
         "created_at": event.raised_at,
         "notified": False,
     }
+
+
+_LOG_FIELDS = ("alert_id", "rule_id", "alert_type", "severity", "message")
+_LOG_KINDS: dict[str, EventKind] = {f"alert.{k}": k for k in ("fired", "resolved", "acknowledged")}
+
+
+def event_from_log(doc: Mapping[str, Any]) -> AlertEvent | None:
+    """The event an `event_logs` entry was made from (None for entries not written by rules)."""
+    kind = _LOG_KINDS.get(str(doc.get("event_type")))
+    details = doc.get("details")
+    if kind is None or not isinstance(details, dict) or (doc.get("metadata") or {}).get("source") != "rules":
+        return None
+    at = parse_time(doc.get("timestamp"))
+    raised_at = parse_time(doc.get("created_at")) or at
+    if at is None or raised_at is None:
+        return None
+    return AlertEvent(
+        kind,
+        str(details["alert_id"]),
+        str(details["rule_id"]),
+        int(doc["device_id"]),
+        doc.get("user_id"),
+        str(details.get("alert_type", "")),
+        str(details.get("severity", "warning")),
+        str(details.get("message", "")),
+        at,
+        raised_at,
+        {k: v for k, v in details.items() if k not in _LOG_FIELDS},
+    )
 
 
 def notification(event: AlertEvent) -> dict[str, Any]:

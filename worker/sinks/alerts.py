@@ -7,10 +7,14 @@ second instance for the offline alerts its timer raises, which have no message.
 Idempotent by construction: alert and event-log keys are deterministic (see
 worker/rules/events.py); inserting an existing key is a no-op, updates set the
 same fields to the same values. Notifications are at least once: an event log
-entry is written with `notified: false` and flipped after the Redis pipeline has
-run, so a crash in between makes the redelivery publish again instead of never.
+entry is written first, with `notified: false`, and flipped after the Redis
+pipeline has run; an entry a crash left unflipped is announced by a redelivery of
+the same event, or at the latest by `announce_pending`, which the rules actor runs
+at start (a redelivered reading already judged raises no event to redeliver).
 Order-tolerant: the two instances write independently, so a resolution can be
 stored before its alert; the alert's insert then applies the logged resolution.
+Each side logs before it touches `alerts`, so racing each other one of them sees
+the other's write.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from worker.rules.events import (
     AlertEvent,
     alert_changes,
     alert_document,
+    event_from_log,
     event_log_document,
     notification,
 )
+from worker.rules.source import ALL
 
 log = structlog.get_logger("worker.sinks.alerts")
 
@@ -56,18 +62,25 @@ class AlertSink:
             await self.write_events(batch.alerts)
 
     async def write_events(self, events: Sequence[AlertEvent]) -> None:
-        """Store then announce `events`, in order; safe to call again with the same events."""
+        """Store then announce `events`, in order; safe to call again with the same events.
+
+        The `event_logs` entry is written before the `alerts` document is touched, so
+        each of the two writers (this sink in the writer, and in the rules actor) writes
+        before it reads what the other may have written: a withdrawal racing the insert
+        of its alert is seen by one side or the other, never missed by both.
+        """
         try:
             docs = await self._documents()
             unannounced: list[AlertEvent] = []
             for event in events:
+                logged_now = await docs.insert("event_logs", event.event_key, event_log_document(event))
                 if event.kind == "fired":
-                    if await docs.insert("alerts", event.alert_id, alert_document(event)):
-                        await self._apply_early_resolution(docs, event)
+                    await docs.insert("alerts", event.alert_id, alert_document(event))
+                    await self._apply_early_resolution(docs, event)
                 elif not await docs.update("alerts", event.alert_id, alert_changes(event)):
                     # Not stored yet (see _apply_early_resolution): the event log entry carries it.
                     log.info("alerts.ahead_of_alert", alert_id=event.alert_id, kind=event.kind)
-                if await docs.insert("event_logs", event.event_key, event_log_document(event)):
+                if logged_now:
                     unannounced.append(event)
                 else:  # written before a crash or a retry: announce only if that did not happen yet
                     logged = await docs.get("event_logs", event.event_key)
@@ -82,10 +95,36 @@ class AlertSink:
                 raise ConnectionError(f"mongodb: {exc}") from exc  # a transient error to the writer
             raise
 
+    async def announce_pending(self) -> int:
+        """Announce every rules event logged but never announced (`notified: false`): the
+        process stopped between storing and announcing it. The rules actor runs this at
+        start, because the redelivered reading that raised it is then skipped as judged."""
+        try:
+            docs = await self._documents()
+            pending: list[AlertEvent] = []
+            for doc in await docs.find("event_logs", {"notified": False}, limit=ALL):
+                try:
+                    event = event_from_log(doc)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("alerts.log_unreadable", key=doc.get("_id"), error=repr(exc))
+                    continue
+                if event is not None:
+                    pending.append(event)
+            if pending:
+                await self._announce(pending)
+                for event in pending:
+                    await docs.update("event_logs", event.event_key, {"notified": True})
+            return len(pending)
+        except Exception as exc:
+            if _mongo_unavailable(exc):
+                raise ConnectionError(f"mongodb: {exc}") from exc
+            raise
+
     @staticmethod
     async def _apply_early_resolution(docs: DocumentStore, event: AlertEvent) -> None:
         """A resolution may be stored first: the rules actor writes a withdrawal directly while
-        the batch that fired the alert still waits in the writer. The log entry keeps it."""
+        the batch that fired the alert still waits in the writer. The log entry keeps it.
+        Checked on every write of the alert, so a redelivery after a crash applies it too."""
         early = await docs.get("event_logs", f"{event.alert_id}:resolved")
         if early is not None:
             await docs.update(
