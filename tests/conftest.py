@@ -3,7 +3,9 @@
 Services come from IOTFLOW_TEST_POSTGRES_URL / IOTFLOW_TEST_REDIS_URL /
 IOTFLOW_TEST_MQTT_URL when set; whatever is not set is started embedded
 (worker.embedded) for the session, so a fresh machine needs nothing running.
-Each test gets its own PostgreSQL schema, Redis key prefix and MQTT client id.
+Each test gets its own PostgreSQL schema, Redis key prefix and MQTT client id. Tests
+that leave messages waiting in the broker keep them below a stock Mosquitto's
+`max_queued_messages` (1000), so an external broker needs no special settings.
 """
 
 from __future__ import annotations
