@@ -7,6 +7,7 @@ out, they share the queue in Redis. The plain `arq` command works too, through
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -19,17 +20,28 @@ from jobs.context import CTX_KEY, open_resources
 from jobs.schedule import schedule_tick
 from jobs.tasks import FUNCTIONS
 from worker.config import Settings
+from worker.runtime.sdnotify import notify, watchdog_interval, watchdog_loop
 
 SETTINGS_KEY = "settings"
 CLOCK_KEY = "clock"
+WATCHDOG_KEY = "watchdog"
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
     # arq's own connection serves the hot-state writes too: one pool per process.
     ctx[CTX_KEY] = await open_resources(ctx[SETTINGS_KEY], redis=ctx["redis"], clock=ctx.get(CLOCK_KEY))
+    # Under systemd (Type=notify): ready once the stores are open; the watchdog proves the loop runs.
+    notify("READY=1")
+    interval = watchdog_interval()
+    if interval:
+        ctx[WATCHDOG_KEY] = asyncio.create_task(watchdog_loop(interval))
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
+    notify("STOPPING=1")
+    watchdog = ctx.pop(WATCHDOG_KEY, None)
+    if watchdog is not None:
+        watchdog.cancel()
     if CTX_KEY in ctx:
         await ctx.pop(CTX_KEY).close()
 

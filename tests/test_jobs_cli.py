@@ -73,3 +73,37 @@ async def test_report_device_prints_the_report_as_json(settings: Settings, pg: a
 
     code, out = await iotflow(settings, "report", "device", str(device_id), "--period", "last week")
     assert code == 2 and "neither a span" in out, out
+
+
+async def test_the_jobs_runner_tells_systemd_it_is_ready_alive_and_stopping(
+    settings: Settings, tmp_path: Path
+) -> None:
+    import signal
+    import socket
+
+    settings = with_unique_queue(settings)
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(20)
+        env = {
+            **worker_env(settings),
+            "IOTFLOW_JOBS_QUEUE_NAME": settings.jobs.queue_name,
+            "NOTIFY_SOCKET": str(notify_path),
+            "WATCHDOG_USEC": "200000",
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "jobs", "run", "--no-cron", env=env, cwd=Path(__file__).parent.parent,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            states = [await asyncio.to_thread(notify.recv, 64) for _ in range(3)]
+            assert b"READY=1" in states and b"WATCHDOG=1" in states
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 30) == 0
+            while (state := notify.recv(64)) != b"STOPPING=1":
+                assert state == b"WATCHDOG=1"
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
