@@ -72,7 +72,7 @@ async def test_mixed_message_keeps_numbers_and_dead_letters_the_rest(
         await wait_for_count(pg, "SELECT count(*) FROM dead_letters", 1)
     assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 2
     reason = await pg.fetchval("SELECT reason FROM dead_letters")
-    assert reason.startswith("non_numeric_value:") and "battery" in reason and "note" in reason
+    assert reason.startswith("skipped_fields:") and "battery" in reason and "note" in reason
 
 
 async def test_repeated_bad_message_is_one_row_counting_occurrences(
@@ -114,3 +114,24 @@ async def test_disabled_device_is_rejected(settings: Settings, pg: asyncpg.Conne
         await publish(settings.mqtt.url, [("devices/sim-json-04/telemetry", b'{"temperature": 3}')])
         await wait_for_count(pg, "SELECT count(*) FROM dead_letters", 1)
     assert (await pg.fetchval("SELECT reason FROM dead_letters")).startswith("device_disabled")
+
+
+async def test_poison_payloads_are_dead_lettered_without_restarting_anything(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    messages = [
+        # A NUL in a name: PostgreSQL text cannot hold it, so it must never reach SQL.
+        ("devices/sim-json-01/telemetry", b'{"te\\u0000mp": "x", "humidity": 50}'),
+        # A year-9999 time pushed past the calendar by its zone.
+        (
+            "devices/sim-json-01/telemetry",
+            orjson.dumps({"ts": "9999-12-31T23:59:59-01:00", "values": {"humidity": 1}}),
+        ),
+    ]
+    async with running_daemon(settings) as daemon:
+        await publish(settings.mqtt.url, messages)
+        await wait_for_count(pg, "SELECT count(*) FROM dead_letters", 2)
+        assert daemon.supervisor.restarts_total == 0
+    reasons = sorted(r["reason"].split(":")[0] for r in await pg.fetch("SELECT reason FROM dead_letters"))
+    assert reasons == ["bad_timestamp", "skipped_fields"]
+    assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 1  # the humidity beside the NUL name

@@ -57,6 +57,13 @@ def test_environment_values_are_typed() -> None:
         ({"IOTFLOW_HTTP_ENABLED": "perhaps"}, "http.enabled", "not a boolean"),
         ({"IOTFLOW_MQTT_CA_FILE": "/nonexistent.pem"}, "mqtt.ca_file", "does not exist"),
         ({"IOTFLOW_MQTT_CERT_FILE": "/etc/hostname"}, "mqtt.cert_file", "given together"),
+        ({"IOTFLOW_MQTT_SESSION_EXPIRY_S": "0"}, "mqtt.session_expiry_s", "between 1 and"),
+        ({"IOTFLOW_MQTT_CLIENT_ID": ""}, "mqtt.client_id", "must not be empty"),
+        ({"IOTFLOW_MQTT_KEEPALIVE_S": "70000"}, "mqtt.keepalive_s", "between 1 and 65535"),
+        ({"IOTFLOW_MQTT_RECEIVE_MAXIMUM": "70000"}, "mqtt.receive_maximum", "between 1 and 65535"),
+        ({"IOTFLOW_MQTT_TOPICS": "devices/#/x"}, "mqtt.topics", "whole last level"),
+        ({"IOTFLOW_MQTT_TOPICS": "a/b+"}, "mqtt.topics", "whole level"),
+        ({"IOTFLOW_MQTT_SHARED_GROUP": "a/b"}, "mqtt.shared_group", "must not contain"),
     ],
 )
 def test_bad_values_name_the_setting_and_give_an_example(

@@ -116,3 +116,16 @@ def test_rejections_carry_a_reason_code(topic: str, body: object, code: str) -> 
 def test_oversized_payloads_are_rejected_before_parsing() -> None:
     with pytest.raises(Rejected, match="too_large"):
         parse_message("devices/x/telemetry", b"{" * 70000, NOW, CODECS, LIMITS)
+
+
+def test_unusable_measurement_names_are_skipped_not_stored() -> None:
+    message = parse("devices/dev-1/telemetry", {"te\u0000mp": 1.0, "x" * 200: 2.0, "ok": 3.0})
+    assert [r.label for r in message.readings] == ["ok"]
+    assert len(message.skipped) == 2 and all("not a usable measurement name" in s for s in message.skipped)
+    assert not any("\x00" in s for s in message.skipped)
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_timestamps_pushed_out_of_range_by_their_zone_are_rejected(stamp: str) -> None:
+    with pytest.raises(Rejected, match="bad_timestamp"):
+        parse("devices/x/telemetry", {"ts": stamp, "values": {"a": 1}})

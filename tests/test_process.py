@@ -138,7 +138,7 @@ async def test_shared_subscription_splits_one_stream_between_workers(
     settings: Settings, pg: asyncpg.Connection
 ) -> None:
     total = 600
-    env = {"IOTFLOW_MQTT_SHARED_GROUP": f"g{os.getpid()}", "IOTFLOW_RUNTIME_REPORT_INTERVAL_S": "0.2"}
+    env = {"IOTFLOW_MQTT_SHARED_GROUP": f"g{os.getpid()}"}
     first = await start_worker_process(settings, **env, IOTFLOW_MQTT_CLIENT_ID=settings.mqtt.client_id + "-a")
     second = await start_worker_process(
         settings, **env, IOTFLOW_MQTT_CLIENT_ID=settings.mqtt.client_id + "-b"
@@ -159,8 +159,8 @@ async def test_shared_subscription_splits_one_stream_between_workers(
 
 
 def _last_committed(output: list[bytes]) -> int:
-    progress = [orjson.loads(line) for line in output if b'"pipeline.progress"' in line]
-    return int(progress[-1]["committed"])
+    stopped = [orjson.loads(line) for line in output if b'"daemon.stopped"' in line]
+    return int(stopped[-1]["committed"])
 
 
 async def test_worker_refuses_an_unmigrated_schema_with_exit_2(settings: Settings) -> None:

@@ -171,3 +171,15 @@ async def test_a_cancelled_putter_passes_its_slot_on() -> None:
     first.cancel()
     await asyncio.wait_for(second, 1)
     assert await mailbox.get_batch(5, timeout=0) == [3]
+
+
+async def test_idle_waits_leave_nothing_behind() -> None:
+    mailbox: Mailbox[int] = Mailbox(4)
+    for _ in range(200):
+        assert await mailbox.get_batch(10, timeout=0.0001) == []
+    assert not mailbox._getters  # a quiet night must not grow the mailbox
+    waiting = asyncio.create_task(mailbox.get_batch(10, timeout=5))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert not mailbox._getters

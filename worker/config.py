@@ -55,6 +55,34 @@ def _url(*schemes: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _between(low: int, high: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if low <= value <= high else f"must be between {low} and {high}"
+
+    return check
+
+
+def _non_empty(value: Any) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _topic_filters(value: Any) -> str | None:
+    for topic in value:
+        levels = topic.split("/")
+        if not topic or "\x00" in topic or len(topic.encode()) > 65535:
+            return f"{topic!r} is not a topic filter"
+        for index, level in enumerate(levels):
+            if ("#" in level and (level != "#" or index != len(levels) - 1)) or (
+                "+" in level and level != "+"
+            ):
+                return f"{topic!r}: '+' must be a whole level and '#' the whole last level"
+    return None
+
+
+def _share_name(value: Any) -> str | None:
+    return None if not set(value) & set("/+#") else "must not contain '/', '+' or '#'"
+
+
 def _identifier(value: Any) -> str | None:
     return None if value.isidentifier() and value.islower() else "must be a lower-case SQL identifier"
 
@@ -67,25 +95,28 @@ class MqttSettings:
     )
     topics: list[str] = field(
         default_factory=lambda: list(SPEC_TOPICS),
-        metadata=_meta('["tele/+/+/+/+", "devices/+/telemetry"]', doc="topic filters"),
+        metadata=_meta('["tele/+/+/+/+", "devices/+/telemetry"]', _topic_filters, doc="topic filters"),
     )
     client_id: str = field(
         default="iotflow-worker",
-        metadata=_meta("iotflow-gw-1", doc="stable id: the broker keeps the session under it"),
+        metadata=_meta("iotflow-gw-1", _non_empty, doc="stable id: the broker keeps the session under it"),
     )
     shared_group: str = field(
         default="",
-        metadata=_meta("iotflow", doc="subscribe as $share/{group}/… so workers split one stream"),
+        metadata=_meta(
+            "iotflow", _share_name, doc="subscribe as $share/{group}/… so workers split one stream"
+        ),
     )
     session_expiry_s: int = field(
         default=86400,
-        metadata=_meta("86400", _non_negative, doc="how long the broker keeps the session"),
+        # 0 would let the broker drop the session, and the messages waiting in it, at every disconnect.
+        metadata=_meta("86400", _between(1, 2**32 - 1), doc="how long the broker keeps the session"),
     )
     receive_maximum: int = field(
         default=20000,
-        metadata=_meta("20000", _positive, doc="unacknowledged messages the broker may send"),
+        metadata=_meta("20000", _between(1, 65535), doc="unacknowledged messages the broker may send"),
     )
-    keepalive_s: int = field(default=30, metadata=_meta("30", _positive))
+    keepalive_s: int = field(default=30, metadata=_meta("30", _between(1, 65535)))
     ca_file: str = field(default="", metadata=_meta("/etc/iotflow/ca.pem", doc="TLS CA"))
     cert_file: str = field(default="", metadata=_meta("/etc/iotflow/client.pem"))
     key_file: str = field(default="", metadata=_meta("/etc/iotflow/client.key"))

@@ -204,11 +204,23 @@ class Daemon:
         if self.settings.http.enabled:
             self.health = HealthServer(self.settings.http, self.metrics, self._readiness)
             await self.health.start()
+        code = 1
         try:
-            return await self.supervisor.run()
+            code = await self.supervisor.run()
+            return code
         finally:
             if self.health is not None:
                 await self.health.stop()
+            counters = self.metrics.counters
+            log.info(  # the totals the last progress line (cancelled at shutdown) cannot have
+                "daemon.stopped",
+                exit_code=code,
+                received=counters["messages_received"],
+                committed=counters["messages_committed"],
+                readings=counters["readings_written"],
+                dead_letters=counters["dead_letters"],
+                restarts=self.supervisor.restarts_total,
+            )
 
 
 async def run_daemon(settings: Settings) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import orjson
@@ -26,6 +27,17 @@ from worker.keys import RedisKeys
 
 CACHE_TTL_S = 3600
 NEGATIVE_TTL_S = 30.0
+NEGATIVE_CACHE_MAX = 100_000  # strangers remembered at once; past it, expired ones are purged
+
+
+def _remember_unknown(cache: dict[Any, float], key: Any, now: float) -> None:
+    """Remember `key` as unknown until now + NEGATIVE_TTL_S, keeping the cache bounded."""
+    if len(cache) >= NEGATIVE_CACHE_MAX:
+        for stale in [k for k, expiry in cache.items() if expiry <= now]:
+            del cache[stale]
+        if len(cache) >= NEGATIVE_CACHE_MAX:
+            cache.clear()  # a flood of distinct strangers: forget them, at the cost of queries
+    cache[key] = now + NEGATIVE_TTL_S
 
 
 @dataclass(slots=True)
@@ -75,7 +87,7 @@ class DeviceRegistry:
             await self._store_in_redis(from_db)
             loaded.update(from_db)
             for ref in missing - from_db.keys():
-                self._unknown[ref] = now + NEGATIVE_TTL_S
+                _remember_unknown(self._unknown, ref, now)
         self._devices.update(loaded)
         found.update(loaded)
         return found
@@ -101,7 +113,7 @@ class DeviceRegistry:
                     )
                 device.datapoints.update(await self._fetch_datapoints(device.id))
             for label in absent.keys() - device.datapoints.keys():
-                device.unknown_labels[label] = now + NEGATIVE_TTL_S
+                _remember_unknown(device.unknown_labels, label, now)
             if self._redis is not None and device.datapoints:
                 key = self._keys.device_datapoints(device.id)
                 async with self._redis.pipeline(transaction=False) as pipe:

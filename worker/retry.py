@@ -24,6 +24,11 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # Class 40: another writer (a second worker) held the rows; the transaction can simply run again.
+    asyncpg.exceptions.TransactionRollbackError,
+    # A replica promoted during failover answers read-only for a moment.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    redis.exceptions.ReadOnlyError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,

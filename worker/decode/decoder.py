@@ -97,8 +97,14 @@ class Decoder(MailboxActor[RawMessage]):
                 Reading(r.timestamp, device.id, ids[r.label], r.value, r.label) for r in result.readings
             )
             if result.skipped:
-                batch.dead_letters.append(_dead(message, "non_numeric_value: " + "; ".join(result.skipped)))
+                batch.dead_letters.append(_dead(message, "skipped_fields: " + "; ".join(result.skipped)))
 
 
 def _dead(message: RawMessage, reason: str) -> DeadLetter:
-    return DeadLetter(message.topic, message.payload, reason, message.received_at)
+    # PostgreSQL text cannot hold NUL; a dead letter must never fail to store.
+    return DeadLetter(
+        message.topic.replace("\x00", "\\x00"),
+        message.payload,
+        reason.replace("\x00", "\\x00"),
+        message.received_at,
+    )

@@ -47,6 +47,9 @@ class ParsedMessage:
     skipped: list[str] = field(default_factory=list)  # fields dropped, with why
 
 
+MAX_LABEL_LENGTH = 128  # a datapoint label, as stored in `datapoints.label`
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_payload_bytes: int = 65536
@@ -128,6 +131,9 @@ def _parse_json_telemetry(
             values = entry
             timestamp = parse_timestamp(None, received_at, limits)
         for name, value in values.items():
+            if not 0 < len(name) <= MAX_LABEL_LENGTH or "\x00" in name:
+                message.skipped.append(f"{name[:40]!r}: not a usable measurement name")
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 # decoded_data keeps numbers only (SPEC §2): say so rather than coerce.
                 message.skipped.append(f"{name}: {type(value).__name__} value, only numbers are stored")
@@ -167,8 +173,11 @@ def parse_timestamp(value: Any, received_at: float, limits: Limits) -> datetime:
             raise Rejected("bad_timestamp", f"{value[:40]!r} is not ISO-8601") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)  # devices without a zone report UTC
-        epoch = parsed.timestamp()
-        exact = parsed.astimezone(UTC)
+        try:
+            epoch = parsed.timestamp()
+            exact = parsed.astimezone(UTC)
+        except (OverflowError, ValueError):  # year 1 or 9999 pushed past the range by its zone
+            raise Rejected("bad_timestamp", f"{value[:40]!r} is out of range") from None
     else:
         raise Rejected("bad_timestamp", "timestamp must be ISO-8601 text or an epoch number")
     if epoch > received_at + limits.max_future_s:

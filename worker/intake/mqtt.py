@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
 import aiomqtt
@@ -21,6 +21,7 @@ import paho.mqtt._packet
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from schemas.records import AckToken, RawMessage
 from worker.config import MqttSettings
@@ -29,6 +30,10 @@ from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
 
 log = structlog.get_logger("worker.intake")
+
+
+class SubscriptionRefused(RuntimeError):
+    """The broker refused a topic filter (SUBACK failure): a setting or an ACL to fix."""
 
 
 class _SharedTableProperties(Properties):
@@ -125,7 +130,13 @@ class MqttIntake(Actor):
             self._client = client
             self._reading_stopped.clear()
             filters = subscription_filters(self._settings)
-            await client.subscribe([(topic, 1) for topic in filters])
+            granted: Sequence[int | ReasonCode] = await client.subscribe([(topic, 1) for topic in filters])
+            refused = {
+                topic: str(code) for topic, code in zip(filters, granted, strict=False) if _is_failure(code)
+            }
+            if refused:  # an ACL or a bad filter: idling "ready" on a dead subscription helps nobody
+                log.error("mqtt.subscribe_refused", refused=refused)
+                raise SubscriptionRefused(f"the broker refused {refused}")
             log.info("mqtt.subscribed", url=_redact(self._settings.url), topics=filters)
             self.subscribed.set()
             reader = asyncio.create_task(self._read(client, self._generation))
@@ -192,6 +203,10 @@ class MqttIntake(Actor):
     async def close(self) -> None:
         self._stop_reading.set()
         self._close.set()
+
+
+def _is_failure(code: int | ReasonCode) -> bool:
+    return code.is_failure if isinstance(code, ReasonCode) else code >= 0x80
 
 
 def _redact(url: str) -> str:

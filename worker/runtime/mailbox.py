@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -64,6 +65,8 @@ class Mailbox(Generic[T]):
             finally:
                 if timer is not None:
                     timer.cancel()
+                with contextlib.suppress(ValueError):  # timed out or cancelled: not woken by a put
+                    self._getters.remove(waiter)
             if not items:
                 return []
         batch = [items.popleft() for _ in range(min(max_items, len(items)))]

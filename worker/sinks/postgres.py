@@ -86,7 +86,8 @@ class PostgresTimeseriesWriter:
             seen = latest.get(reading.device_id)
             if seen is None or reading.timestamp > seen:
                 latest[reading.device_id] = reading.timestamp
-        return list(latest), list(latest.values())
+        ids = sorted(latest)  # one lock order for every worker: no deadlock between them
+        return ids, [latest[i] for i in ids]
 
     def _dead_letter_columns(self, batch: DecodedBatch) -> list[list[object]]:
         # One row per fingerprint: a statement may not update the same row twice.
