@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from worker.config import Settings
 from worker.embedded import EmbeddedServices, ServiceUrls
+from worker.keys import delete_matching
 from worker.logging import configure_logging
 from worker.migrate import migrate
 
@@ -75,13 +76,7 @@ async def settings(service_urls: ServiceUrls) -> AsyncIterator[Settings]:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{result.postgres.schema}" CASCADE')
     finally:
         await conn.close()
-    client = aioredis.Redis.from_url(service_urls.redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{result.redis.key_prefix}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await delete_matching(service_urls.redis_url, f"{result.redis.key_prefix}*")
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from jobs.context import CTX_KEY, JobResources, open_resources
 from worker.config import Settings
+from worker.keys import delete_matching
 from worker.partitions import PartitionKeeper
 
 
@@ -42,13 +42,7 @@ def with_unique_queue(settings: Settings, **jobs: Any) -> Settings:
 async def drop_arq_keys(settings: Settings) -> AsyncIterator[None]:
     """arq's own keys (`arq:job:…`, `arq:result:…`) hold the queue name in their middle."""
     yield
-    client = aioredis.Redis.from_url(settings.redis.url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"arq:*{settings.redis.key_prefix}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await delete_matching(settings.redis.url, f"arq:*{settings.redis.key_prefix}*")
 
 
 @pytest.fixture

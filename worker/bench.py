@@ -30,11 +30,11 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from worker.config import Settings
 from worker.db import connect
 from worker.embedded import free_port
+from worker.keys import delete_matching
 from worker.logging import configure_logging
 from worker.migrate import migrate
 from worker.simulate import build_fleet, register_fleet
@@ -294,13 +294,7 @@ async def _drop(settings: Settings) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres.schema}" CASCADE')
     finally:
         await conn.close()
-    client = aioredis.Redis.from_url(settings.redis.url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)]
-        for start in range(0, len(keys), 1000):
-            await client.delete(*keys[start : start + 1000])
-    finally:
-        await client.aclose()
+    await delete_matching(settings.redis.url, f"{settings.redis.key_prefix}*")
 
 
 def _report(results: list[RunResult], ceiling: float) -> None:
