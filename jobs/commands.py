@@ -25,6 +25,7 @@ from jobs.reports import build_reports, store_reports
 from jobs.schedule import job_id
 from jobs.worker import redis_settings
 from worker.config import Settings
+from worker.exit_codes import ExitCode
 
 _FUNCTIONS = {
     "rollup": tasks.ROLLUP,
@@ -88,22 +89,19 @@ async def enqueue_now(settings: Settings, request: EnqueueRequest, wait_s: float
         job = await redis.enqueue_job(request.function, _job_id=ident, _queue_name=queue, **request.kwargs)
         if job is None:
             print(f"already queued, running or recently done: {ident} (use --force to run it again)")
-            return 1
+            return ExitCode.FAILURE
         print(f"enqueued {ident}")
         if wait_s > 0:
             result = await job.result(timeout=wait_s)
             print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-        return 0
+        return ExitCode.OK
     finally:
         await redis.aclose()
 
 
 async def print_status(settings: Settings, limit: int, job: str | None) -> int:
-    res = await open_resources(settings)
-    try:
+    async with open_resources(settings) as res:
         runs = await ledger.recent(res.pool, limit, job)
-    finally:
-        await res.close()
     for run in runs:
         took = "" if run.duration_ms is None else f" {run.duration_ms} ms"
         counts = "" if run.rows_in is None else f" in={run.rows_in} out={run.rows_out}"
@@ -112,21 +110,18 @@ async def print_status(settings: Settings, limit: int, job: str | None) -> int:
             f"{run.started_at:%Y-%m-%d %H:%M:%S} {run.job:<14} {run.period:<32} {run.status:<8}"
             f" tries={run.attempts}{took}{counts}{error}"
         )
-    return 0
+    return ExitCode.OK
 
 
 async def report_device(settings: Settings, device_id: int, period: str) -> int:
     """Compute the report now and print it; a calendar-day report is stored like the daily job's."""
-    res = await open_resources(settings)
-    try:
+    async with open_resources(settings) as res:
         start, end = parse_report_period(period, res.clock())
         reports = await build_reports(res, start, end, [device_id])
         if not reports:
             print(f"iotflow report: no device {device_id} (or it did not exist yet in that period)")
-            return 1
+            return ExitCode.FAILURE
         if end - start == DAY and start == floor_day(start):
             await store_reports(res, reports)
         print(orjson.dumps(reports[0], option=orjson.OPT_INDENT_2).decode())
-        return 0
-    finally:
-        await res.close()
+        return ExitCode.OK

@@ -16,15 +16,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import cast
 
 import asyncpg
 import structlog
 
-from jobs.context import Connection, JobResources
+from jobs.context import JobResources
 from jobs.periods import DAY, HOUR, parse_time
 from jobs.rollups import LOCK_RAW, RAW_HORIZON, read_watermark
-from worker.partitions import PARENT, is_partitioned
+from worker.stores.partitions import PARENT, is_partitioned
+from worker.stores.postgres import Connection
 
 log = structlog.get_logger("jobs.retention")
 
@@ -122,7 +122,7 @@ async def drop_raw_before(pool: asyncpg.Pool, cutoff: datetime) -> Removed:
 
 
 async def _drop_raw(conn: Connection, cutoff: datetime) -> Removed:
-    if await is_partitioned(cast(asyncpg.Connection, conn)):  # a pool proxy behaves the same
+    if await is_partitioned(conn):  # a pool proxy behaves the same
         return await _drop_partitions(conn, cutoff)  # the partitions left are the horizon
     await conn.execute(
         "INSERT INTO rollup_watermarks (name, watermark) VALUES ($1, $2) ON CONFLICT (name) "

@@ -25,14 +25,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 import asyncpg
 import structlog
 
-from jobs.context import Connection
 from jobs.periods import DAY, HOUR, ceil_hour, floor_day, floor_hour, parse_time, steps
-from worker.partitions import PARENT, is_partitioned
+from worker.stores.partitions import PARENT, is_partitioned
+from worker.stores.postgres import Connection
 
 log = structlog.get_logger("jobs.rollups")
 
@@ -102,7 +101,7 @@ async def raw_horizon(conn: Connection) -> datetime | None:
     recorded: datetime | None = await conn.fetchval(
         "SELECT watermark FROM rollup_watermarks WHERE name = $1", RAW_HORIZON
     )
-    if not await is_partitioned(cast(asyncpg.Connection, conn)):
+    if not await is_partitioned(conn):
         return recorded
     async with conn.transaction():
         await conn.execute("SET LOCAL TimeZone = 'UTC'")  # bounds print in the session's zone

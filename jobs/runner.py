@@ -1,10 +1,11 @@
 """Running one job for one period: claim it, time it, retry store errors, log one summary.
 
-Store errors (a connection refused or dropped, a lock or statement timeout, a deadlock)
-are worth retrying: the try is handed back to arq as `Retry` with an exponential
-backoff. When the tries are exhausted the run is recorded as `failed` with its reason,
-in `job_runs` and in arq's result (the raised `JobFailed`). Any other exception is a bug
-or bad input that would fail the same way again, so it fails the run at once.
+Store errors (worker.retry's `TRANSIENT_ERRORS`: a connection refused or dropped,
+a lock or statement timeout, a deadlock) are worth retrying: the try is handed back
+to arq as `Retry` with the shared exponential backoff, jittered. When the tries are
+exhausted the run is recorded as `failed` with its reason, in `job_runs` and in arq's
+result (the raised `JobFailed`). Any other exception is a bug or bad input that would
+fail the same way again, so it fails the run at once.
 """
 
 from __future__ import annotations
@@ -15,39 +16,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-import redis.exceptions
 import structlog
 from arq import Retry
 
 from jobs import ledger
 from jobs.context import JobResources, resources
+from worker.retry import TRANSIENT_ERRORS, Backoff
 
 log = structlog.get_logger("jobs")
-
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [
-        OSError,  # refused, reset, unreachable; TimeoutError is one too
-        asyncpg.PostgresConnectionError,
-        asyncpg.InterfaceError,  # e.g. the connection was closed under us
-        asyncpg.exceptions.LockNotAvailableError,
-        asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
-        asyncpg.exceptions.OperatorInterventionError,  # statement timeout, server shutting down
-        asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
-    ]
-    try:
-        from pymongo.errors import ConnectionFailure
-
-        errors.append(ConnectionFailure)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-STORE_ERRORS = _store_errors()
 
 
 class JobFailed(Exception):
@@ -68,10 +44,6 @@ class Summary:
 
 
 JobBody = Callable[[JobResources], Awaitable[Summary]]
-
-
-def backoff_s(job_try: int, base_s: float, cap_s: float) -> float:
-    return float(min(cap_s, base_s * 2 ** (job_try - 1)))
 
 
 def describe(exc: BaseException) -> str:
@@ -107,7 +79,7 @@ async def run_job(
             rows_out=summary.rows_out,
             details=summary.details,
         )
-    except STORE_ERRORS as exc:
+    except TRANSIENT_ERRORS as exc:
         raise await _after_store_error(
             res, bound, job, period, job_id, job_try, exc, _elapsed_ms(started)
         ) from exc
@@ -155,8 +127,8 @@ async def _after_store_error(
     if final:
         bound.error("jobs.failed", reason=reason, tries=job_try, duration_ms=duration_ms)
         return JobFailed(f"{job} {period}: gave up after {job_try} tries: {reason}")
-    delay = backoff_s(job_try, cfg.retry_backoff_s, cfg.retry_backoff_max_s)
-    bound.warning("jobs.retry", reason=reason, retry_in_s=delay, tries_left=cfg.max_tries - job_try)
+    delay = Backoff(cfg.retry_backoff_s, cfg.retry_backoff_max_s).delay(job_try)
+    bound.warning("jobs.retry", reason=reason, retry_in_s=round(delay, 2), tries_left=cfg.max_tries - job_try)
     return Retry(defer=delay)
 
 

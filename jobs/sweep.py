@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from jobs.context import JobResources
-from worker.sinks.redis_state import STATUS_TTL_S
+from worker.stores.keys import STATUS_TTL_S
 
 EVENT_TYPE = "device.status_changed"
 

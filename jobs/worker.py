@@ -8,6 +8,7 @@ out, they share the queue in Redis. The plain `arq` command works too, through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -25,11 +26,15 @@ from worker.runtime.sdnotify import notify, watchdog_interval, watchdog_loop
 SETTINGS_KEY = "settings"
 CLOCK_KEY = "clock"
 WATCHDOG_KEY = "watchdog"
+STORES_KEY = "stores"  # the exit stack that closes the stores at shutdown
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
-    # arq's own connection serves the hot-state writes too: one pool per process.
-    ctx[CTX_KEY] = await open_resources(ctx[SETTINGS_KEY], redis=ctx["redis"], clock=ctx.get(CLOCK_KEY))
+    stack = contextlib.AsyncExitStack()
+    ctx[CTX_KEY] = await stack.enter_async_context(
+        open_resources(ctx[SETTINGS_KEY], clock=ctx.get(CLOCK_KEY))
+    )
+    ctx[STORES_KEY] = stack
     # Under systemd (Type=notify): ready once the stores are open; the watchdog proves the loop runs.
     notify("READY=1")
     interval = watchdog_interval()
@@ -42,8 +47,10 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
     watchdog = ctx.pop(WATCHDOG_KEY, None)
     if watchdog is not None:
         watchdog.cancel()
-    if CTX_KEY in ctx:
-        await ctx.pop(CTX_KEY).close()
+    ctx.pop(CTX_KEY, None)
+    stack = ctx.pop(STORES_KEY, None)
+    if stack is not None:
+        await stack.aclose()
 
 
 def redis_settings(settings: Settings) -> RedisSettings:

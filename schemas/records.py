@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,12 +35,61 @@ class Reading:
     label: str  # the datapoint label, for hot state and rules
 
 
+class Reason(StrEnum):
+    """Why a message became a dead letter (docs/decoding.md has each one)."""
+
+    UNSUPPORTED_TOPIC = "unsupported_topic"
+    BAD_TOPIC = "bad_topic"
+    TOO_LARGE = "too_large"
+    UNKNOWN_CODEC = "unknown_codec"
+    BAD_JSON = "bad_json"
+    BAD_PAYLOAD = "bad_payload"
+    BAD_HEX = "bad_hex"
+    BAD_FRAME = "bad_frame"
+    BAD_TIMESTAMP = "bad_timestamp"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+    NO_NUMERIC_VALUES = "no_numeric_values"
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_DISABLED = "device_disabled"
+    UNKNOWN_DATAPOINT = "unknown_datapoint"
+    SKIPPED_FIELDS = "skipped_fields"
+
+
 @dataclass(slots=True)
 class DeadLetter:
     topic: str
     payload: bytes
-    reason: str
+    reason: Reason
+    detail: str
     received_at: float
+
+    @property
+    def description(self) -> str:
+        """What `dead_letters.reason` holds: `code: detail`."""
+        return f"{self.reason}: {self.detail}"
+
+
+EventKind = Literal["fired", "resolved", "acknowledged"]
+
+
+@dataclass(slots=True, frozen=True)
+class AlertEvent:
+    kind: EventKind
+    alert_id: str
+    rule_id: str  # the rule's uid: `{scope}/{id}`
+    device_id: int
+    user_id: int | None
+    alert_type: str  # threshold | range | rate | offline
+    severity: str
+    message: str
+    at: datetime  # event time: the triggering reading's timestamp, or the acknowledgement time
+    raised_at: datetime  # wall clock when the event was raised
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def event_key(self) -> str:
+        """The `event_logs` key: one entry per alert and kind, whatever the redeliveries."""
+        return f"{self.alert_id}:{self.kind}"
 
 
 @dataclass(slots=True)
@@ -51,7 +101,7 @@ class DecodedBatch:
     acks: list[AckToken] = field(default_factory=list)
     messages: int = 0
     device_users: dict[int, int | None] = field(default_factory=dict)
-    alerts: list[Any] = field(default_factory=list)  # alert events the rules actor raised
+    alerts: list[AlertEvent] = field(default_factory=list)  # raised by the rules actor
 
     def extend(self, other: DecodedBatch) -> None:
         self.readings.extend(other.readings)

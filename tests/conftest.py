@@ -2,7 +2,7 @@
 
 Services come from IOTFLOW_TEST_POSTGRES_URL / IOTFLOW_TEST_REDIS_URL /
 IOTFLOW_TEST_MQTT_URL when set; whatever is not set is started embedded
-(worker.embedded) for the session, so a fresh machine needs nothing running.
+(worker.tools.embedded) for the session, so a fresh machine needs nothing running.
 Each test gets its own PostgreSQL schema, Redis key prefix and MQTT client id. Tests
 that leave messages waiting in the broker keep them below a stock Mosquitto's
 `max_queued_messages` (1000), so an external broker needs no special settings.
@@ -23,10 +23,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from worker.config import Settings
-from worker.embedded import EmbeddedServices, ServiceUrls
-from worker.keys import delete_matching
 from worker.logging import configure_logging
-from worker.migrate import migrate
+from worker.stores import Stores, open_stores
+from worker.stores.migrate import migrate
+from worker.stores.redis import delete_matching
+from worker.tools.embedded import EmbeddedServices, ServiceUrls
+from worker.tools.simulate import register_fleet
 
 configure_logging("warning", "console")
 
@@ -70,18 +72,26 @@ async def settings(service_urls: ServiceUrls) -> AsyncIterator[Settings]:
     tag = uuid.uuid4().hex[:10]
     result = make_settings(service_urls, tag)
     await migrate(result.postgres)
+    await register_fleet(result.postgres)
     yield result
     conn = await asyncpg.connect(service_urls.postgres_url)
     try:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{result.postgres.schema}" CASCADE')
     finally:
         await conn.close()
-    await delete_matching(service_urls.redis_url, f"{result.redis.key_prefix}*")
+    # Tests may point `result` at a proxy of their own: clean up through the real service.
+    await delete_matching(replace(result.redis, url=service_urls.redis_url), f"{result.redis.key_prefix}*")
+
+
+@pytest.fixture
+async def stores(settings: Settings) -> AsyncIterator[Stores]:
+    async with open_stores(settings) as opened:
+        yield opened
 
 
 @pytest.fixture
 async def pg(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    from worker.db import connect
+    from worker.stores.postgres import connect
 
     conn = await connect(settings.postgres)
     yield conn

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker.config import DocumentSettings, Settings
-from worker.db import create_pool
-from worker.documents import DocumentStore, MongoDocumentStore, PostgresDocumentStore
+from worker.stores import open_stores
+from worker.stores.documents import DocumentStore, MongoDocumentStore
 
 MONGODB_URL = os.environ.get("IOTFLOW_TEST_MONGODB_URL", "")
 
@@ -19,9 +19,8 @@ MONGODB_URL = os.environ.get("IOTFLOW_TEST_MONGODB_URL", "")
 @pytest.fixture(params=["postgres", "mongodb"])
 async def store(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[DocumentStore]:
     if request.param == "postgres":
-        pool = await create_pool(settings.postgres)
-        yield PostgresDocumentStore(pool)
-        await pool.close()
+        async with open_stores(settings) as stores:
+            yield stores.documents
         return
     if not MONGODB_URL:
         pytest.skip("no MongoDB here: set IOTFLOW_TEST_MONGODB_URL (docker-compose runs one) to run this")

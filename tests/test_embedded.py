@@ -1,4 +1,4 @@
-"""worker.embedded starts real PostgreSQL, Redis and MQTT services that answer real clients."""
+"""worker.tools.embedded starts real PostgreSQL, Redis and MQTT services that answer real clients."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from worker.embedded import EmbeddedServices, ServiceUrls, free_port
+from worker.tools.embedded import EmbeddedServices, ServiceUrls, free_port
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from schemas import fleet
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
-from worker.simulate import build_fleet, message_stream, readings_per_message
+from worker.tools import fleet
+from worker.tools.simulate import build_fleet, message_stream, readings_per_message
 
 from .helpers import publish, running_daemon, wait_for_count
 

@@ -92,8 +92,7 @@ async def test_two_schedulers_and_two_workers_run_each_period_once(
 ) -> None:
     settings = with_unique_queue(settings)
     queue = settings.jobs.queue_name
-    res = await open_resources(settings, redis=arq_pool, clock=clock)
-    try:
+    async with open_resources(settings, clock=clock) as res:
         ctx = ctx_of(res, redis=arq_pool)
         first = await schedule_tick(ctx)
         second = await schedule_tick(ctx)  # another scheduler, the same minute
@@ -132,8 +131,6 @@ async def test_two_schedulers_and_two_workers_run_each_period_once(
             info = await Job(ident, arq_pool).result_info()
             assert info is not None and info.result["status"] == "skipped"
         assert await pg.fetchval("SELECT max(attempts) FROM job_runs") == 1
-    finally:
-        await res.close()
 
 
 async def test_a_job_failing_on_a_store_error_is_retried_then_recorded_as_failed(

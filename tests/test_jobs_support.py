@@ -13,8 +13,8 @@ import pytest
 
 from jobs.context import CTX_KEY, JobResources, open_resources
 from worker.config import Settings
-from worker.keys import delete_matching
-from worker.partitions import PartitionKeeper
+from worker.stores.partitions import PartitionKeeper
+from worker.stores.redis import delete_matching
 
 
 def utc(text: str) -> datetime:
@@ -42,7 +42,7 @@ def with_unique_queue(settings: Settings, **jobs: Any) -> Settings:
 async def drop_arq_keys(settings: Settings) -> AsyncIterator[None]:
     """arq's own keys (`arq:job:…`, `arq:result:…`) hold the queue name in their middle."""
     yield
-    await delete_matching(settings.redis.url, f"arq:*{settings.redis.key_prefix}*")
+    await delete_matching(settings.redis, f"arq:*{settings.redis.key_prefix}*")
 
 
 @pytest.fixture
@@ -52,9 +52,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def res(settings: Settings, clock: Clock) -> AsyncIterator[JobResources]:
-    resources = await open_resources(with_unique_queue(settings), clock=clock)
-    yield resources
-    await resources.close()
+    async with open_resources(with_unique_queue(settings), clock=clock) as resources:
+        yield resources
 
 
 def ctx_of(res: JobResources, **extra: Any) -> dict[str, Any]:

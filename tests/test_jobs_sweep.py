@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from jobs import tasks
 from jobs.context import JobResources
-from worker.keys import RedisKeys
+from worker.stores.keys import RedisKeys
 
 from .test_jobs_support import Clock, add_device, ctx_of, res, utc
 

@@ -15,7 +15,7 @@ import orjson
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
 from worker.intake.mqtt import build_client
-from worker.simulate import build_fleet, message_stream, readings_per_message, simulate
+from worker.tools.simulate import build_fleet, message_stream, readings_per_message, simulate
 
 from .conftest import start_worker_process
 from .helpers import wait_for_count

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker import registry
+from worker.decode import registry
 
 
 def test_negative_cache_purges_expired_entries_and_caps_its_size(monkeypatch: pytest.MonkeyPatch) -> None:

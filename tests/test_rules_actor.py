@@ -14,21 +14,20 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from schemas.records import DecodedBatch, Reading
+from schemas.records import AlertEvent, DecodedBatch, Reading
 from worker.config import Settings
-from worker.db import create_pool
-from worker.documents import PostgresDocumentStore
-from worker.keys import RedisKeys
 from worker.metrics import Metrics
 from worker.rules.actor import RulesActor
 from worker.rules.admin import RuleAdmin, open_admin
 from worker.rules.evaluator import Evaluator
-from worker.rules.events import AlertEvent
 from worker.rules.model import Scope, parse_rule
 from worker.rules.ruleset import RuleSet
 from worker.rules.source import rules_channel
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.alerts import AlertSink
+from worker.stores import Stores
+from worker.stores.documents import PostgresDocumentStore
+from worker.stores.keys import RedisKeys
 
 from .helpers import wait_for, wait_for_count
 
@@ -47,11 +46,11 @@ class Clock:
 class Harness:
     """A rules actor between two mailboxes; `forward` plays the writer with a real AlertSink."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, clock: Clock) -> None:
+    def __init__(self, stores: Stores, clock: Clock) -> None:
         self.outbox: Mailbox[DecodedBatch] = Mailbox(16)
-        self.actor = RulesActor(settings, self.outbox, pool, Metrics(), clock=clock)
+        self.actor = RulesActor(stores, self.outbox, Metrics(), clock=clock)
         self.inbox = self.actor.mailbox
-        self.sink = AlertSink(settings)
+        self.sink = AlertSink(stores)
         self.task = asyncio.create_task(self.actor.run())
 
     async def send(self, device_id: int, user_id: int, at: datetime, value: float) -> DecodedBatch:
@@ -72,13 +71,6 @@ class Harness:
 
 
 @pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    opened = await create_pool(settings.postgres, min_size=1, max_size=2)
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
 async def admin(settings: Settings) -> AsyncIterator[RuleAdmin]:
     async with open_admin(settings) as opened:
         yield opened
@@ -94,7 +86,7 @@ async def device(pg: asyncpg.Connection) -> tuple[int, int]:
 async def test_offline_detection_follows_the_injected_clock_and_survives_a_restart(
     settings: Settings,
     pg: asyncpg.Connection,
-    pool: asyncpg.Pool,
+    stores: Stores,
     admin: RuleAdmin,
     device: tuple[int, int],
     redis_client: aioredis.Redis,
@@ -105,7 +97,7 @@ async def test_offline_detection_follows_the_injected_clock_and_survives_a_resta
     pubsub = redis_client.pubsub()
     await pubsub.subscribe(f"{settings.redis.key_prefix}channel:user:{user_id}:notifications")
     clock = Clock(T0)
-    harness = Harness(settings, pool, clock)
+    harness = Harness(stores, clock)
     try:
         await harness.send(device_id, user_id, T0, 20.0)
         clock.now = T0 + timedelta(seconds=599)
@@ -124,7 +116,7 @@ async def test_offline_detection_follows_the_injected_clock_and_survives_a_resta
     await pubsub.aclose()
 
     clock.now = T0 + timedelta(hours=5)  # restarted much later: still the same single alert
-    harness = Harness(settings, pool, clock)
+    harness = Harness(stores, clock)
     try:
         await asyncio.sleep(0.2)
         assert await pg.fetchval(ALERTS) == 1
@@ -138,14 +130,14 @@ async def test_offline_detection_follows_the_injected_clock_and_survives_a_resta
 
 
 async def test_a_withdrawal_stored_before_its_alert_still_resolves_it(
-    settings: Settings, pg: asyncpg.Connection, pool: asyncpg.Pool, admin: RuleAdmin, device: tuple[int, int]
+    settings: Settings, pg: asyncpg.Connection, stores: Stores, admin: RuleAdmin, device: tuple[int, int]
 ) -> None:
     device_id, user_id = device
     scope = Scope("device", device_id)
     await admin.set_rule(
         scope, {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30}
     )
-    harness = Harness(settings, pool, Clock(T0))
+    harness = Harness(stores, Clock(T0))
     try:
         held = await harness.send(device_id, user_id, T0, 35.0)  # the writer has not stored it yet
         assert [e.kind for e in held.alerts] == ["fired"]
@@ -159,21 +151,21 @@ async def test_a_withdrawal_stored_before_its_alert_still_resolves_it(
 
 
 async def test_the_sink_is_idempotent_and_announces_what_a_crash_left_unannounced(
-    settings: Settings, pg: asyncpg.Connection, pool: asyncpg.Pool, admin: RuleAdmin, device: tuple[int, int]
+    settings: Settings, pg: asyncpg.Connection, stores: Stores, admin: RuleAdmin, device: tuple[int, int]
 ) -> None:
     device_id, user_id = device
     await admin.set_rule(
         Scope("device", device_id),
         {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30},
     )
-    harness = Harness(settings, pool, Clock(T0))
+    harness = Harness(stores, Clock(T0))
     try:
         batch = await harness.send(device_id, user_id, T0, 35.0)
     finally:
         await harness.stop()
     recent = f"{settings.redis.key_prefix}alerts:{device_id}"
     client = aioredis.Redis.from_url(settings.redis.url)
-    sink = AlertSink(settings)
+    sink = AlertSink(stores)
     try:
         await sink.write(batch)
         await sink.write(batch)  # the writer retrying, or the broker redelivering
@@ -204,7 +196,7 @@ class CrashingSink(AlertSink):
 
 
 async def test_an_alert_stored_but_not_announced_before_a_crash_is_announced_after_the_restart(
-    settings: Settings, pg: asyncpg.Connection, pool: asyncpg.Pool, admin: RuleAdmin, device: tuple[int, int]
+    settings: Settings, pg: asyncpg.Connection, stores: Stores, admin: RuleAdmin, device: tuple[int, int]
 ) -> None:
     device_id, user_id = device
     await admin.set_rule(
@@ -219,10 +211,10 @@ async def test_an_alert_stored_but_not_announced_before_a_crash_is_announced_aft
             (25.0, T0 + timedelta(seconds=1), ["alert.resolved", "alert.fired"]),
         ):
             before = len(announced) - 1
-            harness = Harness(settings, pool, Clock(T0))  # a new process each time
+            harness = Harness(stores, Clock(T0))  # a new process each time
             try:
                 await wait_for(partial(_llen_is, client, recent, before), timeout=5)
-                crashing = CrashingSink(settings)
+                crashing = CrashingSink(stores)
                 try:
                     with pytest.raises(RuntimeError):
                         await crashing.write(await harness.send(device_id, user_id, at, value))
@@ -231,7 +223,7 @@ async def test_an_alert_stored_but_not_announced_before_a_crash_is_announced_aft
             finally:
                 await harness.stop()
             assert await client.llen(recent) == before
-            harness = Harness(settings, pool, Clock(T0))  # restarted; the broker redelivers the reading
+            harness = Harness(stores, Clock(T0))  # restarted; the broker redelivers the reading
             try:
                 await wait_for(partial(_llen_is, client, recent, before + 1), timeout=5)
                 redelivered = await harness.send(device_id, user_id, at, value)
@@ -252,13 +244,13 @@ async def test_an_alert_stored_but_not_announced_before_a_crash_is_announced_aft
 
 
 async def test_a_store_outage_longer_than_an_offline_rule_raises_no_offline_alert(
-    settings: Settings, pg: asyncpg.Connection, pool: asyncpg.Pool, admin: RuleAdmin, device: tuple[int, int]
+    settings: Settings, pg: asyncpg.Connection, stores: Stores, admin: RuleAdmin, device: tuple[int, int]
 ) -> None:
     device_id, user_id = device
     settings.rules = replace(settings.rules, offline_check_s=0.02)
     await admin.set_rule(Scope("device", device_id), {"id": "silent", "type": "offline", "duration": "10m"})
     clock = Clock(T0)
-    harness = Harness(settings, pool, clock)
+    harness = Harness(stores, clock)
     harness.actor.stall_s = 0.3
     try:
         await harness.send(device_id, user_id, T0, 20.0)
@@ -302,7 +294,7 @@ class PausingStore:
 
 
 async def test_a_withdrawal_racing_the_insert_of_its_alert_still_resolves_it(
-    settings: Settings, pg: asyncpg.Connection, pool: asyncpg.Pool
+    settings: Settings, pg: asyncpg.Connection, stores: Stores
 ) -> None:
     hot = parse_rule(
         {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30},
@@ -311,8 +303,8 @@ async def test_a_withdrawal_racing_the_insert_of_its_alert_still_resolves_it(
     evaluator = Evaluator(RuleSet([hot]), Clock(T0))
     (fired,) = evaluator.evaluate([Reading(T0, 5, 1, 35.0, "temperature")], {5: None})
     (withdrawn,) = evaluator.replace_rules(RuleSet([]))
-    store = PausingStore(PostgresDocumentStore(pool))
-    actor_sink, writer_sink = AlertSink(settings), AlertSink(settings)
+    store = PausingStore(PostgresDocumentStore(stores.postgres))
+    actor_sink, writer_sink = AlertSink(stores), AlertSink(stores)
     actor_sink._docs = store  # type: ignore[assignment]
     try:
         withdrawing = asyncio.create_task(actor_sink.write_events([withdrawn]))
@@ -328,12 +320,12 @@ async def test_a_withdrawal_racing_the_insert_of_its_alert_still_resolves_it(
 
 
 async def test_announcements_survive_an_unexpected_listener_error(
-    settings: Settings, pool: asyncpg.Pool, admin: RuleAdmin, device: tuple[int, int]
+    settings: Settings, stores: Stores, admin: RuleAdmin, device: tuple[int, int]
 ) -> None:
     device_id, user_id = device
     settings.rules = replace(settings.rules, refresh_s=3600)  # only an announcement reloads
-    harness = Harness(settings, pool, Clock(T0))
-    real_pubsub = harness.actor._redis.pubsub
+    harness = Harness(stores, Clock(T0))
+    real_pubsub = stores.redis.pubsub
     calls = 0
 
     def pubsub() -> Any:
@@ -348,7 +340,7 @@ async def test_announcements_survive_an_unexpected_listener_error(
             made.subscribe = subscribe
         return made
 
-    harness.actor._redis.pubsub = pubsub  # type: ignore[method-assign]
+    stores.redis.pubsub = pubsub  # type: ignore[method-assign]
     client = aioredis.Redis.from_url(settings.redis.url)
     channel = rules_channel(RedisKeys(settings.redis.key_prefix))
     try:

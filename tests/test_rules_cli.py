@@ -13,10 +13,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from schemas.records import AlertEvent
 from worker.cli import main
 from worker.config import Settings
-from worker.rules.events import AlertEvent, alert_id
+from worker.rules.events import alert_id
 from worker.sinks.alerts import AlertSink
+from worker.stores import Stores
 
 from .conftest import worker_env
 
@@ -34,7 +36,7 @@ class Cli:
                 monkeypatch.setenv(name, value)
         # `main` configures logging for a process; in-process it would bind structlog to
         # capsys's stream, which closes after the test. Keep the session's configuration.
-        monkeypatch.setattr("worker.cli.configure_logging", lambda *args, **kwargs: None)
+        monkeypatch.setattr("worker.cli.app.configure_logging", lambda *args, **kwargs: None)
         self._capsys = capsys
 
     async def __call__(self, *argv: str) -> tuple[int, str, str]:
@@ -175,11 +177,11 @@ duration = "5m"
 
 
 async def test_list_and_acknowledge_alerts(
-    cli: Cli, settings: Settings, device_id: int, pg: asyncpg.Connection
+    cli: Cli, settings: Settings, stores: Stores, device_id: int, pg: asyncpg.Connection
 ) -> None:
     now = datetime.now(UTC)
     alert = alert_id("global/hot", device_id, now)
-    sink = AlertSink(settings)
+    sink = AlertSink(stores)
     try:
         fired = AlertEvent(
             "fired", alert, "global/hot", device_id, 1, "threshold", "critical",

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from schemas.records import Reading
+from schemas.records import AlertEvent, Reading
 from worker.rules.evaluator import Evaluator, StoredAlert
-from worker.rules.events import AlertEvent, alert_id
+from worker.rules.events import alert_id
 from worker.rules.model import Rule, Scope, parse_rule
 from worker.rules.ruleset import RuleSet
 

@@ -20,11 +20,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from worker.config import Settings
-from worker.documents import PostgresDocumentStore
 from worker.pipeline import Daemon
 from worker.rules.admin import RuleAdmin, open_admin
 from worker.rules.events import compact_time
 from worker.rules.model import Scope
+from worker.stores.documents import PostgresDocumentStore
 
 from .helpers import publish, running_daemon, wait_for, wait_for_count
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+from worker.exit_codes import ExitCode
 from worker.runtime.actor import Actor, MailboxActor
 from worker.runtime.mailbox import Mailbox
-from worker.runtime.supervisor import EXIT_GAVE_UP, EXIT_OK, ActorGroup, RestartPolicy, Supervisor
+from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 
 
 class Crasher(Actor):
@@ -72,7 +73,7 @@ async def test_crashes_restart_with_backoff_then_the_supervisor_gives_up() -> No
     policy = RestartPolicy(limit=3, window_s=60, backoff_s=0.02, backoff_max_s=0.05)
     supervisor = Supervisor(build, policy)
     code = await asyncio.wait_for(supervisor.run(), 10)
-    assert code == EXIT_GAVE_UP
+    assert code == ExitCode.FAILURE
     assert builds == 4  # the first start and three restarts
 
 
@@ -94,7 +95,7 @@ async def test_a_crash_restarts_the_group_and_it_recovers() -> None:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)
     supervisor.request_stop()
-    assert await asyncio.wait_for(task, 10) == EXIT_OK
+    assert await asyncio.wait_for(task, 10) == ExitCode.OK
 
 
 async def test_graceful_stop_drains_upstream_first_and_closes_downstream_first() -> None:
@@ -111,7 +112,7 @@ async def test_graceful_stop_drains_upstream_first_and_closes_downstream_first()
     while mailbox.qsize() < 40 and not seen:
         await asyncio.sleep(0.001)
     supervisor.request_stop()
-    assert await asyncio.wait_for(task, 10) == EXIT_OK
+    assert await asyncio.wait_for(task, 10) == ExitCode.OK
     assert seen == list(range(50))  # nothing left behind in the mailbox
     assert log == ["producer stopped", "drained:50", "collector closed", "producer closed"]
 
@@ -133,7 +134,7 @@ async def test_shutdown_past_its_timeout_exits_non_zero() -> None:
     task = asyncio.create_task(supervisor.run())
     await asyncio.sleep(0.05)
     supervisor.request_stop()
-    assert await asyncio.wait_for(task, 10) == EXIT_GAVE_UP
+    assert await asyncio.wait_for(task, 10) == ExitCode.FAILURE
 
 
 async def test_mailbox_backpressure_blocks_the_producer() -> None:

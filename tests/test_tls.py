@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from worker.config import Settings
-from worker.embedded import free_port
+from worker.tools.embedded import free_port
 
 from .helpers import running_daemon, wait_for_count
 

@@ -48,10 +48,15 @@ class Metrics:
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
         self.gauges: dict[str, Callable[[], float]] = {}
-        self.commit_latency = LatencyHistogram()
+        self.commit_latency = LatencyHistogram()  # since start, for /metrics
+        self.interval_commit_latency = LatencyHistogram()  # reset by each progress line
 
     def inc(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
+
+    def observe_commit_latency(self, seconds: float) -> None:
+        self.commit_latency.observe(seconds)
+        self.interval_commit_latency.observe(seconds)
 
     def render_prometheus(self) -> str:
         lines = []

@@ -1,26 +1,30 @@
-"""Wiring: settings → the actor group intake → decoder → rules → writer, and the daemon around it."""
+"""Wiring: stores → the actor group intake → decoder → rules → writer, and the daemon around it.
+
+The daemon opens the `Stores` once, before the supervisor starts, and closes them
+after the supervisor has stopped the last actor: every incarnation of the pipeline
+(a new one after each crash) borrows the same connections.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
-import redis.asyncio as aioredis
 import structlog
 
 from schemas.records import DecodedBatch, RawMessage
 from worker.config import Settings
-from worker.db import create_pool
 from worker.decode.codecs import load_codecs
 from worker.decode.decoder import Decoder
 from worker.decode.parse import Limits
+from worker.decode.registry import DeviceRegistry
+from worker.exit_codes import ExitCode
 from worker.http import HealthServer
 from worker.intake.mqtt import MqttIntake
-from worker.keys import RedisKeys
 from worker.metrics import Metrics
-from worker.migrate import schema_problem
-from worker.registry import DeviceRegistry
+from worker.retry import STORE_BACKOFF, TRANSIENT_ERRORS
 from worker.rules.actor import RulesActor
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
@@ -29,17 +33,19 @@ from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
-from worker.writer import BatchWriter
+from worker.sinks.writer import BatchWriter
+from worker.stores import Stores, open_stores
+from worker.stores.migrate import schema_problem
 
 log = structlog.get_logger("worker.pipeline")
-
-EXIT_CONFIG = 2  # as for a bad setting: nothing a restart would fix
 
 
 class Pipeline:
     """One incarnation of the actor group; the supervisor builds a new one after a crash."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, stores: Stores, metrics: Metrics) -> None:
+        settings = stores.settings
+        self.stores = stores
         self.settings = settings
         self.metrics = metrics
         pipeline = settings.pipeline
@@ -47,37 +53,28 @@ class Pipeline:
         # Decoded batches hold up to a decoder batch each; a few are enough to keep the writer busy.
         self.decoded: Mailbox[DecodedBatch] = Mailbox(max(4, pipeline.mailbox_size // Decoder.batch_max))
         self.intake = MqttIntake(settings.mqtt, self.raw, metrics)
-        self.keys = RedisKeys(settings.redis.key_prefix)
-        self.redis = aioredis.Redis.from_url(settings.redis.url, socket_timeout=10, socket_connect_timeout=5)
         self.codecs = load_codecs(Path(pipeline.codecs) if pipeline.codecs else None)
 
-    async def build(self) -> ActorGroup:
-        settings = self.settings
-        self.pool = await create_pool(settings.postgres, min_size=1, max_size=2)
+    def build(self) -> ActorGroup:
+        stores, settings = self.stores, self.settings
         registry = DeviceRegistry(
-            self.pool, self.redis, self.keys, settings.pipeline.unknown_devices == "register"
+            stores.postgres, stores.redis, stores.keys, settings.pipeline.unknown_devices == "register"
         )
         limits = Limits(
             max_payload_bytes=settings.pipeline.max_payload_bytes,
             max_future_s=settings.pipeline.max_future_s,
             max_age_s=settings.pipeline.max_age_s,
         )
-        sinks: list[Sink] = [
-            PostgresTimeseriesWriter(settings.postgres, settings.pipeline.dead_letter_payload_bytes),
-            RedisHotStateWriter(
-                aioredis.Redis.from_url(settings.redis.url, socket_timeout=10, socket_connect_timeout=5),
-                self.keys,
-            ),
-        ]
+        sinks: list[Sink] = [PostgresTimeseriesWriter(stores), RedisHotStateWriter(stores.redis, stores.keys)]
         # With rules on: decoder → `evaluating` → rules actor → `decoded` → writer, whose
         # AlertSink stores the alerts a batch caused before its messages are acknowledged.
         stages: list[Actor] = []
         decoder_out = self.decoded
         if settings.rules.enabled:
-            rules = RulesActor(settings, self.decoded, self.pool, self.metrics)
+            rules = RulesActor(stores, self.decoded, self.metrics)
             decoder_out = rules.mailbox
             stages.append(rules)
-            sinks.append(AlertSink(settings))
+            sinks.append(AlertSink(stores))
         decoder = Decoder(self.raw, decoder_out, self.codecs, limits, registry, self.metrics)
         self.writer = BatchWriter(
             self.decoded,
@@ -87,7 +84,7 @@ class Pipeline:
             settings.pipeline.batch_size,
             settings.pipeline.flush_interval_ms / 1000,
         )
-        actors: list[Actor] = [self.intake, decoder, *stages, self.writer, _Resources(self)]
+        actors: list[Actor] = [self.intake, decoder, *stages, self.writer]
         return ActorGroup(actors, helpers=[self._report])
 
     async def wait_ready(self) -> None:
@@ -95,23 +92,17 @@ class Pipeline:
 
     async def readiness(self) -> dict[str, bool]:
         checks = {"mqtt": self.intake.connected, "sinks": not self.writer.down}
-        try:
-            async with self.pool.acquire(timeout=2) as conn:
-                checks["postgres"] = await conn.fetchval("SELECT true", timeout=2)
-        except Exception:
-            checks["postgres"] = False
-        try:
-            checks["redis"] = bool(await asyncio.wait_for(self.redis.ping(), 2))
-        except Exception:
-            checks["redis"] = False
+        checks.update(await self.stores.health())
         return checks
 
     async def _report(self) -> None:
-        """One progress line per interval, never one per message."""
+        """One progress line per interval, never one per message; every figure is the interval's."""
         interval = self.settings.runtime.report_interval_s
         counters = self.metrics.counters
         last_received, last_written = counters["messages_received"], counters["readings_written"]
         last_time = time.monotonic()
+        latency = self.metrics.interval_commit_latency
+        latency.reset()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -124,40 +115,21 @@ class Pipeline:
                 readings=counters["readings_written"],
                 dead_letters=counters["dead_letters"],
                 mailbox=self.raw.qsize(),
-                p99_commit_latency_s=round(self.metrics.commit_latency.quantile(0.99), 4),
+                p99_commit_latency_s=round(latency.quantile(0.99), 4) if latency.total else None,
             )
             last_received, last_written = counters["messages_received"], counters["readings_written"]
             last_time = now
-
-
-class _Resources(Actor):
-    """Holds the shared pool and clients so they close after the actors that use them."""
-
-    name = "resources"
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        self._pipeline = pipeline
-        self._stopped = asyncio.Event()
-
-    async def run(self) -> None:
-        await self._stopped.wait()
-
-    async def stop(self) -> None:
-        self._stopped.set()
-
-    async def close(self) -> None:
-        self._stopped.set()
-        await self._pipeline.pool.close()
-        await self._pipeline.redis.aclose()
+            latency.reset()
 
 
 class Daemon:
-    """`iotflow run`: the supervised pipeline plus the health server."""
+    """`iotflow run`: the stores, the supervised pipeline and the health server."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.pipeline: Pipeline | None = None
+        self._stores: Stores | None = None
         runtime = settings.runtime
         self.supervisor = Supervisor(
             self._build,
@@ -174,8 +146,9 @@ class Daemon:
         self.health: HealthServer | None = None
 
     async def _build(self) -> ActorGroup:
-        pipeline = Pipeline(self.settings, self.metrics)
-        group = await pipeline.build()
+        assert self._stores is not None  # run() opened them before starting the supervisor
+        pipeline = Pipeline(self._stores, self.metrics)
+        group = pipeline.build()
         self.pipeline = pipeline
         self.metrics.gauges["mqtt_buffered"] = lambda: float(pipeline.intake.buffered)
         self.metrics.gauges["mailbox_raw"] = lambda: float(pipeline.raw.qsize())
@@ -188,33 +161,43 @@ class Daemon:
         self.ready.set()
 
     async def _readiness(self) -> dict[str, bool]:
-        return await self.pipeline.readiness() if self.pipeline else {"pipeline": False}
+        if self.pipeline is not None:
+            return await self.pipeline.readiness()
+        if self._stores is not None:
+            return {"pipeline": False, **await self._stores.health()}
+        return {"pipeline": False, "stores": False}
 
     def request_stop(self) -> None:
         self.supervisor.request_stop()
 
-    async def run(self, handle_signals: bool = True) -> int:
+    async def run(self, handle_signals: bool = True) -> ExitCode:
         """Run until stopped; return the process exit code."""
-        problem = await schema_problem(self.settings.postgres)
-        if problem:
-            log.error("schema.not_ready", problem=problem)
-            return EXIT_CONFIG
-        if handle_signals:
+        if handle_signals:  # first, so a signal however early ends in an orderly stop
             self.supervisor.install_signal_handlers()
-        if self.settings.http.enabled:
-            self.health = HealthServer(self.settings.http, self.metrics, self._readiness)
-            await self.health.start()
-        code = 1
+        code = ExitCode.FAILURE
         try:
-            code = await self.supervisor.run()
-            return code
+            async with contextlib.AsyncExitStack() as stack:
+                if self.settings.http.enabled:
+                    self.health = HealthServer(self.settings.http, self.metrics, self._readiness)
+                    await self.health.start()
+                    stack.push_async_callback(self.health.stop)
+                self._stores = await self._open_stores(stack)
+                if self._stores is None:  # stopped while waiting for them
+                    code = ExitCode.OK
+                    return code
+                problem = await schema_problem(self._stores.postgres, self.settings.postgres.schema)
+                if problem:
+                    log.error("schema.not_ready", problem=problem)
+                    code = ExitCode.CONFIG
+                    return code
+                code = await self.supervisor.run()
+                return code
         finally:
-            if self.health is not None:
-                await self.health.stop()
+            self._stores = None
             counters = self.metrics.counters
             log.info(  # the totals the last progress line (cancelled at shutdown) cannot have
                 "daemon.stopped",
-                exit_code=code,
+                exit_code=int(code),
                 received=counters["messages_received"],
                 committed=counters["messages_committed"],
                 readings=counters["readings_written"],
@@ -222,6 +205,19 @@ class Daemon:
                 restarts=self.supervisor.restarts_total,
             )
 
+    async def _open_stores(self, stack: contextlib.AsyncExitStack) -> Stores | None:
+        """Connect to the stores, waiting with backoff while one is unreachable; None if
+        stopped meanwhile. No `READY=1` goes out before this returns."""
+        delays = STORE_BACKOFF.delays()
+        while True:
+            try:
+                return await stack.enter_async_context(open_stores(self.settings))
+            except TRANSIENT_ERRORS as exc:
+                delay = next(delays)
+                log.warning("stores.waiting", error=repr(exc), retry_in_s=round(delay, 2))
+                if await self.supervisor.wait_stopped(delay):
+                    return None
 
-async def run_daemon(settings: Settings) -> int:
+
+async def run_daemon(settings: Settings) -> ExitCode:
     return await Daemon(settings).run()

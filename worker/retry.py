@@ -1,9 +1,20 @@
-"""Waiting out a store that went away: which errors count, and the retry loop with backoff."""
+"""Waiting out a store that went away: which errors count, how long to wait, and the loop.
+
+One classification (`TRANSIENT_ERRORS`) and one backoff (`Backoff`, exponential with
+jitter, so workers that lost the same server do not come back in lockstep) serve the
+writer, the decoder, the rules actor, intake's reconnects, the supervisor's restarts
+and the jobs' retries. Hand-written rather than a retry library's: the loop has to
+report an outage once (not per try), flag the store down for /readyz and drop broken
+connections between tries, and the jobs only need the delay, because arq re-queues
+the job itself (`Retry(defer=…)`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -14,28 +25,60 @@ log = structlog.get_logger("worker.retry")
 
 T = TypeVar("T")
 
-# Errors that mean "the store is away", worth waiting out; anything else is a bug and crashes.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    # Class 40: another writer (a second worker) held the rows; the transaction can simply run again.
-    asyncpg.exceptions.TransactionRollbackError,
-    # A replica promoted during failover answers read-only for a moment.
-    asyncpg.exceptions.ReadOnlySQLTransactionError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-)
 
-RETRY_MIN_S = 0.2
-RETRY_MAX_S = 10.0
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [
+        OSError,  # refused, reset, unreachable; TimeoutError is one too
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,  # e.g. the connection was closed under us
+        asyncpg.exceptions.CannotConnectNowError,  # starting up or shutting down
+        # Class 57: statement timeout, admin shutdown, crash recovery.
+        asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+        asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+        # Class 40: another writer (a second worker) held the rows; the transaction can simply run again.
+        asyncpg.exceptions.TransactionRollbackError,
+        # A replica promoted during failover answers read-only for a moment.
+        asyncpg.exceptions.ReadOnlySQLTransactionError,
+        redis.exceptions.ReadOnlyError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.BusyLoadingError,
+    ]
+    try:
+        from pymongo.errors import ConnectionFailure  # AutoReconnect, server selection timeouts
+    except ImportError:
+        pass
+    else:
+        errors.append(ConnectionFailure)
+    return tuple(errors)
+
+
+# Errors that mean "the store is away", worth waiting out; anything else is a bug and crashes.
+TRANSIENT_ERRORS = _transient_errors()
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Doubling delays from `first_s` up to `cap_s`, each drawn from its upper half."""
+
+    first_s: float = 0.2
+    cap_s: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        """The wait after the `attempt`-th failure in a row (1 for the first)."""
+        ceiling = min(self.cap_s, self.first_s * 2 ** max(0, attempt - 1))
+        return ceiling * (0.5 + random.random() / 2)
+
+    def delays(self) -> Iterator[float]:
+        """Delays for consecutive failures; start a new iterator after a success."""
+        attempt = 0
+        while True:
+            attempt += 1
+            yield self.delay(attempt)
+
+
+STORE_BACKOFF = Backoff()
 
 
 async def retry_transient(
@@ -45,14 +88,15 @@ async def retry_transient(
     reset: Callable[[], Awaitable[None]] | None = None,
     on_down: Callable[[BaseException], None] | None = None,
     on_up: Callable[[], None] | None = None,
+    backoff: Backoff = STORE_BACKOFF,
     **context: Any,
 ) -> T:
-    """Run `attempt` until it succeeds, sleeping with doubling backoff after transient errors.
+    """Run `attempt` until it succeeds, sleeping with backoff after transient errors.
 
     One `{event}.unavailable` line when the outage starts and one `{event}.recovered`
     line when it ends, never one per retry. `reset` drops broken connections.
     """
-    delay = RETRY_MIN_S
+    delays = backoff.delays()
     failing = False
     while True:
         try:
@@ -65,8 +109,7 @@ async def retry_transient(
                 on_down(exc)
             if reset is not None:
                 await reset()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
+            await asyncio.sleep(next(delays))
             continue
         if failing:
             log.info(f"{event}.recovered", **context)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from schemas.records import DeadLetter, DecodedBatch, RawMessage, Reading
+from schemas.records import DeadLetter, DecodedBatch, RawMessage, Reading, Reason
 from worker.decode.codecs import Codec
 from worker.decode.parse import Limits, ParsedMessage, Rejected, parse_message
+from worker.decode.registry import DeviceRegistry
 from worker.metrics import Metrics
-from worker.registry import DeviceRegistry
 from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
@@ -60,7 +60,7 @@ class Decoder(MailboxActor[RawMessage]):
                     )
                 )
             except Rejected as exc:
-                batch.dead_letters.append(_dead(message, exc.reason))
+                batch.dead_letters.append(_dead(message, exc.reason, exc.detail))
         if parsed:
             await self._resolve(parsed, batch)
         return batch
@@ -73,12 +73,13 @@ class Decoder(MailboxActor[RawMessage]):
                 batch.dead_letters.append(
                     _dead(
                         message,
-                        f"unknown_device: {result.device.kind} {result.device.value} is not in devices",
+                        Reason.UNKNOWN_DEVICE,
+                        f"{result.device.kind} {result.device.value} is not in devices",
                     )
                 )
                 continue
             if device.status == "disabled":
-                batch.dead_letters.append(_dead(message, f"device_disabled: device {device.id}"))
+                batch.dead_letters.append(_dead(message, Reason.DEVICE_DISABLED, f"device {device.id}"))
                 continue
             known = device.datapoints
             if all(r.label in known for r in result.readings):
@@ -89,7 +90,7 @@ class Decoder(MailboxActor[RawMessage]):
             if unknown:
                 # All or nothing per message, so a redelivery never half-succeeds differently.
                 batch.dead_letters.append(
-                    _dead(message, f"unknown_datapoint: {', '.join(unknown)} on device {device.id}")
+                    _dead(message, Reason.UNKNOWN_DATAPOINT, f"{', '.join(unknown)} on device {device.id}")
                 )
                 continue
             batch.device_users[device.id] = device.user_id
@@ -97,14 +98,15 @@ class Decoder(MailboxActor[RawMessage]):
                 Reading(r.timestamp, device.id, ids[r.label], r.value, r.label) for r in result.readings
             )
             if result.skipped:
-                batch.dead_letters.append(_dead(message, "skipped_fields: " + "; ".join(result.skipped)))
+                batch.dead_letters.append(_dead(message, Reason.SKIPPED_FIELDS, "; ".join(result.skipped)))
 
 
-def _dead(message: RawMessage, reason: str) -> DeadLetter:
+def _dead(message: RawMessage, reason: Reason, detail: str) -> DeadLetter:
     # PostgreSQL text cannot hold NUL; a dead letter must never fail to store.
     return DeadLetter(
         message.topic.replace("\x00", "\\x00"),
         message.payload,
-        reason.replace("\x00", "\\x00"),
+        reason,
+        detail.replace("\x00", "\\x00"),
         message.received_at,
     )

@@ -14,16 +14,17 @@ from typing import Any
 
 import orjson
 
+from schemas.records import Reason
 from worker.decode.codecs import Codec, FrameError
 
 
 class Rejected(Exception):
-    """The message cannot be stored; `reason` is `code: detail`."""
+    """The message cannot be stored, for `reason`; `detail` says what exactly."""
 
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.reason = f"{code}: {detail}"
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ def normalise_mac(text: str) -> str:
     """`AA-BB-CC-DD-EE-01`, `aabbccddee01` … → `aa:bb:cc:dd:ee:01`; Rejected otherwise."""
     digits = "".join(ch for ch in text.lower() if ch not in ":-.")
     if len(digits) != 12 or any(ch not in "0123456789abcdef" for ch in digits):
-        raise Rejected("bad_topic", f"{text!r} is not a MAC address")
+        raise Rejected(Reason.BAD_TOPIC, f"{text!r} is not a MAC address")
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
@@ -69,13 +70,13 @@ def parse_message(
     topic: str, payload: bytes, received_at: float, codecs: dict[str, Codec], limits: Limits
 ) -> ParsedMessage:
     if len(payload) > limits.max_payload_bytes:
-        raise Rejected("too_large", f"{len(payload)} bytes > {limits.max_payload_bytes}")
+        raise Rejected(Reason.TOO_LARGE, f"{len(payload)} bytes > {limits.max_payload_bytes}")
     levels = topic.split("/")
     if len(levels) == 5 and levels[0] in ("tele", "stat"):
         return _parse_f2(levels, payload, received_at, codecs, limits)
     if len(levels) == 3 and levels[0] == "devices" and levels[2] == "telemetry" and levels[1]:
         return _parse_json_telemetry(levels[1], payload, received_at, limits)
-    raise Rejected("unsupported_topic", f"{topic!r} matches no SPEC §2 topic layout")
+    raise Rejected(Reason.UNSUPPORTED_TOPIC, f"{topic!r} matches no SPEC §2 topic layout")
 
 
 def _parse_f2(
@@ -83,29 +84,29 @@ def _parse_f2(
 ) -> ParsedMessage:
     _, device_level, mode_level, mode, sensor_level = levels
     if not device_level.startswith("f2-") or mode_level != "sensor-mode":
-        raise Rejected("bad_topic", "expected {tele|stat}/f2-{mac}/sensor-mode/{mode}/sensor-{label}")
+        raise Rejected(Reason.BAD_TOPIC, "expected {tele|stat}/f2-{mac}/sensor-mode/{mode}/sensor-{label}")
     if not sensor_level.startswith("sensor-") or len(sensor_level) == len("sensor-"):
-        raise Rejected("bad_topic", f"{sensor_level!r} does not name a sensor")
+        raise Rejected(Reason.BAD_TOPIC, f"{sensor_level!r} does not name a sensor")
     mac = normalise_mac(device_level[3:])
     label = sensor_level[len("sensor-") :]
     codec = codecs.get(mode)
     if codec is None:
-        raise Rejected("unknown_codec", f"no codec for sensor mode {mode!r}")
+        raise Rejected(Reason.UNKNOWN_CODEC, f"no codec for sensor mode {mode!r}")
     document = _load_json(payload)
     if not isinstance(document, dict) or "data" not in document:
-        raise Rejected("bad_payload", 'expected {"timestamp": …, "data": "<hex>"}')
+        raise Rejected(Reason.BAD_PAYLOAD, 'expected {"timestamp": …, "data": "<hex>"}')
     data = document["data"]
     if not isinstance(data, str):
-        raise Rejected("bad_payload", "`data` must be a hex string")
+        raise Rejected(Reason.BAD_PAYLOAD, "`data` must be a hex string")
     try:
         frame = binascii.unhexlify(data)
     except (binascii.Error, ValueError):
-        raise Rejected("bad_hex", f"`data` is not hex: {data[:40]!r}") from None
+        raise Rejected(Reason.BAD_HEX, f"`data` is not hex: {data[:40]!r}") from None
     timestamp = parse_timestamp(document.get("timestamp"), received_at, limits)
     try:
         values = codec.decode(frame)
     except FrameError as exc:
-        raise Rejected("bad_frame", str(exc)) from None
+        raise Rejected(Reason.BAD_FRAME, str(exc)) from None
     units = codec.units()
     readings = [ParsedReading(f"{label}.{name}", value, timestamp, units[name]) for name, value in values]
     return ParsedMessage(DeviceRef("mac", mac), readings)
@@ -117,15 +118,15 @@ def _parse_json_telemetry(
     document = _load_json(payload)
     entries = document if isinstance(document, list) else [document]
     if not entries:
-        raise Rejected("bad_payload", "empty list")
+        raise Rejected(Reason.BAD_PAYLOAD, "empty list")
     message = ParsedMessage(DeviceRef("key", device_key), [])
     for entry in entries:
         if not isinstance(entry, dict):
-            raise Rejected("bad_payload", "telemetry must be an object or a list of objects")
+            raise Rejected(Reason.BAD_PAYLOAD, "telemetry must be an object or a list of objects")
         if "values" in entry:
             values = entry["values"]
             if not isinstance(values, dict):
-                raise Rejected("bad_payload", "`values` must be an object")
+                raise Rejected(Reason.BAD_PAYLOAD, "`values` must be an object")
             timestamp = parse_timestamp(entry.get("ts"), received_at, limits)
         else:
             values = entry
@@ -144,7 +145,7 @@ def _parse_json_telemetry(
             message.readings.append(ParsedReading(name, float(value), timestamp))
     if not message.readings:
         detail = "; ".join(message.skipped) or "no values"
-        raise Rejected("no_numeric_values", detail)
+        raise Rejected(Reason.NO_NUMERIC_VALUES, detail)
     return message
 
 
@@ -152,7 +153,7 @@ def _load_json(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        raise Rejected("bad_json", str(exc)) from None
+        raise Rejected(Reason.BAD_JSON, str(exc)) from None
 
 
 def parse_timestamp(value: Any, received_at: float, limits: Limits) -> datetime:
@@ -161,27 +162,27 @@ def parse_timestamp(value: Any, received_at: float, limits: Limits) -> datetime:
     if value is None:
         epoch = received_at
     elif isinstance(value, bool):
-        raise Rejected("bad_timestamp", "timestamp must be ISO-8601 text or an epoch number")
+        raise Rejected(Reason.BAD_TIMESTAMP, "timestamp must be ISO-8601 text or an epoch number")
     elif isinstance(value, int | float):
         epoch = value / 1000.0 if value > 1e11 else float(value)  # > year 5138 in s: it is ms
         if not math.isfinite(epoch):
-            raise Rejected("bad_timestamp", "not a finite number")
+            raise Rejected(Reason.BAD_TIMESTAMP, "not a finite number")
     elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise Rejected("bad_timestamp", f"{value[:40]!r} is not ISO-8601") from None
+            raise Rejected(Reason.BAD_TIMESTAMP, f"{value[:40]!r} is not ISO-8601") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)  # devices without a zone report UTC
         try:
             epoch = parsed.timestamp()
             exact = parsed.astimezone(UTC)
         except (OverflowError, ValueError):  # year 1 or 9999 pushed past the range by its zone
-            raise Rejected("bad_timestamp", f"{value[:40]!r} is out of range") from None
+            raise Rejected(Reason.BAD_TIMESTAMP, f"{value[:40]!r} is out of range") from None
     else:
-        raise Rejected("bad_timestamp", "timestamp must be ISO-8601 text or an epoch number")
+        raise Rejected(Reason.BAD_TIMESTAMP, "timestamp must be ISO-8601 text or an epoch number")
     if epoch > received_at + limits.max_future_s:
-        raise Rejected("timestamp_out_of_range", f"{epoch - received_at:.0f} s in the future")
+        raise Rejected(Reason.TIMESTAMP_OUT_OF_RANGE, f"{epoch - received_at:.0f} s in the future")
     if epoch < received_at - limits.max_age_s:
-        raise Rejected("timestamp_out_of_range", f"older than {limits.max_age_s:.0f} s")
+        raise Rejected(Reason.TIMESTAMP_OUT_OF_RANGE, f"older than {limits.max_age_s:.0f} s")
     return exact or datetime.fromtimestamp(epoch, UTC)

@@ -26,6 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from schemas.records import AckToken, RawMessage
 from worker.config import MqttSettings
 from worker.metrics import Metrics
+from worker.retry import Backoff
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
 
@@ -105,8 +106,10 @@ class MqttIntake(Actor):
         self.subscribed = asyncio.Event()
 
     async def run(self) -> None:
-        delay = self._settings.reconnect_min_s
+        backoff = Backoff(self._settings.reconnect_min_s, self._settings.reconnect_max_s)
+        failures = 0
         while not self._close.is_set():
+            generation = self._generation
             try:
                 await self._session()
                 return
@@ -115,10 +118,12 @@ class MqttIntake(Actor):
                 self.subscribed.clear()
                 if self._stop_reading.is_set():
                     return  # shutting down; unacknowledged messages stay with the broker
-                log.warning("mqtt.disconnected", error=str(exc), retry_in_s=delay)
+                # A session that connected resets the backoff; failing to connect extends it.
+                failures = 1 if self._generation != generation else failures + 1
+                delay = backoff.delay(failures)
+                log.warning("mqtt.disconnected", error=str(exc), retry_in_s=round(delay, 2))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._close.wait(), delay)
-                delay = min(delay * 2, self._settings.reconnect_max_s)
             finally:
                 self._reading_stopped.set()
 

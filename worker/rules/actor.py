@@ -19,31 +19,23 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
-import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from schemas.records import DecodedBatch
-from worker.config import Settings
-from worker.documents import DocumentStore, MongoDocumentStore, PostgresDocumentStore
-from worker.keys import RedisKeys
+from schemas.records import AlertEvent, DecodedBatch
 from worker.metrics import Metrics
-from worker.retry import RETRY_MAX_S, RETRY_MIN_S, TRANSIENT_ERRORS
+from worker.retry import STORE_BACKOFF, retry_transient
 from worker.rules.evaluator import Clock, Evaluator, utc_now
-from worker.rules.events import AlertEvent
 from worker.rules.source import LoadedRules, RuleProblem, RuleSource, rules_channel
-from worker.rules.state import load_state
+from worker.rules.state import SavedState, load_state
 from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.alerts import AlertSink
+from worker.stores import Stores
 
 log = structlog.get_logger("worker.rules")
-
-T = TypeVar("T")
 
 
 class RulesActor(MailboxActor[DecodedBatch]):
@@ -54,29 +46,21 @@ class RulesActor(MailboxActor[DecodedBatch]):
 
     def __init__(
         self,
-        settings: Settings,
+        stores: Stores,
         downstream: Mailbox[DecodedBatch],
-        pool: asyncpg.Pool,
         metrics: Metrics,
         clock: Clock = utc_now,
     ) -> None:
         """The inbox (`self.mailbox`) is the actor's own, the size of `downstream`."""
         super().__init__(Mailbox(downstream.maxsize))
-        self._settings = settings
+        self._stores = stores
+        self._settings = stores.settings.rules
         self._downstream = downstream
-        self._pool = pool
         self._metrics = metrics
         self._clock = clock
-        mongodb = settings.documents.backend == "mongodb"
-        self._documents: DocumentStore = (
-            MongoDocumentStore(settings.documents) if mongodb else PostgresDocumentStore(pool)
-        )
-        self._source = RuleSource(self._documents, pool, documents_in_postgres=not mongodb)
-        self._sink = AlertSink(settings)  # for events that no message caused
-        self._redis = aioredis.Redis.from_url(
-            settings.redis.url, socket_connect_timeout=5, health_check_interval=30
-        )
-        self._channel = rules_channel(RedisKeys(settings.redis.key_prefix))
+        self._source = RuleSource(stores.documents, stores.postgres)
+        self._sink = AlertSink(stores)  # for events that no message caused
+        self._channel = rules_channel(stores.keys)
         self._evaluator: Evaluator | None = None
         self._signature = ""
         self._invalidated = asyncio.Event()
@@ -123,10 +107,10 @@ class RulesActor(MailboxActor[DecodedBatch]):
                 self._reload = None
         elif self._invalidated.is_set() or now >= self._next_refresh:
             self._invalidated.clear()
-            self._next_refresh = now + self._settings.rules.refresh_s
+            self._next_refresh = now + self._settings.refresh_s
             self._reload = asyncio.create_task(self._source.load(), name="rules.reload")
         if now >= self._next_offline:
-            self._next_offline = now + self._settings.rules.offline_check_s
+            self._next_offline = now + self._settings.offline_check_s
             events = evaluator.check_offline()
             if events:
                 await self._write_direct(events)
@@ -136,10 +120,6 @@ class RulesActor(MailboxActor[DecodedBatch]):
 
     async def close(self) -> None:
         await self._cancel_tasks()
-        await self._sink.close()
-        await self._redis.aclose()
-        if self._settings.documents.backend == "mongodb":
-            await self._documents.close()
 
     # --- start -----------------------------------------------------------------------------------
 
@@ -150,23 +130,8 @@ class RulesActor(MailboxActor[DecodedBatch]):
 
     async def _start(self) -> Evaluator:
         """Load rules and saved state, retrying while a store is away (mail waits meanwhile)."""
-        rules = self._settings.rules
-        delay = RETRY_MIN_S
-        while True:
-            try:
-                loaded = await self._source.load(force=True)
-                assert loaded is not None  # force=True always loads
-                state = await load_state(
-                    self._documents,
-                    self._pool,
-                    order_by_field=self._settings.documents.backend == "mongodb",
-                    resolved_limit=rules.restore_resolved,
-                )
-                break
-            except TRANSIENT_ERRORS as exc:
-                log.error("rules.load_failed", error=repr(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+        rules = self._settings
+        loaded, state = await retry_transient(self._load_everything, "rules.load")
         evaluator = Evaluator(loaded.ruleset, self._clock)
         self._signature = loaded.signature
         self._report(loaded)
@@ -175,7 +140,9 @@ class RulesActor(MailboxActor[DecodedBatch]):
             await self._write_direct(withdrawn)
         # Events stored but never announced (a crash in between): their readings, if
         # redelivered, are now skipped as judged, so nothing else would announce them.
-        announced = await self._retry(self._sink.announce_pending, "rules.announce_failed")
+        announced = await retry_transient(
+            self._sink.announce_pending, "rules.announce", reset=self._sink.reset
+        )
         if announced:
             log.info("rules.announced_pending", events=announced)
         log.info(
@@ -190,6 +157,14 @@ class RulesActor(MailboxActor[DecodedBatch]):
         self._last_tick = now
         self._listener = asyncio.create_task(self._listen(), name="rules.listen")
         return evaluator
+
+    async def _load_everything(self) -> tuple[LoadedRules, SavedState]:
+        loaded = await self._source.load(force=True)
+        assert loaded is not None  # force=True always loads
+        state = await load_state(
+            self._stores.documents, self._stores.postgres, self._settings.restore_resolved
+        )
+        return loaded, state
 
     # --- reloads ---------------------------------------------------------------------------------
 
@@ -218,31 +193,31 @@ class RulesActor(MailboxActor[DecodedBatch]):
 
     async def _listen(self) -> None:
         """Set `_invalidated` on every announcement; resubscribe (and reload) after a lost connection."""
-        delay = RETRY_MIN_S
-        broken_delay = RETRY_MIN_S  # unexpected errors: a backoff never reset, logged once
+        delays = STORE_BACKOFF.delays()
+        broken_delays = STORE_BACKOFF.delays()  # unexpected errors: a backoff never reset, logged once
         broken = False
         first = True
         while True:
-            pubsub = self._redis.pubsub()
+            pubsub = self._stores.redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
                 if not first:
                     self._invalidated.set()  # announcements may have been missed meanwhile
                 first = False
-                delay = RETRY_MIN_S
+                delays = STORE_BACKOFF.delays()
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._invalidated.set()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                log.warning("rules.announcements_lost", error=repr(exc), retry_in_s=delay)
+                delay = next(delays)
+                log.warning("rules.announcements_lost", error=repr(exc), retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
             except Exception as exc:  # a bug or an odd reply: keep listening, or reloads lag refresh_s
+                delay = next(broken_delays)
                 if not broken:
                     broken = True
-                    log.error("rules.announcements_failed", error=repr(exc), retry_in_s=broken_delay)
-                await asyncio.sleep(broken_delay)
-                broken_delay = min(broken_delay * 2, RETRY_MAX_S)
+                    log.error("rules.announcements_failed", error=repr(exc), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -257,20 +232,14 @@ class RulesActor(MailboxActor[DecodedBatch]):
     # --- output ----------------------------------------------------------------------------------
 
     async def _write_direct(self, events: Sequence[AlertEvent]) -> None:
+        """Store events no message caused, with the writer's retry policy (see the module doc)."""
         self._record(events)
-        await self._retry(lambda: self._sink.write_events(events), "rules.alert_write_failed", len(events))
-
-    async def _retry(self, action: Callable[[], Awaitable[T]], event: str, holding: int = 0) -> T:
-        """Run `action` with the writer's backoff while the store is away."""
-        delay = RETRY_MIN_S
-        while True:
-            try:
-                return await action()
-            except TRANSIENT_ERRORS as exc:
-                log.error(event, error=repr(exc), holding=holding, retry_in_s=delay)
-                await self._sink.reset()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+        await retry_transient(
+            lambda: self._sink.write_events(events),
+            "rules.alert_write",
+            reset=self._sink.reset,
+            holding=len(events),
+        )
 
     def _record(self, events: Sequence[AlertEvent]) -> None:
         kinds = Counter(event.kind for event in events)

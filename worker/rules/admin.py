@@ -15,15 +15,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-import redis.asyncio as aioredis
-
 from worker.config import Settings
-from worker.db import create_pool
-from worker.documents import DocumentStore, MongoDocumentStore, PostgresDocumentStore
-from worker.keys import RedisKeys
 from worker.rules.model import Rule, RuleError, Scope, parse_rule, parse_settings, scope_of
 from worker.rules.source import ALL, COLLECTION, RuleProblem, parse_configs, rules_channel
+from worker.stores import Stores, open_stores
 
 _CONFIG_KEYS = {"_id", "device_id", "group_id", "scope", "user_id", "config_version", "settings"}
 
@@ -43,14 +38,10 @@ class ListedRules:
 
 
 class RuleAdmin:
-    def __init__(
-        self, settings: Settings, pool: asyncpg.Pool, documents: DocumentStore, redis: aioredis.Redis
-    ):
-        self.settings = settings
-        self.pool = pool
-        self.documents = documents
-        self._redis = redis
-        self._channel = rules_channel(RedisKeys(settings.redis.key_prefix))
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
+        self.documents = stores.documents
+        self._channel = rules_channel(stores.keys)
 
     # --- changes ---------------------------------------------------------------------------------
 
@@ -125,7 +116,7 @@ class RuleAdmin:
         return sum(count for _, _, count in parsed), len(parsed)
 
     async def announce(self, what: str) -> None:
-        await self._redis.publish(self._channel, what)
+        await self.stores.redis.publish(self._channel, what)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -162,8 +153,7 @@ class RuleAdmin:
         if scope.kind == "global":
             return None
         table = "devices" if scope.kind == "device" else "device_groups"
-        async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(f"SELECT user_id FROM {table} WHERE id = $1", scope.ref)
+        row = await self.stores.postgres.fetchrow(f"SELECT user_id FROM {table} WHERE id = $1", scope.ref)
         if row is None:
             field = f"{where}.{scope.kind}_id" if where else f"--{scope.kind}"
             raise RuleError(field, f"there is no {scope.kind} {scope.ref}")
@@ -203,17 +193,6 @@ def _entry_id(entry: Any, scope: Scope) -> str | None:
 
 @contextlib.asynccontextmanager
 async def open_admin(settings: Settings) -> AsyncIterator[RuleAdmin]:
-    """Connections for one CLI command."""
-    pool = await create_pool(settings.postgres, min_size=1, max_size=2)
-    documents: DocumentStore = (
-        MongoDocumentStore(settings.documents)
-        if settings.documents.backend == "mongodb"
-        else PostgresDocumentStore(pool)
-    )
-    client = aioredis.Redis.from_url(settings.redis.url, socket_timeout=10, socket_connect_timeout=5)
-    try:
-        yield RuleAdmin(settings, pool, documents, client)
-    finally:
-        await documents.close()
-        await client.aclose()
-        await pool.close()
+    """The stores for one CLI command."""
+    async with open_stores(settings, application_name="iotflow-admin", pool_size=2) as stores:
+        yield RuleAdmin(stores)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.documents import DocumentStore
+from schemas.records import AlertEvent
 from worker.rules.evaluator import Clock, utc_now
-from worker.rules.events import AlertEvent
 from worker.sinks.alerts import AlertSink
+from worker.stores.documents import DocumentStore
 
 
 async def list_alerts(
@@ -21,7 +21,6 @@ async def list_alerts(
     active: bool = False,
     device_id: int | None = None,
     limit: int = 50,
-    mongodb: bool = False,
 ) -> list[dict[str, Any]]:
     """Newest first."""
     where: dict[str, Any] = {}
@@ -29,9 +28,7 @@ async def list_alerts(
         where["status"] = "active"
     if device_id is not None:
         where["device_id"] = device_id
-    return await documents.find(
-        "alerts", where, order_by="created_at" if mongodb else None, descending=True, limit=limit
-    )
+    return await documents.find("alerts", where, order_by="created_at", descending=True, limit=limit)
 
 
 async def acknowledge(

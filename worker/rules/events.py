@@ -11,31 +11,10 @@ device's silence passed the rule's duration).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-EventKind = Literal["fired", "resolved", "acknowledged"]
-
-
-@dataclass(slots=True, frozen=True)
-class AlertEvent:
-    kind: EventKind
-    alert_id: str
-    rule_id: str  # the rule's uid: `{scope}/{id}`
-    device_id: int
-    user_id: int | None
-    alert_type: str  # threshold | range | rate | offline
-    severity: str
-    message: str
-    at: datetime  # event time: the triggering reading's timestamp, or the acknowledgement time
-    raised_at: datetime  # wall clock when the event was raised
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def event_key(self) -> str:
-        """The `event_logs` key: one entry per alert and kind, whatever the redeliveries."""
-        return f"{self.alert_id}:{self.kind}"
+from schemas.records import AlertEvent, EventKind
 
 
 def alert_id(rule_uid: str, device_id: int, at: datetime) -> str:

@@ -20,18 +20,16 @@ from typing import Any
 import asyncpg
 import orjson
 
-from worker.documents import DocumentStore
-from worker.keys import RedisKeys
 from worker.rules.model import Rule, RuleError, parse_settings, scope_of
 from worker.rules.ruleset import RuleSet
+from worker.stores.documents import DocumentStore
+from worker.stores.keys import RedisKeys
 
 COLLECTION = "device_configs"
 ALL = 10**9  # "no limit" for DocumentStore.find
 
 _MARKER = """
-SELECT (SELECT count(*)::text || '/' || coalesce(max(updated_at)::text, '')
-          FROM documents WHERE collection = 'device_configs'),
-       (SELECT count(*)::text || '/' || coalesce(sum(hashtext(group_id::text || ':' || device_id::text)), 0)
+SELECT (SELECT count(*)::text || '/' || coalesce(sum(hashtext(group_id::text || ':' || device_id::text)), 0)
           FROM device_group_members),
        (SELECT count(*) FROM datapoints)
 """
@@ -79,10 +77,9 @@ def parse_configs(docs: list[dict[str, Any]]) -> tuple[list[Rule], list[RuleProb
 
 
 class RuleSource:
-    def __init__(self, documents: DocumentStore, pool: asyncpg.Pool, documents_in_postgres: bool) -> None:
+    def __init__(self, documents: DocumentStore, pool: asyncpg.Pool) -> None:
         self._documents = documents
         self._pool = pool
-        self._marker_available = documents_in_postgres
         self._marker: tuple[Any, ...] | None = None
 
     async def configs(self) -> list[dict[str, Any]]:
@@ -91,10 +88,11 @@ class RuleSource:
     async def load(self, force: bool = False) -> LoadedRules | None:
         """The current rules, or None when the marker says nothing changed since the last load."""
         marker = None
-        if self._marker_available:
+        configs_marker = await self._documents.change_marker(COLLECTION)
+        if configs_marker is not None:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(_MARKER)
-                marker = tuple(row) if row is not None else None
+            marker = (configs_marker, *row) if row is not None else None
             if not force and marker == self._marker:
                 return None
         docs = await self.configs()

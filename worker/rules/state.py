@@ -15,9 +15,9 @@ from datetime import datetime
 import asyncpg
 import structlog
 
-from worker.documents import DocumentStore
 from worker.rules.evaluator import StoredAlert
 from worker.rules.source import ALL
+from worker.stores.documents import DocumentStore
 
 log = structlog.get_logger("worker.rules")
 
@@ -29,18 +29,15 @@ class SavedState:
     users: dict[int, int | None] = field(default_factory=dict)
 
 
-async def load_state(
-    documents: DocumentStore, pool: asyncpg.Pool, order_by_field: bool, resolved_limit: int
-) -> SavedState:
-    """`order_by_field`: sort by the documents' `created_at` field (MongoDB); the JSONB table
-    sorts by its own indexed `created_at` column when no field is named."""
+async def load_state(documents: DocumentStore, pool: asyncpg.Pool, resolved_limit: int) -> SavedState:
+    """Active alerts, the `resolved_limit` newest resolved ones, and the devices' last reports."""
     state = SavedState()
     docs = await documents.find("alerts", {"status": "active"}, limit=ALL)
     if resolved_limit:
         docs += await documents.find(
             "alerts",
             {"status": "resolved"},
-            order_by="created_at" if order_by_field else None,
+            order_by="created_at",
             descending=True,
             limit=resolved_limit,
         )

@@ -20,20 +20,19 @@ from typing import Any
 
 import structlog
 
+from worker.exit_codes import ExitCode
+from worker.retry import Backoff
 from worker.runtime.actor import Actor
 from worker.runtime.sdnotify import notify, watchdog_interval, watchdog_loop
 
 log = structlog.get_logger("worker.supervisor")
-
-EXIT_OK = 0
-EXIT_GAVE_UP = 1
 
 
 @dataclass
 class RestartPolicy:
     limit: int = 5  # restarts allowed within `window_s`; one more and the daemon exits
     window_s: float = 300.0
-    backoff_s: float = 1.0  # first delay, doubled per recent restart
+    backoff_s: float = 1.0  # first delay, doubled per recent restart (jittered)
     backoff_max_s: float = 30.0
     shutdown_timeout_s: float = 30.0
 
@@ -105,6 +104,12 @@ class Supervisor:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def wait_stopped(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a stop request; True if one came."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout)
+        return self._stop.is_set()
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,7 +119,7 @@ class Supervisor:
         log.info("supervisor.signal", signal=sig.name)
         self._stop.set()
 
-    async def run(self) -> int:
+    async def run(self) -> ExitCode:
         """Return the process exit code."""
         watchdog = None
         interval = watchdog_interval()
@@ -126,7 +131,7 @@ class Supervisor:
             if watchdog:
                 watchdog.cancel()
 
-    async def _run_groups(self) -> int:
+    async def _run_groups(self) -> ExitCode:
         announced_ready = False
         while not self._stop.is_set():
             try:
@@ -134,7 +139,7 @@ class Supervisor:
             except Exception as exc:
                 log.error("supervisor.start_failed", error=repr(exc))
                 if not await self._may_restart():
-                    return EXIT_GAVE_UP
+                    return ExitCode.FAILURE
                 continue
             group.start()
             if not announced_ready:
@@ -144,8 +149,8 @@ class Supervisor:
                 return await self._shutdown(group)
             await group.close()
             if not await self._may_restart():
-                return EXIT_GAVE_UP
-        return EXIT_OK
+                return ExitCode.FAILURE
+        return ExitCode.OK
 
     async def _announce_ready(self, group: ActorGroup) -> bool:
         if self._ready is not None:
@@ -191,15 +196,14 @@ class Supervisor:
                 window_s=self._policy.window_s,
             )
             return False
-        delay = min(self._policy.backoff_s * 2 ** len(self._restarts), self._policy.backoff_max_s)
+        delay = Backoff(self._policy.backoff_s, self._policy.backoff_max_s).delay(len(self._restarts) + 1)
         self._restarts.append(now)
         self.restarts_total += 1
-        log.warning("supervisor.restarting", in_s=delay, restarts=len(self._restarts))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), delay)
+        log.warning("supervisor.restarting", in_s=round(delay, 3), restarts=len(self._restarts))
+        await self.wait_stopped(delay)
         return True
 
-    async def _shutdown(self, group: ActorGroup) -> int:
+    async def _shutdown(self, group: ActorGroup) -> ExitCode:
         notify("STOPPING=1")
         log.info("supervisor.stopping", timeout_s=self._policy.shutdown_timeout_s)
         started = time.monotonic()
@@ -209,9 +213,9 @@ class Supervisor:
             # Whatever was not acknowledged stays with the broker and is redelivered.
             log.error("supervisor.shutdown_timeout", timeout_s=self._policy.shutdown_timeout_s)
             await group.close()
-            return EXIT_GAVE_UP
+            return ExitCode.FAILURE
         log.info("supervisor.stopped", duration_s=round(time.monotonic() - started, 3))
-        return EXIT_OK
+        return ExitCode.OK
 
 
 async def _first_done(group: ActorGroup) -> None:

@@ -2,7 +2,8 @@
 
 The writer calls it with every batch, like the other sinks, so a message is
 acknowledged only once the alerts it caused are stored. The rules actor keeps a
-second instance for the offline alerts its timer raises, which have no message.
+second instance for the offline alerts its timer raises, which have no message;
+both use the connections of the one `Stores`.
 
 Idempotent by construction: alert and event-log keys are deterministic (see
 worker/rules/events.py); inserting an existing key is a no-op, updates set the
@@ -21,18 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import asyncpg
 import orjson
-import redis.asyncio as aioredis
 import structlog
 
-from schemas.records import DecodedBatch
-from worker.config import Settings
-from worker.db import create_pool
-from worker.documents import DocumentStore, MongoDocumentStore, PostgresDocumentStore
-from worker.keys import RedisKeys
+from schemas.records import AlertEvent, DecodedBatch
 from worker.rules.events import (
-    AlertEvent,
     alert_changes,
     alert_document,
     event_from_log,
@@ -40,22 +34,21 @@ from worker.rules.events import (
     notification,
 )
 from worker.rules.source import ALL
+from worker.stores import Stores
+from worker.stores.documents import DocumentStore
+from worker.stores.keys import RECENT_ALERTS_TTL_S
 
 log = structlog.get_logger("worker.sinks.alerts")
-
-RECENT_ALERTS_TTL_S = 86400  # SPEC §6: alerts:{device_id}, 24 h
 
 
 class AlertSink:
     name = "alerts"
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._keys = RedisKeys(settings.redis.key_prefix)
-        self._recent = settings.rules.recent_alerts
-        self._pool: asyncpg.Pool | None = None
-        self._docs: DocumentStore | None = None
-        self._redis: aioredis.Redis | None = None
+    def __init__(self, stores: Stores) -> None:
+        self._stores = stores
+        self._docs = stores.documents
+        self._keys = stores.keys
+        self._recent = stores.settings.rules.recent_alerts
 
     async def write(self, batch: DecodedBatch) -> None:
         if batch.alerts:
@@ -69,56 +62,46 @@ class AlertSink:
         before it reads what the other may have written: a withdrawal racing the insert
         of its alert is seen by one side or the other, never missed by both.
         """
-        try:
-            docs = await self._documents()
-            unannounced: list[AlertEvent] = []
-            for event in events:
-                logged_now = await docs.insert("event_logs", event.event_key, event_log_document(event))
-                if event.kind == "fired":
-                    await docs.insert("alerts", event.alert_id, alert_document(event))
-                    await self._apply_early_resolution(docs, event)
-                elif not await docs.update("alerts", event.alert_id, alert_changes(event)):
-                    # Not stored yet (see _apply_early_resolution): the event log entry carries it.
-                    log.info("alerts.ahead_of_alert", alert_id=event.alert_id, kind=event.kind)
-                if logged_now:
+        docs = self._docs
+        unannounced: list[AlertEvent] = []
+        for event in events:
+            logged_now = await docs.insert("event_logs", event.event_key, event_log_document(event))
+            if event.kind == "fired":
+                await docs.insert("alerts", event.alert_id, alert_document(event))
+                await self._apply_early_resolution(docs, event)
+            elif not await docs.update("alerts", event.alert_id, alert_changes(event)):
+                # Not stored yet (see _apply_early_resolution): the event log entry carries it.
+                log.info("alerts.ahead_of_alert", alert_id=event.alert_id, kind=event.kind)
+            if logged_now:
+                unannounced.append(event)
+            else:  # written before a crash or a retry: announce only if that did not happen yet
+                logged = await docs.get("event_logs", event.event_key)
+                if not (logged or {}).get("notified"):
                     unannounced.append(event)
-                else:  # written before a crash or a retry: announce only if that did not happen yet
-                    logged = await docs.get("event_logs", event.event_key)
-                    if not (logged or {}).get("notified"):
-                        unannounced.append(event)
-            if unannounced:
-                await self._announce(unannounced)
-                for event in unannounced:
-                    await docs.update("event_logs", event.event_key, {"notified": True})
-        except Exception as exc:
-            if _mongo_unavailable(exc):
-                raise ConnectionError(f"mongodb: {exc}") from exc  # a transient error to the writer
-            raise
+        if unannounced:
+            await self._announce(unannounced)
+            for event in unannounced:
+                await docs.update("event_logs", event.event_key, {"notified": True})
 
     async def announce_pending(self) -> int:
         """Announce every rules event logged but never announced (`notified: false`): the
         process stopped between storing and announcing it. The rules actor runs this at
         start, because the redelivered reading that raised it is then skipped as judged."""
-        try:
-            docs = await self._documents()
-            pending: list[AlertEvent] = []
-            for doc in await docs.find("event_logs", {"notified": False}, limit=ALL):
-                try:
-                    event = event_from_log(doc)
-                except (KeyError, TypeError, ValueError) as exc:
-                    log.warning("alerts.log_unreadable", key=doc.get("_id"), error=repr(exc))
-                    continue
-                if event is not None:
-                    pending.append(event)
-            if pending:
-                await self._announce(pending)
-                for event in pending:
-                    await docs.update("event_logs", event.event_key, {"notified": True})
-            return len(pending)
-        except Exception as exc:
-            if _mongo_unavailable(exc):
-                raise ConnectionError(f"mongodb: {exc}") from exc
-            raise
+        docs = self._docs
+        pending: list[AlertEvent] = []
+        for doc in await docs.find("event_logs", {"notified": False}, limit=ALL):
+            try:
+                event = event_from_log(doc)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("alerts.log_unreadable", key=doc.get("_id"), error=repr(exc))
+                continue
+            if event is not None:
+                pending.append(event)
+        if pending:
+            await self._announce(pending)
+            for event in pending:
+                await docs.update("event_logs", event.event_key, {"notified": True})
+        return len(pending)
 
     @staticmethod
     async def _apply_early_resolution(docs: DocumentStore, event: AlertEvent) -> None:
@@ -138,9 +121,8 @@ class AlertSink:
             )
 
     async def _announce(self, events: Sequence[AlertEvent]) -> None:
-        client = self._client()
         keys = self._keys
-        async with client.pipeline(transaction=False) as pipe:
+        async with self._stores.redis.pipeline(transaction=False) as pipe:
             for event in events:
                 body = orjson.dumps(notification(event))
                 recent = keys.alerts(event.device_id)
@@ -152,48 +134,10 @@ class AlertSink:
                     pipe.publish(keys.user_notifications_channel(event.user_id), body)
             await pipe.execute()
 
-    async def _documents(self) -> DocumentStore:
-        if self._docs is None:
-            if self._settings.documents.backend == "mongodb":
-                self._docs = MongoDocumentStore(self._settings.documents)
-            else:
-                self._pool = await create_pool(self._settings.postgres, min_size=1, max_size=2)
-                self._docs = PostgresDocumentStore(self._pool)
-        return self._docs
-
-    def _client(self) -> aioredis.Redis:
-        if self._redis is None:
-            self._redis = aioredis.Redis.from_url(
-                self._settings.redis.url, socket_timeout=10, socket_connect_timeout=5
-            )
-        return self._redis
-
     async def reset(self) -> None:
-        """Start afresh on the next write: the store or Redis went away."""
-        docs, pool = self._docs, self._pool
-        self._docs = self._pool = None
-        if pool is not None:
-            pool.terminate()
-        elif docs is not None:
-            await docs.close()
-        if self._redis is not None:
-            await self._redis.connection_pool.disconnect()
+        """The store went away: replace the pool's connections on their next use (Redis and
+        MongoDB clients reconnect by themselves)."""
+        await self._stores.postgres.expire_connections()
 
     async def close(self) -> None:
-        docs, pool = self._docs, self._pool
-        self._docs = self._pool = None
-        if pool is not None:
-            await pool.close()
-        elif docs is not None:
-            await docs.close()
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
-
-
-def _mongo_unavailable(exc: BaseException) -> bool:
-    try:
-        from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
-    except ImportError:
-        return False
-    return isinstance(exc, AutoReconnect | ConnectionFailure | ServerSelectionTimeoutError)
+        """The connections belong to `Stores`."""

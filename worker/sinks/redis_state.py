@@ -14,10 +14,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from schemas.records import DecodedBatch, Reading
-from worker.keys import RedisKeys
-
-LATEST_TTL_S = 600
-STATUS_TTL_S = 300
+from worker.stores.keys import LATEST_TTL_S, STATUS_TTL_S, RedisKeys
 
 # Newest wins, across batches too: a gateway uploading its backlog must not replace a
 # device's latest values (or its last_seen) with older ones. Per-label times live in
@@ -93,10 +90,10 @@ class RedisHotStateWriter:
             await pipe.execute()
 
     async def reset(self) -> None:
-        await self._redis.connection_pool.disconnect()
+        """Nothing to drop: the client discards a broken connection and reconnects by itself."""
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        """The client belongs to `Stores`."""
 
 
 def _telemetry_message(device_id: int, latest: dict[str, Reading], last_seen: datetime) -> bytes:

@@ -23,7 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from worker.decode.parse import DeviceRef
-from worker.keys import RedisKeys
+from worker.stores.keys import RedisKeys
 
 CACHE_TTL_S = 3600
 NEGATIVE_TTL_S = 30.0

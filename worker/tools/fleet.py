@@ -1,8 +1,9 @@
-"""The simulator's fleet, shared by `iotflow simulate` and the seed metadata of `migrate`."""
+"""The simulator's fleet: the devices `iotflow simulate` plays, and the metadata the demo,
+the bench and the tests register for them (`register_fleet`; `migrate` seeds nothing)."""
 
 from __future__ import annotations
 
-# SPEC §2: the simulator's F2 controllers, seeded by `iotflow migrate`.
+# SPEC §2: the simulator's F2 controllers.
 F2_MACS = tuple(f"aa:bb:cc:dd:ee:{n:02x}" for n in range(1, 5))
 
 # What each F2 controller carries: (sensor mode = codec name, sensor label, topic kind).
@@ -13,6 +14,7 @@ JSON_DEVICE_KEYS = tuple(f"sim-json-{n:02d}" for n in range(1, 5))
 JSON_MEASUREMENTS = (("temperature", "°C"), ("humidity", "%"), ("battery", "V"))
 
 DEMO_USER = "demo"
+SEEDED_DEVICES = len(F2_MACS) + len(JSON_DEVICE_KEYS)  # the fleet `register_fleet` adds by default
 
 
 def f2_device_key(mac: str) -> str:

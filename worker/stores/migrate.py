@@ -1,4 +1,4 @@
-"""`iotflow migrate`: versioned, idempotent DDL and seed metadata for PostgreSQL.
+"""`iotflow migrate`: versioned, idempotent DDL for PostgreSQL.
 
 Each migration runs once, in its own transaction, recorded in `schema_migrations`;
 an advisory lock keeps two `migrate` runs (or two starting containers) apart.
@@ -14,13 +14,11 @@ from importlib import resources
 import asyncpg
 import structlog
 
-from schemas import fleet
 from worker.config import PostgresSettings
-from worker.db import connect
-from worker.decode.codecs import load_codecs
-from worker.partitions import PartitionKeeper
+from worker.stores.partitions import PartitionKeeper
+from worker.stores.postgres import connect
 
-log = structlog.get_logger("worker.migrate")
+log = structlog.get_logger("worker.stores.migrate")
 
 Step = Callable[[asyncpg.Connection, PostgresSettings], Awaitable[None]]
 
@@ -87,61 +85,11 @@ async def _create_timeseries(conn: asyncpg.Connection, settings: PostgresSetting
     )
 
 
-async def _seed_fleet(conn: asyncpg.Connection, settings: PostgresSettings) -> None:
-    """The demo user, the simulator's four F2 controllers and four JSON devices."""
-    user_id = await conn.fetchval(
-        "INSERT INTO users (username, email) VALUES ($1, $2) ON CONFLICT (username) "
-        "DO UPDATE SET email = excluded.email RETURNING id",
-        fleet.DEMO_USER,
-        "demo@example.invalid",
-    )
-    codecs = load_codecs()
-    f2_datapoints = [
-        (f"{label}.{name}", unit)
-        for mode, label, _ in fleet.F2_SENSORS
-        for name, unit in codecs[mode].units().items()
-    ]
-    for index, mac in enumerate(fleet.F2_MACS):
-        await _seed_device(
-            conn,
-            user_id,
-            mac,
-            fleet.f2_device_key(mac),
-            f"F2 controller {index + 1}",
-            f2_datapoints,
-        )
-    for key in fleet.JSON_DEVICE_KEYS:
-        await _seed_device(conn, user_id, None, key, f"JSON sensor {key}", list(fleet.JSON_MEASUREMENTS))
-
-
-async def _seed_device(
-    conn: asyncpg.Connection,
-    user_id: int,
-    mac: str | None,
-    key: str,
-    name: str,
-    datapoints: list[tuple[str, str | None]],
-) -> None:
-    device_id = await conn.fetchval(
-        "INSERT INTO devices (mac, device_key, user_id, name) VALUES ($1, $2, $3, $4) "
-        "ON CONFLICT (device_key) DO UPDATE SET name = excluded.name RETURNING id",
-        mac,
-        key,
-        user_id,
-        name,
-    )
-    await conn.executemany(
-        "INSERT INTO datapoints (device_id, label, unit) VALUES ($1, $2, $3) "
-        "ON CONFLICT (device_id, label) DO NOTHING",
-        [(device_id, label, unit) for label, unit in datapoints],
-    )
-
-
 MIGRATIONS = (
     Migration(1, "relational core", _sql_file("0001_core.sql")),
     Migration(2, "time series", _create_timeseries),
     Migration(3, "dead letters", _sql_file("0003_dead_letters.sql")),
-    Migration(4, "seed metadata", _seed_fleet),
+    # 4 seeded the simulator's demo fleet; the demo and the tests do that themselves now.
     Migration(5, "document store", _sql_file("0005_documents.sql")),
     Migration(10, "rollup tables", _sql_file("0010_rollups.sql")),
     Migration(11, "job runs", _sql_file("0011_job_runs.sql")),
@@ -178,23 +126,15 @@ async def migrate(settings: PostgresSettings) -> list[int]:
         await conn.close()
 
 
-async def schema_problem(settings: PostgresSettings) -> str | None:
-    """Why this worker cannot use the schema (not migrated, or behind), or None.
-
-    An unreachable database is not a schema problem: the supervisor retries it."""
+async def schema_problem(pool: asyncpg.Pool, schema: str) -> str | None:
+    """Why this worker cannot use `schema` (not migrated, or behind), or None."""
     try:
-        conn = await connect(settings, timeout=5)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return None
-    try:
-        applied = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = {row["version"] for row in await pool.fetch("SELECT version FROM schema_migrations")}
     except asyncpg.UndefinedTableError:
         applied = set()
-    finally:
-        await conn.close()
     missing = sorted({m.version for m in MIGRATIONS} - applied)
     if not applied:
-        return f"schema {settings.schema!r} has no migrations applied: run `iotflow migrate`"
+        return f"schema {schema!r} has no migrations applied: run `iotflow migrate`"
     if missing:
-        return f"schema {settings.schema!r} lacks migrations {missing}: run `iotflow migrate`"
+        return f"schema {schema!r} lacks migrations {missing}: run `iotflow migrate`"
     return None

@@ -1,6 +1,6 @@
 """The raw ceiling for `iotflow bench`: a bare aiomqtt subscriber that only parses.
 
-Run as `python -m worker.bench_ceiling URL COUNT`: prints `ready` once subscribed,
+Run as `python -m worker.tools.bench_ceiling URL COUNT`: prints `ready` once subscribed,
 then one JSON line with the receive rate once COUNT messages arrived (or on timeout).
 """
 

@@ -2,7 +2,7 @@
 
 One run, all separate processes, as in production: publishers (simulator
 messages, F2 climate frames with three readings each, sent by
-worker.bench_publisher), Mosquitto, the worker
+worker.tools.bench_publisher), Mosquitto, the worker
 (`iotflow run`), PostgreSQL and Redis. It measures, in order:
 
 1. the raw ceiling: a bare aiomqtt subscriber that only parses, fed the same load;
@@ -32,12 +32,12 @@ import asyncpg
 import orjson
 
 from worker.config import Settings
-from worker.db import connect
-from worker.embedded import free_port
-from worker.keys import delete_matching
 from worker.logging import configure_logging
-from worker.migrate import migrate
-from worker.simulate import build_fleet, register_fleet
+from worker.stores.migrate import migrate
+from worker.stores.postgres import connect
+from worker.stores.redis import delete_matching
+from worker.tools.embedded import free_port
+from worker.tools.simulate import build_fleet, register_fleet
 
 READINGS_PER_MESSAGE = 3  # the climate codec: temperature, humidity, pressure
 
@@ -62,7 +62,7 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     is always a Mosquitto of our own with the at-least-once settings of deploy/mosquitto.conf,
     since a stock one (max_queued_messages 1000) drops what a busy subscriber cannot take."""
     configure_logging("warning", "json")
-    from worker.embedded import EmbeddedServices
+    from worker.tools.embedded import EmbeddedServices
 
     with (
         tempfile.TemporaryDirectory(prefix="iotflow-bench-") as data_dir,
@@ -132,7 +132,13 @@ def _publishers(
         share = messages // count + (1 if index < messages % count else 0)
         first = index * devices // count
         slice_devices = (index + 1) * devices // count - first
-        command = ["worker.bench_publisher", settings.mqtt.url, str(share), str(slice_devices), str(first)]
+        command = [
+            "worker.tools.bench_publisher",
+            settings.mqtt.url,
+            str(share),
+            str(slice_devices),
+            str(first),
+        ]
         command.append(str(rate / count))
         procs.append(subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.DEVNULL))
     return procs
@@ -140,7 +146,7 @@ def _publishers(
 
 def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers: int) -> float:
     sub = subprocess.Popen(
-        [sys.executable, "-m", "worker.bench_ceiling", settings.mqtt.url, str(messages), "120"],
+        [sys.executable, "-m", "worker.tools.bench_ceiling", settings.mqtt.url, str(messages), "120"],
         stdout=subprocess.PIPE,
     )
     assert sub.stdout is not None
@@ -255,7 +261,7 @@ def _peak_rss_mb(pid: int) -> float:
 def _install_rules(settings: Settings, devices: int) -> dict[str, str] | None:
     """Ten rules per device through the rules package, when it is there; env to enable them."""
     try:
-        from worker.rules.bench_support import install_bench_rules
+        from worker.tools.rules_bench import install_bench_rules
     except ImportError:
         return None
 
@@ -294,7 +300,7 @@ async def _drop(settings: Settings) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres.schema}" CASCADE')
     finally:
         await conn.close()
-    await delete_matching(settings.redis.url, f"{settings.redis.key_prefix}*")
+    await delete_matching(settings.redis, f"{settings.redis.key_prefix}*")
 
 
 def _report(results: list[RunResult], ceiling: float) -> None:

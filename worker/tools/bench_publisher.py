@@ -6,7 +6,7 @@ worker that should do 10k. This publisher frames PUBLISH packets itself and
 writes them in batches, with a window of unacknowledged packet ids, and counts
 PUBACKs so a run knows the broker took every message.
 
-Run as `python -m worker.bench_publisher URL COUNT DEVICES FIRST_DEVICE [RATE]`
+Run as `python -m worker.tools.bench_publisher URL COUNT DEVICES FIRST_DEVICE [RATE]`
 (RATE in messages/s; absent or 0: as fast as the broker takes them).
 """
 
@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import orjson
 
 from worker.decode.codecs import load_codecs
-from worker.simulate import build_fleet, message_stream
+from worker.tools.simulate import build_fleet, message_stream
 
 WINDOW = 10_000  # unacknowledged messages allowed in flight
 CHUNK = 200  # messages per socket write

@@ -1,4 +1,6 @@
-"""`iotflow jobs …` (run the arq worker, enqueue, status, bench) and `iotflow report …`."""
+"""`iotflow jobs …` (run the arq worker, enqueue, status, bench) and `iotflow report …`.
+
+The `jobs` package is imported only when one of these runs, so the daemon never loads it."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import orjson
 
 from worker.config import Settings
+from worker.exit_codes import ExitCode
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
@@ -60,7 +63,7 @@ def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
     from jobs.worker import build_worker
 
     build_worker(settings, burst=args.burst, cron_jobs=args.cron).run()
-    return 0
+    return ExitCode.OK
 
 
 def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
@@ -70,7 +73,7 @@ def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
         request = enqueue_request(settings, args.job, args.start, args.end, args.day, args.device, args.force)
     except ValueError as exc:
         print(f"iotflow jobs enqueue: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     return asyncio.run(enqueue_now(settings, request, args.wait))
 
 
@@ -81,7 +84,7 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from jobs.bench import default_connections, run_bench
+    from worker.tools.jobs_bench import default_connections, run_bench
 
     result = asyncio.run(
         run_bench(
@@ -106,7 +109,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         f"in ~{figures['hour_at_target_s']} s = {figures['hour_ratio']:.5f} of the hour it covers"
     )
     print(orjson.dumps(figures).decode())
-    return 0
+    return ExitCode.OK
 
 
 def _report_device(settings: Settings, args: argparse.Namespace) -> int:
@@ -116,4 +119,4 @@ def _report_device(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(report_device(settings, args.device_id, args.period))
     except ValueError as exc:
         print(f"iotflow report: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG

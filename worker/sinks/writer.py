@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -22,7 +23,7 @@ from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.base import Sink
 
-log = structlog.get_logger("worker.writer")
+log = structlog.get_logger("worker.sinks.writer")
 
 
 class BatchWriter(MailboxActor[DecodedBatch]):
@@ -102,21 +103,18 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         metrics.inc("batches_committed")
         if batch.dead_letters:
             metrics.inc("dead_letters", len(batch.dead_letters))
-            reasons: dict[str, int] = {}
-            for letter in batch.dead_letters:
-                code = letter.reason.split(":", 1)[0]
-                reasons[code] = reasons.get(code, 0) + 1
+            reasons = Counter(letter.reason.value for letter in batch.dead_letters)
             log.warning(
                 "dead_letters.stored",
                 count=len(batch.dead_letters),
-                reasons=reasons,
-                example=batch.dead_letters[0].reason[:200],
+                reasons=dict(reasons),
+                example=batch.dead_letters[0].description[:200],
             )
         # Publish→commit latency: the reading's own timestamp is when the device sent it.
         now = datetime.now(UTC)
-        latency = metrics.commit_latency
+        observe = metrics.observe_commit_latency
         for reading in batch.readings:
-            latency.observe((now - reading.timestamp).total_seconds())
+            observe((now - reading.timestamp).total_seconds())
 
     async def close(self) -> None:
         for sink in self._sinks:

@@ -20,12 +20,12 @@ import orjson
 import paho.mqtt.client as paho
 import structlog
 
-from schemas import fleet
 from worker.config import PostgresSettings
-from worker.db import connect
 from worker.decode.codecs import Codec, load_codecs
+from worker.stores.postgres import connect
+from worker.tools import fleet
 
-log = structlog.get_logger("worker.simulate")
+log = structlog.get_logger("worker.tools.simulate")
 
 # Plausible centre and step of each simulated quantity's random walk.
 _WALK = {
@@ -126,15 +126,23 @@ def readings_per_message(topic: str, payload: bytes, codecs: dict[str, Codec]) -
     return len(codecs[topic.split("/")[3]].units())
 
 
-async def register_fleet(settings: PostgresSettings, devices: list[SimDevice]) -> None:
-    """Insert the simulated devices beyond the seed metadata, with their datapoints."""
+async def register_fleet(settings: PostgresSettings, devices: list[SimDevice] | None = None) -> None:
+    """The demo user and the simulated `devices` (default: the seeded eight), with their
+    datapoints: the metadata the demo, the bench and the tests run on. Idempotent."""
     codecs = load_codecs()
     f2_points = [
         (f"{label}.{n}", u) for mode, label, _ in fleet.F2_SENSORS for n, u in codecs[mode].units().items()
     ]
+    if devices is None:
+        devices = build_fleet(fleet.SEEDED_DEVICES)
     conn = await connect(settings)
     try:
-        user_id = await conn.fetchval("SELECT id FROM users WHERE username = $1", fleet.DEMO_USER)
+        user_id = await conn.fetchval(
+            "INSERT INTO users (username, email) VALUES ($1, $2) ON CONFLICT (username) "
+            "DO UPDATE SET email = excluded.email RETURNING id",
+            fleet.DEMO_USER,
+            "demo@example.invalid",
+        )
         for device in devices:
             mac = device.ref if device.kind == "f2" else None
             key = fleet.f2_device_key(device.ref) if mac else device.ref

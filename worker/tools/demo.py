@@ -19,12 +19,12 @@ from pathlib import Path
 import orjson
 
 from worker.config import Settings
-from worker.db import connect
-from worker.keys import RedisKeys
 from worker.logging import configure_logging
-from worker.migrate import migrate
 from worker.pipeline import Daemon
-from worker.simulate import build_fleet, register_fleet, simulate
+from worker.stores.keys import RedisKeys
+from worker.stores.migrate import migrate
+from worker.stores.postgres import connect
+from worker.tools.simulate import build_fleet, register_fleet, simulate
 
 # Deliberately broken messages: each must end up as a dead letter with its reason.
 MALFORMED = (
@@ -39,7 +39,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     configure_logging("warning", "console" if sys.stdout.isatty() else "json")
     if args.external:
         return asyncio.run(_demo(settings, args, embedded=False))
-    from worker.embedded import EmbeddedServices
+    from worker.tools.embedded import EmbeddedServices
 
     data_dir = Path(args.data_dir).resolve()
     print(f"starting embedded PostgreSQL, Redis and Mosquitto under {data_dir} …", flush=True)
@@ -76,7 +76,7 @@ async def _demo(settings: Settings, args: argparse.Namespace, embedded: bool) ->
     publisher = asyncio.create_task(
         asyncio.to_thread(simulate, settings.mqtt.url, args.devices, args.rate, args.count)
     )
-    from worker.simulate import Publisher
+    from worker.tools.simulate import Publisher
 
     bad = Publisher(settings.mqtt.url, f"iotflow-demo-bad-{time.time_ns()}")
     for topic, payload in MALFORMED:

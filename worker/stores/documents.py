@@ -55,6 +55,13 @@ class DocumentStore(Protocol):
     ) -> dict[int, int]:
         """Documents per `device_id` whose `time_field` is in [start, end) and that match `where`."""
 
+    async def change_marker(self, collection: str) -> str | None:
+        """A value that moves whenever `collection` changes, cheap to read; None when the
+        backend has none (the caller then re-reads the collection to find out)."""
+
+    async def ping(self) -> bool:
+        """True when the backend answers (for /readyz)."""
+
     async def close(self) -> None: ...
 
 
@@ -116,9 +123,10 @@ class PostgresDocumentStore:
         descending: bool = False,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
+        # The table's own indexed `created_at` column is when the document was first stored.
         order = "created_at"
         args: list[Any] = [collection, _dumps(where or {}), limit]
-        if order_by:
+        if order_by and order_by != "created_at":
             order = "doc->$4"
             args.append(order_by)
         rows = await self._pool.fetch(
@@ -160,6 +168,17 @@ class PostgresDocumentStore:
             end,
         )
         return {row["device_id"]: row["n"] for row in rows}
+
+    async def change_marker(self, collection: str) -> str | None:
+        marker: str = await self._pool.fetchval(
+            "SELECT count(*)::text || '/' || coalesce(max(updated_at)::text, '') "
+            "FROM documents WHERE collection = $1",
+            collection,
+        )
+        return marker
+
+    async def ping(self) -> bool:
+        return True  # the PostgreSQL pool's own check covers it
 
     async def close(self) -> None:
         """The pool belongs to the caller."""
@@ -228,11 +247,19 @@ class MongoDocumentStore:
         cursor = await self._db[collection].aggregate(pipeline)
         return {int(doc["_id"]): int(doc["n"]) async for doc in cursor if doc["_id"] is not None}
 
+    async def change_marker(self, collection: str) -> str | None:
+        return None  # no cheap "last changed" per collection; a change stream would be the way
+
+    async def ping(self) -> bool:
+        await self._client.admin.command("ping")
+        return True
+
     async def close(self) -> None:
         await self._client.close()
 
 
 def open_document_store(settings: DocumentSettings, pool: asyncpg.Pool) -> DocumentStore:
+    """The configured backend; only `Stores` calls this."""
     if settings.backend == "mongodb":
         return MongoDocumentStore(settings)
     return PostgresDocumentStore(pool)

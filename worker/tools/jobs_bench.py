@@ -15,16 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 
-from jobs.context import create_jobs_pool
 from jobs.periods import DAY, HOUR, floor_day, floor_hour, steps, utc_now
 from jobs.rollups import rollup_day, rollup_hour
 from worker.config import Settings
-from worker.migrate import migrate
-from worker.partitions import PartitionKeeper
+from worker.stores import open_stores
+from worker.stores.migrate import migrate
+from worker.stores.partitions import PartitionKeeper
 
 # One reading per series every `step` seconds; the series vary so min/max/avg are not trivial.
 _LOAD = """
@@ -90,13 +90,15 @@ async def run_bench(
     bench_settings = replace(settings, postgres=pg)
     await _drop_schema(pg.url, schema)
     await migrate(pg)
-    pool = await create_jobs_pool(bench_settings, max_size=connections + 1)
-    try:
+    async with open_stores(
+        bench_settings, application_name="iotflow-bench", pool_size=connections + 1
+    ) as stores:
+        pool = stores.postgres
         start = floor_hour(utc_now()) - timedelta(days=2)  # closed hours, inside existing partitions
         async with pool.acquire() as conn:
             keeper = PartitionKeeper(pg.partition_days)
             needed = keeper.missing(steps(start, start + hours * HOUR, HOUR))
-            await keeper.ensure(cast(asyncpg.Connection, conn), needed)  # a pool proxy behaves the same
+            await keeper.ensure(conn, needed)
         progress(f"loading {readings:,} readings ({series:,} series over {hours} h) into {schema} …")
         load_s = await _load(pool, start, readings, series, hours, connections)
         progress(f"loaded in {load_s:.1f} s ({readings / load_s:,.0f} readings/s); analysing …")
@@ -106,8 +108,6 @@ async def run_bench(
             raise AssertionError(f"the rollup counted {rolled} readings, {readings} were loaded")
         daily_s = await _time_daily(pool, start, hours)
         return BenchResult(readings, series, hours, load_s, hourly_s, daily_s, hourly_rows, target_rate)
-    finally:
-        await pool.close()
         if not keep:
             await _drop_schema(pg.url, schema)
 

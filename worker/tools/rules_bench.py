@@ -4,7 +4,7 @@ Each device gets rules on the measurements it reports (its datapoint labels that
 already have data, or all of them before any data), cycling through the kinds —
 threshold, range, rate — plus one offline rule, with levels no simulated value
 reaches, so the bench measures the steady-state cost of evaluation rather than the
-cost of an alert storm. `python -m worker.rules.bench_support` prints the
+cost of an alert storm. `python -m worker.tools.rules_bench` prints the
 evaluator's own cost per reading.
 """
 
@@ -50,7 +50,7 @@ async def install_bench_rules(settings: Settings, device_ids: Sequence[int], per
     Running workers pick them up at once (the import is announced on Redis).
     """
     async with open_admin(settings) as admin:
-        async with admin.pool.acquire() as conn:
+        async with admin.stores.postgres.acquire() as conn:
             # Prefer the labels that already have data, so the rules meet the traffic.
             rows = await conn.fetch(
                 "SELECT p.device_id, array_agg(p.label ORDER BY p.label) AS labels, "

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
-
-async def delete_matching(url: str, pattern: str) -> int:
-    """Delete every key matching `pattern` (SCAN, then DEL in chunks); return how many."""
-    client = aioredis.Redis.from_url(url)
-    deleted = 0
-    try:
-        keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
-        for start in range(0, len(keys), 1000):
-            deleted += await client.delete(*keys[start : start + 1000])
-    finally:
-        await client.aclose()
-    return deleted
+# Lifetimes of the hot-state keys (SPEC §6).
+LATEST_TTL_S = 600  # device:latest:{id}
+STATUS_TTL_S = 300  # device:status:{id}
+RECENT_ALERTS_TTL_S = 86400  # alerts:{device_id}
 
 
 class RedisKeys:

@@ -8,6 +8,8 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
+from worker.stores.postgres import Connection
+
 PARENT = "decoded_data"
 EPOCH = date(1970, 1, 1)
 
@@ -22,7 +24,7 @@ def partition_name(start: date) -> str:
     return f"{PARENT}_p{start:%Y%m%d}"
 
 
-async def is_partitioned(conn: asyncpg.Connection) -> bool:
+async def is_partitioned(conn: Connection) -> bool:
     kind = await conn.fetchval("SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1)", PARENT)
     return kind == "p"
 
@@ -38,7 +40,7 @@ class PartitionKeeper:
         starts = {partition_start(ts.astimezone(UTC).date(), self.width_days) for ts in timestamps}
         return starts - self._known
 
-    async def ensure(self, conn: asyncpg.Connection, starts: Iterable[date]) -> None:
+    async def ensure(self, conn: Connection, starts: Iterable[date]) -> None:
         for start in sorted(starts):
             end = start + timedelta(days=self.width_days)
             # Another worker may create it between our check and our create.

@@ -9,7 +9,8 @@
 
 RULE is a JSON object or `key=value` pairs (values are read as JSON when they
 parse, as text otherwise): `type=threshold field=temperature condition=">" value=30`.
-Exit codes: 0 done, 1 refused (malformed rule, unknown device, no such rule or alert).
+Exit codes (worker.exit_codes): 0 done, 1 refused (malformed rule, unknown device,
+no such rule or alert).
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from typing import Any
 import orjson
 
 from worker.config import Settings
+from worker.exit_codes import ExitCode
 from worker.rules.admin import InvalidRules, RuleAdmin, open_admin
 from worker.rules.messages import describe
 from worker.rules.model import RuleError, Scope
-
-EXIT_OK = 0
-EXIT_REFUSED = 1
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
@@ -88,7 +87,7 @@ def _scope(args: argparse.Namespace) -> Scope | None:
 
 def _refuse(command: str, problem: object) -> int:
     print(f"iotflow: {command}: {problem}", file=sys.stderr)
-    return EXIT_REFUSED
+    return ExitCode.FAILURE
 
 
 def parse_rule_arguments(words: list[str]) -> dict[str, Any]:
@@ -138,7 +137,7 @@ def _rules_list(settings: Settings, args: argparse.Namespace) -> int:
                 doc = await admin.documents.get(COLLECTION, scope.key)
                 docs = [doc] if doc else []
             print(orjson.dumps(docs, option=orjson.OPT_INDENT_2, default=str).decode())
-            return EXIT_OK
+            return ExitCode.OK
         listed = await admin.list_rules(scope)
         for rule in listed.rules:
             state = "" if rule.enabled else "  (disabled)"
@@ -147,7 +146,7 @@ def _rules_list(settings: Settings, args: argparse.Namespace) -> int:
             print(f"INVALID {problem}")
         if not listed.rules and not listed.problems:
             print("no rules")
-        return EXIT_OK
+        return ExitCode.OK
 
     return _run(settings, work)
 
@@ -166,7 +165,7 @@ def _rules_set(settings: Settings, args: argparse.Namespace) -> int:
         except RuleError as exc:
             return _refuse("rules set", exc)
         print(f"set {rule.uid}: {describe(rule)}")
-        return EXIT_OK
+        return ExitCode.OK
 
     return _run(settings, work)
 
@@ -179,7 +178,7 @@ def _rules_delete(settings: Settings, args: argparse.Namespace) -> int:
         if not await admin.delete_rule(scope, args.rule_id):
             return _refuse("rules delete", f"there is no rule {args.rule_id!r} in {scope.key}")
         print(f"deleted {scope.key}/{args.rule_id}")
-        return EXIT_OK
+        return ExitCode.OK
 
     return _run(settings, work)
 
@@ -205,10 +204,10 @@ def _rules_import(settings: Settings, args: argparse.Namespace) -> int:
             for error in exc.errors:
                 print(f"iotflow: rules import: {args.file}: {error}", file=sys.stderr)
             print(f"iotflow: rules import: {len(exc.errors)} problem(s), nothing imported", file=sys.stderr)
-            return EXIT_REFUSED
+            return ExitCode.FAILURE
         verb = "valid:" if args.dry_run else "imported"
         print(f"{verb} {rules} rule(s) in {scopes} scope(s)")
-        return EXIT_OK
+        return ExitCode.OK
 
     return _run(settings, work)
 
@@ -221,15 +220,11 @@ def _alerts_list(settings: Settings, args: argparse.Namespace) -> int:
 
     async def work(admin: RuleAdmin) -> int:
         alerts = await list_alerts(
-            admin.documents,
-            active=args.active,
-            device_id=args.device,
-            limit=args.limit,
-            mongodb=settings.documents.backend == "mongodb",
+            admin.documents, active=args.active, device_id=args.device, limit=args.limit
         )
         if args.json:
             print(orjson.dumps(alerts, option=orjson.OPT_INDENT_2, default=str).decode())
-            return EXIT_OK
+            return ExitCode.OK
         for alert in alerts:
             ack = "ack" if alert.get("acknowledged") else "-"
             print(
@@ -238,7 +233,7 @@ def _alerts_list(settings: Settings, args: argparse.Namespace) -> int:
             )
         if not alerts:
             print("no alerts")
-        return EXIT_OK
+        return ExitCode.OK
 
     return _run(settings, work)
 
@@ -248,14 +243,10 @@ def _alerts_ack(settings: Settings, args: argparse.Namespace) -> int:
     from worker.sinks.alerts import AlertSink
 
     async def work(admin: RuleAdmin) -> int:
-        sink = AlertSink(settings)
-        try:
-            doc = await acknowledge(admin.documents, sink, args.alert_id, args.by)
-        finally:
-            await sink.close()
+        doc = await acknowledge(admin.documents, AlertSink(admin.stores), args.alert_id, args.by)
         if doc is None:
             return _refuse("alerts ack", f"there is no alert {args.alert_id!r}")
         print(f"acknowledged {args.alert_id} ({doc.get('status')}): {doc.get('message', '')}")
-        return EXIT_OK
+        return ExitCode.OK
 
     return _run(settings, work)

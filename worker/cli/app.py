@@ -1,0 +1,54 @@
+"""The parser: each command group registers its sub-commands here; `main` runs one.
+
+A sub-command is a parser plus a handler `(settings, args) -> exit code`
+(worker.exit_codes.ExitCode); the handlers import what they need when they run,
+so `iotflow rules list` does not load the daemon, nor `iotflow run` the jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from worker.cli import daemon, jobs, rules, tools
+from worker.config import ConfigError, Settings, load_settings
+from worker.exit_codes import ExitCode
+from worker.logging import configure_logging
+
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction[Any]], None], ...] = (
+    daemon.add_commands,
+    rules.add_commands,
+    jobs.add_commands,
+    tools.add_commands,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iotflow", description="IoTFlow worker")
+    parser.add_argument("--config", type=Path, help="TOML settings file (IOTFLOW_* variables win)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_commands in COMMAND_GROUPS:
+        add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return config_error(exc)
+    configure_logging(settings.log.level, settings.log.format)
+    handler: Handler = args.handler
+    return int(handler(settings, args))
+
+
+def config_error(problem: object) -> ExitCode:
+    """One line on stderr (the journal keeps it), before logging is even configured."""
+    print(f"iotflow: configuration error: {problem}", file=sys.stderr)
+    return ExitCode.CONFIG

@@ -1,0 +1,52 @@
+"""`iotflow run`, `iotflow migrate`, `iotflow config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.config import Settings
+from worker.exit_codes import ExitCode
+
+
+def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    commands.add_parser("run", help="run the daemon").set_defaults(handler=_run)
+    commands.add_parser(
+        "migrate", help="apply the schema to PostgreSQL (versioned, idempotent)"
+    ).set_defaults(handler=_migrate)
+    commands.add_parser("config", help="print the effective settings (secrets included)").set_defaults(
+        handler=_print_config
+    )
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.cli.app import config_error
+    from worker.decode.codecs import CodecConfigError, load_codecs
+    from worker.pipeline import run_daemon
+
+    try:
+        load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
+    except CodecConfigError as exc:
+        return config_error(f"pipeline.codecs: {exc}")
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run_daemon(settings))
+    return uvloop.run(run_daemon(settings))
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.stores.migrate import migrate
+
+    asyncio.run(migrate(settings.postgres))
+    return ExitCode.OK
+
+
+def _print_config(settings: Settings, args: argparse.Namespace) -> int:
+    print(orjson.dumps(dataclasses.asdict(settings), option=orjson.OPT_INDENT_2).decode())
+    return ExitCode.OK

@@ -1,0 +1,63 @@
+"""`iotflow simulate`, `iotflow demo`, `iotflow bench`: the tools around the daemon (worker/tools)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from worker.config import Settings
+from worker.exit_codes import ExitCode
+
+
+def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    sim = commands.add_parser("simulate", help="publish simulated F2 and JSON device telemetry")
+    sim.add_argument("--devices", type=int, default=8, help="number of devices (default 8)")
+    sim.add_argument("--rate", type=float, default=50.0, help="messages/s, 0 = flat out (default 50)")
+    sim.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    sim.add_argument("--profile", choices=("mixed", "climate"), default="mixed")
+    sim.add_argument("--register", action="store_true", help="register the devices (and the demo user) first")
+    sim.add_argument("--first-device", type=int, default=0, help="skip this many (parallel publishers)")
+    sim.set_defaults(handler=_simulate)
+
+    demo = commands.add_parser("demo", help="the whole path on embedded services, with live progress")
+    demo.add_argument("--data-dir", type=Path, default=Path(".iotflow/demo"))
+    demo.add_argument("--devices", type=int, default=8)
+    demo.add_argument("--rate", type=float, default=200.0)
+    demo.add_argument("--count", type=int, default=3000)
+    demo.add_argument("--external", action="store_true", help="use the configured services instead")
+    demo.add_argument("--keep", action="store_true", help="keep the embedded services up afterwards")
+    demo.set_defaults(handler=_demo)
+
+    bench = commands.add_parser("bench", help="measure end-to-end throughput, latency and memory")
+    bench.add_argument("--messages", type=int, default=200_000)
+    bench.add_argument("--devices", type=int, default=100)
+    bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
+    bench.add_argument("--repeat", type=int, default=2, help="flood runs per configuration, alternated")
+    bench.add_argument(
+        "--embedded", action="store_true", help="embedded PostgreSQL and Redis too (the broker always is)"
+    )
+    bench.set_defaults(handler=_bench)
+
+
+def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.tools.simulate import build_fleet, register_fleet, simulate
+
+    if args.register:
+        fleet = build_fleet(args.devices, args.profile, first=args.first_device)
+        asyncio.run(register_fleet(settings.postgres, fleet))
+    simulate(settings.mqtt.url, args.devices, args.rate, args.count, args.profile, first=args.first_device)
+    return ExitCode.OK
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.tools.demo import run_demo
+
+    return run_demo(settings, args)
+
+
+def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.tools.bench import run_bench
+
+    return run_bench(settings, args)

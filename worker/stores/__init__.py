@@ -1,0 +1,95 @@
+"""The owner of every store connection: opened in one place, handed out, closed last.
+
+`open_stores(settings)` connects to what the configuration asks for — the
+PostgreSQL pool (relational core, time series, and the documents when there is
+no MongoDB), the Redis client (hot state, caches, pub/sub) and the document
+store — and closes them, in reverse order, when its `async with` ends: after
+the daemon's actors, the jobs or a command, which receive them from it and never
+open connections of their own. Adding a store means one entry here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+
+from worker.config import Settings
+from worker.stores.documents import DocumentStore, open_document_store
+from worker.stores.keys import RedisKeys
+from worker.stores.postgres import create_pool
+from worker.stores.redis import redis_client
+
+log = structlog.get_logger("worker.stores")
+
+HEALTH_TIMEOUT_S = 2.0
+# The daemon's users of the pool at once: the time-series writer's own connection, the
+# registry, the rules source, the alert documents (two writers), a readiness probe.
+DEFAULT_POOL_SIZE = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    settings: Settings
+    postgres: asyncpg.Pool
+    redis: aioredis.Redis
+    documents: DocumentStore
+    keys: RedisKeys
+
+    async def health(self) -> dict[str, bool]:
+        """Which stores answer now, for /readyz; never raises."""
+        checks = {
+            "postgres": self._check(self._postgres_answers()),
+            "redis": self._check(self.redis.ping()),
+        }
+        if self.settings.documents.backend == "mongodb":
+            checks["mongodb"] = self._check(self.documents.ping())
+        names = list(checks)
+        results = await asyncio.gather(*checks.values())
+        return dict(zip(names, results, strict=True))
+
+    async def _postgres_answers(self) -> bool:
+        async with self.postgres.acquire(timeout=HEALTH_TIMEOUT_S) as conn:
+            return bool(await conn.fetchval("SELECT true", timeout=HEALTH_TIMEOUT_S))
+
+    @staticmethod
+    async def _check(probe: Awaitable[object]) -> bool:
+        try:
+            return bool(await asyncio.wait_for(probe, HEALTH_TIMEOUT_S))
+        except Exception:
+            return False
+
+
+@contextlib.asynccontextmanager
+async def open_stores(
+    settings: Settings,
+    *,
+    application_name: str = "iotflow",
+    pool_size: int = DEFAULT_POOL_SIZE,
+    lock_timeout_s: float | None = None,
+) -> AsyncIterator[Stores]:
+    """Connect to every configured store; close them all when the block ends.
+
+    Raises what the first failing connection raises (the callers decide whether that
+    is worth waiting out); whatever was opened before it is closed again.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await create_pool(
+            settings.postgres,
+            max_size=pool_size,
+            application_name=application_name,
+            lock_timeout_s=lock_timeout_s,
+        )
+        stack.push_async_callback(pool.close)
+        client = redis_client(settings.redis)
+        stack.push_async_callback(client.aclose)
+        documents = open_document_store(settings.documents, pool)
+        stack.push_async_callback(documents.close)
+        stores = Stores(settings, pool, client, documents, RedisKeys(settings.redis.key_prefix))
+        log.debug("stores.opened", documents=settings.documents.backend)
+        yield stores

@@ -1,0 +1,51 @@
+"""PostgreSQL connections, with the configured schema on the search path.
+
+The one place that connects to PostgreSQL: `create_pool` for the `Stores` owner,
+`connect` for a single connection (migrations, a schema check, tools).
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from worker.config import PostgresSettings
+
+# A connection of its own or one borrowed from a pool: the callers here take either.
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def server_settings(
+    settings: PostgresSettings, application_name: str = "iotflow", lock_timeout_s: float | None = None
+) -> dict[str, str]:
+    # `public` last: extensions such as TimescaleDB install their functions there.
+    values = {"search_path": f'"{settings.schema}", public', "application_name": application_name}
+    if lock_timeout_s is not None:
+        values["lock_timeout"] = f"{int(lock_timeout_s * 1000)}ms"
+    return values
+
+
+async def connect(settings: PostgresSettings, timeout: float = CONNECT_TIMEOUT_S) -> asyncpg.Connection:
+    return await asyncpg.connect(settings.url, server_settings=server_settings(settings), timeout=timeout)
+
+
+async def create_pool(
+    settings: PostgresSettings,
+    *,
+    max_size: int,
+    application_name: str = "iotflow",
+    lock_timeout_s: float | None = None,
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        settings.url,
+        min_size=1,
+        max_size=max_size,
+        server_settings=server_settings(settings, application_name, lock_timeout_s),
+        timeout=CONNECT_TIMEOUT_S,
+    )
+    assert pool is not None  # create_pool only returns None when not awaited
+    return pool
