@@ -21,7 +21,7 @@ from arq import Retry
 
 from jobs import ledger
 from jobs.context import JobResources, resources
-from worker.retry import TRANSIENT_ERRORS, Backoff
+from worker.retry import TRANSIENT_ERRORS, Backoff, describe
 
 log = structlog.get_logger("jobs")
 
@@ -44,10 +44,6 @@ class Summary:
 
 
 JobBody = Callable[[JobResources], Awaitable[Summary]]
-
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 async def run_job(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,27 @@ def test_cli_exits_2_on_a_broken_codec_file(tmp_path: Path) -> None:
     result = run_cli("run", env={"IOTFLOW_PIPELINE_CODECS": str(codecs)})
     assert result.returncode == 2
     assert "codec 'climate' field 't'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda tmp: tmp, "is not a file"),
+        (lambda tmp: _written(tmp / "latin1.toml", b'[mqtt]\nclient_id = "caf\xe9"\n'), "not UTF-8"),
+        (lambda tmp: _written(tmp / "nul.toml", b"[mqtt]\x00\n"), "not valid TOML"),
+    ],
+    ids=["directory", "not-utf8", "not-toml"],
+)
+def test_cli_exits_2_naming_the_file_whatever_makes_it_unusable(
+    tmp_path: Path, make: Callable[[Path], Path], problem: str
+) -> None:
+    path = make(tmp_path)
+    result = run_cli("--config", str(path), "run")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and problem in lines[0], lines
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

@@ -400,15 +400,23 @@ def describe_settings() -> list[tuple[str, str, str, str]]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's tables; every way it can be unusable is a ConfigError naming it (exit 2)."""
+    example = "--config /etc/iotflow.toml"
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        text = path.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
     except FileNotFoundError:
-        raise ConfigError("--config", f"file {path} does not exist", "--config /etc/iotflow.toml") from None
+        raise ConfigError("--config", f"file {path} does not exist", example) from None
+    except IsADirectoryError:
+        raise ConfigError("--config", f"{path} is not a file", example) from None
+    except PermissionError:
+        raise ConfigError("--config", f"{path} cannot be read (permission denied)", example) from None
+    except OSError as exc:
+        raise ConfigError("--config", f"{path} cannot be read: {exc.strerror or exc}", example) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start})", example) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(
-            "--config", f"{path} is not valid TOML: {exc}", '[mqtt]\nurl = "mqtt://…"'
-        ) from None
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}", '[mqtt] url = "mqtt://…"') from None
 
 
 def _load_section(name: str, section: Any, table: dict[str, Any], environ: Mapping[str, str]) -> None:

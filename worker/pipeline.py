@@ -24,7 +24,7 @@ from worker.exit_codes import ExitCode
 from worker.http import HealthServer
 from worker.intake.mqtt import MqttIntake
 from worker.metrics import Metrics
-from worker.retry import STORE_BACKOFF, TRANSIENT_ERRORS
+from worker.retry import STORE_BACKOFF, TRANSIENT_ERRORS, Refused, describe, refusal
 from worker.rules.actor import RulesActor
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
@@ -181,7 +181,12 @@ class Daemon:
                     self.health = HealthServer(self.settings.http, self.metrics, self._readiness)
                     await self.health.start()
                     stack.push_async_callback(self.health.stop)
-                self._stores = await self._open_stores(stack)
+                try:
+                    self._stores = await self._open_stores(stack)
+                except Refused as exc:
+                    log.error("stores.refused", error=str(exc), hint="check the store's URL and credentials")
+                    code = ExitCode.CONFIG
+                    return code
                 if self._stores is None:  # stopped while waiting for them
                     code = ExitCode.OK
                     return code
@@ -211,8 +216,16 @@ class Daemon:
         delays = STORE_BACKOFF.delays()
         while True:
             try:
-                return await stack.enter_async_context(open_stores(self.settings))
-            except TRANSIENT_ERRORS as exc:
+                async with contextlib.AsyncExitStack() as attempt:
+                    stores = await attempt.enter_async_context(open_stores(self.settings))
+                    await stores.verify()
+                    stack.push_async_callback(attempt.pop_all().aclose)
+                    return stores
+            except Exception as exc:
+                if refusal(exc) is not None:
+                    raise Refused(describe(exc)) from exc
+                if not isinstance(exc, TRANSIENT_ERRORS):
+                    raise
                 delay = next(delays)
                 log.warning("stores.waiting", error=repr(exc), retry_in_s=round(delay, 2))
                 if await self.supervisor.wait_stopped(delay):

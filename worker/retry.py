@@ -58,6 +58,63 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 TRANSIENT_ERRORS = _transient_errors()
 
 
+class Refused(Exception):
+    """A server refused our credentials or permissions (or the database named does not
+    exist): a configuration problem that waiting will not fix, so the daemon exits 2."""
+
+
+def _refusal_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [
+        Refused,
+        # Class 28 (wrong password, unknown role, pg_hba rejection) and a database that does not exist.
+        asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+        asyncpg.exceptions.InvalidCatalogNameError,
+        redis.exceptions.AuthenticationError,  # a ConnectionError, so checked before TRANSIENT_ERRORS
+        redis.exceptions.AuthenticationWrongNumberOfArgsError,
+        redis.exceptions.NoPermissionError,
+    ]
+    try:
+        from pymongo.errors import ConfigurationError
+    except ImportError:
+        pass
+    else:
+        errors.append(ConfigurationError)
+    return tuple(errors)
+
+
+REFUSAL_ERRORS = _refusal_errors()
+
+
+def refusal(exc: BaseException | None) -> BaseException | None:
+    """The refusal `exc` is or holds (in an exception group or as its cause), or None."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, REFUSAL_ERRORS):
+            return exc
+        if _is_mongo_auth_failure(exc):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                found = refusal(inner)
+                if found is not None:
+                    return found
+            return None
+        exc = exc.__cause__
+        seen += 1
+    return None
+
+
+def _is_mongo_auth_failure(exc: BaseException) -> bool:
+    # pymongo reports a failed authentication as OperationFailure code 18 (AuthenticationFailed).
+    return type(exc).__name__ == "OperationFailure" and getattr(exc, "code", None) == 18
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`, one line, for a log field."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Doubling delays from `first_s` up to `cap_s`, each drawn from its upper half."""
@@ -102,6 +159,8 @@ async def retry_transient(
         try:
             result = await attempt()
         except TRANSIENT_ERRORS as exc:
+            if refusal(exc) is not None:
+                raise  # a wrong password looks like a lost connection to redis-py; it is not one
             if not failing:
                 failing = True
                 log.error(f"{event}.unavailable", error=repr(exc), **context)

@@ -50,5 +50,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def config_error(problem: object) -> ExitCode:
     """One line on stderr (the journal keeps it), before logging is even configured."""
-    print(f"iotflow: configuration error: {problem}", file=sys.stderr)
+    line = " ".join(str(problem).split())  # one line, whatever the problem's text holds
+    print(f"iotflow: configuration error: {line}", file=sys.stderr)
     return ExitCode.CONFIG

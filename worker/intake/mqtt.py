@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import aiomqtt
 import paho.mqtt._packet
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -26,15 +27,21 @@ from paho.mqtt.reasoncodes import ReasonCode
 from schemas.records import AckToken, RawMessage
 from worker.config import MqttSettings
 from worker.metrics import Metrics
-from worker.retry import Backoff
+from worker.retry import Backoff, Refused
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
 
 log = structlog.get_logger("worker.intake")
 
 
-class SubscriptionRefused(RuntimeError):
+class SubscriptionRefused(Refused):
     """The broker refused a topic filter (SUBACK failure): a setting or an ACL to fix."""
+
+
+# CONNACK codes that are a configuration problem, not an outage: MQTT 5 bad user name or
+# password (134), not authorized (135), banned (138), bad authentication method (140);
+# MQTT 3.1.1 bad user name or password (4), not authorized (5).
+REFUSING_CONNACKS = {134, 135, 138, 140, 4, 5}
 
 
 class _SharedTableProperties(Properties):
@@ -118,6 +125,8 @@ class MqttIntake(Actor):
                 self.subscribed.clear()
                 if self._stop_reading.is_set():
                     return  # shutting down; unacknowledged messages stay with the broker
+                if _connack_code(exc) in REFUSING_CONNACKS:
+                    raise Refused(f"the MQTT broker refused the connection: {exc}") from exc
                 # A session that connected resets the backoff; failing to connect extends it.
                 failures = 1 if self._generation != generation else failures + 1
                 delay = backoff.delay(failures)
@@ -208,6 +217,13 @@ class MqttIntake(Actor):
     async def close(self) -> None:
         self._stop_reading.set()
         self._close.set()
+
+
+def _connack_code(exc: aiomqtt.MqttError) -> int | None:
+    if not isinstance(exc, MqttConnectError):
+        return None
+    rc = exc.rc
+    return rc.value if isinstance(rc, ReasonCode) else rc
 
 
 def _is_failure(code: int | ReasonCode) -> bool:

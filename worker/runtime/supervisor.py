@@ -21,11 +21,13 @@ from typing import Any
 import structlog
 
 from worker.exit_codes import ExitCode
-from worker.retry import Backoff
+from worker.retry import Backoff, describe, refusal
 from worker.runtime.actor import Actor
 from worker.runtime.sdnotify import notify, watchdog_interval, watchdog_loop
 
 log = structlog.get_logger("worker.supervisor")
+
+REFUSED = "<refused>"  # what _watch returns for a refusal
 
 
 @dataclass
@@ -148,6 +150,8 @@ class Supervisor:
             if crashed is None:
                 return await self._shutdown(group)
             await group.close()
+            if crashed is REFUSED:
+                return ExitCode.CONFIG
             if not await self._may_restart():
                 return ExitCode.FAILURE
         return ExitCode.OK
@@ -167,7 +171,8 @@ class Supervisor:
         return True
 
     async def _watch(self, group: ActorGroup) -> str | None:
-        """Wait for a stop request (None) or a crashed task (its name)."""
+        """Wait for a stop request (None) or a crashed task: its name, or REFUSED when a
+        server refused our credentials (restarting would only be refused again)."""
         stopped: asyncio.Task[Any] = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({stopped, *group.tasks}, return_when=asyncio.FIRST_COMPLETED)
         crashed = [task for task in group.tasks if task in done]
@@ -177,6 +182,10 @@ class Supervisor:
         task = crashed[0]
         name = group.tasks[task]
         error = None if task.cancelled() else task.exception()
+        refused = refusal(error)
+        if refused is not None:
+            log.error("supervisor.refused", actor=name, error=describe(refused), hint="a setting to fix")
+            return REFUSED
         log.error(
             "actor.crashed",
             actor=name,

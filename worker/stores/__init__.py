@@ -53,6 +53,14 @@ class Stores:
         results = await asyncio.gather(*checks.values())
         return dict(zip(names, results, strict=True))
 
+    async def verify(self) -> None:
+        """Talk to every store once, so a wrong password or an unknown database shows at
+        start instead of at the first write; raises what the first one that fails raises."""
+        await self._postgres_answers()
+        await self.redis.ping()
+        if self.settings.documents.backend == "mongodb":
+            await self.documents.ping()
+
     async def _postgres_answers(self) -> bool:
         async with self.postgres.acquire(timeout=HEALTH_TIMEOUT_S) as conn:
             return bool(await conn.fetchval("SELECT true", timeout=HEALTH_TIMEOUT_S))
