@@ -55,18 +55,31 @@ class Reason(StrEnum):
     SKIPPED_FIELDS = "skipped_fields"
 
 
+# Dead letters keep at most this much of a topic and of a reason (characters); the
+# payload's cap is a setting. MQTT allows 65,535-byte topics, no real device uses 1,024.
+DEAD_LETTER_TOPIC_CHARS = 1024
+DEAD_LETTER_REASON_CHARS = 1024
+
+
 @dataclass(slots=True)
 class DeadLetter:
-    topic: str
+    topic: str  # capped at DEAD_LETTER_TOPIC_CHARS
     payload: bytes
     reason: Reason
-    detail: str
+    detail: str  # capped so that `description` fits DEAD_LETTER_REASON_CHARS
     received_at: float
+    fingerprint: bytes  # sha256(full topic \0 payload): a redelivery finds its row
+    topic_size: int  # the full topic's length, in characters
+    reason_size: int  # the full description's length, in characters
 
     @property
     def description(self) -> str:
         """What `dead_letters.reason` holds: `code: detail`."""
         return f"{self.reason}: {self.detail}"
+
+    @property
+    def truncated(self) -> bool:
+        return self.topic_size > len(self.topic) or self.reason_size > len(self.description)
 
 
 EventKind = Literal["fired", "resolved", "acknowledged"]

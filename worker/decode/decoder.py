@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from schemas.records import DeadLetter, DecodedBatch, RawMessage, Reading, Reason
+import hashlib
+
+from schemas.records import (
+    DEAD_LETTER_REASON_CHARS,
+    DEAD_LETTER_TOPIC_CHARS,
+    DeadLetter,
+    DecodedBatch,
+    RawMessage,
+    Reading,
+    Reason,
+)
 from worker.decode.codecs import Codec
 from worker.decode.parse import Limits, ParsedMessage, Rejected, parse_message
 from worker.decode.registry import DeviceRegistry
@@ -102,11 +112,18 @@ class Decoder(MailboxActor[RawMessage]):
 
 
 def _dead(message: RawMessage, reason: Reason, detail: str) -> DeadLetter:
-    # PostgreSQL text cannot hold NUL; a dead letter must never fail to store.
+    """A dead letter with its topic and reason capped (a fuzzer's 60,000-character topic
+    must not be stored twice in full) and NUL escaped: a dead letter must never fail to store."""
+    topic = message.topic.replace("\x00", "\\x00")
+    reason_size = len(reason) + 2 + len(detail)
+    detail_cap = DEAD_LETTER_REASON_CHARS - len(reason) - 2
     return DeadLetter(
-        message.topic.replace("\x00", "\\x00"),
-        message.payload,
-        reason,
-        detail.replace("\x00", "\\x00"),
-        message.received_at,
+        topic=topic[:DEAD_LETTER_TOPIC_CHARS],
+        payload=message.payload,
+        reason=reason,
+        detail=detail[:detail_cap].replace("\x00", "\\x00"),
+        received_at=message.received_at,
+        fingerprint=hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + message.payload).digest(),
+        topic_size=len(topic),
+        reason_size=reason_size,
     )

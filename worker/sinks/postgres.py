@@ -9,7 +9,6 @@ one cheap statement, and nothing to repair when a connection dies under us.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime
 
 from schemas.records import DecodedBatch
@@ -28,10 +27,12 @@ _MOVE = (
 )
 _DEAD_LETTERS = """
 INSERT INTO dead_letters
-    (fingerprint, topic, payload, payload_size, reason, received_at, last_received_at, occurrences)
-SELECT f, t, p, s, r, ts, ts, n
-FROM unnest($1::bytea[], $2::text[], $3::bytea[], $4::int[], $5::text[], $6::timestamptz[], $7::int[])
-     AS d(f, t, p, s, r, ts, n)
+    (fingerprint, topic, payload, payload_size, reason, received_at, last_received_at, occurrences,
+     topic_size, reason_size)
+SELECT f, t, p, s, r, ts, ts, n, tn, rn
+FROM unnest($1::bytea[], $2::text[], $3::bytea[], $4::int[], $5::text[], $6::timestamptz[], $7::int[],
+            $8::int[], $9::int[])
+     AS d(f, t, p, s, r, ts, n, tn, rn)
 ON CONFLICT (fingerprint) DO UPDATE
 SET occurrences = dead_letters.occurrences + excluded.occurrences,
     last_received_at = greatest(dead_letters.last_received_at, excluded.last_received_at)
@@ -89,17 +90,18 @@ class PostgresTimeseriesWriter:
         # One row per fingerprint: a statement may not update the same row twice.
         rows: dict[bytes, list[object]] = {}
         for letter in batch.dead_letters:
-            digest = hashlib.sha256(letter.topic.encode() + b"\0" + letter.payload).digest()
-            row = rows.get(digest)
+            row = rows.get(letter.fingerprint)
             if row is None:
-                rows[digest] = [
-                    digest,
+                rows[letter.fingerprint] = [
+                    letter.fingerprint,
                     letter.topic,
                     letter.payload[: self._payload_cap],
                     len(letter.payload),
                     letter.description,
                     datetime.fromtimestamp(letter.received_at, UTC),
                     1,
+                    letter.topic_size,
+                    letter.reason_size,
                 ]
             else:
                 row[6] = int(row[6]) + 1  # type: ignore[call-overload]

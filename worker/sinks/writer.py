@@ -104,6 +104,9 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         if batch.dead_letters:
             metrics.inc("dead_letters", len(batch.dead_letters))
             reasons = Counter(letter.reason.value for letter in batch.dead_letters)
+            truncated = sum(letter.truncated for letter in batch.dead_letters)
+            if truncated:
+                metrics.inc("dead_letters_truncated", truncated)
             log.warning(
                 "dead_letters.stored",
                 count=len(batch.dead_letters),
