@@ -1,4 +1,5 @@
-# Sourced by the scripts: make .venv (Python >= 3.11) and install the project with the given extras.
+# Sourced by the scripts: make .venv (Python >= 3.11) and install the project with the given extras,
+# at the versions in constraints.txt (the set the suite passed with; its header says how to renew it).
 set -euo pipefail
 extras="$1"
 python=${PYTHON:-python3}
@@ -10,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q -e ".[$extras]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 # The embedded broker is Mosquitto (no pip-installable broker speaks MQTT 5); install it when we can.
 if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
