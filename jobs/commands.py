@@ -82,7 +82,7 @@ def enqueue_request(
 
 
 async def enqueue_now(settings: Settings, request: EnqueueRequest, wait_s: float) -> int:
-    queue = settings.jobs.queue_name
+    queue = settings.jobs_queue
     redis = await create_pool(redis_settings(settings), default_queue_name=queue)
     try:
         ident = job_id(queue, request.function, request.period) + request.id_suffix

@@ -75,7 +75,7 @@ async def schedule_tick(ctx: dict[str, Any]) -> dict[str, list[str]]:
     """arq cron: enqueue whatever is due; returns the ids enqueued now and those already taken."""
     res = resources(ctx)
     redis: ArqRedis = ctx["redis"]
-    queue = res.settings.jobs.queue_name
+    queue = res.settings.jobs_queue
     enqueued: list[str] = []
     taken: list[str] = []
     for item in due_jobs(res.settings.jobs, res.clock()):

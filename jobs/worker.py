@@ -73,10 +73,12 @@ def worker_options(
     return {
         "functions": functions,
         # The tick's name carries the queue: arq's cron job ids are global to the Redis database.
-        "cron_jobs": [cron(schedule_tick, name=f"{cfg.queue_name}:schedule", second=0, run_at_startup=True)]
+        "cron_jobs": [
+            cron(schedule_tick, name=f"{settings.jobs_queue}:schedule", second=0, run_at_startup=True)
+        ]
         if cron_jobs
         else [],
-        "queue_name": cfg.queue_name,
+        "queue_name": settings.jobs_queue,
         "redis_settings": redis_settings(settings),
         "on_startup": _startup,
         "on_shutdown": _shutdown,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
 import orjson
 import pytest
 
+from jobs.commands import enqueue_now, enqueue_request
 from worker.config import Settings
+from worker.stores.redis import delete_matching
 
 from .conftest import worker_env
 from .test_jobs_support import drop_arq_keys, insert_readings, utc, with_unique_queue
@@ -107,3 +110,20 @@ async def test_the_jobs_runner_tells_systemd_it_is_ready_alive_and_stopping(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def test_two_deployments_sharing_a_redis_each_get_their_own_jobs_queue(settings: Settings) -> None:
+    """SPEC §6: the key prefix keeps deployments apart, the jobs' queue and job ids included."""
+    first = replace(settings, jobs=replace(settings.jobs, queue_name=""))
+    second = replace(first, redis=replace(first.redis, key_prefix=f"{first.redis.key_prefix}other:"))
+    assert first.jobs_queue != second.jobs_queue
+    assert first.jobs_queue.startswith(first.redis.key_prefix)
+    request = enqueue_request(first, "rollup", "2026-01-01T00:00", "2026-01-01T02:00", None, None, False)
+    try:
+        assert await enqueue_now(first, request, 0) == 0
+        assert await enqueue_now(second, request, 0) == 0  # not "already queued" by the other one
+        assert await enqueue_now(first, request, 0) == 1  # the same deployment twice still is
+    finally:
+        await delete_matching(settings.redis, f"*{first.redis.key_prefix}*")
+    explicit = replace(first, jobs=replace(first.jobs, queue_name="site-a:jobs"))
+    assert explicit.jobs_queue == "site-a:jobs"

@@ -223,8 +223,11 @@ class JobsSettings:
     """arq jobs: rollups, reports, retention, sweeps."""
 
     queue_name: str = field(
-        default="iotflow:jobs",
-        metadata=_meta("iotflow:jobs", doc="arq queue; also the prefix of every job id, so keep it unique"),
+        default="",
+        metadata=_meta(
+            "site1:iotflow:jobs",
+            doc="arq queue, also the prefix of every job id; empty: `{redis.key_prefix}iotflow:jobs`",
+        ),
     )
     rollups_enabled: bool = field(default=True, metadata=_meta("true", doc="schedule the hourly rollup"))
     rollup_minute: int = field(
@@ -355,6 +358,12 @@ class Settings:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def jobs_queue(self) -> str:
+        """The arq queue: `jobs.queue_name`, or one under the Redis key prefix, so that
+        deployments sharing a Redis never refuse each other's job ids (SPEC §6)."""
+        return self.jobs.queue_name or f"{self.redis.key_prefix}iotflow:jobs"
 
 
 def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -28,6 +28,7 @@ from worker.retry import STORE_BACKOFF, TRANSIENT_ERRORS, Refused, describe, ref
 from worker.rules.actor import RulesActor
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
+from worker.runtime.signals import held_stop_signal
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
@@ -174,6 +175,10 @@ class Daemon:
         """Run until stopped; return the process exit code."""
         if handle_signals:  # first, so a signal however early ends in an orderly stop
             self.supervisor.install_signal_handlers()
+            early = held_stop_signal()
+            if early is not None:
+                log.info("supervisor.signal", signal=early.name, early=True)
+                self.request_stop()
         code = ExitCode.FAILURE
         try:
             async with contextlib.AsyncExitStack() as stack:

@@ -1,12 +1,23 @@
 """The `iotflow` command: one parser, every sub-command, one table of exit codes.
 
-main.py    the parser, settings, logging, and the registry of command groups
+app.py     the parser, settings, logging, and the registry of command groups
 daemon.py  run, migrate, config
 rules.py   rules …, alerts …
 jobs.py    jobs …, report …
 tools.py   simulate, demo, bench
 """
 
-from worker.cli.app import main
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    # First, before the imports: a stop signal from here on is held for the daemon.
+    from worker.runtime.signals import hold_stop_signals
+
+    hold_stop_signals()
+    from worker.cli.app import run
+
+    return run(argv)
+
 
 __all__ = ["main"]

@@ -1,4 +1,4 @@
-"""The parser: each command group registers its sub-commands here; `main` runs one.
+"""The parser: each command group registers its sub-commands here; `run` runs one.
 
 A sub-command is a parser plus a handler `(settings, args) -> exit code`
 (worker.exit_codes.ExitCode); the handlers import what they need when they run,
@@ -17,8 +17,12 @@ from worker.cli import daemon, jobs, rules, tools
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.logging import configure_logging
+from worker.runtime.signals import release_stop_signals
 
 Handler = Callable[[Settings, argparse.Namespace], int]
+
+# Commands that take over the stop signals held since start (worker.runtime.signals).
+HOLDS_STOP_SIGNALS: frozenset[Handler] = frozenset({daemon.run_daemon_command})
 
 COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction[Any]], None], ...] = (
     daemon.add_commands,
@@ -37,14 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
+    """Parse, load the settings, run one command; its exit code (worker.exit_codes)."""
     args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    if handler not in HOLDS_STOP_SIGNALS:
+        release_stop_signals()
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         return config_error(exc)
     configure_logging(settings.log.level, settings.log.format)
-    handler: Handler = args.handler
     return int(handler(settings, args))
 
 

@@ -15,7 +15,7 @@ from worker.exit_codes import ExitCode
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
-    commands.add_parser("run", help="run the daemon").set_defaults(handler=_run)
+    commands.add_parser("run", help="run the daemon").set_defaults(handler=run_daemon_command)
     commands.add_parser(
         "migrate", help="apply the schema to PostgreSQL (versioned, idempotent)"
     ).set_defaults(handler=_migrate)
@@ -24,7 +24,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
 
 
-def _run(settings: Settings, args: argparse.Namespace) -> int:
+def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
     from worker.cli.app import config_error
     from worker.decode.codecs import CodecConfigError, load_codecs
     from worker.pipeline import run_daemon
