@@ -52,6 +52,7 @@ async def open_resources(
         application_name="iotflow-jobs",
         pool_size=max(2, settings.jobs.max_jobs) + 1,
         lock_timeout_s=settings.jobs.lock_timeout_s,
+        command_timeout_s=float(settings.jobs.job_timeout_s),  # a rollup of a busy hour takes a while
     ) as stores:
         yield JobResources.of(stores, clock)
 

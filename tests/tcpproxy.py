@@ -12,6 +12,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
         self._cut = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
 
     async def start(self) -> None:
@@ -33,6 +35,13 @@ class TcpProxy:
             writer.transport.abort()
         self._links.clear()
 
+    def freeze(self) -> None:
+        """Keep every connection open but pass no bytes: a server that hangs (SIGSTOP)."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     async def restore(self) -> None:
         """Listen again on the same port."""
         self._cut = False
@@ -53,6 +62,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

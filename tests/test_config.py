@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, load_settings
+from worker.config import ConfigError, Settings, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -142,3 +143,8 @@ def test_cli_exits_2_naming_the_file_whatever_makes_it_unusable(
 def _written(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_the_example_file_is_exactly_the_defaults() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "iotflow.example.toml"
+    assert dataclasses.asdict(load_settings(example, environ={})) == dataclasses.asdict(Settings())

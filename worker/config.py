@@ -137,6 +137,14 @@ class PostgresSettings:
     partition_days: int = field(
         default=1, metadata=_meta("1", _positive, doc="range partition width without TimescaleDB")
     )
+    command_timeout_s: float = field(
+        default=30.0,
+        metadata=_meta(
+            "30",
+            _positive,
+            doc="a statement unanswered this long is abandoned and retried (jobs: job_timeout_s)",
+        ),
+    )
 
 
 @dataclass
@@ -167,6 +175,12 @@ class PipelineSettings:
     flush_interval_ms: int = field(
         default=200,
         metadata=_meta("200", _positive, doc="longest wait before a partial batch commits"),
+    )
+    slow_write_s: float = field(
+        default=5.0,
+        metadata=_meta(
+            "5", _positive, doc="a store write pending this long logs `sink.slow`, again each period"
+        ),
     )
     mailbox_size: int = field(
         default=20000, metadata=_meta("20000", _positive, doc="messages waiting for decoding")

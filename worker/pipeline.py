@@ -84,6 +84,7 @@ class Pipeline:
             self.metrics,
             settings.pipeline.batch_size,
             settings.pipeline.flush_interval_ms / 1000,
+            settings.pipeline.slow_write_s,
         )
         actors: list[Actor] = [self.intake, decoder, *stages, self.writer]
         return ActorGroup(actors, helpers=[self._report])

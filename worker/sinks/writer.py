@@ -38,6 +38,7 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         metrics: Metrics,
         batch_size: int,
         flush_interval_s: float,
+        slow_write_s: float = 5.0,
     ) -> None:
         super().__init__(mailbox)
         self._sinks = list(sinks)
@@ -45,6 +46,7 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         self._metrics = metrics
         self._batch_size = batch_size
         self._flush_interval = flush_interval_s
+        self._slow_write_s = slow_write_s
         self._pending = DecodedBatch()
         self._pending_since = 0.0
         self.down: set[str] = set()  # sinks currently failing, for /readyz
@@ -86,15 +88,34 @@ class BatchWriter(MailboxActor[DecodedBatch]):
             self.down.add(sink.name)
             self._metrics.inc(f"sink_{sink.name}_errors")
 
-        await retry_transient(
-            lambda: sink.write(batch),
-            "sink",
-            reset=sink.reset,
-            on_down=down,
-            on_up=lambda: self.down.discard(sink.name),
-            sink=sink.name,
-            holding=batch.messages,
-        )
+        watch = asyncio.create_task(self._report_slow(sink.name, batch), name=f"slow.{sink.name}")
+        try:
+            await retry_transient(
+                lambda: sink.write(batch),
+                "sink",
+                reset=sink.reset,
+                on_down=down,
+                on_up=lambda: self.down.discard(sink.name),
+                sink=sink.name,
+                holding=batch.messages,
+            )
+        finally:
+            watch.cancel()
+
+    async def _report_slow(self, sink: str, batch: DecodedBatch) -> None:
+        """While a store holds a batch past `slow_write_s`, say so once per period: a frozen
+        server raises nothing until its timeouts, and silence is the worst answer."""
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(self._slow_write_s)
+            self._metrics.inc(f"sink_{sink}_slow")
+            log.warning(
+                "sink.slow",
+                sink=sink,
+                holding=batch.messages,
+                rows=len(batch.readings) + len(batch.dead_letters),
+                waited_s=round(time.monotonic() - started, 1),
+            )
 
     def _record(self, batch: DecodedBatch) -> None:
         metrics = self._metrics

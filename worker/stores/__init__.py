@@ -80,6 +80,7 @@ async def open_stores(
     application_name: str = "iotflow",
     pool_size: int = DEFAULT_POOL_SIZE,
     lock_timeout_s: float | None = None,
+    command_timeout_s: float | None = None,
 ) -> AsyncIterator[Stores]:
     """Connect to every configured store; close them all when the block ends.
 
@@ -92,6 +93,7 @@ async def open_stores(
             max_size=pool_size,
             application_name=application_name,
             lock_timeout_s=lock_timeout_s,
+            command_timeout_s=command_timeout_s,
         )
         stack.push_async_callback(pool.close)
         client = redis_client(settings.redis)

@@ -190,7 +190,10 @@ class MongoDocumentStore:
     def __init__(self, settings: DocumentSettings) -> None:
         from pymongo import AsyncMongoClient
 
-        self._client: Any = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
+        # Timeouts so a hung server surfaces as an error the callers retry, not as silence.
+        self._client: Any = AsyncMongoClient(
+            settings.mongodb_url, tz_aware=True, serverSelectionTimeoutMS=10_000, socketTimeoutMS=30_000
+        )
         self._db = self._client[settings.mongodb_database]
 
     async def insert(self, collection: str, key: str, doc: dict[str, Any]) -> bool:

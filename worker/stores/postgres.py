@@ -39,13 +39,17 @@ async def create_pool(
     max_size: int,
     application_name: str = "iotflow",
     lock_timeout_s: float | None = None,
+    command_timeout_s: float | None = None,
 ) -> asyncpg.Pool:
+    """`command_timeout_s` (default `settings.command_timeout_s`) bounds every statement, so a
+    hung server or connection surfaces as a TimeoutError the callers retry, not as silence."""
     pool = await asyncpg.create_pool(
         settings.url,
         min_size=1,
         max_size=max_size,
         server_settings=server_settings(settings, application_name, lock_timeout_s),
         timeout=CONNECT_TIMEOUT_S,
+        command_timeout=command_timeout_s or settings.command_timeout_s,
     )
     assert pool is not None  # create_pool only returns None when not awaited
     return pool
