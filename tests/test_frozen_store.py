@@ -28,14 +28,16 @@ async def test_a_frozen_postgres_is_reported_timed_out_and_recovered_from(
             await publish(settings.mqtt.url, json_messages(0, 100))
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 100)
             counters = daemon.metrics.counters
-            assert counters["sink_postgres_slow"] == 0
+            assert daemon.metrics.count("sink_slow", sink="postgres") == 0
 
             proxy.freeze()  # connections stay open, nothing answers
             await publish(settings.mqtt.url, json_messages(100, 300))
-            await wait_for(lambda: _true(counters["sink_postgres_slow"] >= 1), timeout=30)
+            await wait_for(lambda: _true(daemon.metrics.count("sink_slow", sink="postgres") >= 1), timeout=30)
             assert counters["messages_committed"] == 100  # held, not acknowledged
             # The command timeout turns the silence into an error the writer retries.
-            await wait_for(lambda: _true(counters["sink_postgres_errors"] >= 1), timeout=30)
+            await wait_for(
+                lambda: _true(daemon.metrics.count("sink_errors", sink="postgres") >= 1), timeout=30
+            )
             assert counters["messages_committed"] == 100
 
             proxy.thaw()

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker.config import HttpSettings
 from worker.metrics import Metrics
@@ -70,5 +71,5 @@ class HealthServer:
             body = orjson.dumps({"ready": ok, "checks": checks})
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
         if path == "/metrics":
-            return "200 OK", "text/plain; version=0.0.4", self._metrics.render_prometheus().encode()
+            return "200 OK", CONTENT_TYPE_LATEST, self._metrics.render_prometheus()
         return "404 Not Found", "text/plain", b"not found\n"

@@ -1,10 +1,44 @@
-"""Process-wide counters and a latency histogram, rendered as Prometheus text."""
+"""Process metrics, served at /metrics by prometheus_client.
+
+The hot path counts in plain dicts (`Metrics.inc`: intake counts every message, and a
+dict update is what that can afford); a custom collector turns them into Prometheus
+counter families with HELP and TYPE at scrape time. Latencies and batch sizes are
+prometheus_client histograms. Each `Metrics` has its own registry, so several daemons
+in one process (the tests) never share a series.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "iotflow"
+disable_created_metrics()  # `*_created` series per histogram tell an operator nothing
+
+# name → (help, label names). Counting a name that is not here is a bug: it would not be exported.
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "messages_received": ("MQTT (or Kafka) messages taken from the broker", ()),
+    "messages_decoded": ("messages decoded into readings or dead letters", ()),
+    "messages_committed": ("messages stored by every sink and acknowledged", ()),
+    "readings_written": ("readings committed to the time-series store", ()),
+    "batches_committed": ("batches committed to every sink", ()),
+    "dead_letters": ("messages stored as dead letters, by reason", ("reason",)),
+    "dead_letters_truncated": ("dead letters whose topic or reason was capped", ()),
+    "sink_errors": ("failed writes to a store (each retried)", ("sink",)),
+    "sink_slow": ("periods of pipeline.slow_write_s a write was still pending", ("sink",)),
+    "alerts": ("alert events raised, by kind and severity", ("kind", "severity")),
+    "mqtt_connects": ("MQTT sessions established (the first one included)", ()),
+}
+
+# Publish→commit, from the reading's own timestamp: device clocks and broker backlogs included.
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
+WRITE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # Log-spaced buckets, ~5% wide, from 0.1 ms to ~30 min: fine enough for p50/p99.
 _BUCKET_BASE = 1.05
@@ -12,7 +46,10 @@ _BUCKET_MIN = 1e-4
 
 
 class LatencyHistogram:
-    """Counts durations in log buckets; quantiles are accurate to a bucket's width (~5%)."""
+    """Counts durations in log buckets; quantiles are accurate to a bucket's width (~5%).
+
+    prometheus_client's histograms leave quantiles to the server; the progress line and
+    the bench want them in-process, so the commit latency is counted here too."""
 
     def __init__(self) -> None:
         self.counts: Counter[int] = Counter()
@@ -43,31 +80,99 @@ class LatencyHistogram:
 
 
 class Metrics:
-    """Counters by name, gauges read on demand, and the publish→commit latency."""
+    """Counters by name (and labels), gauges read at scrape time, histograms."""
 
     def __init__(self) -> None:
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()  # totals over all labels, for in-process readers
+        self.labeled: dict[str, Counter[tuple[str, ...]]] = {}
         self.gauges: dict[str, Callable[[], float]] = {}
-        self.commit_latency = LatencyHistogram()  # since start, for /metrics
+        self.commit_latency = LatencyHistogram()  # since start: the quantiles of /metrics
         self.interval_commit_latency = LatencyHistogram()  # reset by each progress line
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_DictCollector(self))
+        self._commit_latency = Histogram(
+            f"{PREFIX}_commit_latency_seconds",
+            "device timestamp to commit, per reading",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._batch_rows = Histogram(
+            f"{PREFIX}_batch_rows",
+            "rows (readings and dead letters) per committed batch",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self._write_seconds = Histogram(
+            f"{PREFIX}_sink_write_seconds",
+            "time for a store to take a batch, retries included",
+            ["sink"],
+            buckets=WRITE_BUCKETS_S,
+            registry=self.registry,
+        )
 
-    def inc(self, name: str, amount: int = 1) -> None:
+    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         self.counters[name] += amount
+        if labels:
+            names = COUNTERS[name][1]
+            self.labeled.setdefault(name, Counter())[tuple(labels[n] for n in names)] += amount
+
+    def count(self, name: str, **labels: str) -> int:
+        """One series' value: `count("sink_errors", sink="postgres")`; without labels, the total."""
+        if not labels:
+            return self.counters[name]
+        names = COUNTERS[name][1]
+        return self.labeled.get(name, Counter())[tuple(labels[n] for n in names)]
 
     def observe_commit_latency(self, seconds: float) -> None:
         self.commit_latency.observe(seconds)
         self.interval_commit_latency.observe(seconds)
+        self._commit_latency.observe(seconds)
 
-    def render_prometheus(self) -> str:
-        lines = []
-        for name, value in sorted(self.counters.items()):
-            lines += [f"# TYPE iotflow_{name}_total counter", f"iotflow_{name}_total {value}"]
-        for name, read in sorted(self.gauges.items()):
-            lines += [f"# TYPE iotflow_{name} gauge", f"iotflow_{name} {read()}"]
-        latency = self.commit_latency
-        lines.append("# TYPE iotflow_commit_latency_seconds summary")
+    def observe_batch(self, rows: int) -> None:
+        self._batch_rows.observe(rows)
+
+    def observe_write(self, sink: str, seconds: float) -> None:
+        self._write_seconds.labels(sink).observe(seconds)
+
+    def render_prometheus(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _DictCollector(Collector):
+    """The dict counters and the gauges as Prometheus families, read at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        for name, (doc, label_names) in COUNTERS.items():
+            family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=label_names)
+            if label_names:
+                for values, count in sorted(metrics.labeled.get(name, Counter()).items()):
+                    family.add_metric(list(values), count)
+            else:
+                family.add_metric([], metrics.counters[name])
+            yield family
+        for name, read in sorted(metrics.gauges.items()):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", GAUGES.get(name, name), value=read())
+        quantiles = GaugeMetricFamily(
+            f"{PREFIX}_commit_latency_quantile_seconds",
+            "publish→commit latency quantiles since start (~5% resolution)",
+            labels=["quantile"],
+        )
         for q in (0.5, 0.9, 0.99):
-            lines.append(f'iotflow_commit_latency_seconds{{quantile="{q}"}} {latency.quantile(q)}')
-        lines.append(f"iotflow_commit_latency_seconds_sum {latency.sum}")
-        lines.append(f"iotflow_commit_latency_seconds_count {latency.total}")
-        return "\n".join(lines) + "\n"
+            quantiles.add_metric([str(q)], metrics.commit_latency.quantile(q))
+        yield quantiles
+
+
+GAUGES = {
+    "mailbox_raw": "messages waiting to be decoded (full: storage is the bottleneck)",
+    "mailbox_decoded": "decoded batches waiting for the writer",
+    "mqtt_buffered": "messages the MQTT client received that intake has not taken yet",
+    "mqtt_unacknowledged": "messages of this session received and not yet acknowledged (≤ receive_maximum)",
+    "pipeline_restarts": "pipeline restarts after a crash since start",
+    "rules_loaded": "alert rules in force",
+    "rules_invalid": "malformed alert rules, not loaded",
+    "alerts_active": "alerts fired and not resolved",
+}

@@ -153,6 +153,7 @@ class Daemon:
         group = pipeline.build()
         self.pipeline = pipeline
         self.metrics.gauges["mqtt_buffered"] = lambda: float(pipeline.intake.buffered)
+        self.metrics.gauges["mqtt_unacknowledged"] = lambda: float(pipeline.intake.unacknowledged)
         self.metrics.gauges["mailbox_raw"] = lambda: float(pipeline.raw.qsize())
         self.metrics.gauges["mailbox_decoded"] = lambda: float(pipeline.decoded.qsize())
         return group

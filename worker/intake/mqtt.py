@@ -107,6 +107,7 @@ class MqttIntake(Actor):
         self._metrics = metrics
         self._client: aiomqtt.Client | None = None
         self._generation = 0
+        self._unacknowledged = 0
         self._stop_reading = asyncio.Event()
         self._close = asyncio.Event()
         self._reading_stopped = asyncio.Event()
@@ -141,6 +142,8 @@ class MqttIntake(Actor):
         client._client.manual_ack_set(True)  # paho: PUBACK only when we call ack()
         async with client:
             self._generation += 1
+            self._unacknowledged = 0  # the broker redelivers the last session's on its own
+            self._metrics.inc("mqtt_connects")
             self._client = client
             self._reading_stopped.clear()
             filters = subscription_filters(self._settings)
@@ -184,6 +187,8 @@ class MqttIntake(Actor):
                 )
             )
             metrics.counters["messages_received"] += 1
+            if message.qos:
+                self._unacknowledged += 1
 
     def ack(self, tokens: Iterable[AckToken]) -> int:
         """PUBACK the given messages; tokens from an earlier connection are skipped (redelivered)."""
@@ -197,7 +202,13 @@ class MqttIntake(Actor):
             if token.mid and token.generation == generation:
                 paho.ack(token.mid, 1)
                 sent += 1
+        self._unacknowledged -= sent
         return sent
+
+    @property
+    def unacknowledged(self) -> int:
+        """Messages of this session received and not yet acknowledged (≤ Receive Maximum)."""
+        return self._unacknowledged
 
     @property
     def buffered(self) -> int:

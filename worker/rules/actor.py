@@ -243,8 +243,8 @@ class RulesActor(MailboxActor[DecodedBatch]):
 
     def _record(self, events: Sequence[AlertEvent]) -> None:
         kinds = Counter(event.kind for event in events)
-        for kind, count in kinds.items():
-            self._metrics.inc(f"alerts_{kind}", count)
+        for (kind, severity), count in Counter((e.kind, e.severity) for e in events).items():
+            self._metrics.inc("alerts", count, kind=kind, severity=severity)
         log.info(
             "rules.alerts",
             **{kind: count for kind, count in kinds.items()},

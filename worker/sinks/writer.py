@@ -86,8 +86,9 @@ class BatchWriter(MailboxActor[DecodedBatch]):
     async def _write_until_stored(self, sink: Sink, batch: DecodedBatch) -> None:
         def down(exc: BaseException) -> None:
             self.down.add(sink.name)
-            self._metrics.inc(f"sink_{sink.name}_errors")
+            self._metrics.inc("sink_errors", sink=sink.name)
 
+        started = time.monotonic()
         watch = asyncio.create_task(self._report_slow(sink.name, batch), name=f"slow.{sink.name}")
         try:
             await retry_transient(
@@ -101,6 +102,7 @@ class BatchWriter(MailboxActor[DecodedBatch]):
             )
         finally:
             watch.cancel()
+        self._metrics.observe_write(sink.name, time.monotonic() - started)
 
     async def _report_slow(self, sink: str, batch: DecodedBatch) -> None:
         """While a store holds a batch past `slow_write_s`, say so once per period: a frozen
@@ -108,7 +110,7 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         started = time.monotonic()
         while True:
             await asyncio.sleep(self._slow_write_s)
-            self._metrics.inc(f"sink_{sink}_slow")
+            self._metrics.inc("sink_slow", sink=sink)
             log.warning(
                 "sink.slow",
                 sink=sink,
@@ -122,9 +124,11 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         metrics.inc("messages_committed", batch.messages)
         metrics.inc("readings_written", len(batch.readings))
         metrics.inc("batches_committed")
+        metrics.observe_batch(len(batch.readings) + len(batch.dead_letters))
         if batch.dead_letters:
-            metrics.inc("dead_letters", len(batch.dead_letters))
             reasons = Counter(letter.reason.value for letter in batch.dead_letters)
+            for reason, count in reasons.items():
+                metrics.inc("dead_letters", count, reason=reason)
             truncated = sum(letter.truncated for letter in batch.dead_letters)
             if truncated:
                 metrics.inc("dead_letters_truncated", truncated)

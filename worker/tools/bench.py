@@ -213,8 +213,8 @@ def _measure_worker(
             messages,
             seconds,
             rows,
-            metrics['iotflow_commit_latency_seconds{quantile="0.5"}'],
-            metrics['iotflow_commit_latency_seconds{quantile="0.99"}'],
+            metrics['iotflow_commit_latency_quantile_seconds{quantile="0.5"}'],
+            metrics['iotflow_commit_latency_quantile_seconds{quantile="0.99"}'],
             peak_rss,
         )
     finally:
