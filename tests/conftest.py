@@ -11,8 +11,10 @@ that leave messages waiting in the broker keep them below a stock Mosquitto's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import sys
+import signal
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -29,6 +31,60 @@ from worker.logging import configure_logging
 from worker.migrate import migrate
 
 configure_logging("warning", "console")
+
+# Threads that outlive their work by design: the event loop's executor and asyncio's
+# child watchers (one per subprocess, ending just after it is reaped).
+_POOLED_THREADS = ("asyncio_", "waitpid-")
+
+
+def _children() -> set[int]:
+    """This process's child processes, zombies included (a child killed but never reaped)."""
+    found = set()
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rindex(")") + 2 :].split()[1] == me:
+                found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+async def nothing_left_running() -> AsyncIterator[None]:
+    """Every test stops what it starts: after its own fixtures are done, no task, thread or
+    child process of its making may still run (the suite shares one loop and one broker)."""
+    tasks = asyncio.all_tasks()
+    threads = set(threading.enumerate())
+    children = _children()
+    yield
+    me = asyncio.current_task()
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:  # what is being cancelled gets a moment to finish
+        left = {t for t in asyncio.all_tasks() - tasks if t is not me and not t.done()}
+        if not left or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    new_threads = [
+        t
+        for t in set(threading.enumerate()) - threads
+        if t.is_alive() and not t.name.startswith(_POOLED_THREADS)
+    ]
+    new_children = _children() - children
+    for task in left:
+        task.cancel()
+    for pid in new_children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(os.waitpid, pid, 0)
+    problems = [f"task {t.get_coro()!r}" for t in left]
+    problems += [f"thread {t.name!r}" for t in new_threads]
+    problems += [f"child process {pid}" for pid in new_children]
+    if problems:
+        pytest.fail("the test left running: " + ", ".join(problems), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -111,17 +167,3 @@ def worker_env(settings: Settings) -> dict[str, str]:
         IOTFLOW_LOG_FORMAT="json",
     )
     return env
-
-
-async def start_worker_process(settings: Settings, *args: str, **env: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        "run",
-        env={**worker_env(settings), **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=Path(__file__).parent.parent,
-    )

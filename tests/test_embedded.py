@@ -105,12 +105,15 @@ def test_restart_reuses_postgres_cluster_and_stop_is_idempotent(tmp_path: Path) 
             await conn.close()
 
     svc = EmbeddedServices(tmp_path, redis=False, mqtt=False)
-    urls = svc.start()
-    assert urls.redis_url == "" and urls.mqtt_url == ""
-    asyncio.run(run(urls.postgres_url, "CREATE TABLE kept AS SELECT 42 AS v"))
-    pid = svc._running[0].proc.pid
-    svc.stop()
-    svc.stop()
+    try:
+        urls = svc.start()
+        assert urls.redis_url == "" and urls.mqtt_url == ""
+        asyncio.run(run(urls.postgres_url, "CREATE TABLE kept AS SELECT 42 AS v"))
+        pid = svc._running[0].proc.pid
+        svc.stop()
+        svc.stop()
+    finally:
+        svc.stop()  # idempotent, as checked above: a failure above leaves no server behind
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     version_file = tmp_path / "postgres" / "PG_VERSION"
