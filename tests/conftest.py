@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -87,8 +88,25 @@ async def nothing_left_running() -> AsyncIterator[None]:
         pytest.fail("the test left running: " + ", ".join(problems), pytrace=False)
 
 
+@contextlib.contextmanager
+def services_dir(name: str) -> Iterator[Path]:
+    """A fresh directory for embedded services, removed afterwards; not under pytest's
+    basetemp: every pytest session started by the same user, in any checkout, resets
+    /tmp/pytest-of-<user> to mode 0700, and under root the user PostgreSQL runs as then
+    loses its way to its data directory (initdb or a start fails)."""
+    with tempfile.TemporaryDirectory(prefix=f"iotflow-{name}-", ignore_cleanup_errors=True) as path:
+        yield Path(path)
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """Like tmp_path, for embedded services (see services_dir)."""
+    with services_dir("test") as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
+def service_urls() -> Iterator[ServiceUrls]:
     given = {
         "postgres": os.environ.get("IOTFLOW_TEST_POSTGRES_URL", ""),
         "redis": os.environ.get("IOTFLOW_TEST_REDIS_URL", ""),
@@ -98,7 +116,7 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUr
     if not any(missing.values()):
         yield ServiceUrls(given["postgres"], given["redis"], given["mqtt"])
         return
-    with EmbeddedServices(tmp_path_factory.mktemp("services"), **missing) as services:
+    with services_dir("services") as root, EmbeddedServices(root, **missing) as services:
         urls = services.urls
         yield ServiceUrls(
             given["postgres"] or urls.postgres_url,

@@ -18,10 +18,12 @@ from paho.mqtt.properties import Properties
 
 from worker.embedded import EmbeddedServices, ServiceUrls, free_port
 
+from .conftest import services_dir
+
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
-    with EmbeddedServices(tmp_path_factory.mktemp("embedded")) as svc:
+def services() -> Iterator[ServiceUrls]:
+    with services_dir("embedded") as root, EmbeddedServices(root) as svc:
         yield svc.urls
 
 
@@ -96,7 +98,9 @@ async def test_mqtt_v5_qos1_reaches_a_persistent_session(services: ServiceUrls) 
     assert message.qos == 1
 
 
-def test_restart_reuses_postgres_cluster_and_stop_is_idempotent(tmp_path: Path) -> None:
+def test_restart_reuses_postgres_cluster_and_stop_is_idempotent(private_dir: Path) -> None:
+    tmp_path = private_dir
+
     async def run(url: str, sql: str) -> object:
         conn = await asyncpg.connect(url, timeout=10)
         try:
