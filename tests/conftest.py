@@ -11,8 +11,11 @@ that leave messages waiting in the broker keep them below a stock Mosquitto's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import sys
+import signal
+import tempfile
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -32,9 +35,80 @@ from worker.tools.simulate import register_fleet
 
 configure_logging("warning", "console")
 
+# Threads that outlive their work by design: the event loop's executor and asyncio's
+# child watchers (one per subprocess, ending just after it is reaped).
+_POOLED_THREADS = ("asyncio_", "waitpid-")
+
+
+def _children() -> set[int]:
+    """This process's child processes, zombies included (a child killed but never reaped)."""
+    found = set()
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rindex(")") + 2 :].split()[1] == me:
+                found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+async def nothing_left_running() -> AsyncIterator[None]:
+    """Every test stops what it starts: after its own fixtures are done, no task, thread or
+    child process of its making may still run (the suite shares one loop and one broker)."""
+    tasks = asyncio.all_tasks()
+    threads = set(threading.enumerate())
+    children = _children()
+    yield
+    me = asyncio.current_task()
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:  # what is being cancelled gets a moment to finish
+        left = {t for t in asyncio.all_tasks() - tasks if t is not me and not t.done()}
+        if not left or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    new_threads = [
+        t
+        for t in set(threading.enumerate()) - threads
+        if t.is_alive() and not t.name.startswith(_POOLED_THREADS)
+    ]
+    new_children = _children() - children
+    for task in left:
+        task.cancel()
+    for pid in new_children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(os.waitpid, pid, 0)
+    problems = [f"task {t.get_coro()!r}" for t in left]
+    problems += [f"thread {t.name!r}" for t in new_threads]
+    problems += [f"child process {pid}" for pid in new_children]
+    if problems:
+        pytest.fail("the test left running: " + ", ".join(problems), pytrace=False)
+
+
+@contextlib.contextmanager
+def services_dir(name: str) -> Iterator[Path]:
+    """A fresh directory for embedded services, removed afterwards; not under pytest's
+    basetemp: every pytest session started by the same user, in any checkout, resets
+    /tmp/pytest-of-<user> to mode 0700, and under root the user PostgreSQL runs as then
+    loses its way to its data directory (initdb or a start fails)."""
+    with tempfile.TemporaryDirectory(prefix=f"iotflow-{name}-", ignore_cleanup_errors=True) as path:
+        yield Path(path)
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """Like tmp_path, for embedded services (see services_dir)."""
+    with services_dir("test") as path:
+        yield path
+
 
 @pytest.fixture(scope="session")
-def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
+def service_urls() -> Iterator[ServiceUrls]:
     given = {
         "postgres": os.environ.get("IOTFLOW_TEST_POSTGRES_URL", ""),
         "redis": os.environ.get("IOTFLOW_TEST_REDIS_URL", ""),
@@ -44,7 +118,7 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUr
     if not any(missing.values()):
         yield ServiceUrls(given["postgres"], given["redis"], given["mqtt"])
         return
-    with EmbeddedServices(tmp_path_factory.mktemp("services"), **missing) as services:
+    with services_dir("services") as root, EmbeddedServices(root, **missing) as services:
         urls = services.urls
         yield ServiceUrls(
             given["postgres"] or urls.postgres_url,
@@ -121,17 +195,3 @@ def worker_env(settings: Settings) -> dict[str, str]:
         IOTFLOW_LOG_FORMAT="json",
     )
     return env
-
-
-async def start_worker_process(settings: Settings, *args: str, **env: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        "run",
-        env={**worker_env(settings), **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=Path(__file__).parent.parent,
-    )

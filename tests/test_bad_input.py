@@ -8,7 +8,7 @@ import orjson
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
 
-from .helpers import publish, running_daemon, wait_for_count
+from .helpers import publish, running_daemon, wait_for_committed, wait_for_count
 
 F2 = "tele/f2-aabbccddee01/sensor-mode"
 
@@ -54,6 +54,7 @@ async def test_each_bad_input_class_is_dead_lettered_with_its_reason(
         await publish(settings.mqtt.url, [*messages, good])
         await wait_for_count(pg, "SELECT count(*) FROM dead_letters", len(messages))
         await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 2)
+        await wait_for_committed(daemon, len(messages) + 1)
         assert daemon.metrics.counters["messages_committed"] == len(messages) + 1
     reasons = {row["reason"].split(":")[0] for row in await pg.fetch("SELECT reason FROM dead_letters")}
     # The empty payload is bad JSON; the out-of-range temperature is a bad frame.

@@ -18,10 +18,12 @@ from paho.mqtt.properties import Properties
 
 from worker.tools.embedded import EmbeddedServices, ServiceUrls, free_port
 
+from .conftest import services_dir
+
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
-    with EmbeddedServices(tmp_path_factory.mktemp("embedded")) as svc:
+def services() -> Iterator[ServiceUrls]:
+    with services_dir("embedded") as root, EmbeddedServices(root) as svc:
         yield svc.urls
 
 
@@ -96,7 +98,9 @@ async def test_mqtt_v5_qos1_reaches_a_persistent_session(services: ServiceUrls) 
     assert message.qos == 1
 
 
-def test_restart_reuses_postgres_cluster_and_stop_is_idempotent(tmp_path: Path) -> None:
+def test_restart_reuses_postgres_cluster_and_stop_is_idempotent(private_dir: Path) -> None:
+    tmp_path = private_dir
+
     async def run(url: str, sql: str) -> object:
         conn = await asyncpg.connect(url, timeout=10)
         try:
@@ -105,12 +109,15 @@ def test_restart_reuses_postgres_cluster_and_stop_is_idempotent(tmp_path: Path) 
             await conn.close()
 
     svc = EmbeddedServices(tmp_path, redis=False, mqtt=False)
-    urls = svc.start()
-    assert urls.redis_url == "" and urls.mqtt_url == ""
-    asyncio.run(run(urls.postgres_url, "CREATE TABLE kept AS SELECT 42 AS v"))
-    pid = svc._running[0].proc.pid
-    svc.stop()
-    svc.stop()
+    try:
+        urls = svc.start()
+        assert urls.redis_url == "" and urls.mqtt_url == ""
+        asyncio.run(run(urls.postgres_url, "CREATE TABLE kept AS SELECT 42 AS v"))
+        pid = svc._running[0].proc.pid
+        svc.stop()
+        svc.stop()
+    finally:
+        svc.stop()  # idempotent, as checked above: a failure above leaves no server behind
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     version_file = tmp_path / "postgres" / "PG_VERSION"

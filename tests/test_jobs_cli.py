@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from worker.config import Settings
 from worker.stores.redis import delete_matching
 
 from .conftest import worker_env
+from .helpers import iotflow_process, notify_socket
 from .test_jobs_support import drop_arq_keys, insert_readings, utc, with_unique_queue
 
 __all__ = ["drop_arq_keys"]
@@ -24,19 +23,8 @@ pytestmark = pytest.mark.usefixtures("drop_arq_keys")
 
 async def iotflow(settings: Settings, *args: str) -> tuple[int, str]:
     env = {**worker_env(settings), "IOTFLOW_JOBS_QUEUE_NAME": settings.jobs.queue_name}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=Path(__file__).parent.parent,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    async with iotflow_process(env, *args) as process:
+        return await process.wait(60), process.output
 
 
 async def test_backfill_is_enqueued_once_run_by_a_burst_worker_and_shown_in_status(
@@ -81,35 +69,21 @@ async def test_report_device_prints_the_report_as_json(settings: Settings, pg: a
 async def test_the_jobs_runner_tells_systemd_it_is_ready_alive_and_stopping(
     settings: Settings, tmp_path: Path
 ) -> None:
-    import signal
-    import socket
-
     settings = with_unique_queue(settings)
-    notify_path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(notify_path))
-        notify.settimeout(20)
+    async with notify_socket(tmp_path / "notify.sock") as notify:
         env = {
             **worker_env(settings),
             "IOTFLOW_JOBS_QUEUE_NAME": settings.jobs.queue_name,
-            "NOTIFY_SOCKET": str(notify_path),
+            "NOTIFY_SOCKET": str(notify.path),
             "WATCHDOG_USEC": "200000",
         }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "jobs", "run", "--no-cron", env=env, cwd=Path(__file__).parent.parent,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            states = [await asyncio.to_thread(notify.recv, 64) for _ in range(3)]
-            assert b"READY=1" in states and b"WATCHDOG=1" in states
-            process.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(process.wait(), 30) == 0
-            while (state := notify.recv(64)) != b"STOPPING=1":
-                assert state == b"WATCHDOG=1"
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+        async with iotflow_process(env, "jobs", "run", "--no-cron") as runner:
+            await notify.wait_for_state("WATCHDOG=1")
+            assert await runner.terminate(30) == 0, runner.output
+        states = notify.read()  # all it sent, now that it has exited
+    # Ready once its stores are open, then pings (every 0.1 s: test_sdnotify) until it stops.
+    assert states[0] == "READY=1" and states[-1] == "STOPPING=1", states
+    assert len(states) >= 3 and set(states[1:-1]) == {"WATCHDOG=1"}, states
 
 
 async def test_two_deployments_sharing_a_redis_each_get_their_own_jobs_queue(settings: Settings) -> None:

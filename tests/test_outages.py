@@ -11,8 +11,9 @@ import asyncpg
 import orjson
 
 from worker.config import Settings
+from worker.pipeline import Daemon
 
-from .helpers import publish, running_daemon, wait_for, wait_for_count
+from .helpers import publish, running_daemon, wait_for, wait_for_committed, wait_for_count
 from .tcpproxy import TcpProxy
 
 # One past instant per test run: every message of a test has its own millisecond after it.
@@ -45,13 +46,15 @@ async def test_postgres_outage_holds_messages_and_recovers(
         async with running_daemon(settings) as daemon:
             await publish(settings.mqtt.url, json_messages(0, 100))
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 100)
+            await wait_for_committed(daemon, 100)
 
             proxy.cut()
             await publish(settings.mqtt.url, json_messages(100, 400))
             assert daemon.pipeline is not None
             writer = daemon.pipeline.writer
-            await wait_for(lambda: _true(bool(writer.down)), timeout=10)
-            await asyncio.sleep(1.0)
+            await wait_for(lambda: _true(bool(writer.down)))
+            await wait_for(lambda: _received(daemon, 500))  # it holds all of them now ...
+            await asyncio.sleep(1.0)  # ... and would have acknowledged some by now, were it wrong
             assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 100
             readiness = await daemon.pipeline.readiness()
             assert readiness["postgres"] is False and readiness["sinks"] is False
@@ -60,7 +63,7 @@ async def test_postgres_outage_holds_messages_and_recovers(
 
             await proxy.restore()
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 500, timeout=30)
-            await wait_for(lambda: _true(not writer.down), timeout=10)
+            await wait_for(lambda: _true(not writer.down))
         assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 500
     finally:
         await proxy.stop()
@@ -73,9 +76,12 @@ async def test_redis_outage_holds_messages_and_recovers(settings: Settings, pg: 
         async with running_daemon(settings) as daemon:
             await publish(settings.mqtt.url, json_messages(0, 50))
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 50)
+            # Rows show before the Redis write ends: cut earlier, and the first 50 wait too.
+            await wait_for_committed(daemon, 50)
             proxy.cut()
             await publish(settings.mqtt.url, json_messages(50, 50))
-            await asyncio.sleep(1.0)
+            await wait_for(lambda: _received(daemon, 100))
+            await asyncio.sleep(1.0)  # time to acknowledge them early, were it wrong
             assert daemon.metrics.counters["messages_committed"] == 50
             await proxy.restore()
             await wait_for(lambda: _true(daemon.metrics.counters["messages_committed"] == 100), timeout=30)
@@ -86,6 +92,10 @@ async def test_redis_outage_holds_messages_and_recovers(settings: Settings, pg: 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _received(daemon: Daemon, count: int) -> bool:
+    return bool(daemon.metrics.counters["messages_received"] >= count)
 
 
 async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messages(
@@ -103,7 +113,7 @@ async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messa
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 50)
 
             proxy.cut()  # the worker loses the broker; publishers still reach it
-            await wait_for(lambda: _true(not intake.connected), timeout=10)
+            await wait_for(lambda: _true(not intake.connected))
             await publish(broker_url, json_messages(50, 150))
             await asyncio.sleep(0.5)
             assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 50
@@ -127,7 +137,8 @@ async def test_a_device_first_seen_during_a_postgres_outage_waits_for_it(
             proxy.cut()
             # Not in any cache yet: decoding it needs PostgreSQL, which is away.
             await publish(settings.mqtt.url, [("devices/sim-json-03/telemetry", b'{"temperature": 4.5}')])
-            await asyncio.sleep(1.5)
+            await wait_for(lambda: _received(daemon, 1))  # in the decoder's hands ...
+            await asyncio.sleep(1.5)  # ... long enough to crash, were it to
             assert daemon.supervisor.restarts_total == 0, "the pipeline was restarted instead of waiting"
             assert daemon.pipeline is pipeline
             assert daemon.metrics.counters["messages_committed"] == 0
@@ -155,7 +166,9 @@ async def test_memory_stays_bounded_while_postgres_is_away(
             proxy.cut()
             # 900: a stock Mosquitto (max_queued_messages 1000) must be able to hold them too.
             await publish(settings.mqtt.url, json_messages(10, 900))
-            await asyncio.sleep(1.5)
+            # More than the raw mailbox holds: the whole pipeline is full ...
+            await wait_for(lambda: _received(daemon, 10 + settings.pipeline.mailbox_size + 1))
+            await asyncio.sleep(1.5)  # ... and would have overrun a bound by now, were it to
             taken = daemon.metrics.counters["messages_received"] - 10
             # Unacknowledged messages in the process never exceed Receive Maximum…
             assert taken + pipeline.intake.buffered <= settings.mqtt.receive_maximum

@@ -7,39 +7,31 @@ only stops the loop if the daemon says so with its exit code.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
-import orjson
 import pytest
 
 from worker.config import Settings
 from worker.tools.embedded import free_port
 
-from .conftest import start_worker_process
+from .helpers import wait_listening, worker_process
 
 TIMEOUT_S = 60  # generous: the verdict is the exit code, not how fast it came
 
 
-async def run_to_exit(settings: Settings, **env: str) -> tuple[int, list[dict[str, object]]]:
-    worker = await start_worker_process(settings, **env)
-    try:
-        output, _ = await asyncio.wait_for(worker.communicate(), TIMEOUT_S)
-    finally:
-        if worker.returncode is None:
-            worker.kill()
-            await worker.wait()
-    lines = [orjson.loads(line) for line in output.splitlines() if line.startswith(b"{")]
-    assert worker.returncode is not None
-    return worker.returncode, lines
+async def run_to_exit(settings: Settings, **env: str) -> tuple[int, list[dict[str, Any]]]:
+    async with worker_process(settings, **env) as worker:
+        code = await worker.wait(TIMEOUT_S)
+        return code, worker.records()
 
 
-def _errors(lines: list[dict[str, object]]) -> list[dict[str, object]]:
+def _errors(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [line for line in lines if line.get("level") == "error"]
 
 
@@ -85,9 +77,7 @@ def locked_redis(tmp_path: Path) -> Iterator[int]:
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        from .test_tls import _wait_listening
-
-        _wait_listening(port)
+        wait_listening(port, server)
         yield port
     finally:
         server.terminate()
@@ -117,9 +107,7 @@ def closed_broker(tmp_path: Path) -> Iterator[str]:
     config.write_text("\n".join(lines) + "\n")
     broker = subprocess.Popen([mosquitto, "-c", str(config)], stderr=subprocess.DEVNULL)
     try:
-        from .test_tls import _wait_listening
-
-        _wait_listening(port)
+        wait_listening(port, broker)
         yield f"mqtt://127.0.0.1:{port}"
     finally:
         broker.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,7 @@ from worker.stores import Stores
 from worker.stores.documents import PostgresDocumentStore
 from worker.stores.keys import RedisKeys
 
-from .helpers import wait_for, wait_for_count
+from .helpers import background, wait_for, wait_for_count
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 ALERTS = "SELECT count(*) FROM documents WHERE collection = 'alerts'"
@@ -49,6 +50,10 @@ class Harness:
     def __init__(self, stores: Stores, clock: Clock) -> None:
         self.outbox: Mailbox[DecodedBatch] = Mailbox(16)
         self.actor = RulesActor(stores, self.outbox, Metrics(), clock=clock)
+        # A busy machine can hold up an event loop past the default (1 s), and a stall
+        # holds offline silence, which the injected clock would never make up for: only
+        # the test about stalls has them, and decides when.
+        self.actor.stall_s = 3600
         self.inbox = self.actor.mailbox
         self.sink = AlertSink(stores)
         self.task = asyncio.create_task(self.actor.run())
@@ -68,6 +73,49 @@ class Harness:
         await self.actor.close()
         await self.sink.close()
         await self.task
+
+
+class OfflineChecks:
+    """Counts the actor's offline checks, and keeps what each found."""
+
+    def __init__(self, actor: RulesActor) -> None:
+        evaluator = actor.evaluator
+        assert evaluator is not None, "the actor has not started"
+        check = evaluator.check_offline
+        self.found: list[list[AlertEvent]] = []
+
+        def counted() -> list[AlertEvent]:
+            events = check()
+            self.found.append(events)
+            return events
+
+        evaluator.check_offline = counted  # type: ignore[method-assign]
+
+    @classmethod
+    async def of(cls, actor: RulesActor) -> OfflineChecks:
+        await wait_for(lambda: _true(actor.evaluator is not None))
+        return cls(actor)
+
+    async def wait(self, count: int) -> None:
+        """Until `count` more checks have run (each one's alerts are written before the next)."""
+        target = len(self.found) + count
+        await wait_for(lambda: _true(len(self.found) >= target))
+
+    def fired(self) -> list[AlertEvent]:
+        return [event for events in self.found for event in events]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def next_message(pubsub: aioredis.client.PubSub, timeout: float = 20.0) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+        if message:
+            return message
+    return None
 
 
 @pytest.fixture
@@ -100,26 +148,29 @@ async def test_offline_detection_follows_the_injected_clock_and_survives_a_resta
     harness = Harness(stores, clock)
     try:
         await harness.send(device_id, user_id, T0, 20.0)
+        checks = OfflineChecks(harness.actor)
         clock.now = T0 + timedelta(seconds=599)
-        await asyncio.sleep(0.2)  # ten offline checks at least
-        assert await pg.fetchval(ALERTS) == 0
+        await checks.wait(10)
+        assert checks.fired() == [] and await pg.fetchval(ALERTS) == 0
         clock.now = T0 + timedelta(seconds=600)
-        await wait_for_count(pg, ALERTS, 1, timeout=5)
+        await wait_for_count(pg, ALERTS, 1)
     finally:
         await harness.stop()
     doc = orjson.loads(await pg.fetchval("SELECT doc FROM documents WHERE collection = 'alerts'"))
     assert (doc["alert_type"], doc["status"], doc["user_id"]) == ("offline", "active", user_id)
     assert datetime.fromisoformat(doc["fired_at"]) == T0 + timedelta(seconds=600)
-    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
-    message = message or await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    try:
+        message = await next_message(pubsub)
+    finally:
+        await pubsub.aclose()
     assert message is not None and orjson.loads(message["data"])["event"] == "alert.fired"
-    await pubsub.aclose()
 
     clock.now = T0 + timedelta(hours=5)  # restarted much later: still the same single alert
     harness = Harness(stores, clock)
     try:
-        await asyncio.sleep(0.2)
-        assert await pg.fetchval(ALERTS) == 1
+        checks = await OfflineChecks.of(harness.actor)
+        await checks.wait(10)
+        assert checks.fired() == [] and await pg.fetchval(ALERTS) == 1
         out = await harness.send(device_id, user_id, clock.now, 21.0)
         assert [e.kind for e in out.alerts] == ["resolved"]
         await harness.sink.write(out)
@@ -213,7 +264,7 @@ async def test_an_alert_stored_but_not_announced_before_a_crash_is_announced_aft
             before = len(announced) - 1
             harness = Harness(stores, Clock(T0))  # a new process each time
             try:
-                await wait_for(partial(_llen_is, client, recent, before), timeout=5)
+                await wait_for(partial(_llen_is, client, recent, before))
                 crashing = CrashingSink(stores)
                 try:
                     with pytest.raises(RuntimeError):
@@ -225,7 +276,7 @@ async def test_an_alert_stored_but_not_announced_before_a_crash_is_announced_aft
             assert await client.llen(recent) == before
             harness = Harness(stores, Clock(T0))  # restarted; the broker redelivers the reading
             try:
-                await wait_for(partial(_llen_is, client, recent, before + 1), timeout=5)
+                await wait_for(partial(_llen_is, client, recent, before + 1))
                 redelivered = await harness.send(device_id, user_id, at, value)
                 assert redelivered.alerts == []  # already judged: only the start could announce it
                 await harness.sink.write(redelivered)
@@ -251,25 +302,40 @@ async def test_a_store_outage_longer_than_an_offline_rule_raises_no_offline_aler
     await admin.set_rule(Scope("device", device_id), {"id": "silent", "type": "offline", "duration": "10m"})
     clock = Clock(T0)
     harness = Harness(stores, clock)
-    harness.actor.stall_s = 0.3
     try:
         await harness.send(device_id, user_id, T0, 20.0)
+        evaluator = harness.actor.evaluator
+        assert evaluator is not None
+        held: list[datetime] = []
+        hold = evaluator.hold_offline
+
+        def held_once(now: datetime) -> None:
+            held.append(now)
+            harness.actor.stall_s = 3600  # this stall only: a lagging loop later is no outage
+            hold(now)
+
+        evaluator.hold_offline = held_once  # type: ignore[method-assign]
         for _ in range(harness.outbox.maxsize):  # the writer stops taking batches: the store is away
             await harness.outbox.put(DecodedBatch())
         reading = DecodedBatch(
             readings=[Reading(T0 + timedelta(seconds=1), device_id, 1, 21.0, "temperature")],
             device_users={device_id: user_id},
         )
-        await harness.inbox.put(reading)  # the actor judges it, then waits on the full mailbox
+        await harness.inbox.put(reading)
+        # Taken from the inbox means judged, and waiting on the full mailbox: no ticks meanwhile.
+        await wait_for(lambda: _true(harness.inbox.empty()))
         clock.now = T0 + timedelta(minutes=20)  # the outage outlasts the rule's duration
-        await asyncio.sleep(0.6)
+        harness.actor.stall_s = 0.3
+        await asyncio.sleep(0.6)  # and the actor's real wait outlasts stall_s
         drained: list[DecodedBatch] = []
         while reading not in drained:  # the store is back: the writer catches up
             drained += await harness.outbox.get_batch(64, 1)
-        await asyncio.sleep(0.3)  # many offline checks
-        assert await pg.fetchval(ALERTS) == 0
+        checks = OfflineChecks(harness.actor)
+        await checks.wait(10)
+        assert held == [T0 + timedelta(minutes=20)]
+        assert checks.fired() == [] and await pg.fetchval(ALERTS) == 0
         clock.now = T0 + timedelta(minutes=30, seconds=1)  # silence counted from the end of the stall
-        await wait_for_count(pg, ALERTS, 1, timeout=5)
+        await wait_for_count(pg, ALERTS, 1)
     finally:
         await harness.stop()
 
@@ -307,11 +373,11 @@ async def test_a_withdrawal_racing_the_insert_of_its_alert_still_resolves_it(
     actor_sink, writer_sink = AlertSink(stores), AlertSink(stores)
     actor_sink._docs = store  # type: ignore[assignment]
     try:
-        withdrawing = asyncio.create_task(actor_sink.write_events([withdrawn]))
-        await asyncio.wait_for(store.paused.wait(), 5)  # the actor's update of the alert ran
-        await writer_sink.write_events([fired])  # the writer stores the alert meanwhile
-        store.resume.set()
-        await withdrawing
+        async with background(actor_sink.write_events([withdrawn])) as withdrawing:
+            await asyncio.wait_for(store.paused.wait(), 20)  # the actor's update of the alert ran
+            await writer_sink.write_events([fired])  # the writer stores the alert meanwhile
+            store.resume.set()
+            await withdrawing
     finally:
         await actor_sink.close()
         await writer_sink.close()
@@ -345,12 +411,12 @@ async def test_announcements_survive_an_unexpected_listener_error(
     channel = rules_channel(RedisKeys(settings.redis.key_prefix))
     try:
         assert (await harness.send(device_id, user_id, T0, 35.0)).alerts == []
-        await wait_for(lambda: _subscribed(client, channel), timeout=5)
+        await wait_for(lambda: _subscribed(client, channel))
         await admin.set_rule(
             Scope("device", device_id),
             {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30},
         )
-        await wait_for(lambda: _has_rules(harness.actor), timeout=5)
+        await wait_for(lambda: _has_rules(harness.actor))
         out = await harness.send(device_id, user_id, T0 + timedelta(seconds=1), 36.0)
         assert [e.kind for e in out.alerts] == ["fired"]
     finally:

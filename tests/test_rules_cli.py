@@ -205,7 +205,7 @@ async def test_list_and_acknowledge_alerts(
         code, out, _ = await cli("alerts", "ack", alert, "--by", "ops")
         assert code == 0 and out.startswith(f"acknowledged {alert} (active)")
         message = None
-        for _ in range(20):
+        for _ in range(100):
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
             if message:
                 break

@@ -10,6 +10,12 @@ from worker.runtime.actor import Actor, MailboxActor
 from worker.runtime.mailbox import Mailbox
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 
+from .helpers import background, wait_for
+
+
+async def _true(value: bool) -> bool:
+    return value
+
 
 class Crasher(Actor):
     name = "crasher"
@@ -80,6 +86,7 @@ async def test_crashes_restart_with_backoff_then_the_supervisor_gives_up() -> No
 async def test_a_crash_restarts_the_group_and_it_recovers() -> None:
     builds = 0
     log: list[str] = []
+    seen: list[int] = []
 
     async def build() -> ActorGroup:
         nonlocal builds
@@ -87,15 +94,16 @@ async def test_a_crash_restarts_the_group_and_it_recovers() -> None:
         if builds == 1:
             return ActorGroup([Crasher(after=0.01)])
         mailbox: Mailbox[int] = Mailbox(10)
-        return ActorGroup([Producer(mailbox, log), Collector(mailbox, log, [])])
+        return ActorGroup([Producer(mailbox, log), Collector(mailbox, log, seen)])
 
     supervisor = Supervisor(build, RestartPolicy(limit=2, backoff_s=0.01))
-    task = asyncio.create_task(supervisor.run())
-    while builds < 2:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)
-    supervisor.request_stop()
-    assert await asyncio.wait_for(task, 10) == ExitCode.OK
+    async with background(supervisor.run()) as task:
+        await wait_for(lambda: _true(len(seen) == 50 or task.done()))  # the new group at work
+        assert not task.done() and builds == 2 and supervisor.restarts_total == 1
+        supervisor.request_stop()
+        assert await asyncio.wait_for(task, 10) == ExitCode.OK
+    assert seen == list(range(50))
+    assert log == ["producer stopped", "drained:50", "collector closed", "producer closed"]
 
 
 async def test_graceful_stop_drains_upstream_first_and_closes_downstream_first() -> None:
@@ -108,20 +116,23 @@ async def test_graceful_stop_drains_upstream_first_and_closes_downstream_first()
         return group
 
     supervisor = Supervisor(build, RestartPolicy())
-    task = asyncio.create_task(supervisor.run())
-    while mailbox.qsize() < 40 and not seen:
-        await asyncio.sleep(0.001)
-    supervisor.request_stop()
-    assert await asyncio.wait_for(task, 10) == ExitCode.OK
+    async with background(supervisor.run()) as task:
+        # Stop while the mailbox holds work (the slow collector has barely begun).
+        await wait_for(lambda: _true(mailbox.qsize() >= 40 or bool(seen) or task.done()), interval=0.001)
+        supervisor.request_stop()
+        assert await asyncio.wait_for(task, 10) == ExitCode.OK
     assert seen == list(range(50))  # nothing left behind in the mailbox
     assert log == ["producer stopped", "drained:50", "collector closed", "producer closed"]
 
 
 async def test_shutdown_past_its_timeout_exits_non_zero() -> None:
+    running = asyncio.Event()
+
     class Stuck(Actor):
         name = "stuck"
 
         async def run(self) -> None:
+            running.set()
             await asyncio.Event().wait()
 
         async def stop(self) -> None:
@@ -131,21 +142,23 @@ async def test_shutdown_past_its_timeout_exits_non_zero() -> None:
         return ActorGroup([Stuck()])
 
     supervisor = Supervisor(build, RestartPolicy(shutdown_timeout_s=0.1))
-    task = asyncio.create_task(supervisor.run())
-    await asyncio.sleep(0.05)
-    supervisor.request_stop()
-    assert await asyncio.wait_for(task, 10) == ExitCode.FAILURE
+    async with background(supervisor.run()) as task:
+        await asyncio.wait_for(running.wait(), 10)  # a stop before the start would just return 0
+        supervisor.request_stop()
+        assert await asyncio.wait_for(task, 10) == ExitCode.FAILURE
 
 
 async def test_mailbox_backpressure_blocks_the_producer() -> None:
     mailbox: Mailbox[int] = Mailbox(2)
     await mailbox.put(1)
     await mailbox.put(2)
-    blocked = asyncio.create_task(mailbox.put(3))
-    await asyncio.sleep(0.05)
-    assert not blocked.done()
-    assert await mailbox.get_batch(10, timeout=0) == [1, 2]
-    await asyncio.wait_for(blocked, 1)
+    async with background(mailbox.put(3)) as blocked:
+        await wait_for(lambda: _true(bool(mailbox._putters) or blocked.done()))
+        for _ in range(10):  # however long it waits, a full mailbox keeps it waiting
+            await asyncio.sleep(0)
+        assert not blocked.done() and mailbox.qsize() == 2
+        assert await mailbox.get_batch(10, timeout=0) == [1, 2]
+        await asyncio.wait_for(blocked, 10)
     assert await mailbox.get_batch(10, timeout=0.1) == [3]
     assert await mailbox.get_batch(10, timeout=0.01) == []
 
@@ -155,22 +168,25 @@ async def test_mailbox_wait_times_out_empty_or_wakes_on_mail() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await mailbox.get_batch(10, timeout=0.05) == []
-    assert loop.time() - started >= 0.04
-    waiting = asyncio.create_task(mailbox.get_batch(10, timeout=5))
-    await asyncio.sleep(0.01)
-    await mailbox.put(7)
-    assert await asyncio.wait_for(waiting, 1) == [7]
+    assert loop.time() - started >= 0.04  # it waited (a slow machine only waits longer)
+    # An hour's timeout: only being woken by the mail can end this wait in time.
+    async with background(mailbox.get_batch(10, timeout=3600)) as waiting:
+        await wait_for(lambda: _true(bool(mailbox._getters) or waiting.done()))
+        assert not waiting.done()
+        await mailbox.put(7)
+        assert await asyncio.wait_for(waiting, 20) == [7]
 
 
 async def test_a_cancelled_putter_passes_its_slot_on() -> None:
     mailbox: Mailbox[int] = Mailbox(1)
     await mailbox.put(1)
-    first = asyncio.create_task(mailbox.put(2))
-    second = asyncio.create_task(mailbox.put(3))
-    await asyncio.sleep(0.01)
-    assert await mailbox.get_batch(1, timeout=0) == [1]  # frees one slot, wakes `first`
-    first.cancel()
-    await asyncio.wait_for(second, 1)
+    async with background(mailbox.put(2)) as first, background(mailbox.put(3)) as second:
+        await wait_for(lambda: _true(len(mailbox._putters) == 2 or first.done() or second.done()))
+        assert not first.done() and not second.done()  # both wait, `first` in front
+        assert await mailbox.get_batch(1, timeout=0) == [1]  # frees one slot, wakes `first`
+        first.cancel()
+        await asyncio.wait_for(second, 20)  # without the hand-over it would wait forever
+        assert first.cancelled()
     assert await mailbox.get_batch(5, timeout=0) == [3]
 
 
@@ -179,8 +195,9 @@ async def test_idle_waits_leave_nothing_behind() -> None:
     for _ in range(200):
         assert await mailbox.get_batch(10, timeout=0.0001) == []
     assert not mailbox._getters  # a quiet night must not grow the mailbox
-    waiting = asyncio.create_task(mailbox.get_batch(10, timeout=5))
-    await asyncio.sleep(0.01)
-    waiting.cancel()
-    await asyncio.gather(waiting, return_exceptions=True)
+    async with background(mailbox.get_batch(10, timeout=5)) as waiting:
+        await wait_for(lambda: _true(bool(mailbox._getters) or waiting.done()))
+        assert not waiting.done()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
     assert not mailbox._getters

@@ -218,8 +218,10 @@ def simulate(
     profile: str = "mixed",
     client_id: str = "",
     first: int = 0,
+    stop: threading.Event | None = None,
 ) -> int:
-    """Publish at `rate` messages/s (0: as fast as possible) until `count`; return messages sent."""
+    """Publish at `rate` messages/s (0: as fast as possible) until `count`, or until `stop`
+    is set (checked between chunks of 100); return messages sent."""
     codecs = load_codecs()
     fleet_devices = build_fleet(devices, profile, first=first)
     stream = message_stream(fleet_devices, codecs, profile)
@@ -228,14 +230,16 @@ def simulate(
     started = time.monotonic()
     last_report = started
     try:
-        while count is None or sent < count:
+        while (count is None or sent < count) and not (stop is not None and stop.is_set()):
             chunk = 100 if count is None else min(100, count - sent)
             for _ in range(chunk):
                 publisher.publish(*next(stream))
             sent += chunk
             if rate > 0:
                 ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
+                if ahead > 0 and stop is not None:
+                    stop.wait(ahead)
+                elif ahead > 0:
                     time.sleep(ahead)
             # Keep what waits unacknowledged bounded: never more than a few thousand ahead.
             while sent - publisher.acked > 5000:
