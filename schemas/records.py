@@ -52,6 +52,7 @@ class Reason(StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     DEVICE_DISABLED = "device_disabled"
     UNKNOWN_DATAPOINT = "unknown_datapoint"
+    OUT_OF_RANGE = "out_of_range"
     SKIPPED_FIELDS = "skipped_fields"
 
 

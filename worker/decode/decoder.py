@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from schemas.records import DeadLetter, DecodedBatch, RawMessage, Reading, Reason
 from worker.decode.codecs import Codec
-from worker.decode.parse import Limits, ParsedMessage, Rejected, parse_message
+from worker.decode.parse import Limits, ParsedMessage, ParsedReading, Rejected, parse_message
+from worker.decode.ranges import ValueRange, format_number
 from worker.decode.registry import DeviceRegistry
 from worker.metrics import Metrics
 from worker.retry import retry_transient
@@ -93,12 +94,30 @@ class Decoder(MailboxActor[RawMessage]):
                     _dead(message, Reason.UNKNOWN_DATAPOINT, f"{', '.join(unknown)} on device {device.id}")
                 )
                 continue
+            implausible = _out_of_range(result.readings, device.ranges)
+            if implausible:
+                # Also the whole message: a sensor this broken spoils the frame it is in.
+                batch.dead_letters.append(
+                    _dead(message, Reason.OUT_OF_RANGE, f"{implausible} on device {device.id}")
+                )
+                continue
             batch.device_users[device.id] = device.user_id
             batch.readings.extend(
                 Reading(r.timestamp, device.id, ids[r.label], r.value, r.label) for r in result.readings
             )
             if result.skipped:
                 batch.dead_letters.append(_dead(message, Reason.SKIPPED_FIELDS, "; ".join(result.skipped)))
+
+
+def _out_of_range(readings: list[ParsedReading], ranges: dict[str, ValueRange]) -> str:
+    """What lies outside its datapoint's range, as `label=value outside [min, max]`; "" if nothing."""
+    if not ranges:
+        return ""  # most devices: no ranges, no loop
+    return "; ".join(
+        f"{r.label}={format_number(r.value)} outside {ranges[r.label]}"
+        for r in readings
+        if r.label in ranges and not ranges[r.label].contains(r.value)
+    )
 
 
 def _dead(message: RawMessage, reason: Reason, detail: str) -> DeadLetter:

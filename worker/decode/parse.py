@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from schemas.records import Reason
-from worker.decode.codecs import Codec, FrameError
+from worker.decode.codecs import Codec, FrameError, OutOfRange
 
 
 class Rejected(Exception):
@@ -105,6 +105,8 @@ def _parse_f2(
     timestamp = parse_timestamp(document.get("timestamp"), received_at, limits)
     try:
         values = codec.decode(frame)
+    except OutOfRange as exc:
+        raise Rejected(Reason.OUT_OF_RANGE, str(exc)) from None
     except FrameError as exc:
         raise Rejected(Reason.BAD_FRAME, str(exc)) from None
     units = codec.units()

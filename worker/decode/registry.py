@@ -1,8 +1,9 @@
 """Device metadata: MAC or device key → device, label → datapoint, cached twice.
 
 Lookups go process cache → Redis (`device:mac:{mac}` / `device:key:{key}` hashes
-{device_id, user_id, status} and `device:datapoints:{device_id}` label → id, 1 h
-TTL, shared by every worker) → PostgreSQL, which is the source of truth. Misses
+{device_id, user_id, status}, `device:datapoints:{device_id}` label → id and
+`device:ranges:{device_id}` label → [min, max], 1 h TTL, shared by every worker) →
+PostgreSQL, which is the source of truth. Misses
 are fetched for a whole batch at once. A device PostgreSQL does not know is
 remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs one query
 per period, not one per message.
@@ -23,11 +24,15 @@ import orjson
 import redis.asyncio as aioredis
 
 from worker.decode.parse import DeviceRef
+from worker.decode.ranges import ValueRange
 from worker.stores.keys import RedisKeys
 
 CACHE_TTL_S = 3600
 NEGATIVE_TTL_S = 30.0
 NEGATIVE_CACHE_MAX = 100_000  # strangers remembered at once; past it, expired ones are purged
+# A field of every `device:ranges:{id}` hash, so "no ranges" differs from "written by a
+# worker that predates ranges" (a miss). No label can collide: PostgreSQL text holds no NUL.
+RANGES_WRITTEN = b"\x00"
 
 
 def _remember_unknown(cache: dict[Any, float], key: Any, now: float) -> None:
@@ -46,7 +51,19 @@ class Device:
     user_id: int | None
     status: str
     datapoints: dict[str, int] = field(default_factory=dict)
+    ranges: dict[str, ValueRange] = field(default_factory=dict)  # only labels with a bound
     unknown_labels: dict[str, float] = field(default_factory=dict)  # label → monotonic expiry
+
+    def absorb(self, rows: Iterable[asyncpg.Record]) -> None:
+        """Take datapoint rows (label, id, min_value, max_value) from PostgreSQL."""
+        for row in rows:
+            label = row["label"]
+            self.datapoints[label] = row["id"]
+            bounds = ValueRange(row["min_value"], row["max_value"])
+            if bounds == (None, None):
+                self.ranges.pop(label, None)
+            else:
+                self.ranges[label] = bounds
 
 
 class DeviceRegistry:
@@ -102,7 +119,7 @@ class DeviceRegistry:
         }
         if absent:
             # Someone may have added them since we cached the device: look again first.
-            device.datapoints.update(await self._fetch_datapoints(device.id))
+            device.absorb(await self._fetch_datapoints(device.id))
             absent = {label: unit for label, unit in absent.items() if label not in device.datapoints}
             if absent and self._register:
                 async with self._pool.acquire() as conn:
@@ -111,14 +128,12 @@ class DeviceRegistry:
                         "ON CONFLICT (device_id, label) DO NOTHING",
                         [(device.id, label, unit) for label, unit in absent.items()],
                     )
-                device.datapoints.update(await self._fetch_datapoints(device.id))
+                device.absorb(await self._fetch_datapoints(device.id))
             for label in absent.keys() - device.datapoints.keys():
                 _remember_unknown(device.unknown_labels, label, now)
-            if self._redis is not None and device.datapoints:
-                key = self._keys.device_datapoints(device.id)
+            if self._redis is not None:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.hset(key, mapping={k: str(v) for k, v in device.datapoints.items()})
-                    pipe.expire(key, CACHE_TTL_S)
+                    self._cache_datapoints(pipe, device)
                     await pipe.execute()
         return {label: device.datapoints[label] for label in labels if label in device.datapoints}
 
@@ -143,16 +158,23 @@ class DeviceRegistry:
             return {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for head in hits.values():
-                pipe.hgetall(self._keys.device_datapoints(int(head[b"device_id"])))
-            datapoint_maps = await pipe.execute()
+                device_id = int(head[b"device_id"])
+                pipe.hgetall(self._keys.device_datapoints(device_id))
+                pipe.hgetall(self._keys.device_ranges(device_id))
+            replies = await pipe.execute()
         devices = {}
-        for (ref, head), points in zip(hits.items(), datapoint_maps, strict=True):
+        for (ref, head), points, ranges in zip(hits.items(), replies[::2], replies[1::2], strict=True):
+            if RANGES_WRITTEN not in ranges:
+                continue  # cached without ranges: PostgreSQL has them, if any
             user = head.get(b"user_id", b"")
             devices[ref] = Device(
                 id=int(head[b"device_id"]),
                 user_id=int(user) if user else None,
                 status=head.get(b"status", b"active").decode(),
                 datapoints={k.decode(): int(v) for k, v in points.items()},
+                ranges={
+                    k.decode(): ValueRange(*orjson.loads(v)) for k, v in ranges.items() if k != RANGES_WRITTEN
+                },
             )
         return devices
 
@@ -160,27 +182,34 @@ class DeviceRegistry:
         macs = [ref.value for ref in refs if ref.kind == "mac"]
         keys = [ref.value for ref in refs if ref.kind == "key"]
         async with self._pool.acquire() as conn:
+            # One row per datapoint (one with NULLs for a device without any).
             rows = await conn.fetch(
-                "SELECT d.id, d.mac, d.device_key, d.user_id, d.status, "
-                "coalesce(jsonb_object_agg(p.label, p.id) FILTER (WHERE p.id IS NOT NULL), '{}') AS points "
+                "SELECT d.id AS device_id, d.mac, d.device_key, d.user_id, d.status, "
+                "p.label, p.id, p.min_value, p.max_value "
                 "FROM devices d LEFT JOIN datapoints p ON p.device_id = d.id "
-                "WHERE d.mac = ANY($1::text[]) OR d.device_key = ANY($2::text[]) GROUP BY d.id",
+                "WHERE d.mac = ANY($1::text[]) OR d.device_key = ANY($2::text[])",
                 macs,
                 keys,
             )
+        by_id: dict[int, Device] = {}
         devices = {}
         for row in rows:
-            device = Device(row["id"], row["user_id"], row["status"], orjson.loads(row["points"]))
-            if row["mac"] in macs:
-                devices[DeviceRef("mac", row["mac"])] = device
-            if row["device_key"] in keys:
-                devices[DeviceRef("key", row["device_key"])] = device
+            device = by_id.get(row["device_id"])
+            if device is None:
+                device = by_id[row["device_id"]] = Device(row["device_id"], row["user_id"], row["status"])
+                if row["mac"] in macs:
+                    devices[DeviceRef("mac", row["mac"])] = device
+                if row["device_key"] in keys:
+                    devices[DeviceRef("key", row["device_key"])] = device
+            if row["id"] is not None:
+                device.absorb([row])
         return devices
 
-    async def _fetch_datapoints(self, device_id: int) -> dict[str, int]:
+    async def _fetch_datapoints(self, device_id: int) -> list[asyncpg.Record]:
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch("SELECT label, id FROM datapoints WHERE device_id = $1", device_id)
-        return {row["label"]: row["id"] for row in rows}
+            return await conn.fetch(
+                "SELECT label, id, min_value, max_value FROM datapoints WHERE device_id = $1", device_id
+            )
 
     async def _insert_devices(self, refs: set[DeviceRef]) -> None:
         rows: list[tuple[str | None, str, str]] = []
@@ -208,8 +237,18 @@ class DeviceRegistry:
                 }
                 pipe.hset(key, mapping=head)
                 pipe.expire(key, CACHE_TTL_S)
-                if device.datapoints:
-                    points_key = self._keys.device_datapoints(device.id)
-                    pipe.hset(points_key, mapping={k: str(v) for k, v in device.datapoints.items()})
-                    pipe.expire(points_key, CACHE_TTL_S)
+                self._cache_datapoints(pipe, device)
             await pipe.execute()
+
+    def _cache_datapoints(self, pipe: Any, device: Device) -> None:
+        """Queue the writes of `device:datapoints:{id}` and `device:ranges:{id}` on `pipe`."""
+        if device.datapoints:
+            points_key = self._keys.device_datapoints(device.id)
+            pipe.hset(points_key, mapping={k: str(v) for k, v in device.datapoints.items()})
+            pipe.expire(points_key, CACHE_TTL_S)
+        ranges_key = self._keys.device_ranges(device.id)
+        ranges = {label.encode(): orjson.dumps(list(bounds)) for label, bounds in device.ranges.items()}
+        # Replaced whole, so a range removed in PostgreSQL goes from the cache too.
+        pipe.delete(ranges_key)
+        pipe.hset(ranges_key, mapping={RANGES_WRITTEN: b"1", **ranges})
+        pipe.expire(ranges_key, CACHE_TTL_S)
