@@ -53,6 +53,10 @@ BAD_MESSAGES: list[tuple[str, str, bytes]] = [
     ("bad_json", f"{F2}/climate/sensor-room1", b"{not json"),
     ("bad_json", JSON, b""),  # an empty payload is not JSON
     ("bad_payload", f"{F2}/climate/sensor-room1", orjson.dumps({"timestamp": 1, "value": 3})),
+    # Misspelt or missing timestamp keys: never stored at the receive time.
+    ("bad_payload", f"{F2}/climate/sensor-room1", orjson.dumps({"timestaCp": 1, "data": climate_frame()})),
+    ("bad_payload", f"{F2}/climate/sensor-room1", orjson.dumps({"tT": 2, "data": climate_frame()})),
+    ("bad_payload", f"{F2}/climate/sensor-room1", orjson.dumps({"data": climate_frame(22.5)})),
     ("bad_hex", f"{F2}/climate/sensor-room1", orjson.dumps({"data": "zz11", "timestamp": None})),
     ("bad_frame", f"{F2}/climate/sensor-room1", f2_payload("0011")),
     ("unknown_codec", f"{F2}/plasma/sensor-room1", orjson.dumps({"data": "00"})),
@@ -210,3 +214,23 @@ async def test_poison_payloads_are_dead_lettered_without_restarting_anything(
     reasons = sorted(r["reason"].split(":")[0] for r in await pg.fetch("SELECT reason FROM dead_letters"))
     assert reasons == ["bad_timestamp", "skipped_fields"]
     assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 1  # the humidity beside the NUL name
+
+
+async def test_registering_typos_stops_at_the_hourly_datapoint_cap(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    settings.pipeline.unknown_devices = "register"
+    settings.pipeline.max_new_datapoints_per_hour = 2
+    typos = [orjson.dumps({name: 1.0}) for name in ("temperatur", "temprature", "tempreature", "tmperature")]
+    async with running_daemon(settings):
+        await publish(settings.mqtt.url, [(JSON, payload) for payload in typos])
+        await wait_for_count(pg, "SELECT count(*) FROM dead_letters", 2)
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 2)
+    reasons = sorted(r["reason"] for r in await pg.fetch("SELECT reason FROM dead_letters"))
+    assert [r.split(":")[0] for r in reasons] == ["datapoint_limit"] * 2
+    assert "tempreature" in reasons[0] and "tmperature" in reasons[1]
+    assert "pipeline.max_new_datapoints_per_hour (2)" in reasons[0]
+    labels = await pg.fetch(
+        "SELECT label FROM datapoints p JOIN devices d ON d.id = p.device_id WHERE d.device_key = 'sim-json-01'"
+    )
+    assert {r["label"] for r in labels} == {"temperature", "humidity", "battery", "temperatur", "temprature"}

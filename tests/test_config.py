@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, load_settings
+from worker.config import ConfigError, describe_settings, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,6 +22,7 @@ def test_defaults_follow_the_spec() -> None:
     settings = load_settings(None, environ={})
     assert settings.mqtt.topics == ["tele/+/+/+/+", "stat/+/+/+/+", "devices/+/telemetry"]
     assert settings.pipeline.unknown_devices == "reject"
+    assert settings.pipeline.max_new_datapoints_per_hour == 20
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
@@ -38,8 +40,10 @@ def test_environment_values_are_typed() -> None:
             "IOTFLOW_HTTP_ENABLED": "no",
             "IOTFLOW_MQTT_TOPICS": "a/+, b/#",
             "IOTFLOW_RUNTIME_SHUTDOWN_TIMEOUT_S": "2.5",
+            "IOTFLOW_PIPELINE_MAX_NEW_DATAPOINTS_PER_HOUR": "5",
         },
     )
+    assert settings.pipeline.max_new_datapoints_per_hour == 5
     assert settings.pipeline.batch_size == 250
     assert settings.http.enabled is False
     assert settings.mqtt.topics == ["a/+", "b/#"]
@@ -64,6 +68,11 @@ def test_environment_values_are_typed() -> None:
         ({"IOTFLOW_MQTT_TOPICS": "devices/#/x"}, "mqtt.topics", "whole last level"),
         ({"IOTFLOW_MQTT_TOPICS": "a/b+"}, "mqtt.topics", "whole level"),
         ({"IOTFLOW_MQTT_SHARED_GROUP": "a/b"}, "mqtt.shared_group", "must not contain"),
+        (
+            {"IOTFLOW_PIPELINE_MAX_NEW_DATAPOINTS_PER_HOUR": "0"},
+            "pipeline.max_new_datapoints_per_hour",
+            "than 0",
+        ),
     ],
 )
 def test_bad_values_name_the_setting_and_give_an_example(
@@ -117,3 +126,14 @@ def test_cli_exits_2_on_a_broken_codec_file(tmp_path: Path) -> None:
     result = run_cli("run", env={"IOTFLOW_PIPELINE_CODECS": str(codecs)})
     assert result.returncode == 2
     assert "codec 'climate' field 't'" in result.stderr
+
+
+def test_the_reference_table_and_the_example_file_list_every_setting() -> None:
+    """docs/configuration.md's table is generated from describe_settings(): keep it so."""
+    root = Path(__file__).parent.parent
+    table = (root / "docs" / "configuration.md").read_text(encoding="utf-8")
+    example = tomllib.loads((root / "deploy" / "iotflow.example.toml").read_text(encoding="utf-8"))
+    for setting, variable, default, _ in describe_settings():
+        assert f"| `{setting}` | `{variable}` | `{default}` |" in table, setting
+        section, key = setting.split(".")
+        assert repr(example[section][key]) == default, f"example file: {setting}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from worker.decode.codecs import load_codecs
 from worker.decode.parse import DeviceRef, Limits, Rejected, normalise_mac, parse_message
+from worker.tools.simulate import build_fleet, message_stream
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp()
 CODECS = load_codecs()
@@ -100,8 +102,8 @@ def test_strings_and_booleans_are_skipped_with_a_reason() -> None:
         ("devices/x/telemetry", {"ts": NOW - 400 * 86400, "values": {"a": 1}}, "timestamp_out_of_range"),
         ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-", {"data": "00"}, "bad_topic"),
         ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": 5}, "bad_payload"),
-        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "0g"}, "bad_hex"),
-        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_frame"),
+        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"timestamp": NOW, "data": "0g"}, "bad_hex"),
+        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"timestamp": NOW, "data": "00"}, "bad_frame"),
         ("tele/f2-aabbccddee01/sensor-mode/warp/sensor-x", {"data": "00"}, "unknown_codec"),
         ("tele/x2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_topic"),
         ("tele/f2-aabbccddee0/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_topic"),
@@ -194,3 +196,35 @@ def test_json_non_finite_numbers_never_become_readings(payload: bytes) -> None:
     with pytest.raises(Rejected) as caught:
         parse_message("devices/dev-1/telemetry", payload, NOW, CODECS, LIMITS)
     assert caught.value.reason == "bad_json"
+
+
+CLIMATE_HEX = CODECS["climate"].encode({"temperature": 21.5, "humidity": 40, "pressure": 990}).hex()
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"timestaCp": NOW, "data": CLIMATE_HEX}, "'timestaCp'"),  # a misspelt timestamp key
+        ({"tT": NOW, "data": CLIMATE_HEX}, "'tT'"),
+        ({"Timestamp": NOW, "data": CLIMATE_HEX}, "'Timestamp'"),
+        ({"data": CLIMATE_HEX}, "`timestamp`"),  # no timestamp at all
+        ({"timestamp": NOW, "data": CLIMATE_HEX, "rssi": -60}, "'rssi'"),
+        ({"timestamp": NOW}, "`data`"),
+    ],
+)
+def test_f2_payload_keys_must_be_exactly_timestamp_and_data(body: dict[str, object], named: str) -> None:
+    """A typo must not turn into "no timestamp": stored at receive time, silently."""
+    with pytest.raises(Rejected) as caught:
+        parse("tele/f2-aabbccddee01/sensor-mode/climate/sensor-room1", body)
+    assert caught.value.reason == "bad_payload"
+    assert named in caught.value.detail
+
+
+@pytest.mark.parametrize("profile", ["mixed", "climate"])  # climate: what the bench publisher sends
+def test_every_simulated_message_parses(profile: str) -> None:
+    """The simulator (and so the bench) always sends `timestamp`: the strict F2 keys cost it nothing."""
+    stream = message_stream(build_fleet(12, profile), CODECS, profile)
+    for _ in range(200):
+        topic, payload = next(stream)
+        message = parse_message(topic, payload, time.time(), CODECS, LIMITS)
+        assert message.readings

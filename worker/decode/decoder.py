@@ -6,7 +6,7 @@ from schemas.records import DeadLetter, DecodedBatch, RawMessage, Reading, Reaso
 from worker.decode.codecs import Codec
 from worker.decode.parse import Limits, ParsedMessage, ParsedReading, Rejected, parse_message
 from worker.decode.ranges import ValueRange, format_number
-from worker.decode.registry import DeviceRegistry
+from worker.decode.registry import DatapointLimit, DeviceRegistry
 from worker.metrics import Metrics
 from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
@@ -86,7 +86,13 @@ class Decoder(MailboxActor[RawMessage]):
             if all(r.label in known for r in result.readings):
                 ids = known  # the common case: no await, no dict built
             else:
-                ids = await self._registry.datapoints(device, {r.label: r.unit for r in result.readings})
+                try:
+                    ids = await self._registry.datapoints(device, {r.label: r.unit for r in result.readings})
+                except DatapointLimit as exc:
+                    batch.dead_letters.append(
+                        _dead(message, Reason.DATAPOINT_LIMIT, f"{exc} on device {device.id}")
+                    )
+                    continue
             unknown = [r.label for r in result.readings if r.label not in ids]
             if unknown:
                 # All or nothing per message, so a redelivery never half-succeeds differently.

@@ -9,13 +9,16 @@ remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs one query
 per period, not one per message.
 
 Unknown devices are rejected (`reject`, the default) or inserted with their
-datapoints (`register`); a known device's unknown label follows the same policy.
+datapoints (`register`); a known device's unknown label follows the same policy,
+up to `pipeline.max_new_datapoints_per_hour` new datapoints per device and hour
+(`DatapointBudget`), past which `datapoints` raises `DatapointLimit`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,8 @@ NEGATIVE_CACHE_MAX = 100_000  # strangers remembered at once; past it, expired o
 # A field of every `device:ranges:{id}` hash, so "no ranges" differs from "written by a
 # worker that predates ranges" (a miss). No label can collide: PostgreSQL text holds no NUL.
 RANGES_WRITTEN = b"\x00"
+BUDGET_WINDOW_S = 3600.0
+BUDGET_DEVICES_MAX = 100_000  # devices tracked at once; past it, those idle for an hour are dropped
 
 
 def _remember_unknown(cache: dict[Any, float], key: Any, now: float) -> None:
@@ -53,6 +58,7 @@ class Device:
     datapoints: dict[str, int] = field(default_factory=dict)
     ranges: dict[str, ValueRange] = field(default_factory=dict)  # only labels with a bound
     unknown_labels: dict[str, float] = field(default_factory=dict)  # label → monotonic expiry
+    refused_labels: dict[str, float] = field(default_factory=dict)  # over the budget, until expiry
 
     def absorb(self, rows: Iterable[asyncpg.Record]) -> None:
         """Take datapoint rows (label, id, min_value, max_value) from PostgreSQL."""
@@ -66,6 +72,45 @@ class Device:
                 self.ranges[label] = bounds
 
 
+class DatapointLimit(Exception):
+    """Registering `labels` would take their device past its hourly datapoint budget."""
+
+    def __init__(self, labels: list[str], limit: int) -> None:
+        super().__init__(f"{', '.join(labels)}: pipeline.max_new_datapoints_per_hour ({limit}) reached")
+        self.labels = labels
+
+
+class DatapointBudget:
+    """How many datapoints each device may still register in a sliding hour.
+
+    With `register`, a typo in a JSON key (`temperatur`) would become a datapoint
+    for good; the budget bounds what a buggy or hostile device adds. It lives in
+    the process, not in Redis: N workers let one device register up to N × limit
+    an hour. The daemon keeps one across pipeline restarts.
+    """
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._spent: dict[int, deque[float]] = {}  # device id → when each datapoint was registered
+
+    def fits(self, device_id: int, count: int) -> bool:
+        return len(self._recent(device_id, self._clock())) + count <= self.limit
+
+    def spend(self, device_id: int, count: int) -> None:
+        now = self._clock()
+        if device_id not in self._spent and len(self._spent) >= BUDGET_DEVICES_MAX:
+            for idle in [d for d, times in self._spent.items() if not self._recent(d, now)]:
+                del self._spent[idle]
+        self._spent.setdefault(device_id, deque()).extend([now] * count)
+
+    def _recent(self, device_id: int, now: float) -> deque[float]:
+        times = self._spent.get(device_id, deque())
+        while times and times[0] <= now - BUDGET_WINDOW_S:
+            times.popleft()
+        return times
+
+
 class DeviceRegistry:
     def __init__(
         self,
@@ -73,17 +118,21 @@ class DeviceRegistry:
         redis: aioredis.Redis | None,
         keys: RedisKeys,
         register_unknown: bool,
+        budget: DatapointBudget,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._redis = redis
         self._keys = keys
         self._register = register_unknown
+        self._budget = budget
+        self._clock = clock
         self._devices: dict[DeviceRef, Device] = {}
         self._unknown: dict[DeviceRef, float] = {}  # ref → monotonic expiry
 
     async def resolve(self, refs: Iterable[DeviceRef]) -> dict[DeviceRef, Device]:
         """Known devices among `refs` (registering strangers when the policy says so)."""
-        now = time.monotonic()
+        now = self._clock()
         found = {}
         wanted = set()
         for ref in refs:
@@ -110,8 +159,14 @@ class DeviceRegistry:
         return found
 
     async def datapoints(self, device: Device, labels: dict[str, str | None]) -> dict[str, int]:
-        """Ids of `labels` (label → unit) on `device`; absent labels stay absent unless registered."""
-        now = time.monotonic()
+        """Ids of `labels` (label → unit) on `device`; absent labels stay absent unless registered.
+
+        Registers all of a call's new labels or none: DatapointLimit when they do not fit the
+        device's budget (and for the next NEGATIVE_TTL_S, without a query)."""
+        now = self._clock()
+        refused = sorted(label for label in labels if device.refused_labels.get(label, 0.0) > now)
+        if refused:
+            raise DatapointLimit(refused, self._budget.limit)
         absent = {
             label: unit
             for label, unit in labels.items()
@@ -122,12 +177,18 @@ class DeviceRegistry:
             device.absorb(await self._fetch_datapoints(device.id))
             absent = {label: unit for label, unit in absent.items() if label not in device.datapoints}
             if absent and self._register:
+                if not self._budget.fits(device.id, len(absent)):
+                    for label in absent:
+                        _remember_unknown(device.refused_labels, label, now)
+                    raise DatapointLimit(sorted(absent), self._budget.limit)
                 async with self._pool.acquire() as conn:
                     await conn.executemany(
                         "INSERT INTO datapoints (device_id, label, unit) VALUES ($1, $2, $3) "
                         "ON CONFLICT (device_id, label) DO NOTHING",
                         [(device.id, label, unit) for label, unit in absent.items()],
                     )
+                # Spent only once inserted: a retried batch (store outage) is not charged twice.
+                self._budget.spend(device.id, len(absent))
                 device.absorb(await self._fetch_datapoints(device.id))
             for label in absent.keys() - device.datapoints.keys():
                 _remember_unknown(device.unknown_labels, label, now)
