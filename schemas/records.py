@@ -52,6 +52,8 @@ class Reason(StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     DEVICE_DISABLED = "device_disabled"
     UNKNOWN_DATAPOINT = "unknown_datapoint"
+    OUT_OF_RANGE = "out_of_range"
+    DATAPOINT_LIMIT = "datapoint_limit"
     SKIPPED_FIELDS = "skipped_fields"
 
 

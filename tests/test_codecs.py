@@ -58,6 +58,12 @@ def test_wrong_length_and_out_of_range_frames_are_rejected() -> None:
         ('[m]\nlength = 1\nfields = [{ name = "a", offset = 0, type = "uint8", scale = 0 }]', "not be 0"),
         ('[m]\nlength = 1\nfields = [{ name = "a", offset = 0, type = "uint8", sclae = 2 }]', "unknown keys"),
         ('[m]\nlength = 1\nfields = [{ name = "a", offset = 0, type = "uint8", flags = { x = 9 } }]', "bit"),
+        # A NaN bound compares false with everything: the range would silently never apply.
+        (
+            '[m]\nlength = 1\nfields = [{ name = "a", offset = 0, type = "uint8", max = nan }]',
+            "`max` must be",
+        ),
+        ('[m]\nlength = 1\nfields = [{ name = "a", offset = 0, type = "uint8", min = 9, max = 1 }]', "above"),
         ("not toml", "c.toml"),
     ],
 )

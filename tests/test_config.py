@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, Settings, load_settings
+from worker.config import ConfigError, Settings, describe_settings, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -23,6 +24,7 @@ def test_defaults_follow_the_spec() -> None:
     settings = load_settings(None, environ={})
     assert settings.mqtt.topics == ["tele/+/+/+/+", "stat/+/+/+/+", "devices/+/telemetry"]
     assert settings.pipeline.unknown_devices == "reject"
+    assert settings.pipeline.max_new_datapoints_per_hour == 20
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
@@ -40,8 +42,10 @@ def test_environment_values_are_typed() -> None:
             "IOTFLOW_HTTP_ENABLED": "no",
             "IOTFLOW_MQTT_TOPICS": "a/+, b/#",
             "IOTFLOW_RUNTIME_SHUTDOWN_TIMEOUT_S": "2.5",
+            "IOTFLOW_PIPELINE_MAX_NEW_DATAPOINTS_PER_HOUR": "5",
         },
     )
+    assert settings.pipeline.max_new_datapoints_per_hour == 5
     assert settings.pipeline.batch_size == 250
     assert settings.http.enabled is False
     assert settings.mqtt.topics == ["a/+", "b/#"]
@@ -66,6 +70,11 @@ def test_environment_values_are_typed() -> None:
         ({"IOTFLOW_MQTT_TOPICS": "devices/#/x"}, "mqtt.topics", "whole last level"),
         ({"IOTFLOW_MQTT_TOPICS": "a/b+"}, "mqtt.topics", "whole level"),
         ({"IOTFLOW_MQTT_SHARED_GROUP": "a/b"}, "mqtt.shared_group", "must not contain"),
+        (
+            {"IOTFLOW_PIPELINE_MAX_NEW_DATAPOINTS_PER_HOUR": "0"},
+            "pipeline.max_new_datapoints_per_hour",
+            "than 0",
+        ),
     ],
 )
 def test_bad_values_name_the_setting_and_give_an_example(
@@ -148,3 +157,14 @@ def _written(path: Path, data: bytes) -> Path:
 def test_the_example_file_is_exactly_the_defaults() -> None:
     example = Path(__file__).parent.parent / "deploy" / "iotflow.example.toml"
     assert dataclasses.asdict(load_settings(example, environ={})) == dataclasses.asdict(Settings())
+
+
+def test_the_reference_table_and_the_example_file_list_every_setting() -> None:
+    """docs/configuration.md's table is generated from describe_settings(): keep it so."""
+    root = Path(__file__).parent.parent
+    table = (root / "docs" / "configuration.md").read_text(encoding="utf-8")
+    example = tomllib.loads((root / "deploy" / "iotflow.example.toml").read_text(encoding="utf-8"))
+    for setting, variable, default, _ in describe_settings():
+        assert f"| `{setting}` | `{variable}` | `{default}` |" in table, setting
+        section, key = setting.split(".")
+        assert repr(example[section][key]) == default, f"example file: {setting}"

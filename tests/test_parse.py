@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import struct
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import pytest
 
 from worker.decode.codecs import load_codecs
 from worker.decode.parse import DeviceRef, Limits, Rejected, normalise_mac, parse_message
+from worker.tools.simulate import build_fleet, message_stream
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp()
 CODECS = load_codecs()
@@ -97,8 +102,8 @@ def test_strings_and_booleans_are_skipped_with_a_reason() -> None:
         ("devices/x/telemetry", {"ts": NOW - 400 * 86400, "values": {"a": 1}}, "timestamp_out_of_range"),
         ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-", {"data": "00"}, "bad_topic"),
         ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": 5}, "bad_payload"),
-        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "0g"}, "bad_hex"),
-        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_frame"),
+        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"timestamp": NOW, "data": "0g"}, "bad_hex"),
+        ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"timestamp": NOW, "data": "00"}, "bad_frame"),
         ("tele/f2-aabbccddee01/sensor-mode/warp/sensor-x", {"data": "00"}, "unknown_codec"),
         ("tele/x2-aabbccddee01/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_topic"),
         ("tele/f2-aabbccddee0/sensor-mode/climate/sensor-x", {"data": "00"}, "bad_topic"),
@@ -129,3 +134,97 @@ def test_unusable_measurement_names_are_skipped_not_stored() -> None:
 def test_timestamps_pushed_out_of_range_by_their_zone_are_rejected(stamp: str) -> None:
     with pytest.raises(Rejected, match="bad_timestamp"):
         parse("devices/x/telemetry", {"ts": stamp, "values": {"a": 1}})
+
+
+GAUGE_CODEC = (
+    "[gauge]\nlength = 8\nfields = [\n"
+    '  { name = "pressure", offset = 0, type = "float64be", unit = "hPa", min = 300, max = 1200 },\n]\n'
+    "[raw]\nlength = 8\nfields = [\n"
+    '  { name = "level", offset = 0, type = "float64be", scale = 10 },\n]\n'
+)
+
+
+def gauge_message(tmp_path: Path, mode: str, value: float) -> object:
+    path = tmp_path / "gauge.toml"
+    path.write_text(GAUGE_CODEC)
+    payload = orjson.dumps({"timestamp": NOW, "data": struct.pack(">d", value).hex()})
+    return parse_message(
+        f"tele/f2-aabbccddee01/sensor-mode/{mode}/sensor-tank", payload, NOW, load_codecs(path), LIMITS
+    )
+
+
+@pytest.mark.parametrize("value", [1e308, 5e-324, -1e308, 299.9, 1200.1])
+def test_f2_values_outside_the_codec_range_are_out_of_range(tmp_path: Path, value: float) -> None:
+    """Finite but absurd: a pressure sensor does not report 1e308 hPa, nor 5e-324."""
+    with pytest.raises(Rejected) as caught:
+        gauge_message(tmp_path, "gauge", value)
+    assert caught.value.reason == "out_of_range"
+    assert "pressure=" in caught.value.detail and "[300, 1200]" in caught.value.detail
+
+
+@pytest.mark.parametrize("value", [300.0, 1200.0, 1013.5])
+def test_f2_values_inside_the_codec_range_are_readings(tmp_path: Path, value: float) -> None:
+    message = gauge_message(tmp_path, "gauge", value)
+    assert [(r.label, r.value) for r in message.readings] == [("tank.pressure", value)]
+
+
+def test_builtin_climate_codec_range_is_enforced() -> None:
+    hot = CODECS["climate"].encode({"temperature": 300.0, "humidity": 40.0, "pressure": 1000.0})
+    with pytest.raises(Rejected) as caught:
+        parse("tele/f2-aabbccddee01/sensor-mode/climate/sensor-x", {"timestamp": NOW, "data": hot.hex()})
+    assert caught.value.reason == "out_of_range"
+    assert "temperature=300" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"),
+    [*((mode, v) for mode in ("gauge", "raw") for v in (math.nan, math.inf, -math.inf)), ("raw", 1.7e308)],
+)
+def test_f2_non_finite_values_are_bad_frames(tmp_path: Path, mode: str, value: float) -> None:
+    """NaN and ±inf in a frame, ranged or not, or a finite raw value its scale pushes past the float range."""
+    with pytest.raises(Rejected) as caught:
+        gauge_message(tmp_path, mode, value)
+    assert caught.value.reason == "bad_frame"
+    assert "not a finite number" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"t": 1e400}', b'{"t": NaN}', b'{"t": Infinity, "u": 1}', b'{"ts": 1, "values": {"t": -1e999}}'],
+)
+def test_json_non_finite_numbers_never_become_readings(payload: bytes) -> None:
+    with pytest.raises(Rejected) as caught:
+        parse_message("devices/dev-1/telemetry", payload, NOW, CODECS, LIMITS)
+    assert caught.value.reason == "bad_json"
+
+
+CLIMATE_HEX = CODECS["climate"].encode({"temperature": 21.5, "humidity": 40, "pressure": 990}).hex()
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"timestaCp": NOW, "data": CLIMATE_HEX}, "'timestaCp'"),  # a misspelt timestamp key
+        ({"tT": NOW, "data": CLIMATE_HEX}, "'tT'"),
+        ({"Timestamp": NOW, "data": CLIMATE_HEX}, "'Timestamp'"),
+        ({"data": CLIMATE_HEX}, "`timestamp`"),  # no timestamp at all
+        ({"timestamp": NOW, "data": CLIMATE_HEX, "rssi": -60}, "'rssi'"),
+        ({"timestamp": NOW}, "`data`"),
+    ],
+)
+def test_f2_payload_keys_must_be_exactly_timestamp_and_data(body: dict[str, object], named: str) -> None:
+    """A typo must not turn into "no timestamp": stored at receive time, silently."""
+    with pytest.raises(Rejected) as caught:
+        parse("tele/f2-aabbccddee01/sensor-mode/climate/sensor-room1", body)
+    assert caught.value.reason == "bad_payload"
+    assert named in caught.value.detail
+
+
+@pytest.mark.parametrize("profile", ["mixed", "climate"])  # climate: what the bench publisher sends
+def test_every_simulated_message_parses(profile: str) -> None:
+    """The simulator (and so the bench) always sends `timestamp`: the strict F2 keys cost it nothing."""
+    stream = message_stream(build_fleet(12, profile), CODECS, profile)
+    for _ in range(200):
+        topic, payload = next(stream)
+        message = parse_message(topic, payload, time.time(), CODECS, LIMITS)
+        assert message.readings

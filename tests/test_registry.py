@@ -1,10 +1,14 @@
-"""The registry's negative cache stays bounded however many strangers write in."""
+"""The registry: a bounded negative cache, datapoint ranges through both caches, the registration cap."""
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
 from worker.decode import registry
+from worker.decode.parse import DeviceRef
+from worker.decode.registry import DatapointBudget, DatapointLimit, DeviceRegistry
+from worker.stores import Stores
 
 
 def test_negative_cache_purges_expired_entries_and_caps_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,3 +23,92 @@ def test_negative_cache_purges_expired_entries_and_caps_its_size(monkeypatch: py
         registry._remember_unknown(cache, f"live{n}", now=100.0)
     registry._remember_unknown(cache, "one-too-many", now=100.0)
     assert len(cache) <= 100
+
+
+async def test_datapoint_ranges_load_from_postgres_and_ride_the_redis_cache(
+    stores: Stores, pg: asyncpg.Connection
+) -> None:
+    device_id = await pg.fetchval("SELECT id FROM devices WHERE device_key = 'sim-json-01'")
+    await pg.execute(
+        "UPDATE datapoints SET min_value = 2, max_value = 4.5 WHERE device_id = $1 AND label = 'battery'",
+        device_id,
+    )
+    await pg.execute(
+        "UPDATE datapoints SET min_value = -40 WHERE device_id = $1 AND label = 'temperature'", device_id
+    )
+    ref = DeviceRef("key", "sim-json-01")
+    expected = {"battery": (2.0, 4.5), "temperature": (-40.0, None)}
+
+    def fresh() -> DeviceRegistry:  # a new process: empty process cache, shared Redis
+        return DeviceRegistry(
+            stores.postgres, stores.redis, stores.keys, register_unknown=False, budget=DatapointBudget(20)
+        )
+
+    assert (await fresh().resolve([ref]))[ref].ranges == expected
+    # PostgreSQL changes behind the cache: a second process still gets the ranges, from Redis.
+    await pg.execute("UPDATE datapoints SET min_value = NULL, max_value = NULL")
+    assert (await fresh().resolve([ref]))[ref].ranges == expected
+    # A cache entry without ranges (written before they existed) is a miss, not "no ranges".
+    await stores.redis.delete(stores.keys.device_ranges(device_id))
+    assert (await fresh().resolve([ref]))[ref].ranges == {}
+
+
+@pytest.mark.parametrize(
+    ("low", "high"), [(float("nan"), None), (None, float("inf")), (5.0, 1.0), (float("-inf"), 0.0)]
+)
+async def test_datapoints_refuse_unusable_ranges(pg: asyncpg.Connection, low: object, high: object) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pg.execute("UPDATE datapoints SET min_value = $1, max_value = $2", low, high)
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_datapoint_budget_is_a_sliding_hour_per_device() -> None:
+    clock = FakeClock()
+    budget = DatapointBudget(3, clock=clock)
+    assert budget.fits(1, 2)
+    budget.spend(1, 2)
+    assert not budget.fits(1, 2)  # all or nothing: two do not fit in the one left
+    assert budget.fits(1, 1) and budget.fits(2, 3)  # another device has its own
+    clock.now += 1800
+    budget.spend(1, 1)
+    assert not budget.fits(1, 1)
+    clock.now += 1800  # the first two are an hour old now
+    assert budget.fits(1, 2) and not budget.fits(1, 3)
+    clock.now += 1800
+    assert budget.fits(1, 3)
+
+
+async def test_registration_beyond_the_budget_raises_and_inserts_nothing(
+    stores: Stores, pg: asyncpg.Connection
+) -> None:
+    clock = FakeClock()
+    budget = DatapointBudget(2, clock=clock)
+    registry = DeviceRegistry(
+        stores.postgres, stores.redis, stores.keys, register_unknown=True, budget=budget, clock=clock
+    )
+    ref = DeviceRef("key", "sim-json-01")
+    device = (await registry.resolve([ref]))[ref]
+    before = await pg.fetchval("SELECT count(*) FROM datapoints WHERE device_id = $1", device.id)
+
+    assert set(await registry.datapoints(device, {"temperatur": None, "temperature": "°C"})) == {
+        "temperatur",
+        "temperature",
+    }
+    with pytest.raises(DatapointLimit, match="humidty, temprature"):
+        await registry.datapoints(device, {"temprature": None, "humidty": None})
+    assert await pg.fetchval("SELECT count(*) FROM datapoints WHERE device_id = $1", device.id) == before + 1
+    # Refused labels are remembered: the next message with them costs no query, and fails alike.
+    with pytest.raises(DatapointLimit, match="temprature"):
+        await registry.datapoints(device, {"temprature": None})
+
+    clock.now += 3600  # an hour later the device may register again
+    assert "temprature" in await registry.datapoints(device, {"temprature": None})

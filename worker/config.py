@@ -189,6 +189,15 @@ class PipelineSettings:
         default="reject",
         metadata=_meta("register", doc="what to do with a device not in `devices`"),
     )
+    max_new_datapoints_per_hour: int = field(
+        default=20,
+        # With `register`, every typo in a JSON key would otherwise become a datapoint.
+        metadata=_meta(
+            "20",
+            _positive,
+            doc="datapoints one device may register per hour, per worker process (`register`)",
+        ),
+    )
     codecs: str = field(
         default="", metadata=_meta("/etc/iotflow/codecs.toml", doc="F2 codec file; empty: built-in")
     )

@@ -19,7 +19,7 @@ from worker.config import Settings
 from worker.decode.codecs import load_codecs
 from worker.decode.decoder import Decoder
 from worker.decode.parse import Limits
-from worker.decode.registry import DeviceRegistry
+from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
 from worker.http import HealthServer
 from worker.intake.mqtt import MqttIntake
@@ -44,11 +44,12 @@ log = structlog.get_logger("worker.pipeline")
 class Pipeline:
     """One incarnation of the actor group; the supervisor builds a new one after a crash."""
 
-    def __init__(self, stores: Stores, metrics: Metrics) -> None:
+    def __init__(self, stores: Stores, metrics: Metrics, budget: DatapointBudget) -> None:
         settings = stores.settings
         self.stores = stores
         self.settings = settings
         self.metrics = metrics
+        self.budget = budget
         pipeline = settings.pipeline
         self.raw: Mailbox[RawMessage] = Mailbox(pipeline.mailbox_size)
         # Decoded batches hold up to a decoder batch each; a few are enough to keep the writer busy.
@@ -59,7 +60,11 @@ class Pipeline:
     def build(self) -> ActorGroup:
         stores, settings = self.stores, self.settings
         registry = DeviceRegistry(
-            stores.postgres, stores.redis, stores.keys, settings.pipeline.unknown_devices == "register"
+            stores.postgres,
+            stores.redis,
+            stores.keys,
+            settings.pipeline.unknown_devices == "register",
+            self.budget,
         )
         limits = Limits(
             max_payload_bytes=settings.pipeline.max_payload_bytes,
@@ -132,6 +137,8 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.pipeline: Pipeline | None = None
         self._stores: Stores | None = None
+        # One per process, not per incarnation: a crash loop must not refill it.
+        self.datapoint_budget = DatapointBudget(settings.pipeline.max_new_datapoints_per_hour)
         runtime = settings.runtime
         self.supervisor = Supervisor(
             self._build,
@@ -149,7 +156,7 @@ class Daemon:
 
     async def _build(self) -> ActorGroup:
         assert self._stores is not None  # run() opened them before starting the supervisor
-        pipeline = Pipeline(self._stores, self.metrics)
+        pipeline = Pipeline(self._stores, self.metrics, self.datapoint_budget)
         group = pipeline.build()
         self.pipeline = pipeline
         self.metrics.gauges["mqtt_buffered"] = lambda: float(pipeline.intake.buffered)

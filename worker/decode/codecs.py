@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from worker.decode.ranges import ValueRange, format_number
+
 _STRUCT_FORMATS = {
     "int8": ">b", "uint8": ">B",
     "int16be": ">h", "int16le": "<h", "uint16be": ">H", "uint16le": "<H",
@@ -28,7 +30,11 @@ class CodecConfigError(ValueError):
 
 
 class FrameError(ValueError):
-    """A frame does not match its codec (length, value range)."""
+    """A frame does not match its codec (length, a value that is not a finite number)."""
+
+
+class OutOfRange(FrameError):
+    """A field decoded to a number outside its codec's `min`/`max`: a broken sensor."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,10 @@ class CodecField:
     @property
     def struct(self) -> struct.Struct:
         return struct.Struct(_STRUCT_FORMATS[self.type])
+
+    @property
+    def range(self) -> ValueRange:
+        return ValueRange(self.minimum, self.maximum)
 
     def labels(self) -> list[str]:
         return [flag for flag, _ in self.flags] if self.flags else [self.name]
@@ -71,8 +81,8 @@ class Codec:
             value = round(raw * f.scale + f.add, f.decimals)
             if not math.isfinite(value):
                 raise FrameError(f"{f.name} is not a finite number")
-            if (f.minimum is not None and value < f.minimum) or (f.maximum is not None and value > f.maximum):
-                raise FrameError(f"{f.name}={value:g} outside [{f.minimum}, {f.maximum}]")
+            if not f.range.contains(value):
+                raise OutOfRange(f"{f.name}={format_number(value)} outside {f.range}")
             values.append((f.name, value))
         return values
 
@@ -152,8 +162,12 @@ def _parse_field(where: str, length: int, spec: Any) -> CodecField:
     for key, value in numbers.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise CodecConfigError(f"{where}: `{key}` must be a number")
+        if not math.isfinite(value):  # TOML has nan and inf; neither is a usable scale or bound
+            raise CodecConfigError(f"{where}: `{key}` must be a finite number")
     if numbers.get("scale", 1) == 0:
         raise CodecConfigError(f"{where}: `scale` must not be 0")
+    if numbers.get("min", -math.inf) > numbers.get("max", math.inf):
+        raise CodecConfigError(f"{where}: `min` is above `max`")
     return CodecField(
         name=spec["name"],
         offset=offset,

@@ -14,8 +14,9 @@ from schemas.records import (
     Reason,
 )
 from worker.decode.codecs import Codec
-from worker.decode.parse import Limits, ParsedMessage, Rejected, parse_message
-from worker.decode.registry import DeviceRegistry
+from worker.decode.parse import Limits, ParsedMessage, ParsedReading, Rejected, parse_message
+from worker.decode.ranges import ValueRange, format_number
+from worker.decode.registry import DatapointLimit, DeviceRegistry
 from worker.metrics import Metrics
 from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
@@ -95,12 +96,25 @@ class Decoder(MailboxActor[RawMessage]):
             if all(r.label in known for r in result.readings):
                 ids = known  # the common case: no await, no dict built
             else:
-                ids = await self._registry.datapoints(device, {r.label: r.unit for r in result.readings})
+                try:
+                    ids = await self._registry.datapoints(device, {r.label: r.unit for r in result.readings})
+                except DatapointLimit as exc:
+                    batch.dead_letters.append(
+                        _dead(message, Reason.DATAPOINT_LIMIT, f"{exc} on device {device.id}")
+                    )
+                    continue
             unknown = [r.label for r in result.readings if r.label not in ids]
             if unknown:
                 # All or nothing per message, so a redelivery never half-succeeds differently.
                 batch.dead_letters.append(
                     _dead(message, Reason.UNKNOWN_DATAPOINT, f"{', '.join(unknown)} on device {device.id}")
+                )
+                continue
+            implausible = _out_of_range(result.readings, device.ranges)
+            if implausible:
+                # Also the whole message: a sensor this broken spoils the frame it is in.
+                batch.dead_letters.append(
+                    _dead(message, Reason.OUT_OF_RANGE, f"{implausible} on device {device.id}")
                 )
                 continue
             batch.device_users[device.id] = device.user_id
@@ -109,6 +123,17 @@ class Decoder(MailboxActor[RawMessage]):
             )
             if result.skipped:
                 batch.dead_letters.append(_dead(message, Reason.SKIPPED_FIELDS, "; ".join(result.skipped)))
+
+
+def _out_of_range(readings: list[ParsedReading], ranges: dict[str, ValueRange]) -> str:
+    """What lies outside its datapoint's range, as `label=value outside [min, max]`; "" if nothing."""
+    if not ranges:
+        return ""  # most devices: no ranges, no loop
+    return "; ".join(
+        f"{r.label}={format_number(r.value)} outside {ranges[r.label]}"
+        for r in readings
+        if r.label in ranges and not ranges[r.label].contains(r.value)
+    )
 
 
 def _dead(message: RawMessage, reason: Reason, detail: str) -> DeadLetter:

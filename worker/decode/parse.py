@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from schemas.records import Reason
-from worker.decode.codecs import Codec, FrameError
+from worker.decode.codecs import Codec, FrameError, OutOfRange
 
 
 class Rejected(Exception):
@@ -49,6 +49,8 @@ class ParsedMessage:
 
 
 MAX_LABEL_LENGTH = 128  # a datapoint label, as stored in `datapoints.label`
+F2_KEYS = ("timestamp", "data")  # all an F2 payload has, and all it must have
+F2_SHAPE = 'expected exactly {"timestamp": …, "data": "<hex>"}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +95,9 @@ def _parse_f2(
     if codec is None:
         raise Rejected(Reason.UNKNOWN_CODEC, f"no codec for sensor mode {mode!r}")
     document = _load_json(payload)
-    if not isinstance(document, dict) or "data" not in document:
-        raise Rejected(Reason.BAD_PAYLOAD, 'expected {"timestamp": …, "data": "<hex>"}')
+    if not isinstance(document, dict):
+        raise Rejected(Reason.BAD_PAYLOAD, F2_SHAPE)
+    _check_f2_keys(document)
     data = document["data"]
     if not isinstance(data, str):
         raise Rejected(Reason.BAD_PAYLOAD, "`data` must be a hex string")
@@ -105,11 +108,25 @@ def _parse_f2(
     timestamp = parse_timestamp(document.get("timestamp"), received_at, limits)
     try:
         values = codec.decode(frame)
+    except OutOfRange as exc:
+        raise Rejected(Reason.OUT_OF_RANGE, str(exc)) from None
     except FrameError as exc:
         raise Rejected(Reason.BAD_FRAME, str(exc)) from None
     units = codec.units()
     readings = [ParsedReading(f"{label}.{name}", value, timestamp, units[name]) for name, value in values]
     return ParsedMessage(DeviceRef("mac", mac), readings)
+
+
+def _check_f2_keys(document: dict[str, Any]) -> None:
+    """Exactly `timestamp` and `data`: a misspelt `timestaCp` must not read as "no timestamp",
+    which would store the frame at the receive time without a word."""
+    unexpected = [key for key in document if key not in F2_KEYS]
+    if unexpected:
+        names = ", ".join(repr(key[:40]) for key in unexpected[:5])  # bounded, whatever the payload
+        raise Rejected(Reason.BAD_PAYLOAD, f"unexpected key {names}; {F2_SHAPE}")
+    for key in F2_KEYS:
+        if key not in document:
+            raise Rejected(Reason.BAD_PAYLOAD, f"no `{key}`; {F2_SHAPE}")
 
 
 def _parse_json_telemetry(

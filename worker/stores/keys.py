@@ -35,6 +35,10 @@ class RedisKeys:
     def device_datapoints(self, device_id: int) -> str:
         return f"{self.prefix}device:datapoints:{device_id}"
 
+    def device_ranges(self, device_id: int) -> str:
+        """Plausible range of each datapoint that has one, label → [min, max] (extends SPEC §6)."""
+        return f"{self.prefix}device:ranges:{device_id}"
+
     def telemetry_channel(self, device_id: int) -> str:
         return f"{self.prefix}channel:device:{device_id}:telemetry"
 

@@ -93,6 +93,7 @@ MIGRATIONS = (
     Migration(5, "document store", _sql_file("0005_documents.sql")),
     Migration(10, "rollup tables", _sql_file("0010_rollups.sql")),
     Migration(11, "job runs", _sql_file("0011_job_runs.sql")),
+    Migration(12, "datapoint ranges", _sql_file("0012_datapoint_ranges.sql")),
     Migration(13, "dead letter sizes", _sql_file("0013_dead_letter_sizes.sql")),
 )
 

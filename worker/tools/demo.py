@@ -30,7 +30,10 @@ from worker.tools.simulate import build_fleet, register_fleet, simulate
 MALFORMED = (
     ("devices/sim-json-01/telemetry", b"{not json"),
     ("devices/stranger-42/telemetry", orjson.dumps({"temperature": 20.0})),
-    ("tele/f2-aabbccddee01/sensor-mode/climate/sensor-room1", orjson.dumps({"data": "zz"})),
+    (
+        "tele/f2-aabbccddee01/sensor-mode/climate/sensor-room1",
+        orjson.dumps({"timestamp": None, "data": "zz"}),
+    ),
 )
 
 
