@@ -54,6 +54,7 @@ class Reason(StrEnum):
     UNKNOWN_DATAPOINT = "unknown_datapoint"
     OUT_OF_RANGE = "out_of_range"
     DATAPOINT_LIMIT = "datapoint_limit"
+    RATE_LIMITED = "rate_limited"
     SKIPPED_FIELDS = "skipped_fields"
 
 

@@ -182,6 +182,15 @@ class PipelineSettings:
             "5", _positive, doc="a store write pending this long logs `sink.slow`, again each period"
         ),
     )
+    rate_limit_messages: int = field(
+        default=0,
+        metadata=_meta(
+            "600", _non_negative, doc="messages per device per window, the rest dead-lettered; 0: off"
+        ),
+    )
+    rate_limit_window_s: int = field(
+        default=60, metadata=_meta("60", _positive, doc="the rate limit's window, shared by all workers")
+    )
     mailbox_size: int = field(
         default=20000, metadata=_meta("20000", _positive, doc="messages waiting for decoding")
     )

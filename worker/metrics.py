@@ -33,6 +33,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sink_slow": ("periods of pipeline.slow_write_s a write was still pending", ("sink",)),
     "alerts": ("alert events raised, by kind and severity", ("kind", "severity")),
     "mqtt_connects": ("MQTT sessions established (the first one included)", ()),
+    "rate_limited": ("messages over their device's rate limit, dead-lettered", ()),
 }
 
 # Publish→commit, from the reading's own timestamp: device clocks and broker backlogs included.

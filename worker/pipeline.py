@@ -19,6 +19,7 @@ from worker.config import Settings
 from worker.decode.codecs import load_codecs
 from worker.decode.decoder import Decoder
 from worker.decode.parse import Limits
+from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
 from worker.http import HealthServer
@@ -81,7 +82,13 @@ class Pipeline:
             decoder_out = rules.mailbox
             stages.append(rules)
             sinks.append(AlertSink(stores))
-        decoder = Decoder(self.raw, decoder_out, self.codecs, limits, registry, self.metrics)
+        rate_limiter = RateLimiter(
+            stores.redis,
+            stores.keys,
+            settings.pipeline.rate_limit_messages,
+            settings.pipeline.rate_limit_window_s,
+        )
+        decoder = Decoder(self.raw, decoder_out, self.codecs, limits, registry, self.metrics, rate_limiter)
         self.writer = BatchWriter(
             self.decoded,
             sinks,

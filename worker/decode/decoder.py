@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 from schemas.records import (
     DEAD_LETTER_REASON_CHARS,
@@ -14,9 +15,10 @@ from schemas.records import (
     Reason,
 )
 from worker.decode.codecs import Codec
-from worker.decode.parse import Limits, ParsedMessage, ParsedReading, Rejected, parse_message
+from worker.decode.parse import DeviceRef, Limits, ParsedMessage, ParsedReading, Rejected, parse_message
 from worker.decode.ranges import ValueRange, format_number
-from worker.decode.registry import DatapointLimit, DeviceRegistry
+from worker.decode.ratelimit import RateLimiter
+from worker.decode.registry import DatapointLimit, Device, DeviceRegistry
 from worker.metrics import Metrics
 from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
@@ -35,6 +37,7 @@ class Decoder(MailboxActor[RawMessage]):
         limits: Limits,
         registry: DeviceRegistry,
         metrics: Metrics,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__(mailbox)
         self._downstream = downstream
@@ -42,6 +45,7 @@ class Decoder(MailboxActor[RawMessage]):
         self._limits = limits
         self._registry = registry
         self._metrics = metrics
+        self._rate_limiter = rate_limiter if rate_limiter is not None and rate_limiter.enabled else None
 
     async def handle(self, items: list[RawMessage]) -> None:
         # Device lookups may hit PostgreSQL/Redis: wait out an outage rather than crash,
@@ -78,6 +82,7 @@ class Decoder(MailboxActor[RawMessage]):
 
     async def _resolve(self, parsed: list[tuple[RawMessage, ParsedMessage]], batch: DecodedBatch) -> None:
         devices = await self._registry.resolve({p.device for _, p in parsed})
+        allowance = await self._allowance(parsed, devices)
         for message, result in parsed:
             device = devices.get(result.device)
             if device is None:
@@ -92,6 +97,14 @@ class Decoder(MailboxActor[RawMessage]):
             if device.status == "disabled":
                 batch.dead_letters.append(_dead(message, Reason.DEVICE_DISABLED, f"device {device.id}"))
                 continue
+            if allowance is not None:
+                if allowance[device.id] <= 0:
+                    batch.dead_letters.append(
+                        _dead(message, Reason.RATE_LIMITED, self._over_limit(device.id))
+                    )
+                    self._metrics.inc("rate_limited")
+                    continue
+                allowance[device.id] -= 1
             known = device.datapoints
             if all(r.label in known for r in result.readings):
                 ids = known  # the common case: no await, no dict built
@@ -123,6 +136,23 @@ class Decoder(MailboxActor[RawMessage]):
             )
             if result.skipped:
                 batch.dead_letters.append(_dead(message, Reason.SKIPPED_FIELDS, "; ".join(result.skipped)))
+
+    async def _allowance(
+        self, parsed: list[tuple[RawMessage, ParsedMessage]], devices: dict[DeviceRef, Device]
+    ) -> dict[int, int] | None:
+        """Messages each known device may still send in this batch; None when unlimited."""
+        if self._rate_limiter is None:
+            return None
+        counts: Counter[int] = Counter()
+        for _, result in parsed:
+            device = devices.get(result.device)
+            if device is not None and device.status != "disabled":
+                counts[device.id] += 1
+        return await self._rate_limiter.admit(dict(counts)) if counts else {}
+
+    def _over_limit(self, device_id: int) -> str:
+        assert self._rate_limiter is not None
+        return f"device {device_id} is over {self._rate_limiter.describe()}"
 
 
 def _out_of_range(readings: list[ParsedReading], ranges: dict[str, ValueRange]) -> str:

@@ -39,6 +39,10 @@ class RedisKeys:
         """Plausible range of each datapoint that has one, label → [min, max] (extends SPEC §6)."""
         return f"{self.prefix}device:ranges:{device_id}"
 
+    def rate_limit(self, device_id: int, window: int) -> str:
+        """Messages of a device in one rate-limit window (`window` = epoch s // window length)."""
+        return f"{self.prefix}ratelimit:device:{device_id}:{window}"
+
     def telemetry_channel(self, device_id: int) -> str:
         return f"{self.prefix}channel:device:{device_id}:telemetry"
 
