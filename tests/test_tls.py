@@ -1,65 +1,104 @@
-"""MQTT over TLS with client certificates (mTLS), against a real Mosquitto with the
-certificates `deploy/certs/make-certs.sh` makes."""
+"""MQTT over TLS with client certificates (mTLS), against a real Mosquitto configured as in
+production: the certificates, the CRL and the ACL all made by `iotflow certs`, then
+`require_certificate true`, `use_identity_as_username true`, `crlfile` and `acl_file`."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiomqtt
 import asyncpg
-import orjson
 import pytest
 
 from worker.config import Settings
+from worker.decode.codecs import load_codecs
 from worker.tools.embedded import free_port
+from worker.tools.simulate import build_fleet, message_stream, readings_per_message
 
 from .helpers import running_daemon, wait_for_count
 
 ROOT = Path(__file__).parent.parent
+DEVICE = "f2-aabbccddee01"  # the simulator's first F2 controller, registered by the fixture
+OTHER_DEVICE = "f2-aabbccddee02"
+REVOKED = "f2-aabbccddee03"
+WORKER = "iotflow-worker"
 
 
-@pytest.fixture
-def tls_broker(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+@dataclass(frozen=True)
+class Broker:
+    port: int
+    certs: Path
+
+
+def certs(certs_dir: Path, *args: str) -> None:
+    """`iotflow certs VERB … --dir certs_dir`, as an operator runs it."""
     subprocess.run(
-        ["bash", str(ROOT / "deploy/certs/make-certs.sh"), "-o", str(tmp_path), "worker", "device"],
+        [sys.executable, "-m", "worker", "certs", *args, "--dir", str(certs_dir)],
         check=True,
         capture_output=True,
+        cwd=ROOT,
+        timeout=60,
     )
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    base = tmp_path_factory.mktemp("tls")
+    pki = base / "certs"
+    certs(pki, "init", "--days", "30")
+    certs(pki, "broker", "localhost", "--san", "127.0.0.1")
+    certs(pki, "device", "AA:BB:CC:DD:EE:01", "aa-bb-cc-dd-ee-02", "aabbccddee03")
+    certs(pki, "client", WORKER)
+    certs(pki, "revoke", REVOKED)
+    certs(pki, "acl")  # readers: every valid client certificate, here the worker's
     port = free_port()
-    config = tmp_path / "mosquitto.conf"
+    config = base / "mosquitto.conf"
     lines = [
         f"listener {port} 127.0.0.1",
-        f"cafile {tmp_path / 'ca.crt'}",
-        f"certfile {tmp_path / 'server.crt'}",
-        f"keyfile {tmp_path / 'server.key'}",
+        f"cafile {pki / 'ca.crt'}",
+        f"certfile {pki / 'server.crt'}",
+        f"keyfile {pki / 'server.key'}",
+        f"crlfile {pki / 'crl.pem'}",
         "require_certificate true",
-        "allow_anonymous true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        f"acl_file {pki / 'acl'}",
     ]
     if os.geteuid() == 0:
-        lines.insert(0, "user root")  # the keys in tmp_path are readable by us only
+        lines.insert(0, "user root")  # the keys are 0600, readable by us only
     config.write_text("\n".join(lines) + "\n")
     broker = subprocess.Popen([mosquitto, "-c", str(config)], stderr=subprocess.PIPE)
     try:
-        _wait_listening(port)
-        yield port, tmp_path
+        _wait_listening(port, broker)
+        yield Broker(port, pki)
     finally:
         broker.terminate()
-        broker.wait(5)
+        try:
+            broker.wait(5)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait(5)
 
 
-def _wait_listening(port: int, timeout: float = 10.0) -> None:
+def _wait_listening(port: int, broker: subprocess.Popen[bytes] | None = None, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
+        if broker is not None and broker.poll() is not None:
+            raise AssertionError(
+                f"mosquitto exited: {broker.stderr.read().decode() if broker.stderr else ''}"
+            )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -69,39 +108,85 @@ def _wait_listening(port: int, timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
-def tls(certs: Path, name: str) -> aiomqtt.TLSParameters:
+def tls(certs_dir: Path, name: str | None) -> aiomqtt.TLSParameters:
     return aiomqtt.TLSParameters(
-        ca_certs=str(certs / "ca.crt"),
-        certfile=str(certs / f"{name}.crt"),
-        keyfile=str(certs / f"{name}.key"),
+        ca_certs=str(certs_dir / "ca.crt"),
+        certfile=str(certs_dir / f"{name}.crt") if name else None,
+        keyfile=str(certs_dir / f"{name}.key") if name else None,
         cert_reqs=ssl.CERT_REQUIRED,
     )
 
 
+_ids = itertools.count()
+
+
+def client(broker: Broker, name: str | None) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "localhost",
+        broker.port,
+        identifier=f"tls-test-{os.getpid()}-{next(_ids)}",
+        tls_params=tls(broker.certs, name),
+        timeout=5,
+    )
+
+
+async def test_a_device_with_a_valid_certificate_is_accepted(tls_broker: Broker) -> None:
+    async with client(tls_broker, DEVICE) as device:
+        await device.publish(f"tele/{DEVICE}/sensor-mode/climate/sensor-room1", b"{}", qos=1)
+
+
+async def test_the_broker_refuses_a_client_without_a_certificate(tls_broker: Broker) -> None:
+    with pytest.raises(aiomqtt.MqttError):
+        async with client(tls_broker, None):
+            pass
+
+
+async def test_the_broker_refuses_a_revoked_certificate(tls_broker: Broker) -> None:
+    with pytest.raises(aiomqtt.MqttError):
+        async with client(tls_broker, REVOKED):
+            pass
+
+
+async def test_a_device_publishes_only_under_its_own_identity(tls_broker: Broker) -> None:
+    async with client(tls_broker, WORKER) as reader, client(tls_broker, DEVICE) as device:
+        await reader.subscribe("#", qos=1)
+        # The forbidden ones first: the broker forwards one client's messages in order, so
+        # once the last (allowed) one arrives, a forbidden one would have arrived before it.
+        await device.publish(f"tele/{OTHER_DEVICE}/sensor-mode/climate/sensor-room1", b"other", qos=1)
+        await device.publish("devices/sim-json-01/telemetry", b"other", qos=1)
+        await device.publish(f"stat/{DEVICE}/sensor-mode/io/sensor-relay", b"own", qos=1)
+        await device.publish(f"devices/{DEVICE}/telemetry", b"own-last", qos=1)
+        received = []
+        async with asyncio.timeout(10):
+            async for message in reader.messages:
+                received.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
+                if message.payload == b"own-last":
+                    break
+    assert received == [
+        (f"stat/{DEVICE}/sensor-mode/io/sensor-relay", b"own"),
+        (f"devices/{DEVICE}/telemetry", b"own-last"),
+    ]
+
+
 async def test_worker_ingests_over_mutual_tls(
-    settings: Settings, pg: asyncpg.Connection, tls_broker: tuple[int, Path]
+    settings: Settings, pg: asyncpg.Connection, tls_broker: Broker
 ) -> None:
-    port, certs = tls_broker
+    pki = tls_broker.certs
     settings.mqtt = replace(
         settings.mqtt,
-        url=f"mqtts://localhost:{port}",
-        ca_file=str(certs / "ca.crt"),
-        cert_file=str(certs / "worker.crt"),
-        key_file=str(certs / "worker.key"),
+        url=f"mqtts://localhost:{tls_broker.port}",
+        ca_file=str(pki / "ca.crt"),
+        cert_file=str(pki / f"{WORKER}.crt"),
+        key_file=str(pki / f"{WORKER}.key"),
     )
+    codecs = load_codecs()
+    stream = message_stream(build_fleet(1), codecs)
+    messages = [next(stream) for _ in range(12)]
+    assert {topic.split("/")[1] for topic, _ in messages} == {DEVICE}
     async with running_daemon(settings) as daemon:
         assert daemon.pipeline is not None and daemon.pipeline.intake.connected
-        async with aiomqtt.Client("localhost", port, tls_params=tls(certs, "device")) as device:
-            for n in range(20):
-                payload = orjson.dumps({"temperature": 20 + n / 10, "humidity": 50})
-                await device.publish("devices/sim-json-02/telemetry", payload, qos=1)
-                await asyncio.sleep(0.002)  # distinct receive times: flat telemetry has no timestamp
-        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 40)
-
-
-async def test_the_broker_really_demands_client_certificates(tls_broker: tuple[int, Path]) -> None:
-    port, certs = tls_broker
-    plain_tls = aiomqtt.TLSParameters(ca_certs=str(certs / "ca.crt"), cert_reqs=ssl.CERT_REQUIRED)
-    with pytest.raises(aiomqtt.MqttError):
-        async with aiomqtt.Client("localhost", port, tls_params=plain_tls, timeout=2):
-            pass
+        async with client(tls_broker, DEVICE) as device:
+            for topic, payload in messages:
+                await device.publish(topic, payload, qos=1)
+        expected = sum(readings_per_message(topic, payload, codecs) for topic, payload in messages)
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", expected)
