@@ -1,59 +1,88 @@
-"""MQTT over TLS with client certificates (mTLS), against a real Mosquitto with the
-certificates `deploy/certs/make-certs.sh` makes."""
+"""MQTT over TLS with client certificates (mTLS), against a real Mosquitto configured as in
+production: the certificates, the CRL and the ACL all made by `iotflow certs`, then
+`require_certificate true`, `use_identity_as_username true`, `crlfile` and `acl_file`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
-import socket
 import ssl
 import subprocess
-import time
+import sys
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiomqtt
 import asyncpg
-import orjson
 import pytest
 
 from worker.config import Settings
+from worker.decode.codecs import load_codecs
 from worker.tools.embedded import free_port
+from worker.tools.simulate import build_fleet, message_stream, readings_per_message
 
-from .helpers import running_daemon, wait_for_count
+from .helpers import running_daemon, wait_for_count, wait_listening
 
 ROOT = Path(__file__).parent.parent
+DEVICE = "f2-aabbccddee01"  # the simulator's first F2 controller, registered by the fixture
+OTHER_DEVICE = "f2-aabbccddee02"
+REVOKED = "f2-aabbccddee03"
+WORKER = "iotflow-worker"
 
 
-@pytest.fixture
-def tls_broker(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+@dataclass(frozen=True)
+class Broker:
+    port: int
+    certs: Path
+
+
+def certs(certs_dir: Path, *args: str) -> None:
+    """`iotflow certs VERB … --dir certs_dir`, as an operator runs it."""
     subprocess.run(
-        ["bash", str(ROOT / "deploy/certs/make-certs.sh"), "-o", str(tmp_path), "worker", "device"],
+        [sys.executable, "-m", "worker", "certs", *args, "--dir", str(certs_dir)],
         check=True,
         capture_output=True,
+        cwd=ROOT,
+        timeout=60,
     )
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    base = tmp_path_factory.mktemp("tls")
+    pki = base / "certs"
+    certs(pki, "init", "--days", "30")
+    certs(pki, "broker", "localhost", "--san", "127.0.0.1")
+    certs(pki, "device", "AA:BB:CC:DD:EE:01", "aa-bb-cc-dd-ee-02", "aabbccddee03")
+    certs(pki, "client", WORKER)
+    certs(pki, "revoke", REVOKED)
+    certs(pki, "acl")  # readers: every valid client certificate, here the worker's
     port = free_port()
-    config = tmp_path / "mosquitto.conf"
+    config = base / "mosquitto.conf"
     lines = [
         f"listener {port} 127.0.0.1",
-        f"cafile {tmp_path / 'ca.crt'}",
-        f"certfile {tmp_path / 'server.crt'}",
-        f"keyfile {tmp_path / 'server.key'}",
+        f"cafile {pki / 'ca.crt'}",
+        f"certfile {pki / 'server.crt'}",
+        f"keyfile {pki / 'server.key'}",
+        f"crlfile {pki / 'crl.pem'}",
         "require_certificate true",
-        "allow_anonymous true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        f"acl_file {pki / 'acl'}",
     ]
     if os.geteuid() == 0:
-        lines.insert(0, "user root")  # the keys in tmp_path are readable by us only
+        lines.insert(0, "user root")  # the keys are 0600, readable by us only
     config.write_text("\n".join(lines) + "\n")
-    with (tmp_path / "mosquitto.log").open("wb") as log:  # a pipe nobody reads could fill up
+    with (base / "mosquitto.log").open("wb") as log:  # a pipe nobody reads could fill up
         broker = subprocess.Popen([mosquitto, "-c", str(config)], stdout=log, stderr=log)
     try:
-        _wait_listening(port, broker)
-        yield port, tmp_path
+        wait_listening(port, broker)
+        yield Broker(port, pki)
     finally:
         broker.terminate()
         try:
@@ -63,51 +92,31 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[int, Path]]:
             broker.wait()
 
 
-def _wait_listening(port: int, broker: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if broker.poll() is not None:
-                raise AssertionError(f"mosquitto exited with {broker.returncode}") from None
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-def tls(certs: Path, name: str) -> aiomqtt.TLSParameters:
+def tls(certs_dir: Path, name: str | None) -> aiomqtt.TLSParameters:
     return aiomqtt.TLSParameters(
-        ca_certs=str(certs / "ca.crt"),
-        certfile=str(certs / f"{name}.crt"),
-        keyfile=str(certs / f"{name}.key"),
+        ca_certs=str(certs_dir / "ca.crt"),
+        certfile=str(certs_dir / f"{name}.crt") if name else None,
+        keyfile=str(certs_dir / f"{name}.key") if name else None,
         cert_reqs=ssl.CERT_REQUIRED,
     )
 
 
-async def test_worker_ingests_over_mutual_tls(
-    settings: Settings, pg: asyncpg.Connection, tls_broker: tuple[int, Path]
-) -> None:
-    port, certs = tls_broker
-    settings.mqtt = replace(
-        settings.mqtt,
-        url=f"mqtts://localhost:{port}",
-        ca_file=str(certs / "ca.crt"),
-        cert_file=str(certs / "worker.crt"),
-        key_file=str(certs / "worker.key"),
+_ids = itertools.count()
+
+
+def client(broker: Broker, name: str | None) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "localhost",
+        broker.port,
+        identifier=f"tls-test-{os.getpid()}-{next(_ids)}",
+        tls_params=tls(broker.certs, name),
+        timeout=5,
     )
-    now_ms = int(time.time() * 1000)
-    async with running_daemon(settings) as daemon:
-        assert daemon.pipeline is not None and daemon.pipeline.intake.connected
-        async with aiomqtt.Client("localhost", port, tls_params=tls(certs, "device")) as device:
-            for n in range(20):
-                # Each its own timestamp: without one, two messages read together could share
-                # a receive time and become one row.
-                values = {"temperature": 20 + n / 10, "humidity": 50}
-                payload = orjson.dumps({"ts": now_ms - 20 + n, "values": values})
-                await device.publish("devices/sim-json-02/telemetry", payload, qos=1)
-        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 40)
+
+
+async def test_a_device_with_a_valid_certificate_is_accepted(tls_broker: Broker) -> None:
+    async with client(tls_broker, DEVICE) as device:
+        await device.publish(f"tele/{DEVICE}/sensor-mode/climate/sensor-room1", b"{}", qos=1)
 
 
 # MQTT 3.1.1 CONNECT (clean session, keepalive 60 s, client id "probe") and its CONNACK.
@@ -115,10 +124,16 @@ CONNECT = b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05probe"
 CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
 
 
-async def _answer_to_connect(port: int, context: ssl.SSLContext) -> bytes | BaseException:
-    """What the broker answers a CONNECT over TLS with: bytes, or the error that ended it."""
+async def _answer_to_connect(broker: Broker, name: str | None) -> bytes | BaseException:
+    """What the broker answers a CONNECT over TLS with (bytes), or the error that ended it.
+
+    Checked on the wire: aiomqtt only logs a TLS alert and waits for its connect timeout,
+    which a slow broker could hit too, so a refusal seen through it proves nothing."""
+    context = ssl.create_default_context(cafile=str(broker.certs / "ca.crt"))
+    if name is not None:
+        context.load_cert_chain(broker.certs / f"{name}.crt", broker.certs / f"{name}.key")
     try:
-        reader, writer = await asyncio.open_connection("localhost", port, ssl=context)
+        reader, writer = await asyncio.open_connection("localhost", broker.port, ssl=context)
     except (ssl.SSLError, ConnectionError) as exc:
         return exc
     try:
@@ -133,13 +148,63 @@ async def _answer_to_connect(port: int, context: ssl.SSLContext) -> bytes | Base
             await writer.wait_closed()
 
 
-async def test_the_broker_really_demands_client_certificates(tls_broker: tuple[int, Path]) -> None:
-    # Checked on the wire: aiomqtt only logs the TLS alert and waits for its connect timeout,
-    # which a slow broker could hit too.
-    port, certs = tls_broker
-    with_cert = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-    with_cert.load_cert_chain(certs / "device.crt", certs / "device.key")
-    assert await asyncio.wait_for(_answer_to_connect(port, with_cert), 20) == CONNACK_ACCEPTED
-    without = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-    answer = await asyncio.wait_for(_answer_to_connect(port, without), 20)
-    assert answer == b"" or isinstance(answer, ssl.SSLError | ConnectionError), answer
+def _refused(answer: bytes | BaseException) -> bool:
+    return answer == b"" or isinstance(answer, ssl.SSLError | ConnectionError)
+
+
+async def test_the_broker_refuses_a_client_without_a_certificate(tls_broker: Broker) -> None:
+    # The positive control first: the same probe with a valid certificate is accepted.
+    assert await asyncio.wait_for(_answer_to_connect(tls_broker, DEVICE), 20) == CONNACK_ACCEPTED
+    answer = await asyncio.wait_for(_answer_to_connect(tls_broker, None), 20)
+    assert _refused(answer), answer
+
+
+async def test_the_broker_refuses_a_revoked_certificate(tls_broker: Broker) -> None:
+    assert await asyncio.wait_for(_answer_to_connect(tls_broker, DEVICE), 20) == CONNACK_ACCEPTED
+    answer = await asyncio.wait_for(_answer_to_connect(tls_broker, REVOKED), 20)
+    assert _refused(answer), answer
+
+
+async def test_a_device_publishes_only_under_its_own_identity(tls_broker: Broker) -> None:
+    async with client(tls_broker, WORKER) as reader, client(tls_broker, DEVICE) as device:
+        await reader.subscribe("#", qos=1)
+        # The forbidden ones first: the broker forwards one client's messages in order, so
+        # once the last (allowed) one arrives, a forbidden one would have arrived before it.
+        await device.publish(f"tele/{OTHER_DEVICE}/sensor-mode/climate/sensor-room1", b"other", qos=1)
+        await device.publish("devices/sim-json-01/telemetry", b"other", qos=1)
+        await device.publish(f"stat/{DEVICE}/sensor-mode/io/sensor-relay", b"own", qos=1)
+        await device.publish(f"devices/{DEVICE}/telemetry", b"own-last", qos=1)
+        received = []
+        async with asyncio.timeout(10):
+            async for message in reader.messages:
+                received.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
+                if message.payload == b"own-last":
+                    break
+    assert received == [
+        (f"stat/{DEVICE}/sensor-mode/io/sensor-relay", b"own"),
+        (f"devices/{DEVICE}/telemetry", b"own-last"),
+    ]
+
+
+async def test_worker_ingests_over_mutual_tls(
+    settings: Settings, pg: asyncpg.Connection, tls_broker: Broker
+) -> None:
+    pki = tls_broker.certs
+    settings.mqtt = replace(
+        settings.mqtt,
+        url=f"mqtts://localhost:{tls_broker.port}",
+        ca_file=str(pki / "ca.crt"),
+        cert_file=str(pki / f"{WORKER}.crt"),
+        key_file=str(pki / f"{WORKER}.key"),
+    )
+    codecs = load_codecs()
+    stream = message_stream(build_fleet(1), codecs)
+    messages = [next(stream) for _ in range(12)]
+    assert {topic.split("/")[1] for topic, _ in messages} == {DEVICE}
+    async with running_daemon(settings) as daemon:
+        assert daemon.pipeline is not None and daemon.pipeline.intake.connected
+        async with client(tls_broker, DEVICE) as device:
+            for topic, payload in messages:
+                await device.publish(topic, payload, qos=1)
+        expected = sum(readings_per_message(topic, payload, codecs) for topic, payload in messages)
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", expected)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse, urlsplit, urlunsplit
 
 ENV_PREFIX = "IOTFLOW_"
 
@@ -145,6 +145,13 @@ class PostgresSettings:
             doc="a statement unanswered this long is abandoned and retried (jobs: job_timeout_s)",
         ),
     )
+    password_file: str = field(
+        default="",
+        metadata=_meta(
+            "/run/credentials/iotflow-worker.service/postgres-password",
+            doc="a file whose content replaces the password in postgres.url (empty file: no change)",
+        ),
+    )
 
 
 @dataclass
@@ -154,6 +161,13 @@ class RedisSettings:
         metadata=_meta("redis://cache:6379/0", _url("redis", "rediss")),
     )
     key_prefix: str = field(default="", metadata=_meta("site1:", doc="prefix of every key and channel"))
+    password_file: str = field(
+        default="",
+        metadata=_meta(
+            "/run/credentials/iotflow-worker.service/redis-password",
+            doc="a file whose content replaces the password in redis.url (empty file: no change)",
+        ),
+    )
 
 
 @dataclass
@@ -416,6 +430,7 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
             raise ConfigError(section_field.name, "must be a TOML table", f"[{section_field.name}]")
         _load_section(section_field.name, section, table, environ)
     _check_cross_field(settings)
+    _apply_password_files(settings)
     return settings
 
 
@@ -555,3 +570,35 @@ def _check_cross_field(settings: Settings) -> None:
         )
     if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
         raise ConfigError("mqtt.reconnect_min_s", "is larger than mqtt.reconnect_max_s", "0.5")
+
+
+def _apply_password_files(settings: Settings) -> None:
+    """`postgres.password_file`, `redis.password_file`: the password goes into the URL, so every
+    user of the URL (the daemon, the jobs, the commands) gets it. Meant for systemd's
+    LoadCredential= (the units set IOTFLOW_*_PASSWORD_FILE=%d/…); an empty file changes nothing."""
+    sections: tuple[tuple[str, PostgresSettings | RedisSettings], ...] = (
+        ("postgres", settings.postgres),
+        ("redis", settings.redis),
+    )
+    for name, section in sections:
+        if not section.password_file:
+            continue
+        setting = f"{name}.password_file"
+        example = f"/run/credentials/iotflow-worker.service/{name}-password"
+        try:
+            password = Path(section.password_file).read_text("utf-8").rstrip("\r\n")
+        except FileNotFoundError:
+            raise ConfigError(setting, f"file {section.password_file} does not exist", example) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(setting, f"{section.password_file} cannot be read: {reason}", example) from None
+        if password:
+            section.url = url_with_password(section.url, password)
+
+
+def url_with_password(url: str, password: str) -> str:
+    """`url` with its password replaced by `password` (percent-encoded), the user kept."""
+    parts = urlsplit(url)
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostinfo}"))

@@ -1,0 +1,85 @@
+"""docker-compose.yml: valid for `docker-compose config`, and its profiles hold what the
+docs say: `edge` is Mosquitto, PostgreSQL, Redis, migrate, worker and jobs, nothing else."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+STORES = {"mosquitto", "postgres", "redis", "migrate"}  # no profile: every profile has them
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose is not installed (Debian: apt-get install docker-compose)",
+)
+
+
+def _config(*args: str) -> str:
+    result = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _services(config: str) -> dict[str, dict[str, object]]:
+    """Each service's profiles, dependencies and text, from the normalised YAML `config`
+    prints (docker-compose 1.29 prints every service whatever the profiles, so the profile
+    rules are applied here: a service without profiles is in all of them)."""
+    block = ("\n" + config).split("\nservices:\n", 1)[1]
+    block = re.split(r"\n(?=\S)", block, maxsplit=1)[0]
+    services: dict[str, dict[str, object]] = {}
+    for chunk in re.split(r"\n(?=  \S)", block):
+        name = chunk.strip().split(":", 1)[0]
+        profiles = re.search(r"\n    profiles:\n((?:\s*- .*\n?)+)", chunk + "\n")
+        depends = re.search(r"\n    depends_on:\n((?:      .*\n?)+)", chunk + "\n")
+        services[name] = {
+            "profiles": set(re.findall(r"- (\S+)", profiles.group(1))) if profiles else set(),
+            "depends_on": set(re.findall(r"^      (\S+):$", depends.group(1), re.M)) if depends else set(),
+            "text": chunk,
+        }
+    return services
+
+
+def _enabled(services: dict[str, dict[str, object]], *profiles: str) -> set[str]:
+    return {
+        name
+        for name, service in services.items()
+        if not service["profiles"] or service["profiles"] & set(profiles)  # type: ignore[operator]
+    }
+
+
+def test_the_file_is_valid_and_has_its_profiles() -> None:
+    _config("-q")
+    assert set(_config("--profiles").split()) == {"full", "edge", "demo"}
+
+
+def test_the_edge_profile_is_the_lean_set_and_needs_nothing_else() -> None:
+    services = _services(_config())
+    edge = _enabled(services, "edge")
+    assert edge == STORES | {"edge-worker", "edge-jobs"}
+    for name in edge:
+        assert services[name]["depends_on"] <= edge, name  # type: ignore[operator]
+    for name in ("edge-worker", "edge-jobs"):
+        text = str(services[name]["text"])
+        assert "IOTFLOW_DOCUMENTS_BACKEND: postgres" in text
+        assert not re.search(r"mongodb|kafka|cassandra", text), text
+
+
+@pytest.mark.parametrize("profiles", [("full",), ("full", "demo"), ("edge", "demo")])
+def test_every_profile_starts_what_its_services_depend_on(profiles: tuple[str, ...]) -> None:
+    services = _services(_config())
+    enabled = _enabled(services, *profiles)
+    for name in enabled:
+        assert services[name]["depends_on"] <= enabled, (name, services[name]["depends_on"])
+    if "full" in profiles:
+        assert {"mongodb", "cassandra", "kafka", "worker", "jobs"} <= enabled
