@@ -78,19 +78,19 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         batch, self._pending = self._pending, DecodedBatch()
         # All sinks at once; a crash in one cancels the others (nothing is acknowledged then).
         async with asyncio.TaskGroup() as group:
-            for sink in self._sinks:
-                group.create_task(self._write_until_stored(sink, batch))
+            writes = [group.create_task(self._write_until_stored(sink, batch)) for sink in self._sinks]
         self._acknowledge(batch.acks)
-        self._record(batch)
+        stored = [count for task in writes if (count := task.result()) is not None]
+        self._record(batch, min(stored) if stored else len(batch.readings))
 
-    async def _write_until_stored(self, sink: Sink, batch: DecodedBatch) -> None:
+    async def _write_until_stored(self, sink: Sink, batch: DecodedBatch) -> int | None:
         def down(exc: BaseException) -> None:
             self.down.add(sink.name)
             self._metrics.inc(f"sink_{sink.name}_errors")
 
         watch = asyncio.create_task(self._report_slow(sink.name, batch), name=f"slow.{sink.name}")
         try:
-            await retry_transient(
+            return await retry_transient(
                 lambda: sink.write(batch),
                 "sink",
                 reset=sink.reset,
@@ -117,10 +117,14 @@ class BatchWriter(MailboxActor[DecodedBatch]):
                 waited_s=round(time.monotonic() - started, 1),
             )
 
-    def _record(self, batch: DecodedBatch) -> None:
+    def _record(self, batch: DecodedBatch, written: int) -> None:
+        """`written`: readings the readings store newly stored (every reading when no sink
+        stores readings); the rest of the batch's readings were duplicates it refused.
+        A write retried after its commit was lost in transit counts its rows as duplicates."""
         metrics = self._metrics
         metrics.inc("messages_committed", batch.messages)
-        metrics.inc("readings_written", len(batch.readings))
+        metrics.inc("readings_written", written)
+        metrics.inc("readings_duplicate", len(batch.readings) - written)
         metrics.inc("batches_committed")
         if batch.dead_letters:
             metrics.inc("dead_letters", len(batch.dead_letters))

@@ -1,0 +1,140 @@
+"""TimescaleDB: when `iotflow migrate` uses it, where the extension goes, what the hypertable gets.
+
+The detection runs everywhere, against a stubbed probe; the tests taking the `hypertable`
+fixture need a test database with the extension preloaded (IOTFLOW_TEST_POSTGRES_URL, see
+docs/operations.md) and are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import uuid
+from dataclasses import replace
+
+import asyncpg
+import pytest
+import structlog
+
+from worker.cli.daemon import _migrate
+from worker.config import Settings
+from worker.exit_codes import ExitCode
+from worker.stores import migrate as migrate_module
+from worker.stores.migrate import TimescaleProbe, migrate
+from worker.stores.partitions import is_partitioned
+from worker.stores.postgres import connect
+from worker.tools.embedded import ServiceUrls
+
+from .conftest import is_hypertable, make_settings
+
+INSTALLED_NOT_PRELOADED = TimescaleProbe(available=True, preload="pg_stat_statements", schema=None)
+
+
+@pytest.mark.parametrize(
+    ("preload", "preloaded"),
+    [
+        ("", False),
+        ("pg_stat_statements", False),
+        ("timescaledb", True),
+        ("pg_stat_statements, timescaledb", True),
+        ('"$libdir/timescaledb"', True),
+        ("timescaledb-2.28.3", True),
+        ("timescaledb_toolkit", False),
+    ],
+)
+def test_the_preload_is_read_from_shared_preload_libraries(preload: str, preloaded: bool) -> None:
+    assert TimescaleProbe(available=True, preload=preload, schema=None).preloaded is preloaded
+
+
+def fresh_settings(urls: ServiceUrls, timescale: str) -> Settings:
+    settings = make_settings(urls, uuid.uuid4().hex[:10])
+    settings.postgres = replace(settings.postgres, timescale=timescale)  # type: ignore[arg-type]
+    return settings
+
+
+async def drop_schema(settings: Settings) -> None:
+    conn = await connect(settings.postgres)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres.schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def test_auto_falls_back_to_partitions_when_installed_but_not_preloaded(
+    service_urls: ServiceUrls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def probe(conn: asyncpg.Connection) -> TimescaleProbe:
+        return INSTALLED_NOT_PRELOADED
+
+    monkeypatch.setattr(migrate_module, "probe_timescale", probe)
+    settings = fresh_settings(service_urls, "auto")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await migrate(settings.postgres)
+        conn = await connect(settings.postgres)
+        try:
+            assert await is_partitioned(conn)
+        finally:
+            await conn.close()
+    finally:
+        await drop_schema(settings)
+    warnings = [entry for entry in logs if entry["event"] == "migrate.timescaledb_unusable"]
+    assert len(warnings) == 1
+    assert "shared_preload_libraries" in warnings[0]["reason"]
+
+
+def test_on_stops_migrate_with_exit_2_when_installed_but_not_preloaded(
+    service_urls: ServiceUrls, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def probe(conn: asyncpg.Connection) -> TimescaleProbe:
+        return INSTALLED_NOT_PRELOADED
+
+    monkeypatch.setattr(migrate_module, "probe_timescale", probe)
+    settings = fresh_settings(service_urls, "on")
+    try:
+        assert _migrate(settings, argparse.Namespace()) == ExitCode.CONFIG
+    finally:
+        asyncio.run(drop_schema(settings))
+    err = capsys.readouterr().err
+    assert "not preloaded" in err and "shared_preload_libraries" in err
+
+
+async def extension_schema(conn: asyncpg.Connection) -> str:
+    schema: str = await conn.fetchval(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+        "WHERE e.extname = 'timescaledb'"
+    )
+    return schema
+
+
+async def test_the_extension_lives_outside_every_application_schema(
+    settings: Settings, pg: asyncpg.Connection, service_urls: ServiceUrls, hypertable: None
+) -> None:
+    assert await extension_schema(pg) not in (settings.postgres.schema, "")
+    # A second application schema in the same database migrates to a hypertable too …
+    second = fresh_settings(service_urls, "on")
+    try:
+        await migrate(second.postgres)
+        conn = await connect(second.postgres)
+        try:
+            assert await is_hypertable(conn)
+        finally:
+            await conn.close()
+    finally:
+        await drop_schema(second)
+    # … and dropping it leaves the extension, and this schema's hypertable, alone.
+    assert await extension_schema(pg)
+    assert await is_hypertable(pg)
+    await pg.execute("INSERT INTO decoded_data VALUES ('2026-06-01 08:00+00', 1, 1, 1.0)")
+
+
+async def test_the_hypertable_has_no_index_duplicating_its_primary_key(
+    pg: asyncpg.Connection, hypertable: None
+) -> None:
+    indexes = {
+        row["indexname"]
+        for row in await pg.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'decoded_data'"
+        )
+    }
+    assert indexes == {"decoded_data_pkey", "decoded_data_device_time"}
