@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import uuid
 from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -20,7 +21,7 @@ from worker.cli.daemon import _migrate
 from worker.config import Settings
 from worker.exit_codes import ExitCode
 from worker.stores import migrate as migrate_module
-from worker.stores.migrate import TimescaleProbe, migrate
+from worker.stores.migrate import MigrationRefused, TimescaleProbe, migrate, use_timescale
 from worker.stores.partitions import is_partitioned
 from worker.stores.postgres import connect
 from worker.tools.embedded import ServiceUrls
@@ -44,6 +45,64 @@ INSTALLED_NOT_PRELOADED = TimescaleProbe(available=True, preload="pg_stat_statem
 )
 def test_the_preload_is_read_from_shared_preload_libraries(preload: str, preloaded: bool) -> None:
     assert TimescaleProbe(available=True, preload=preload, schema=None).preloaded is preloaded
+
+
+@pytest.mark.parametrize(
+    ("mode", "probe", "used"),
+    [
+        ("auto", TimescaleProbe(available=False, preload="", schema=None), False),
+        ("auto", TimescaleProbe(available=True, preload="timescaledb", schema=None), True),
+        ("auto", INSTALLED_NOT_PRELOADED, False),
+        # A role that may not read shared_preload_libraries: trust an extension already created.
+        ("auto", TimescaleProbe(available=True, preload=None, schema=None), False),
+        ("auto", TimescaleProbe(available=True, preload=None, schema="public"), True),
+        ("on", TimescaleProbe(available=True, preload=None, schema=None), True),
+        ("off", TimescaleProbe(available=True, preload="timescaledb", schema="public"), False),
+    ],
+)
+def test_the_setting_and_the_probe_decide(mode: str, probe: TimescaleProbe, used: bool) -> None:
+    assert use_timescale(mode, probe) is used
+
+
+@pytest.mark.parametrize(
+    "probe", [INSTALLED_NOT_PRELOADED, TimescaleProbe(available=False, preload="", schema=None)]
+)
+def test_on_refuses_what_cannot_work(probe: TimescaleProbe) -> None:
+    with pytest.raises(MigrationRefused):
+        use_timescale("on", probe)
+
+
+async def test_a_role_that_may_not_read_the_preload_setting_still_migrates(
+    service_urls: ServiceUrls, pg: asyncpg.Connection
+) -> None:
+    """`shared_preload_libraries` is for superusers and pg_read_all_settings only; plain
+    PostgreSQL never asks, TimescaleDB is asked inside a savepoint."""
+    role = f"iotflow_plain_{uuid.uuid4().hex[:8]}"
+    await pg.execute(f"CREATE ROLE {role} LOGIN")
+    settings = fresh_settings(service_urls, "auto")
+    settings.postgres = replace(settings.postgres, url=with_user(service_urls.postgres_url, role))
+    database = await pg.fetchval("SELECT current_database()")
+    try:
+        await pg.execute(f'GRANT CREATE ON DATABASE "{database}" TO {role}')
+        await migrate(settings.postgres)
+        conn = await connect(settings.postgres)
+        try:
+            # A hypertable where the test database has TimescaleDB (created in public by then).
+            assert await is_hypertable(conn) == await is_hypertable(pg)
+        finally:
+            await conn.close()
+    finally:
+        await drop_schema(
+            replace(settings, postgres=replace(settings.postgres, url=service_urls.postgres_url))
+        )
+        await pg.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM {role}')
+        await pg.execute(f"DROP ROLE {role}")
+
+
+def with_user(url: str, user: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
 
 
 def fresh_settings(urls: ServiceUrls, timescale: str) -> Settings:

@@ -46,11 +46,13 @@ class TimescaleProbe:
     """What the server says about TimescaleDB, before anything touches it."""
 
     available: bool  # the extension's files are installed (`pg_available_extensions`)
-    preload: str  # `shared_preload_libraries`
+    preload: str | None  # `shared_preload_libraries`; None: this role may not read it
     schema: str | None  # where the extension is created in this database, if it is
 
     @property
-    def preloaded(self) -> bool:
+    def preloaded(self) -> bool | None:
+        if self.preload is None:
+            return None
         names = (item.strip().strip('"').rsplit("/", 1)[-1] for item in self.preload.split(","))
         return any(name == "timescaledb" or name.startswith("timescaledb-") for name in names)
 
@@ -58,17 +60,28 @@ class TimescaleProbe:
 async def probe_timescale(conn: asyncpg.Connection) -> TimescaleProbe:
     row = await conn.fetchrow(
         "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') AS available, "
-        "current_setting('shared_preload_libraries') AS preload, "
         "(SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
         " WHERE e.extname = 'timescaledb') AS schema"
     )
     assert row is not None  # a SELECT without FROM returns one row
-    return TimescaleProbe(bool(row["available"]), row["preload"] or "", row["schema"])
+    preload: str | None = ""
+    if row["available"]:
+        try:
+            async with conn.transaction():  # a savepoint: the refusal must not end the migration's
+                preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+        except asyncpg.InsufficientPrivilegeError:  # superuser or pg_read_all_settings only
+            preload = None
+    return TimescaleProbe(bool(row["available"]), preload, row["schema"])
 
 
 NOT_PRELOADED = (
     "TimescaleDB is installed but not preloaded: add timescaledb to shared_preload_libraries "
     "in postgresql.conf (or run timescaledb-tune) and restart PostgreSQL"
+)
+UNKNOWN_PRELOAD = (
+    "TimescaleDB is installed, but this role may not read shared_preload_libraries (superuser "
+    "or pg_read_all_settings only): create the extension as a superuser (CREATE EXTENSION "
+    "timescaledb SCHEMA public) or set postgres.timescale = on"
 )
 
 
@@ -76,18 +89,26 @@ def use_timescale(mode: str, probe: TimescaleProbe) -> bool:
     """`postgres.timescale`: "off" never, "on" always (refused when unusable), "auto" when usable.
 
     Usable means installed and preloaded: without the preload the server ends the session
-    (`FATAL: extension "timescaledb" must be preloaded`) as soon as the library loads.
+    (`FATAL: extension "timescaledb" must be preloaded`) as soon as the library loads. A role
+    that may not read the setting trusts an extension already created in the database.
     """
     if mode == "off":
         return False
-    if probe.available and probe.preloaded:
-        return True
+    preloaded = probe.preloaded
+    if preloaded is None and probe.schema is not None:
+        preloaded = True  # created by someone who could: it loads, or nothing here would work
+    if probe.available and (preloaded or (preloaded is None and mode == "on")):
+        return True  # on, and unknown: the user asks for it; a missing preload then shows itself
     if mode == "on":
-        raise MigrationRefused(
-            NOT_PRELOADED if probe.available else "postgres.timescale is on but TimescaleDB is not installed"
-        )
+        if not probe.available:
+            raise MigrationRefused("postgres.timescale is on but TimescaleDB is not installed")
+        raise MigrationRefused(NOT_PRELOADED)
     if probe.available:
-        log.warning("migrate.timescaledb_unusable", reason=NOT_PRELOADED, fallback="range partitions")
+        log.warning(
+            "migrate.timescaledb_unusable",
+            reason=NOT_PRELOADED if preloaded is False else UNKNOWN_PRELOAD,
+            fallback="range partitions",
+        )
     return False
 
 
