@@ -25,6 +25,7 @@ from worker.stores.migrate import MigrationRefused, TimescaleProbe, migrate, use
 from worker.stores.partitions import is_partitioned
 from worker.stores.postgres import connect
 from worker.tools.embedded import ServiceUrls
+from worker.tools.jobs_bench import run_bench
 
 from .conftest import is_hypertable, make_settings
 
@@ -197,3 +198,22 @@ async def test_the_hypertable_has_no_index_duplicating_its_primary_key(
         )
     }
     assert indexes == {"decoded_data_pkey", "decoded_data_device_time"}
+
+
+async def test_the_jobs_bench_runs_on_either_backend_and_drops_its_schema(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    schema = f"{settings.postgres.schema}_bench"
+    result = await run_bench(
+        settings,
+        readings=1_000,
+        series=10,
+        hours=1,
+        schema=schema,
+        target_rate=10_000.0,
+        connections=2,
+        keep=False,
+        progress=lambda message: None,
+    )
+    assert result.hourly_rows == 10
+    assert await pg.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema) == 0
