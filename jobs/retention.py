@@ -8,14 +8,17 @@ for it are not protected: only a backfill rolls them up) nor the pipeline's olde
 reading (a partition that can still receive data stays, or the writer would have to
 recreate it). Rollups go by bucket, dead letters by `received_at`, documents by creation
 time, and for alerts only resolved ones.
-An age of 0 keeps a kind forever.
+An age of 0 keeps a kind forever. Each kind runs whatever happened to the others.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
 
 import asyncpg
 import structlog
@@ -41,12 +44,30 @@ class Removed:
 
 
 async def apply_retention(res: JobResources, now: datetime) -> list[Removed]:
+    """Every kind is tried, whatever happened to the ones before it; a kind that failed is
+    logged (`retention.failed`) and, once the others ran, its error is raised for the runner
+    to retry or record. A retry repeats them all: each kind is idempotent."""
     cfg = res.settings.jobs
     removed: list[Removed] = []
+    failures: list[BaseException] = []
+
+    async def attempt(kind: str, step: Callable[[], Awaitable[Removed | None]]) -> None:
+        try:
+            item = await step()
+        except Exception as exc:
+            log.error("retention.failed", kind=kind, error=repr(exc))
+            failures.append(exc)
+            return
+        if item is not None:
+            removed.append(_logged(item))
+
     if cfg.retention_raw_days:
-        raw = await _raw_cutoff(res, now, now - timedelta(days=cfg.retention_raw_days))
-        if raw is not None:
-            removed.append(_logged(await drop_raw_before(res.pool, raw)))
+
+        async def raw() -> Removed | None:
+            cutoff = await _raw_cutoff(res, now, now - timedelta(days=cfg.retention_raw_days))
+            return None if cutoff is None else await drop_raw_before(res.pool, cutoff)
+
+        await attempt("raw", raw)
     tables = (
         ("rollups_hourly", cfg.retention_rollups_hourly_days, "rollup_hourly", "bucket", HOUR),
         ("rollups_daily", cfg.retention_rollups_daily_days, "rollup_daily", "bucket", DAY),
@@ -56,16 +77,24 @@ async def apply_retention(res: JobResources, now: datetime) -> list[Removed]:
     for kind, days, table, column, width in tables:
         if days:
             cutoff = now - timedelta(days=days)
-            removed.append(_logged(await _delete_rows(res.pool, kind, table, column, width, cutoff)))
-    if cfg.retention_resolved_alerts_days:
-        cutoff = now - timedelta(days=cfg.retention_resolved_alerts_days)
-        rows = await res.docs.delete_before("alerts", cutoff, {"status": "resolved"})
-        removed.append(_logged(Removed("resolved_alerts", cutoff, rows)))
-    if cfg.retention_event_logs_days:
-        cutoff = now - timedelta(days=cfg.retention_event_logs_days)
-        rows = await res.docs.delete_before("event_logs", cutoff)
-        removed.append(_logged(Removed("event_logs", cutoff, rows)))
+            await attempt(kind, partial(_delete_rows, res.pool, kind, table, column, width, cutoff))
+    documents = (
+        ("resolved_alerts", cfg.retention_resolved_alerts_days, "alerts", {"status": "resolved"}),
+        ("event_logs", cfg.retention_event_logs_days, "event_logs", None),
+    )
+    for kind, days, collection, where in documents:
+        if days:
+            cutoff = now - timedelta(days=days)
+            await attempt(kind, partial(_delete_documents, res, kind, collection, cutoff, where))
+    if failures:
+        raise failures[0]
     return removed
+
+
+async def _delete_documents(
+    res: JobResources, kind: str, collection: str, cutoff: datetime, where: dict[str, Any] | None
+) -> Removed:
+    return Removed(kind, cutoff, await res.docs.delete_before(collection, cutoff, where))
 
 
 def _logged(item: Removed) -> Removed:
@@ -110,8 +139,9 @@ async def drop_raw_before(pool: asyncpg.Pool, cutoff: datetime) -> Removed:
     """Drop raw readings older than `cutoff` the cheapest way the table allows.
 
     Under the exclusive raw lock, so no rollup bucket is being recomputed from the data
-    that goes. Without partitions the cutoff is recorded as the raw horizon first: rollups
-    before it are then never recomputed (from data that is gone).
+    that goes. Without partitions (a hypertable, or a plain table) the cutoff is recorded as
+    the raw horizon in the drop's own transaction, once the drop succeeded: rollups before
+    it are then never recomputed (from data that is gone), and a failed drop moves nothing.
     """
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock($1, $2)", *LOCK_RAW)
@@ -124,20 +154,32 @@ async def drop_raw_before(pool: asyncpg.Pool, cutoff: datetime) -> Removed:
 async def _drop_raw(conn: Connection, cutoff: datetime) -> Removed:
     if await is_partitioned(conn):  # a pool proxy behaves the same
         return await _drop_partitions(conn, cutoff)  # the partitions left are the horizon
-    await conn.execute(
-        "INSERT INTO rollup_watermarks (name, watermark) VALUES ($1, $2) ON CONFLICT (name) "
-        "DO UPDATE SET watermark = greatest(rollup_watermarks.watermark, excluded.watermark), "
-        "updated_at = now()",
-        RAW_HORIZON,
-        cutoff,
-    )
-    if await _is_hypertable(conn):
-        # Chunks entirely before the cutoff go; the recorded horizon errs on the safe side.
-        names = await conn.fetch("SELECT drop_chunks($1, older_than => $2)::text AS name", PARENT, cutoff)
-        return Removed("raw", cutoff, partitions=[row["name"] for row in names])
-    # A plain table (partitioning off): the only way left is row by row.
-    status = await conn.execute(f"DELETE FROM {PARENT} WHERE timestamp < $1", cutoff)
-    return Removed("raw", cutoff, rows=int(status.split()[-1]))
+    # The drop and the horizon commit together: a failed drop leaves the horizon where it was
+    # (rollups keep recomputing hours whose data is still there); a successful one is never
+    # without it.
+    async with conn.transaction():
+        extension = await _timescale_schema(conn)
+        if extension is not None and await _is_hypertable(conn):
+            # Chunks entirely before the cutoff go; the recorded horizon errs on the safe side.
+            names = await conn.fetch(
+                f'SELECT "{extension}".drop_chunks(to_regclass($1), older_than => $2::timestamptz)::text '
+                "AS name",
+                PARENT,
+                cutoff,
+            )
+            result = Removed("raw", cutoff, partitions=[row["name"] for row in names])
+        else:
+            # A plain table (partitioning off): the only way left is row by row.
+            status = await conn.execute(f"DELETE FROM {PARENT} WHERE timestamp < $1", cutoff)
+            result = Removed("raw", cutoff, rows=int(status.split()[-1]))
+        await conn.execute(
+            "INSERT INTO rollup_watermarks (name, watermark) VALUES ($1, $2) ON CONFLICT (name) "
+            "DO UPDATE SET watermark = greatest(rollup_watermarks.watermark, excluded.watermark), "
+            "updated_at = now()",
+            RAW_HORIZON,
+            cutoff,
+        )
+    return result
 
 
 async def _drop_partitions(conn: Connection, cutoff: datetime) -> Removed:
@@ -192,14 +234,24 @@ async def _partitions(conn: Connection) -> list[_Partition]:
     return partitions
 
 
+async def _timescale_schema(conn: Connection) -> str | None:
+    """The schema of TimescaleDB's functions in this database, or None without the extension."""
+    schema: str | None = await conn.fetchval(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+        "WHERE e.extname = 'timescaledb'"
+    )
+    return schema
+
+
 async def _is_hypertable(conn: Connection) -> bool:
-    """TimescaleDB's catalog exists only with the extension installed."""
-    if not await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"):
-        return False
+    """Read from TimescaleDB's catalog table: no extension function is called, so this holds
+    even where the library is not preloaded."""
     return bool(
         await conn.fetchval(
-            "SELECT count(*) FROM timescaledb_information.hypertables "
-            "WHERE hypertable_name = $1 AND hypertable_schema = current_schema()",
+            "SELECT count(*) FROM _timescaledb_catalog.hypertable h "
+            "JOIN pg_namespace n ON n.nspname = h.schema_name "
+            "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = h.table_name "
+            "WHERE c.oid = to_regclass($1)",
             PARENT,
         )
     )

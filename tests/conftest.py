@@ -172,6 +172,33 @@ async def pg(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+async def is_hypertable(conn: asyncpg.Connection) -> bool:
+    """`decoded_data` of the connection's schema is a TimescaleDB hypertable (the test database
+    has the extension, preloaded: `iotflow migrate` then makes one)."""
+    if not await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"):
+        return False
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM _timescaledb_catalog.hypertable "
+            "WHERE schema_name = current_schema() AND table_name = 'decoded_data'"
+        )
+    )
+
+
+@pytest.fixture
+async def hypertable(pg: asyncpg.Connection) -> None:
+    """Skips the test unless the test database is a TimescaleDB (see docs/operations.md)."""
+    if not await is_hypertable(pg):
+        pytest.skip("needs TimescaleDB: the test database has no timescaledb extension (preloaded)")
+
+
+@pytest.fixture
+async def partitioned(pg: asyncpg.Connection) -> None:
+    """Skips the test where `decoded_data` is a TimescaleDB hypertable, not range partitions."""
+    if await is_hypertable(pg):
+        pytest.skip("needs native range partitions: decoded_data is a TimescaleDB hypertable here")
+
+
 @pytest.fixture
 async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(settings.redis.url, decode_responses=True)

@@ -11,7 +11,8 @@ import pytest
 
 from jobs import tasks
 from jobs.context import JobResources
-from jobs.retention import apply_retention
+from jobs.retention import apply_retention, drop_raw_before
+from jobs.rollups import RAW_HORIZON
 from worker.config import Settings
 
 from .test_jobs_support import Clock, ctx_of, insert_readings, res, utc
@@ -59,6 +60,7 @@ async def set_watermark(pg: asyncpg.Connection, moment: datetime) -> None:
     await pg.execute("INSERT INTO rollup_watermarks (name, watermark) VALUES ('hourly', $1)", moment)
 
 
+@pytest.mark.usefixtures("partitioned")
 async def test_raw_partitions_go_whole_once_their_upper_bound_passes_the_cutoff(
     settings: Settings, pg: asyncpg.Connection, aged: JobResources
 ) -> None:
@@ -98,7 +100,9 @@ async def test_raw_readings_not_yet_rolled_up_are_kept(
     await insert_readings(pg, settings, [(utc("2026-05-31 08:00"), 1, 1, 0.0)])
     removed = {item.kind: item for item in await apply_retention(aged, NOW)}
     assert removed["raw"].cutoff == utc("2026-06-02 01:00")
-    assert removed["raw"].partitions == ["decoded_data_p20260531", "decoded_data_p20260601"]
+    # The partitions (or the hypertable's one-day chunks) of 05-31 and 06-01.
+    assert len(removed["raw"].partitions) == 2
+    assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 0
 
 
 async def test_each_kind_loses_exactly_what_is_past_its_age(
@@ -169,3 +173,87 @@ async def test_an_age_of_zero_keeps_a_kind_forever(pg: asyncpg.Connection, aged:
     kinds = {item.kind for item in await apply_retention(aged, NOW)}
     assert "dead_letters" not in kinds
     assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 1
+
+
+async def test_raw_chunks_of_a_hypertable_go_by_drop_chunks_and_move_the_horizon(
+    settings: Settings, pg: asyncpg.Connection, aged: JobResources, hypertable: None
+) -> None:
+    await set_watermark(pg, NOW)
+    # Cutoff 2026-06-05 12:00; chunks are one day wide.
+    await insert_readings(
+        pg,
+        settings,
+        [
+            (utc("2026-06-03 08:00"), 1, 1, 1.0),  # chunk ends 06-04: dropped
+            (utc("2026-06-04 23:59:59"), 1, 1, 2.0),  # ends 06-05 00:00: dropped
+            (utc("2026-06-05 01:00"), 1, 1, 3.0),  # older than the cutoff, but its chunk is not
+            (utc("2026-06-06 00:00"), 1, 1, 4.0),
+        ],
+    )
+    result = await tasks.retention(ctx_of(aged), period="2026-06-15")
+
+    assert result["status"] == "done"
+    assert len(result["partitions"]) == 2
+    values = [row["value"] for row in await pg.fetch("SELECT value FROM decoded_data ORDER BY timestamp")]
+    assert values == [3.0, 4.0]
+    horizon = await pg.fetchval("SELECT watermark FROM rollup_watermarks WHERE name = $1", RAW_HORIZON)
+    assert horizon == utc("2026-06-05 12:00")
+
+
+async def plain_table_refusing_deletes(pg: asyncpg.Connection) -> None:
+    """`decoded_data` as an unpartitioned table (partitioning off) whose DELETE fails."""
+    await pg.execute("DROP TABLE decoded_data")
+    await pg.execute(
+        "CREATE TABLE decoded_data (timestamp timestamptz NOT NULL, device_id integer NOT NULL, "
+        "datapoint_id integer NOT NULL, value double precision, "
+        "PRIMARY KEY (timestamp, device_id, datapoint_id))"
+    )
+    await pg.execute(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+    )
+    await pg.execute(
+        "CREATE TRIGGER refuse BEFORE DELETE ON decoded_data FOR EACH ROW EXECUTE FUNCTION refuse()"
+    )
+    await pg.execute("INSERT INTO decoded_data VALUES ('2026-06-01 08:00+00', 1, 1, 1.0)")
+
+
+async def test_a_failed_raw_drop_leaves_the_raw_horizon_where_it_was(
+    pg: asyncpg.Connection, aged: JobResources
+) -> None:
+    await plain_table_refusing_deletes(pg)
+    with pytest.raises(asyncpg.RaiseError, match="refused by the test"):
+        await drop_raw_before(aged.pool, utc("2026-06-05 00:00"))
+    # The readings are still there, so later backfills must still recompute their hours.
+    assert await pg.fetchval("SELECT count(*) FROM rollup_watermarks WHERE name = $1", RAW_HORIZON) == 0
+    assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 1
+
+    await pg.execute("DROP TRIGGER refuse ON decoded_data")
+    removed = await drop_raw_before(aged.pool, utc("2026-06-05 00:00"))
+    assert removed.rows == 1
+    horizon = await pg.fetchval("SELECT watermark FROM rollup_watermarks WHERE name = $1", RAW_HORIZON)
+    assert horizon == utc("2026-06-05 00:00")
+
+
+async def test_one_kind_failing_leaves_the_other_kinds_to_run(
+    pg: asyncpg.Connection, aged: JobResources
+) -> None:
+    await set_watermark(pg, NOW)
+    await plain_table_refusing_deletes(pg)  # raw retention, the first kind, fails
+    await pg.execute(
+        "INSERT INTO dead_letters (fingerprint, topic, payload, payload_size, reason, received_at, "
+        "last_received_at) VALUES ('\\x00', 't', '', 0, 'bad', '2000-01-01+00', '2000-01-01+00')"
+    )
+    await pg.execute(
+        "INSERT INTO rollup_hourly VALUES ('2000-01-01+00', 1, 1, 1, 0, 0, 0, 0, 0, '2000-01-01+00')"
+    )
+    await aged.docs.insert("event_logs", "old", {"device_id": 1})
+    await pg.execute("UPDATE documents SET created_at = '2000-01-01+00' WHERE key = 'old'")
+
+    with pytest.raises(asyncpg.RaiseError, match="refused by the test"):
+        await tasks.retention(ctx_of(aged), period="2026-06-15")
+
+    assert await pg.fetchval("SELECT status FROM job_runs WHERE job = 'retention'") == "failed"
+    for table in ("dead_letters", "rollup_hourly", "documents"):
+        assert await pg.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+    assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 1

@@ -13,7 +13,7 @@ import pytest
 
 from jobs.context import CTX_KEY, JobResources, open_resources
 from worker.config import Settings
-from worker.stores.partitions import PartitionKeeper
+from worker.stores.partitions import PartitionKeeper, is_partitioned
 from worker.stores.redis import delete_matching
 
 
@@ -64,10 +64,12 @@ def ctx_of(res: JobResources, **extra: Any) -> dict[str, Any]:
 async def insert_readings(
     conn: asyncpg.Connection, settings: Settings, rows: Iterable[tuple[datetime, int, int, float | None]]
 ) -> None:
-    """(timestamp, device_id, datapoint_id, value) rows, creating the partitions they need first."""
+    """(timestamp, device_id, datapoint_id, value) rows, creating the partitions they need first
+    (a TimescaleDB hypertable makes its chunks itself, and refuses partitions)."""
     rows = list(rows)
-    keeper = PartitionKeeper(settings.postgres.partition_days)
-    await keeper.ensure(conn, keeper.missing(ts for ts, *_ in rows))
+    if await is_partitioned(conn):
+        keeper = PartitionKeeper(settings.postgres.partition_days)
+        await keeper.ensure(conn, keeper.missing(ts for ts, *_ in rows))
     await conn.executemany(
         "INSERT INTO decoded_data (timestamp, device_id, datapoint_id, value) VALUES ($1, $2, $3, $4)", rows
     )

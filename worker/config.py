@@ -132,7 +132,12 @@ class PostgresSettings:
     )
     schema: str = field(default="iotflow", metadata=_meta("iot_schema", _identifier))
     timescale: Literal["auto", "on", "off"] = field(
-        default="auto", metadata=_meta("auto", doc="use TimescaleDB when the extension exists")
+        default="auto",
+        metadata=_meta(
+            "auto",
+            doc="decoded_data as a hypertable: auto (when installed and preloaded), on (migrate exits 2 "
+            "when it cannot), off",
+        ),
     )
     partition_days: int = field(
         default=1, metadata=_meta("1", _positive, doc="range partition width without TimescaleDB")

@@ -41,9 +41,13 @@ def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.stores.migrate import migrate
+    from worker.cli.app import config_error
+    from worker.stores.migrate import MigrationRefused, migrate
 
-    asyncio.run(migrate(settings.postgres))
+    try:
+        asyncio.run(migrate(settings.postgres))
+    except MigrationRefused as exc:
+        return config_error(f"postgres.timescale: {exc}")
     return ExitCode.OK
 
 

@@ -12,11 +12,13 @@ class Sink(Protocol):
 
     `write` must be idempotent: after a crash the same messages come again.
     It raises on failure; the writer retries with backoff after calling `reset`.
+    A store of readings returns how many of the batch's readings it newly stored (the rest
+    were there already: a redelivery); any other store returns None.
     """
 
     name: str
 
-    async def write(self, batch: DecodedBatch) -> None: ...
+    async def write(self, batch: DecodedBatch) -> int | None: ...
 
     async def reset(self) -> None:
         """Drop connections so the next `write` starts afresh."""

@@ -2,7 +2,8 @@
 
 COPY cannot skip duplicates, so rows are copied into a session temp table and
 moved with `INSERT … SELECT … ON CONFLICT DO NOTHING`: a redelivered message
-finds its rows already there and adds nothing. Each write borrows a connection
+finds its rows already there and adds nothing; `write` returns how many rows the
+INSERT added, so the writer counts stored readings and duplicates apart. Each write borrows a connection
 from the `Stores` pool and makes sure the (per-session) temp table exists on it:
 one cheap statement, and nothing to repair when a connection dies under us.
 """
@@ -54,7 +55,9 @@ class PostgresTimeseriesWriter:
         self._partitions: PartitionKeeper | None = None
         self._checked_partitioning = False
 
-    async def write(self, batch: DecodedBatch) -> None:
+    async def write(self, batch: DecodedBatch) -> int:
+        """The readings inserted; the others were already stored (duplicates)."""
+        inserted = 0
         async with self._pool.acquire() as conn:
             await conn.execute(_STAGE_DDL)
             if not self._checked_partitioning:
@@ -71,10 +74,11 @@ class PostgresTimeseriesWriter:
                         "decoded_data_stage",
                         records=[(r.timestamp, r.device_id, r.datapoint_id, r.value) for r in batch.readings],
                     )
-                    await conn.execute(_MOVE)
+                    inserted = int((await conn.execute(_MOVE)).split()[-1])  # "INSERT 0 n"
                     await conn.execute(_LAST_SEEN, *self._last_seen(batch))
                 if batch.dead_letters:
                     await conn.execute(_DEAD_LETTERS, *self._dead_letter_columns(batch))
+        return inserted
 
     @staticmethod
     def _last_seen(batch: DecodedBatch) -> tuple[list[int], list[datetime]]:

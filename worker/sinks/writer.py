@@ -78,12 +78,12 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         batch, self._pending = self._pending, DecodedBatch()
         # All sinks at once; a crash in one cancels the others (nothing is acknowledged then).
         async with asyncio.TaskGroup() as group:
-            for sink in self._sinks:
-                group.create_task(self._write_until_stored(sink, batch))
+            writes = [group.create_task(self._write_until_stored(sink, batch)) for sink in self._sinks]
         self._acknowledge(batch.acks)
-        self._record(batch)
+        stored = [count for task in writes if (count := task.result()) is not None]
+        self._record(batch, min(stored) if stored else len(batch.readings))
 
-    async def _write_until_stored(self, sink: Sink, batch: DecodedBatch) -> None:
+    async def _write_until_stored(self, sink: Sink, batch: DecodedBatch) -> int | None:
         def down(exc: BaseException) -> None:
             self.down.add(sink.name)
             self._metrics.inc("sink_errors", sink=sink.name)
@@ -91,7 +91,7 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         started = time.monotonic()
         watch = asyncio.create_task(self._report_slow(sink.name, batch), name=f"slow.{sink.name}")
         try:
-            await retry_transient(
+            stored = await retry_transient(
                 lambda: sink.write(batch),
                 "sink",
                 reset=sink.reset,
@@ -103,6 +103,7 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         finally:
             watch.cancel()
         self._metrics.observe_write(sink.name, time.monotonic() - started)
+        return stored
 
     async def _report_slow(self, sink: str, batch: DecodedBatch) -> None:
         """While a store holds a batch past `slow_write_s`, say so once per period: a frozen
@@ -119,10 +120,14 @@ class BatchWriter(MailboxActor[DecodedBatch]):
                 waited_s=round(time.monotonic() - started, 1),
             )
 
-    def _record(self, batch: DecodedBatch) -> None:
+    def _record(self, batch: DecodedBatch, written: int) -> None:
+        """`written`: readings the readings store newly stored (every reading when no sink
+        stores readings); the rest of the batch's readings were duplicates it refused.
+        A write retried after its commit was lost in transit counts its rows as duplicates."""
         metrics = self._metrics
         metrics.inc("messages_committed", batch.messages)
-        metrics.inc("readings_written", len(batch.readings))
+        metrics.inc("readings_written", written)
+        metrics.inc("readings_duplicate", len(batch.readings) - written)
         metrics.inc("batches_committed")
         metrics.observe_batch(len(batch.readings) + len(batch.dead_letters))
         if batch.dead_letters:

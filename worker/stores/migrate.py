@@ -37,39 +37,135 @@ def _sql_file(name: str) -> Step:
     return apply
 
 
-async def _timescale_available(conn: asyncpg.Connection) -> bool:
-    return bool(
-        await conn.fetchval("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")
+class MigrationRefused(Exception):
+    """The database cannot give what the settings ask for; `iotflow migrate` exits 2 with this."""
+
+
+@dataclass(frozen=True)
+class TimescaleProbe:
+    """What the server says about TimescaleDB, before anything touches it."""
+
+    available: bool  # the extension's files are installed (`pg_available_extensions`)
+    preload: str | None  # `shared_preload_libraries`; None: this role may not read it
+    schema: str | None  # where the extension is created in this database, if it is
+
+    @property
+    def preloaded(self) -> bool | None:
+        if self.preload is None:
+            return None
+        names = (item.strip().strip('"').rsplit("/", 1)[-1] for item in self.preload.split(","))
+        return any(name == "timescaledb" or name.startswith("timescaledb-") for name in names)
+
+
+async def probe_timescale(conn: asyncpg.Connection) -> TimescaleProbe:
+    row = await conn.fetchrow(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') AS available, "
+        "(SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+        " WHERE e.extname = 'timescaledb') AS schema"
     )
+    assert row is not None  # a SELECT without FROM returns one row
+    preload: str | None = ""
+    if row["available"]:
+        try:
+            async with conn.transaction():  # a savepoint: the refusal must not end the migration's
+                preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+        except asyncpg.InsufficientPrivilegeError:  # superuser or pg_read_all_settings only
+            preload = None
+    return TimescaleProbe(bool(row["available"]), preload, row["schema"])
+
+
+NOT_PRELOADED = (
+    "TimescaleDB is installed but not preloaded: add timescaledb to shared_preload_libraries "
+    "in postgresql.conf (or run timescaledb-tune) and restart PostgreSQL"
+)
+UNKNOWN_PRELOAD = (
+    "TimescaleDB is installed, but this role may not read shared_preload_libraries (superuser "
+    "or pg_read_all_settings only): create the extension as a superuser (CREATE EXTENSION "
+    "timescaledb SCHEMA public) or set postgres.timescale = on"
+)
+
+
+def use_timescale(mode: str, probe: TimescaleProbe) -> bool:
+    """`postgres.timescale`: "off" never, "on" always (refused when unusable), "auto" when usable.
+
+    Usable means installed and preloaded: without the preload the server ends the session
+    (`FATAL: extension "timescaledb" must be preloaded`) as soon as the library loads. A role
+    that may not read the setting trusts an extension already created in the database.
+    """
+    if mode == "off":
+        return False
+    preloaded = probe.preloaded
+    if preloaded is None and probe.schema is not None:
+        preloaded = True  # created by someone who could: it loads, or nothing here would work
+    if probe.available and (preloaded or (preloaded is None and mode == "on")):
+        return True  # on, and unknown: the user asks for it; a missing preload then shows itself
+    if mode == "on":
+        if not probe.available:
+            raise MigrationRefused("postgres.timescale is on but TimescaleDB is not installed")
+        raise MigrationRefused(NOT_PRELOADED)
+    if probe.available:
+        log.warning(
+            "migrate.timescaledb_unusable",
+            reason=NOT_PRELOADED if preloaded is False else UNKNOWN_PRELOAD,
+            fallback="range partitions",
+        )
+    return False
+
+
+async def ensure_timescale(conn: asyncpg.Connection, probe: TimescaleProbe, schema: str) -> str:
+    """The schema holding TimescaleDB's functions: where it already is, else `public`.
+
+    Never the application schema: its functions would then need that schema on the search
+    path, a second application schema could not use them, and `DROP SCHEMA … CASCADE` of
+    the application schema would drop the extension for the whole database.
+    """
+    if probe.schema is None:
+        # One database-wide lock: two schemas migrating at once would both create it.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('iotflow.migrate.timescaledb'))")
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb SCHEMA public")
+        found: str = await conn.fetchval(
+            "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+            "WHERE e.extname = 'timescaledb'"
+        )
+        return found
+    if probe.schema == schema:
+        log.warning(
+            "migrate.timescaledb_in_app_schema",
+            schema=schema,
+            reason="an earlier version created the extension here; DROP SCHEMA … CASCADE would drop it "
+            "for the whole database",
+        )
+    return probe.schema
 
 
 async def _create_timeseries(conn: asyncpg.Connection, settings: PostgresSettings) -> None:
     """`decoded_data` (SPEC §3): a compressed hypertable, or native range partitions."""
-    use_timescale = settings.timescale == "on" or (
-        settings.timescale == "auto" and await _timescale_available(conn)
-    )
+    probe = await probe_timescale(conn)
     columns = """
         timestamp    timestamptz NOT NULL,
         device_id    integer NOT NULL,
         datapoint_id integer NOT NULL,
         value        double precision,
         PRIMARY KEY (timestamp, device_id, datapoint_id)"""
-    if use_timescale:
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        await conn.execute(f"CREATE TABLE IF NOT EXISTS decoded_data ({columns})")
+    if use_timescale(settings.timescale, probe):
+        ts = quote_ident(await ensure_timescale(conn, probe, settings.schema))
+        table = f"{quote_ident(settings.schema)}.decoded_data"
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+        # No default index on `timestamp`: the primary key already leads with it.
         await conn.execute(
-            "SELECT create_hypertable('decoded_data', 'timestamp', "
-            f"chunk_time_interval => interval '{settings.partition_days} days', if_not_exists => true)"
+            f"SELECT {ts}.create_hypertable('{table}', 'timestamp', "
+            f"chunk_time_interval => interval '{settings.partition_days} days', if_not_exists => true, "
+            "create_default_indexes => false)"
         )
         await conn.execute(
-            "ALTER TABLE decoded_data SET (timescaledb.compress, "
+            f"ALTER TABLE {table} SET (timescaledb.compress, "
             "timescaledb.compress_segmentby = 'device_id, datapoint_id', "
             "timescaledb.compress_orderby = 'timestamp DESC')"
         )
         await conn.execute(
-            "SELECT add_compression_policy('decoded_data', interval '7 days', if_not_exists => true)"
+            f"SELECT {ts}.add_compression_policy('{table}', interval '7 days', if_not_exists => true)"
         )
-        log.info("migrate.timeseries", backend="timescaledb")
+        log.info("migrate.timeseries", backend="timescaledb", extension_schema=ts)
     else:
         await conn.execute(
             f"CREATE TABLE IF NOT EXISTS decoded_data ({columns}) PARTITION BY RANGE (timestamp)"
@@ -85,6 +181,16 @@ async def _create_timeseries(conn: asyncpg.Connection, settings: PostgresSetting
     )
 
 
+async def _drop_timestamp_index(conn: asyncpg.Connection, settings: PostgresSettings) -> None:
+    """Hypertables made before version 14 got TimescaleDB's default index on `timestamp`,
+    which duplicates the primary key's leading column. Only this schema's."""
+    await conn.execute(f"DROP INDEX IF EXISTS {quote_ident(settings.schema)}.decoded_data_timestamp_idx")
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 MIGRATIONS = (
     Migration(1, "relational core", _sql_file("0001_core.sql")),
     Migration(2, "time series", _create_timeseries),
@@ -95,6 +201,7 @@ MIGRATIONS = (
     Migration(11, "job runs", _sql_file("0011_job_runs.sql")),
     Migration(12, "datapoint ranges", _sql_file("0012_datapoint_ranges.sql")),
     Migration(13, "dead letter sizes", _sql_file("0013_dead_letter_sizes.sql")),
+    Migration(14, "no duplicate timestamp index", _drop_timestamp_index),
 )
 
 
