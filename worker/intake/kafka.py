@@ -191,6 +191,8 @@ class KafkaIntake(Actor):
             if state is not None:
                 dropped += len(state.outstanding)
         if partitions:
+            self._metrics.inc("kafka_revocations")
+            self._metrics.inc("kafka_uncommitted_dropped", dropped)
             log.info(
                 "kafka.revoked", partitions=sorted(tp.partition for tp in partitions), uncommitted=dropped
             )
@@ -242,6 +244,11 @@ class KafkaIntake(Actor):
             state = self._partitions.get(tp.partition)
             if state is not None:
                 state.committed = offset
+
+    @property
+    def partitions(self) -> set[int]:
+        """The partitions of raw_topic assigned now."""
+        return set(self._partitions)
 
     @property
     def buffered(self) -> int:
