@@ -11,8 +11,10 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import pytest
 
-from schemas.envelope import device_key, read_envelope
+from schemas.envelope import BadEnvelope, device_key, raw_envelope, read_envelope
+from schemas.records import AckToken, RawMessage
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
 from worker.tools.simulate import readings_per_message
@@ -114,3 +116,66 @@ async def test_missing_topics_stop_the_daemon_with_exit_2(settings: Settings, ka
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_migrate_creates_the_topics_once(settings: Settings, kafka_bootstrap: str) -> None:
+    import subprocess
+    import sys
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer
+
+    from .conftest import worker_env
+
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        **worker_env(settings),
+        "IOTFLOW_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "IOTFLOW_KAFKA_BRIDGE": "true",
+        "IOTFLOW_KAFKA_RAW_TOPIC": f"raw-m-{tag}",
+        "IOTFLOW_KAFKA_PROCESSED_TOPIC": f"processed-m-{tag}",
+        "IOTFLOW_KAFKA_PARTITIONS": "3",
+    }
+    for _ in range(2):  # the second run finds them and changes nothing
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "worker", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    await consumer.start()
+    try:
+        topics = await consumer.topics()
+        assert {f"raw-m-{tag}", f"processed-m-{tag}"} <= topics
+        assert consumer.partitions_for_topic(f"raw-m-{tag}") == {0, 1, 2}
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (None, "empty record"),
+        (b"[1]", "not a JSON object"),
+        (b'{"v": 2}', "unknown envelope version"),
+        (b'{"v": 1, "topic": "t", "payload": 3, "received_at": 1}', "must be strings"),
+        (b'{"v": 1, "topic": "t", "payload": "", "received_at": "x"}', "epoch seconds"),
+        (b'{"v": 1, "topic": "t", "payload": "!", "received_at": 1, "encoding": "base64"}', "not base64"),
+        (b'{"v": 1, "topic": "t", "payload": "", "received_at": 1, "encoding": "rot13"}', "unknown encoding"),
+    ],
+)
+def test_bad_envelopes_say_why(value: bytes | None, problem: str) -> None:
+    with pytest.raises(BadEnvelope, match=problem):
+        read_envelope(value)
+
+
+def test_envelopes_round_trip_text_and_binary() -> None:
+    for payload in (b'{"temperature": 21.5}', b"\x00\xff\x10"):
+        message = RawMessage("devices/d1/telemetry", payload, 1767225600.125, AckToken(0, 0))
+        assert read_envelope(raw_envelope(message)) == ("devices/d1/telemetry", payload, 1767225600.125)
+    assert device_key("tele/f2-aabbccddee01/sensor-mode/io/sensor-x") == "f2-aabbccddee01"
+    assert device_key("odd") == "odd"
