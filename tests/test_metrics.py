@@ -64,5 +64,5 @@ async def test_metrics_count_exactly_what_was_sent(settings: Settings, pg: async
     assert value("iotflow_commit_latency_seconds_count") == readings
     assert value("iotflow_sink_write_seconds_count", sink="postgres") == batches
     assert value("iotflow_mqtt_connects_total") == 1
-    assert value("iotflow_mqtt_unacknowledged") == 0
+    assert value("iotflow_intake_unacknowledged") == 0
     assert value("iotflow_mailbox_raw") == 0

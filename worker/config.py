@@ -244,6 +244,104 @@ class PipelineSettings:
     )
 
 
+def _bootstrap(value: Any) -> str | None:
+    servers = [item.strip() for item in value.split(",")]
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"{server!r} is not host:port (several: comma-separated)"
+    return None
+
+
+def _kafka_topic(value: Any) -> str | None:
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+    if not value or len(value) > 249 or set(value) - allowed or value in {".", ".."}:
+        return "must be 1 to 249 of a-z, A-Z, 0-9, '.', '_', '-'"
+    return None
+
+
+@dataclass
+class IntakeSettings:
+    """Where the worker reads its messages from (docs/kafka.md)."""
+
+    source: Literal["mqtt", "kafka"] = field(
+        default="mqtt",
+        metadata=_meta("kafka", doc="mqtt: the broker's topics; kafka: kafka.raw_topic in kafka.group"),
+    )
+
+
+@dataclass
+class KafkaSettings:
+    """The bridge to Kafka (a sink) and Kafka intake (docs/kafka.md)."""
+
+    bootstrap: str = field(
+        default="127.0.0.1:9092",
+        metadata=_meta("kafka-1:9092,kafka-2:9092", _bootstrap, doc="brokers, host:port comma-separated"),
+    )
+    bridge: bool = field(
+        default=False,
+        metadata=_meta(
+            "true", doc="write raw messages to raw_topic (MQTT intake) and readings to processed_topic"
+        ),
+    )
+    group: str = field(
+        default="iotflow",
+        metadata=_meta("iotflow-processors", _non_empty, doc="consumer group of Kafka intake"),
+    )
+    client_id: str = field(
+        default="iotflow-worker", metadata=_meta("iotflow-gw-1", _non_empty, doc="Kafka client id")
+    )
+    raw_topic: str = field(
+        default="raw-iot-data", metadata=_meta("raw-iot-data", _kafka_topic, doc="raw message envelopes")
+    )
+    processed_topic: str = field(
+        default="processed-iot-data",
+        metadata=_meta("processed-iot-data", _kafka_topic, doc="decoded readings"),
+    )
+    partitions: int = field(
+        default=6,
+        metadata=_meta("12", _positive, doc="partitions `iotflow migrate` creates each topic with"),
+    )
+    replication_factor: int = field(
+        default=1, metadata=_meta("3", _positive, doc="replicas `iotflow migrate` creates each topic with")
+    )
+    compression: Literal["zstd", "lz4", "gzip", "none"] = field(
+        default="zstd", metadata=_meta("lz4", doc="producer batch compression")
+    )
+    linger_ms: int = field(
+        default=20, metadata=_meta("20", _non_negative, doc="how long the producer waits to fill a batch")
+    )
+    max_batch_bytes: int = field(
+        default=262144, metadata=_meta("262144", _positive, doc="producer batch size per partition")
+    )
+    max_request_bytes: int = field(
+        default=1048576,
+        metadata=_meta("1048576", _positive, doc="largest produce request (and record)"),
+    )
+    idempotence: bool = field(
+        default=True,
+        metadata=_meta(
+            "true", doc="idempotent producer (acks=all always); off only for brokers without InitProducerId"
+        ),
+    )
+    request_timeout_ms: int = field(
+        default=30000,
+        metadata=_meta(
+            "30000", _positive, doc="a produce or fetch unanswered this long fails and is retried"
+        ),
+    )
+    session_timeout_ms: int = field(
+        default=10000,
+        metadata=_meta("10000", _positive, doc="a consumer silent this long leaves the group"),
+    )
+    heartbeat_interval_ms: int = field(
+        default=3000, metadata=_meta("3000", _positive, doc="consumer heartbeat")
+    )
+    max_poll_records: int = field(
+        default=2000, metadata=_meta("2000", _positive, doc="records Kafka intake takes per fetch")
+    )
+
+
 @dataclass
 class RulesSettings:
     """Alert-rule evaluation (the rules actor)."""
@@ -403,6 +501,8 @@ class Settings:
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     documents: DocumentSettings = field(default_factory=DocumentSettings)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     rules: RulesSettings = field(default_factory=RulesSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
@@ -573,6 +673,11 @@ def _check_cross_field(settings: Settings) -> None:
             f"file {settings.pipeline.codecs} does not exist",
             "/etc/iotflow/codecs.toml",
         )
+    kafka = settings.kafka
+    if kafka.raw_topic == kafka.processed_topic:
+        raise ConfigError("kafka.processed_topic", "must differ from kafka.raw_topic", "processed-iot-data")
+    if kafka.heartbeat_interval_ms >= kafka.session_timeout_ms:
+        raise ConfigError("kafka.heartbeat_interval_ms", "must be below kafka.session_timeout_ms", "3000")
     if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
         raise ConfigError("mqtt.reconnect_min_s", "is larger than mqtt.reconnect_max_s", "0.5")
 

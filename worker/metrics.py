@@ -35,6 +35,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "alerts": ("alert events raised, by kind and severity", ("kind", "severity")),
     "mqtt_connects": ("MQTT sessions established (the first one included)", ()),
     "rate_limited": ("messages over their device's rate limit, dead-lettered", ()),
+    "kafka_revocations": ("Kafka intake: partition revocations in a rebalance", ()),
+    "kafka_uncommitted_dropped": ("Kafka intake: records dropped at a revocation, for the next owner", ()),
 }
 
 # Publish→commit, from the reading's own timestamp: device clocks and broker backlogs included.
@@ -113,6 +115,7 @@ class Metrics:
         )
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
+        assert name in COUNTERS, f"metric {name!r} is not in COUNTERS: it would never be exported"
         self.counters[name] += amount
         if labels:
             names = COUNTERS[name][1]
@@ -172,7 +175,7 @@ GAUGES = {
     "mailbox_raw": "messages waiting to be decoded (full: storage is the bottleneck)",
     "mailbox_decoded": "decoded batches waiting for the writer",
     "mqtt_buffered": "messages the MQTT client received that intake has not taken yet",
-    "mqtt_unacknowledged": "messages of this session received and not yet acknowledged (≤ receive_maximum)",
+    "intake_unacknowledged": "messages received and not yet acknowledged (MQTT: ≤ receive_maximum)",
     "pipeline_restarts": "pipeline restarts after a crash since start",
     "rules_loaded": "alert rules in force",
     "rules_invalid": "malformed alert rules, not loaded",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -39,6 +40,9 @@ from worker.sinks.writer import BatchWriter
 from worker.stores import Stores, open_stores
 from worker.stores.migrate import schema_problem
 
+if TYPE_CHECKING:
+    from worker.intake.kafka import KafkaIntake
+
 log = structlog.get_logger("worker.pipeline")
 
 
@@ -55,7 +59,13 @@ class Pipeline:
         self.raw: Mailbox[RawMessage] = Mailbox(pipeline.mailbox_size)
         # Decoded batches hold up to a decoder batch each; a few are enough to keep the writer busy.
         self.decoded: Mailbox[DecodedBatch] = Mailbox(max(4, pipeline.mailbox_size // Decoder.batch_max))
-        self.intake = MqttIntake(settings.mqtt, self.raw, metrics)
+        self.intake: MqttIntake | KafkaIntake
+        if settings.intake.source == "kafka":
+            from worker.intake.kafka import KafkaIntake
+
+            self.intake = KafkaIntake(settings.kafka, self.raw, metrics)
+        else:
+            self.intake = MqttIntake(settings.mqtt, self.raw, metrics)
         self.codecs = load_codecs(Path(pipeline.codecs) if pipeline.codecs else None)
 
     def build(self) -> ActorGroup:
@@ -73,6 +83,13 @@ class Pipeline:
             max_age_s=settings.pipeline.max_age_s,
         )
         sinks: list[Sink] = [PostgresTimeseriesWriter(stores), RedisHotStateWriter(stores.redis, stores.keys)]
+        # The bridge: behind MQTT intake it publishes the messages and the readings (the
+        # connector); behind Kafka intake only the readings (the stream processor).
+        bridge_raw = stores.kafka is not None and settings.intake.source == "mqtt"
+        if stores.kafka is not None:
+            from worker.sinks.kafka import KafkaBridgeSink
+
+            sinks.append(KafkaBridgeSink(stores.kafka, settings.kafka, raw=bridge_raw))
         # With rules on: decoder → `evaluating` → rules actor → `decoded` → writer, whose
         # AlertSink stores the alerts a batch caused before its messages are acknowledged.
         stages: list[Actor] = []
@@ -88,7 +105,16 @@ class Pipeline:
             settings.pipeline.rate_limit_messages,
             settings.pipeline.rate_limit_window_s,
         )
-        decoder = Decoder(self.raw, decoder_out, self.codecs, limits, registry, self.metrics, rate_limiter)
+        decoder = Decoder(
+            self.raw,
+            decoder_out,
+            self.codecs,
+            limits,
+            registry,
+            self.metrics,
+            rate_limiter,
+            keep_raw=bridge_raw,
+        )
         self.writer = BatchWriter(
             self.decoded,
             sinks,
@@ -105,7 +131,8 @@ class Pipeline:
         await self.intake.subscribed.wait()
 
     async def readiness(self) -> dict[str, bool]:
-        checks = {"mqtt": self.intake.connected, "sinks": not self.writer.down}
+        source = "kafka_intake" if self.settings.intake.source == "kafka" else "mqtt"
+        checks = {source: self.intake.connected, "sinks": not self.writer.down}
         checks.update(await self.stores.health())
         return checks
 
@@ -167,7 +194,7 @@ class Daemon:
         group = pipeline.build()
         self.pipeline = pipeline
         self.metrics.gauges["mqtt_buffered"] = lambda: float(pipeline.intake.buffered)
-        self.metrics.gauges["mqtt_unacknowledged"] = lambda: float(pipeline.intake.unacknowledged)
+        self.metrics.gauges["intake_unacknowledged"] = lambda: float(pipeline.intake.unacknowledged)
         self.metrics.gauges["mailbox_raw"] = lambda: float(pipeline.raw.qsize())
         self.metrics.gauges["mailbox_decoded"] = lambda: float(pipeline.decoded.qsize())
         return group
@@ -238,7 +265,7 @@ class Daemon:
         while True:
             try:
                 async with contextlib.AsyncExitStack() as attempt:
-                    stores = await attempt.enter_async_context(open_stores(self.settings))
+                    stores = await attempt.enter_async_context(open_stores(self.settings, kafka=True))
                     await stores.verify()
                     stack.push_async_callback(attempt.pop_all().aclose)
                     return stores

@@ -51,6 +51,27 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
         pass
     else:
         errors.append(ConnectionFailure)
+    try:
+        import aiokafka.errors as kafka
+    except ImportError:
+        pass
+    else:
+        errors += [
+            kafka.KafkaConnectionError,  # refused, reset, no route
+            kafka.KafkaTimeoutError,  # a send or a metadata fetch past request_timeout_ms
+            kafka.NoBrokersAvailable,
+            kafka.NodeNotReadyError,
+            kafka.RequestTimedOutError,
+            # A broker failed over: leadership moves, the group coordinator comes back.
+            kafka.NotLeaderForPartitionError,
+            kafka.LeaderNotAvailableError,
+            kafka.NotEnoughReplicasError,
+            kafka.NotEnoughReplicasAfterAppendError,
+            kafka.GroupCoordinatorNotAvailableError,
+            kafka.NotCoordinatorForGroupError,
+            kafka.GroupLoadInProgressError,
+            kafka.KafkaStorageError,
+        ]
     return tuple(errors)
 
 
@@ -79,6 +100,19 @@ def _refusal_errors() -> tuple[type[BaseException], ...]:
         pass
     else:
         errors.append(ConfigurationError)
+    try:
+        import aiokafka.errors as kafka
+    except ImportError:
+        pass
+    else:
+        errors += [
+            kafka.AuthenticationFailedError,
+            kafka.AuthenticationMethodNotSupported,
+            kafka.SaslAuthenticationFailed,
+            kafka.TopicAuthorizationFailedError,
+            kafka.GroupAuthorizationFailedError,
+            kafka.ClusterAuthorizationFailedError,
+        ]
     return tuple(errors)
 
 

@@ -48,7 +48,26 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
         asyncio.run(migrate(settings.postgres))
     except MigrationRefused as exc:
         return config_error(f"postgres.timescale: {exc}")
+    _create_kafka_topics(settings)
     return ExitCode.OK
+
+
+def _create_kafka_topics(settings: Settings) -> None:
+    """The topics the bridge or Kafka intake use, with kafka.partitions and
+    kafka.replication_factor; none when neither is configured."""
+    import structlog
+
+    from worker.stores.kafka import needed_topics
+
+    topics = needed_topics(settings)
+    if not topics:
+        return
+    from worker.stores.kafka import create_topics
+
+    created = asyncio.run(create_topics(settings.kafka, topics))
+    structlog.get_logger("worker.migrate").info(
+        "kafka.topics", created=created, existing=sorted(set(topics) - set(created))
+    )
 
 
 def _print_config(settings: Settings, args: argparse.Namespace) -> int:

@@ -38,8 +38,10 @@ class Decoder(MailboxActor[RawMessage]):
         registry: DeviceRegistry,
         metrics: Metrics,
         rate_limiter: RateLimiter | None = None,
+        keep_raw: bool = False,
     ) -> None:
         super().__init__(mailbox)
+        self._keep_raw = keep_raw  # the Kafka bridge publishes the messages as received
         self._downstream = downstream
         self._codecs = codecs
         self._limits = limits
@@ -57,10 +59,13 @@ class Decoder(MailboxActor[RawMessage]):
         await self._downstream.put(batch)
 
     async def _decode(self, items: list[RawMessage]) -> DecodedBatch:
-        batch = DecodedBatch(messages=len(items))
+        batch = DecodedBatch(messages=len(items), raw=list(items) if self._keep_raw else [])
         parsed: list[tuple[RawMessage, ParsedMessage]] = []
         for message in items:
             batch.acks.append(message.ack)
+            if message.rejected:
+                batch.dead_letters.append(_dead(message, Reason.BAD_ENVELOPE, message.rejected))
+                continue
             try:
                 parsed.append(
                     (

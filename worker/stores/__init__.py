@@ -2,10 +2,11 @@
 
 `open_stores(settings)` connects to what the configuration asks for — the
 PostgreSQL pool (relational core, time series, and the documents when there is
-no MongoDB), the Redis client (hot state, caches, pub/sub) and the document
-store — and closes them, in reverse order, when its `async with` ends: after
-the daemon's actors, the jobs or a command, which receive them from it and never
-open connections of their own. Adding a store means one entry here.
+no MongoDB), the Redis client (hot state, caches, pub/sub), the document
+store, and the Kafka producer when `kafka.bridge` is on — and closes them, in
+reverse order, when its `async with` ends: after the daemon's actors, the jobs or a
+command, which receive them from it and never open connections of their own.
+Adding a store means one entry here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -24,6 +26,9 @@ from worker.stores.documents import DocumentStore, open_document_store
 from worker.stores.keys import RedisKeys
 from worker.stores.postgres import create_pool
 from worker.stores.redis import redis_client
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
 
 log = structlog.get_logger("worker.stores")
 
@@ -40,6 +45,7 @@ class Stores:
     redis: aioredis.Redis
     documents: DocumentStore
     keys: RedisKeys
+    kafka: AIOKafkaProducer | None = None  # the bridge's producer, when kafka.bridge is on
 
     async def health(self) -> dict[str, bool]:
         """Which stores answer now, for /readyz; never raises."""
@@ -49,6 +55,8 @@ class Stores:
         }
         if self.settings.documents.backend == "mongodb":
             checks["mongodb"] = self._check(self.documents.ping())
+        if self.kafka is not None:
+            checks["kafka"] = self._check(self._kafka_answers())
         names = list(checks)
         results = await asyncio.gather(*checks.values())
         return dict(zip(names, results, strict=True))
@@ -60,6 +68,16 @@ class Stores:
         await self.redis.ping()
         if self.settings.documents.backend == "mongodb":
             await self.documents.ping()
+        if self.kafka is not None:
+            from worker.stores.kafka import check_topics, needed_topics
+
+            await check_topics(self.kafka, needed_topics(self.settings))
+
+    async def _kafka_answers(self) -> bool:
+        from worker.stores.kafka import existing_topics
+
+        assert self.kafka is not None
+        return bool(await existing_topics(self.kafka))
 
     async def _postgres_answers(self) -> bool:
         async with self.postgres.acquire(timeout=HEALTH_TIMEOUT_S) as conn:
@@ -81,8 +99,12 @@ async def open_stores(
     pool_size: int = DEFAULT_POOL_SIZE,
     lock_timeout_s: float | None = None,
     command_timeout_s: float | None = None,
+    kafka: bool = False,
 ) -> AsyncIterator[Stores]:
     """Connect to every configured store; close them all when the block ends.
+
+    `kafka`: the daemon's stores, which include the bridge's producer when
+    `kafka.bridge` is on; the jobs and the commands never write to Kafka.
 
     Raises what the first failing connection raises (the callers decide whether that
     is worth waiting out); whatever was opened before it is closed again.
@@ -100,6 +122,16 @@ async def open_stores(
         stack.push_async_callback(client.aclose)
         documents = open_document_store(settings.documents, pool)
         stack.push_async_callback(documents.close)
-        stores = Stores(settings, pool, client, documents, RedisKeys(settings.redis.key_prefix))
-        log.debug("stores.opened", documents=settings.documents.backend)
+        producer = None
+        if kafka and settings.kafka.bridge:
+            from worker.stores.kafka import create_producer
+
+            producer = create_producer(settings.kafka)
+            # start() connects and, when idempotent, fetches a producer id; stop() flushes.
+            stack.push_async_callback(producer.stop)
+            await producer.start()
+        stores = Stores(
+            settings, pool, client, documents, RedisKeys(settings.redis.key_prefix), kafka=producer
+        )
+        log.debug("stores.opened", documents=settings.documents.backend, kafka=producer is not None)
         yield stores

@@ -1,0 +1,181 @@
+"""The Kafka bridge against a real Kafka-protocol broker: MQTT in → PostgreSQL rows and
+records in raw-iot-data / processed-iot-data; Kafka away → nothing acknowledged, no loss."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from schemas.envelope import BadEnvelope, device_key, raw_envelope, read_envelope
+from schemas.records import AckToken, RawMessage
+from worker.config import Settings
+from worker.decode.codecs import load_codecs
+from worker.tools.simulate import readings_per_message
+
+from .helpers import publish, running_daemon, wait_for, wait_for_count
+from .kafka import Tansu, free_port, kafka_settings, read_topic
+from .tcpproxy import TcpProxy
+from .test_end_to_end import simulated_messages
+from .test_outages import json_messages
+
+
+async def test_bridge_publishes_messages_and_readings(
+    settings: Settings, pg: asyncpg.Connection, kafka_bootstrap: str
+) -> None:
+    settings = await kafka_settings(settings, kafka_bootstrap, bridge=True)
+    codecs = load_codecs()
+    messages = simulated_messages(120)
+    binary = ("devices/sim-json-01/telemetry", b"\xff\xfe not utf-8")  # a dead letter, bridged as base64
+    expected = sum(readings_per_message(t, p, codecs) for t, p in messages)
+    async with running_daemon(settings) as daemon:
+        assert daemon.pipeline is not None
+        assert (await daemon.pipeline.readiness())["kafka"] is True
+        await publish(settings.mqtt.url, [*messages, binary])
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", expected)
+        await wait_for(lambda: _true(daemon.metrics.counters["messages_committed"] == len(messages) + 1))
+
+    raw = await read_topic(kafka_bootstrap, settings.kafka.raw_topic, len(messages) + 1)
+    assert len(raw) == len(messages) + 1
+    sent = Counter([*messages, binary])
+    got = Counter()
+    for record in raw:
+        topic, payload, _ = read_envelope(record.value)
+        assert record.key == device_key(topic).encode()
+        got[(topic, payload)] += 1
+    assert got == sent
+    envelope = next(orjson.loads(r.value) for r in raw if b"base64" in r.value)
+    assert envelope["v"] == 1 and envelope["topic"] == binary[0]
+
+    processed = await read_topic(kafka_bootstrap, settings.kafka.processed_topic, expected)
+    assert len(processed) == expected
+    rows = await pg.fetch("SELECT device_id, datapoint_id, value, timestamp FROM decoded_data")
+    in_postgres = Counter((r["device_id"], r["datapoint_id"], r["value"], r["timestamp"]) for r in rows)
+    in_kafka = Counter()
+    for record in processed:
+        reading = orjson.loads(record.value)
+        assert set(reading) == {"device_id", "datapoint_id", "value", "timestamp"}
+        assert record.key == str(reading["device_id"]).encode()
+        stamp = datetime.fromisoformat(reading["timestamp"].replace("Z", "+00:00"))
+        in_kafka[(reading["device_id"], reading["datapoint_id"], reading["value"], stamp)] += 1
+    assert in_kafka == in_postgres
+
+
+async def test_kafka_outage_holds_messages_and_recovers(
+    settings: Settings, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    proxy_port = free_port()
+    with Tansu(tmp_path, advertised_port=proxy_port) as broker:
+        proxy = TcpProxy("127.0.0.1", broker.port)
+        proxy.port = proxy_port
+        await proxy.restore()  # listen on the advertised port
+        try:
+            settings = await kafka_settings(settings, broker.bootstrap, bridge=True)
+            settings.kafka = replace(settings.kafka, request_timeout_ms=1500)
+            async with running_daemon(settings) as daemon:
+                assert daemon.pipeline is not None
+                writer = daemon.pipeline.writer
+                await publish(settings.mqtt.url, json_messages(0, 50))
+                await wait_for(lambda: _true(daemon.metrics.counters["messages_committed"] == 50))
+
+                proxy.cut()
+                await publish(settings.mqtt.url, json_messages(50, 150))
+                await wait_for(lambda: _true("kafka" in writer.down), timeout=20)
+                # Kafka has not taken the batch: nothing of it is acknowledged to the broker.
+                assert daemon.metrics.counters["messages_committed"] == 50
+                assert (await daemon.pipeline.readiness())["sinks"] is False
+
+                await proxy.restore()
+                await wait_for(
+                    lambda: _true(daemon.metrics.counters["messages_committed"] == 200), timeout=30
+                )
+                await wait_for(lambda: _true(not writer.down))
+                await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200)
+            raw = await read_topic(broker.bootstrap, settings.kafka.raw_topic, 200)
+        finally:
+            await proxy.stop()
+    got = Counter(read_envelope(r.value)[:2] for r in raw)
+    assert set(got) == set(json_messages(0, 200))  # none lost
+    assert sum(got.values()) == 200  # and a retry resent only what Kafka had not taken
+
+
+async def test_missing_topics_stop_the_daemon_with_exit_2(settings: Settings, kafka_bootstrap: str) -> None:
+    from worker.pipeline import Daemon
+
+    settings.kafka = replace(
+        settings.kafka, bootstrap=kafka_bootstrap, bridge=True, raw_topic="never-created", idempotence=False
+    )
+    assert await asyncio.wait_for(Daemon(settings).run(handle_signals=False), 30) == 2
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_migrate_creates_the_topics_once(settings: Settings, kafka_bootstrap: str) -> None:
+    import subprocess
+    import sys
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer
+
+    from .conftest import worker_env
+
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        **worker_env(settings),
+        "IOTFLOW_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "IOTFLOW_KAFKA_BRIDGE": "true",
+        "IOTFLOW_KAFKA_RAW_TOPIC": f"raw-m-{tag}",
+        "IOTFLOW_KAFKA_PROCESSED_TOPIC": f"processed-m-{tag}",
+        "IOTFLOW_KAFKA_PARTITIONS": "3",
+    }
+    for _ in range(2):  # the second run finds them and changes nothing
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "worker", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    await consumer.start()
+    try:
+        topics = await consumer.topics()
+        assert {f"raw-m-{tag}", f"processed-m-{tag}"} <= topics
+        assert consumer.partitions_for_topic(f"raw-m-{tag}") == {0, 1, 2}
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (None, "empty record"),
+        (b"[1]", "not a JSON object"),
+        (b'{"v": 2}', "unknown envelope version"),
+        (b'{"v": 1, "topic": "t", "payload": 3, "received_at": 1}', "must be strings"),
+        (b'{"v": 1, "topic": "t", "payload": "", "received_at": "x"}', "epoch seconds"),
+        (b'{"v": 1, "topic": "t", "payload": "!", "received_at": 1, "encoding": "base64"}', "not base64"),
+        (b'{"v": 1, "topic": "t", "payload": "", "received_at": 1, "encoding": "rot13"}', "unknown encoding"),
+    ],
+)
+def test_bad_envelopes_say_why(value: bytes | None, problem: str) -> None:
+    with pytest.raises(BadEnvelope, match=problem):
+        read_envelope(value)
+
+
+def test_envelopes_round_trip_text_and_binary() -> None:
+    for payload in (b'{"temperature": 21.5}', b"\x00\xff\x10"):
+        message = RawMessage("devices/d1/telemetry", payload, 1767225600.125, AckToken(0, 0))
+        assert read_envelope(raw_envelope(message)) == ("devices/d1/telemetry", payload, 1767225600.125)
+    assert device_key("tele/f2-aabbccddee01/sensor-mode/io/sensor-x") == "f2-aabbccddee01"
+    assert device_key("odd") == "odd"

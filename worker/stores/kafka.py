@@ -1,0 +1,109 @@
+"""Kafka connections: the bridge's producer, Kafka intake's consumer, and the topics.
+
+Only `worker.stores` (the producer, in `open_stores`), Kafka intake (its consumer)
+and `iotflow migrate` (the admin client) call these. Topics are created by
+`create_topics` with the configured partitions and replication, never by a first
+send: the stores refuse to open while a topic the configuration needs is missing.
+"""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from worker.config import KafkaSettings, Settings
+from worker.retry import Refused
+
+TOPIC_ALREADY_EXISTS = 36
+
+
+class TopicsMissing(Refused):
+    """A topic the configuration needs does not exist: `iotflow migrate` creates it."""
+
+
+def servers(settings: KafkaSettings) -> list[str]:
+    return [server.strip() for server in settings.bootstrap.split(",")]
+
+
+def needed_topics(settings: Settings) -> list[str]:
+    """The topics this worker reads or writes: raw in from Kafka intake, raw out from the
+    bridge behind MQTT intake, processed out from the bridge."""
+    kafka = settings.kafka
+    topics = []
+    if settings.intake.source == "kafka" or kafka.bridge:
+        topics.append(kafka.raw_topic)
+    if kafka.bridge:
+        topics.append(kafka.processed_topic)
+    return topics
+
+
+def create_producer(settings: KafkaSettings) -> AIOKafkaProducer:
+    """The bridge's producer: acks from every in-sync replica, idempotent, compressed,
+    batched. Its buffer is bounded: one open batch of `max_batch_bytes` per partition,
+    a `send` waits for room, and the writer awaits each batch before taking the next."""
+    return AIOKafkaProducer(
+        bootstrap_servers=servers(settings),
+        client_id=settings.client_id,
+        acks="all",
+        enable_idempotence=settings.idempotence,
+        compression_type=None if settings.compression == "none" else settings.compression,
+        linger_ms=settings.linger_ms,
+        max_batch_size=settings.max_batch_bytes,
+        max_request_size=settings.max_request_bytes,
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+
+
+def create_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
+    """Kafka intake's consumer: a member of `group`, offsets committed by hand only."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=servers(settings),
+        client_id=settings.client_id,
+        group_id=settings.group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=settings.max_poll_records,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        request_timeout_ms=max(settings.request_timeout_ms, settings.session_timeout_ms + 5000),
+        max_partition_fetch_bytes=settings.max_request_bytes,
+    )
+
+
+async def existing_topics(producer: AIOKafkaProducer) -> set[str]:
+    """The cluster's topics, by a metadata request for all of them (which creates none)."""
+    metadata = await producer.client.fetch_all_metadata()
+    return set(metadata.topics())
+
+
+async def check_topics(producer: AIOKafkaProducer, topics: list[str]) -> None:
+    missing = sorted(set(topics) - await existing_topics(producer))
+    if missing:
+        raise TopicsMissing(f"Kafka topics {', '.join(missing)} do not exist: run `iotflow migrate`")
+
+
+async def create_topics(settings: KafkaSettings, topics: list[str]) -> list[str]:
+    """Create the missing ones of `topics` with the configured partitions and replication;
+    returns those created. Existing topics are left as they are (partitions are never
+    reduced, and `iotflow migrate` stays safe to repeat)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=servers(settings),
+        client_id=f"{settings.client_id}-migrate",
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+    await admin.start()
+    try:
+        response = await admin.create_topics(
+            [NewTopic(topic, settings.partitions, settings.replication_factor) for topic in topics]
+        )
+    finally:
+        await admin.close()
+    created = []
+    for topic, code, message in response.topic_errors:
+        if code == 0:
+            created.append(topic)
+        elif code != TOPIC_ALREADY_EXISTS:
+            raise KafkaError(f"creating topic {topic} failed: error {code}: {message}")
+    return created
