@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
+from worker.metrics import LatencyHistogram
 from worker.tools.simulate import build_fleet, message_stream, readings_per_message
 
 from .helpers import publish, running_daemon, wait_for, wait_for_count
@@ -66,3 +67,16 @@ async def test_metrics_count_exactly_what_was_sent(settings: Settings, pg: async
     assert value("iotflow_mqtt_connects_total") == 1
     assert value("iotflow_intake_unacknowledged") == 0
     assert value("iotflow_mailbox_raw") == 0
+
+
+def test_the_latency_histogram_serves_buckets_quantiles_and_intervals() -> None:
+    latency = LatencyHistogram()
+    latency.observe(0.02, 3)
+    mark = latency.snapshot()
+    latency.observe(0.3, 2)
+    latency.observe(40.0)
+    buckets = dict(latency.cumulative((0.025, 0.5, 60.0)))
+    assert buckets == {"0.025": 3.0, "0.5": 5.0, "60.0": 6.0, "+Inf": 6.0}
+    recent = latency.since(mark)
+    assert recent.total == 3 and abs(recent.sum - 40.6) < 1e-9
+    assert 0.28 < recent.quantile(0.5) < 0.32 and 38 < recent.quantile(0.99) < 42

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "iotflow"
@@ -82,6 +82,30 @@ class LatencyHistogram:
         self.total = 0
         self.sum = 0.0
 
+    def snapshot(self) -> LatencyHistogram:
+        copy = LatencyHistogram()
+        copy.counts, copy.total, copy.sum = Counter(self.counts), self.total, self.sum
+        return copy
+
+    def since(self, earlier: LatencyHistogram) -> LatencyHistogram:
+        """What was observed after `earlier` (a snapshot of this histogram) was taken."""
+        delta = LatencyHistogram()
+        delta.counts = self.counts - earlier.counts
+        delta.total, delta.sum = self.total - earlier.total, self.sum - earlier.sum
+        return delta
+
+    def cumulative(self, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+        """Prometheus `le` buckets from the fine ones (each bound rounded to a fine bucket's edge)."""
+        buckets, seen, ordered = [], 0, sorted(self.counts.items())
+        position = 0
+        for bound in bounds:
+            while position < len(ordered) and _BUCKET_MIN * _BUCKET_BASE ** ordered[position][0] <= bound:
+                seen += ordered[position][1]
+                position += 1
+            buckets.append((str(bound), float(seen)))
+        buckets.append(("+Inf", float(self.total)))
+        return buckets
+
 
 class Metrics:
     """Counters by name (and labels), gauges read at scrape time, histograms."""
@@ -90,16 +114,12 @@ class Metrics:
         self.counters: Counter[str] = Counter()  # totals over all labels, for in-process readers
         self.labeled: dict[str, Counter[tuple[str, ...]]] = {}
         self.gauges: dict[str, Callable[[], float]] = {}
-        self.commit_latency = LatencyHistogram()  # since start: the quantiles of /metrics
-        self.interval_commit_latency = LatencyHistogram()  # reset by each progress line
+        # Publish→commit since start, per reading: one fine histogram serves the /metrics
+        # histogram and quantiles and the progress line's interval p99 (by difference), so
+        # the writer observes each reading once.
+        self.commit_latency = LatencyHistogram()
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_DictCollector(self))
-        self._commit_latency = Histogram(
-            f"{PREFIX}_commit_latency_seconds",
-            "device timestamp to commit, per reading",
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
         self._batch_rows = Histogram(
             f"{PREFIX}_batch_rows",
             "rows (readings and dead letters) per committed batch",
@@ -128,10 +148,8 @@ class Metrics:
         names = COUNTERS[name][1]
         return self.labeled.get(name, Counter())[tuple(labels[n] for n in names)]
 
-    def observe_commit_latency(self, seconds: float) -> None:
-        self.commit_latency.observe(seconds)
-        self.interval_commit_latency.observe(seconds)
-        self._commit_latency.observe(seconds)
+    def observe_commit_latency(self, seconds: float, readings: int = 1) -> None:
+        self.commit_latency.observe(seconds, readings)
 
     def observe_batch(self, rows: int) -> None:
         self._batch_rows.observe(rows)
@@ -161,6 +179,13 @@ class _DictCollector(Collector):
             yield family
         for name, read in sorted(metrics.gauges.items()):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", GAUGES.get(name, name), value=read())
+        latency = metrics.commit_latency
+        yield HistogramMetricFamily(
+            f"{PREFIX}_commit_latency_seconds",
+            "device timestamp to commit, per reading (bucket edges within 5% of `le`)",
+            buckets=latency.cumulative(LATENCY_BUCKETS_S),
+            sum_value=latency.sum,
+        )
         quantiles = GaugeMetricFamily(
             f"{PREFIX}_commit_latency_quantile_seconds",
             "publish→commit latency quantiles since start (~5% resolution)",

@@ -142,12 +142,13 @@ class Pipeline:
         counters = self.metrics.counters
         last_received, last_written = counters["messages_received"], counters["readings_written"]
         last_time = time.monotonic()
-        latency = self.metrics.interval_commit_latency
-        latency.reset()
+        latency = self.metrics.commit_latency
+        mark = latency.snapshot()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             elapsed = now - last_time
+            recent = latency.since(mark)
             log.info(
                 "pipeline.progress",
                 messages_per_s=round((counters["messages_received"] - last_received) / elapsed, 1),
@@ -156,11 +157,11 @@ class Pipeline:
                 readings=counters["readings_written"],
                 dead_letters=counters["dead_letters"],
                 mailbox=self.raw.qsize(),
-                p99_commit_latency_s=round(latency.quantile(0.99), 4) if latency.total else None,
+                p99_commit_latency_s=round(recent.quantile(0.99), 4) if recent.total else None,
             )
             last_received, last_written = counters["messages_received"], counters["readings_written"]
             last_time = now
-            latency.reset()
+            mark = latency.snapshot()
 
 
 class Daemon:

@@ -144,10 +144,20 @@ class BatchWriter(MailboxActor[DecodedBatch]):
                 example=batch.dead_letters[0].description[:200],
             )
         # Publish→commit latency: the reading's own timestamp is when the device sent it.
+        # The readings of one message share it, so they are observed together.
         now = datetime.now(UTC)
         observe = metrics.observe_commit_latency
+        last, run = None, 0
         for reading in batch.readings:
-            observe((now - reading.timestamp).total_seconds())
+            timestamp = reading.timestamp
+            if timestamp is last:
+                run += 1
+                continue
+            if last is not None:
+                observe((now - last).total_seconds(), run)
+            last, run = timestamp, 1
+        if last is not None:
+            observe((now - last).total_seconds(), run)
 
     async def close(self) -> None:
         for sink in self._sinks:
