@@ -1,6 +1,6 @@
 """Running one job for one period: claim it, time it, retry store errors, log one summary.
 
-Store errors (worker.retry's `TRANSIENT_ERRORS`: a connection refused or dropped,
+Store errors (worker.retry's `is_transient`: a connection refused or dropped,
 a lock or statement timeout, a deadlock) are worth retrying: the try is handed back
 to arq as `Retry` with the shared exponential backoff, jittered. When the tries are
 exhausted the run is recorded as `failed` with its reason, in `job_runs` and in arq's
@@ -21,7 +21,7 @@ from arq import Retry
 
 from jobs import ledger
 from jobs.context import JobResources, resources
-from worker.retry import TRANSIENT_ERRORS, Backoff, describe
+from worker.retry import Backoff, describe, is_transient
 
 log = structlog.get_logger("jobs")
 
@@ -75,11 +75,11 @@ async def run_job(
             rows_out=summary.rows_out,
             details=summary.details,
         )
-    except TRANSIENT_ERRORS as exc:
-        raise await _after_store_error(
-            res, bound, job, period, job_id, job_try, exc, _elapsed_ms(started)
-        ) from exc
     except Exception as exc:
+        if is_transient(exc):
+            raise await _after_store_error(
+                res, bound, job, period, job_id, job_try, exc, _elapsed_ms(started)
+            ) from exc
         reason = describe(exc)
         await _record(
             res, bound, job, period, job_id, final=True, duration_ms=_elapsed_ms(started), reason=reason

@@ -26,7 +26,7 @@ from worker.exit_codes import ExitCode
 from worker.http import HealthServer
 from worker.intake.mqtt import MqttIntake
 from worker.metrics import Metrics
-from worker.retry import STORE_BACKOFF, TRANSIENT_ERRORS, Refused, describe, refusal
+from worker.retry import STORE_BACKOFF, Refused, describe, is_transient, refusal
 from worker.rules.actor import RulesActor
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
@@ -273,7 +273,7 @@ class Daemon:
             except Exception as exc:
                 if refusal(exc) is not None:
                     raise Refused(describe(exc)) from exc
-                if not isinstance(exc, TRANSIENT_ERRORS):
+                if not is_transient(exc):
                     raise
                 delay = next(delays)
                 log.warning("stores.waiting", error=repr(exc), retry_in_s=round(delay, 2))

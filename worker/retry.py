@@ -1,6 +1,6 @@
 """Waiting out a store that went away: which errors count, how long to wait, and the loop.
 
-One classification (`TRANSIENT_ERRORS`) and one backoff (`Backoff`, exponential with
+One classification (`is_transient`, `refusal`) and one backoff (`Backoff`, exponential with
 jitter, so workers that lost the same server do not come back in lockstep) serve the
 writer, the decoder, the rules actor, intake's reconnects, the supervisor's restarts
 and the jobs' retries. Hand-written rather than a retry library's: the loop has to
@@ -12,7 +12,9 @@ the job itself (`Retry(defer=…)`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,37 +28,63 @@ log = structlog.get_logger("worker.retry")
 T = TypeVar("T")
 
 
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [
-        OSError,  # refused, reset, unreachable; TimeoutError is one too
-        asyncpg.PostgresConnectionError,
-        asyncpg.InterfaceError,  # e.g. the connection was closed under us
-        asyncpg.exceptions.CannotConnectNowError,  # starting up or shutting down
-        # Class 57: statement timeout, admin shutdown, crash recovery.
-        asyncpg.exceptions.OperatorInterventionError,
-        asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
-        asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
-        # Class 40: another writer (a second worker) held the rows; the transaction can simply run again.
-        asyncpg.exceptions.TransactionRollbackError,
-        # A replica promoted during failover answers read-only for a moment.
-        asyncpg.exceptions.ReadOnlySQLTransactionError,
-        redis.exceptions.ReadOnlyError,
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
-        redis.exceptions.BusyLoadingError,
-    ]
-    try:
-        from pymongo.errors import ConnectionFailure  # AutoReconnect, server selection timeouts
-    except ImportError:
-        pass
-    else:
-        errors.append(ConnectionFailure)
-    try:
+# Errors that mean "the store is away", worth waiting out; anything else is a bug and crashes.
+# The drivers every deployment has; MongoDB's and Kafka's are added by `is_transient` once
+# their driver is loaded (importing them here would cost the daemon ~10 MB it may not need).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable; TimeoutError is one too
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # e.g. the connection was closed under us
+    asyncpg.exceptions.CannotConnectNowError,  # starting up or shutting down
+    # Class 57: statement timeout, admin shutdown, crash recovery.
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    # Class 40: another writer (a second worker) held the rows; the transaction can simply run again.
+    asyncpg.exceptions.TransactionRollbackError,
+    # A replica promoted during failover answers read-only for a moment.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+)
+
+
+class Refused(Exception):
+    """A server refused our credentials or permissions (or the database named does not
+    exist): a configuration problem that waiting will not fix, so the daemon exits 2."""
+
+
+REFUSAL_ERRORS: tuple[type[BaseException], ...] = (
+    Refused,
+    # Class 28 (wrong password, unknown role, pg_hba rejection) and a database that does not exist.
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    redis.exceptions.AuthenticationError,  # a ConnectionError, so checked before TRANSIENT_ERRORS
+    redis.exceptions.AuthenticationWrongNumberOfArgsError,
+    redis.exceptions.NoPermissionError,
+)
+
+_OPTIONAL_DRIVERS = ("pymongo", "aiokafka")
+
+
+@functools.cache
+def _optional_errors(
+    loaded: tuple[str, ...],
+) -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(transient, refusals) of the optional drivers in `loaded`."""
+    transient: list[type[BaseException]] = []
+    refusals: list[type[BaseException]] = []
+    if "pymongo" in loaded:
+        from pymongo.errors import ConfigurationError, ConnectionFailure
+
+        transient.append(ConnectionFailure)  # AutoReconnect, server selection timeouts
+        refusals.append(ConfigurationError)
+    if "aiokafka" in loaded:
         import aiokafka.errors as kafka
-    except ImportError:
-        pass
-    else:
-        errors += [
+
+        transient += [
             kafka.KafkaConnectionError,  # refused, reset, no route
             kafka.KafkaTimeoutError,  # a send or a metadata fetch past request_timeout_ms
             kafka.NoBrokersAvailable,
@@ -72,40 +100,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
             kafka.GroupLoadInProgressError,
             kafka.KafkaStorageError,
         ]
-    return tuple(errors)
-
-
-# Errors that mean "the store is away", worth waiting out; anything else is a bug and crashes.
-TRANSIENT_ERRORS = _transient_errors()
-
-
-class Refused(Exception):
-    """A server refused our credentials or permissions (or the database named does not
-    exist): a configuration problem that waiting will not fix, so the daemon exits 2."""
-
-
-def _refusal_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [
-        Refused,
-        # Class 28 (wrong password, unknown role, pg_hba rejection) and a database that does not exist.
-        asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-        asyncpg.exceptions.InvalidCatalogNameError,
-        redis.exceptions.AuthenticationError,  # a ConnectionError, so checked before TRANSIENT_ERRORS
-        redis.exceptions.AuthenticationWrongNumberOfArgsError,
-        redis.exceptions.NoPermissionError,
-    ]
-    try:
-        from pymongo.errors import ConfigurationError
-    except ImportError:
-        pass
-    else:
-        errors.append(ConfigurationError)
-    try:
-        import aiokafka.errors as kafka
-    except ImportError:
-        pass
-    else:
-        errors += [
+        refusals += [
             kafka.AuthenticationFailedError,
             kafka.AuthenticationMethodNotSupported,
             kafka.SaslAuthenticationFailed,
@@ -113,17 +108,26 @@ def _refusal_errors() -> tuple[type[BaseException], ...]:
             kafka.GroupAuthorizationFailedError,
             kafka.ClusterAuthorizationFailedError,
         ]
-    return tuple(errors)
+    return tuple(transient), tuple(refusals)
 
 
-REFUSAL_ERRORS = _refusal_errors()
+def _loaded_optional() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    # An optional driver's error can only exist once the driver is imported.
+    return _optional_errors(tuple(name for name in _OPTIONAL_DRIVERS if name in sys.modules))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The store is away (worth waiting out), and it is not a refusal."""
+    if isinstance(exc, (*TRANSIENT_ERRORS, *_loaded_optional()[0])):
+        return refusal(exc) is None
+    return False
 
 
 def refusal(exc: BaseException | None) -> BaseException | None:
     """The refusal `exc` is or holds (in an exception group or as its cause), or None."""
     seen = 0
     while exc is not None and seen < 10:
-        if isinstance(exc, REFUSAL_ERRORS):
+        if isinstance(exc, (*REFUSAL_ERRORS, *_loaded_optional()[1])):
             return exc
         if _is_mongo_auth_failure(exc):
             return exc
@@ -192,9 +196,10 @@ async def retry_transient(
     while True:
         try:
             result = await attempt()
-        except TRANSIENT_ERRORS as exc:
-            if refusal(exc) is not None:
-                raise  # a wrong password looks like a lost connection to redis-py; it is not one
+        except Exception as exc:
+            # A wrong password looks like a lost connection to redis-py: is_transient says no.
+            if not is_transient(exc):
+                raise
             if not failing:
                 failing = True
                 log.error(f"{event}.unavailable", error=repr(exc), **context)

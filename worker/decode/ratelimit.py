@@ -18,7 +18,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 import structlog
 
-from worker.retry import TRANSIENT_ERRORS
+from worker.retry import is_transient
 from worker.stores.keys import RedisKeys
 
 log = structlog.get_logger("worker.decode")
@@ -82,7 +82,9 @@ class RateLimiter:
                     pipe.incrby(key, count)
                     pipe.expire(key, self._window_s * 2)
                 replies = await pipe.execute()
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             if not self._redis_down:
                 self._redis_down = True
                 log.warning("rate_limit.local_only", error=repr(exc), hint="each worker counts alone")

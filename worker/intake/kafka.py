@@ -32,7 +32,7 @@ from schemas.envelope import BadEnvelope, read_envelope
 from schemas.records import AckToken, RawMessage
 from worker.config import KafkaSettings
 from worker.metrics import Metrics
-from worker.retry import TRANSIENT_ERRORS, Backoff, refusal
+from worker.retry import Backoff, is_transient
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
 from worker.stores.kafka import create_consumer
@@ -103,8 +103,8 @@ class KafkaIntake(Actor):
                 failures = 0
                 await self._session(consumer)
                 return
-            except TRANSIENT_ERRORS as exc:
-                if refusal(exc) is not None:
+            except Exception as exc:
+                if not is_transient(exc):
                     raise
                 if self._stop_reading.is_set():
                     return
