@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("worker.stores")
 
 HEALTH_TIMEOUT_S = 2.0
-# The daemon's users of the pool at once: the time-series writer's own connection, the
+# The daemon's users of the pool at once: the time-series writer (one per write), the
 # registry, the rules source, the alert documents (two writers), a readiness probe.
 DEFAULT_POOL_SIZE = 6
 
