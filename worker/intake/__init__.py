@@ -1,0 +1,22 @@
+"""Intake actors: one source (MQTT or Kafka) into the decoder's mailbox; acknowledgements back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any
+
+
+async def read_until_stopped(reading: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """Run `reading` until it ends or `stop` is set; re-raise what ended it (a lost connection)."""
+    reader = asyncio.create_task(reading)
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({reader, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not reader.done():
+            reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader

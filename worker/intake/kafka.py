@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 from schemas.envelope import BadEnvelope, read_envelope
 from schemas.records import AckToken, RawMessage
 from worker.config import KafkaSettings
+from worker.intake import read_until_stopped
 from worker.metrics import Metrics
 from worker.retry import Backoff, is_transient
 from worker.runtime.actor import Actor
@@ -125,16 +126,7 @@ class KafkaIntake(Actor):
         self._reading_stopped.clear()
         committer = asyncio.create_task(self._commit_loop(consumer), name="kafka.commit")
         try:
-            reader = asyncio.create_task(self._read(consumer), name="kafka.read")
-            stop = asyncio.create_task(self._stop_reading.wait())
-            try:
-                await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                if not reader.done():
-                    reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader  # re-raises what ended the reading
+            await read_until_stopped(self._read(consumer), self._stop_reading)
             self._reading_stopped.set()
             # Stay in the group while the pipeline drains, so its acknowledgements get committed.
             await self._close.wait()

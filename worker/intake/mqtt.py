@@ -26,6 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from schemas.records import AckToken, RawMessage
 from worker.config import MqttSettings
+from worker.intake import read_until_stopped
 from worker.metrics import Metrics
 from worker.retry import Backoff, Refused
 from worker.runtime.actor import Actor
@@ -156,16 +157,7 @@ class MqttIntake(Actor):
                 raise SubscriptionRefused(f"the broker refused {refused}")
             log.info("mqtt.subscribed", url=_redact(self._settings.url), topics=filters)
             self.subscribed.set()
-            reader = asyncio.create_task(self._read(client, self._generation))
-            stop = asyncio.create_task(self._stop_reading.wait())
-            try:
-                await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                if not reader.done():
-                    reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader  # re-raises MqttError when the connection dropped
+            await read_until_stopped(self._read(client, self._generation), self._stop_reading)
             self._reading_stopped.set()
             # Stay connected while the pipeline drains, so its acknowledgements reach the broker.
             await self._close.wait()
