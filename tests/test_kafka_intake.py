@@ -19,7 +19,7 @@ from worker.decode.codecs import load_codecs
 from worker.pipeline import Daemon
 from worker.tools.simulate import readings_per_message
 
-from .helpers import running_daemon, wait_for, wait_for_count, worker_process
+from .helpers import IotflowProcess, running_daemon, wait_for, wait_for_count, worker_process
 from .kafka import committed, kafka_settings, produce
 from .test_end_to_end import simulated_messages
 from .test_outages import proxied
@@ -175,3 +175,68 @@ def _partition_of(settings: Settings, message: tuple[str, bytes], partitions: se
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def assigned(worker: IotflowProcess) -> set[int]:
+    """The partitions a worker process holds now: its last `kafka.assigned`, unless revoked since."""
+    held: set[int] = set()
+    for record in worker.records():
+        if record.get("event") == "kafka.assigned":
+            held = set(record["partitions"])
+        elif record.get("event") == "kafka.revoked":
+            held -= set(record["partitions"])
+    return held
+
+
+async def test_two_worker_processes_one_killed_mid_stream_the_other_takes_over(
+    settings: Settings, pg: asyncpg.Connection, kafka_bootstrap: str
+) -> None:
+    """Two `iotflow run` in one group split the partitions; the victim holds records it
+    cannot finish (its database is cut) when it is SIGKILLed; the survivor takes its
+    partitions over once the session expires and redelivers from the victim's commits."""
+    settings = await kafka_settings(settings, kafka_bootstrap)
+    settings.kafka = replace(settings.kafka, session_timeout_ms=3000, heartbeat_interval_ms=300)
+    messages = simulated_messages(1200)
+    first, second = messages[:400], messages[400:]
+    expected = expected_rows(messages)
+    everything = set(range(settings.kafka.partitions))
+    proxy, url = await proxied(settings.postgres.url)
+    victim_settings = replace(settings, postgres=replace(settings.postgres, url=url))
+    env = kafka_env(settings)
+    try:
+        async with (
+            worker_process(victim_settings, **env, IOTFLOW_KAFKA_CLIENT_ID="iotflow-victim") as victim,
+            worker_process(settings, **env, IOTFLOW_KAFKA_CLIENT_ID="iotflow-survivor") as survivor,
+        ):
+
+            async def split() -> bool:
+                mine, theirs = assigned(victim), assigned(survivor)
+                return bool(mine) and bool(theirs) and not mine & theirs and mine | theirs == everything
+
+            await wait_for(split, timeout=40)
+            victim_partitions = assigned(victim)
+            # Both work: the first part is written and committed on every partition.
+            ends = await produce(kafka_bootstrap, settings.kafka.raw_topic, envelopes(first))
+            await wait_for_count(pg, ROWS, expected_rows(first), timeout=30)
+            await wait_for(lambda: all_committed(settings, ends), timeout=20)
+
+            # The victim's database goes away: it can finish nothing of the second part.
+            proxy.cut()
+            ends.update(await produce(kafka_bootstrap, settings.kafka.raw_topic, envelopes(second)))
+            theirs = [m for m in second if not _partition_of(settings, m, victim_partitions)]
+            stranded = [m for m in second if _partition_of(settings, m, victim_partitions)]
+            assert theirs and stranded  # the fleet's keys land on both workers' partitions
+            await wait_for_count(pg, ROWS, expected_rows(first) + expected_rows(theirs), timeout=30)
+            done = await committed(kafka_bootstrap, settings.kafka.group, settings.kafka.raw_topic, 4)
+            assert any(done[p] < ends.get(p, 0) for p in victim_partitions), (done, ends)
+
+            await victim.kill()  # SIGKILL mid-stream: no drain, no commit, no leaving the group
+            await wait_for(lambda: _true(assigned(survivor) == everything), timeout=40)
+            await wait_for_count(pg, ROWS, expected, timeout=40)
+            await wait_for(lambda: all_committed(settings, ends), timeout=30)
+            assert await survivor.terminate(40) == 0, survivor.output
+    finally:
+        await proxy.stop()
+    # The primary key (timestamp, device_id, datapoint_id) holds a reading once: the count
+    # equal to the readings produced is every reading, exactly once.
+    assert await pg.fetchval(ROWS) == expected

@@ -38,6 +38,15 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     bench.add_argument(
         "--embedded", action="store_true", help="embedded PostgreSQL and Redis too (the broker always is)"
     )
+    bench.add_argument(
+        "--kafka",
+        action="store_true",
+        help="the Kafka paths too: the bridge's cost, Kafka intake with one and two processes",
+    )
+    bench.add_argument(
+        "--kafka-bootstrap", default="", help="a Kafka to use (default: a tansu broker of the bench's own)"
+    )
+    bench.add_argument("--kafka-partitions", type=int, default=6, help="partitions of the bench's topics")
     bench.set_defaults(handler=_bench)
 
 

@@ -9,7 +9,9 @@ worker.tools.bench_publisher), Mosquitto, the worker
 2. the worker: messages/s and readings/s from the first publish to the last
    commit, publish→commit latency p50/p99 (from the worker's /metrics), the
    worker's peak RSS (VmHWM), and zero loss (rows counted in PostgreSQL);
-3. the same with 10 alert rules per device, when the rules package provides them.
+3. the same with 10 alert rules per device, when the rules package provides them;
+4. with --kafka, the Kafka paths (worker.tools.bench_kafka): the bridge's cost, Kafka
+   intake with one and with two processes in a group.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
             ratio = _mean_rate(floods_on) / _mean_rate(floods_off)
             print(f"\nrules on / rules off (mean flood rates): {ratio:.1%}")
         lost = [r for r in results if r.rows != r.messages * READINGS_PER_MESSAGE]
+        if args.kafka:
+            from worker.tools.bench_kafka import kafka_bench
+
+            if not kafka_bench(settings, args, floods_off, stamp):
+                return 1
         return 1 if lost else 0
     finally:
         asyncio.run(_drop(settings))

