@@ -119,7 +119,5 @@ async def build_reports(
 
 
 async def store_reports(res: JobResources, reports: list[dict[str, Any]]) -> None:
-    for report in reports:
-        period = report["period"]
-        key = report_key(report["device_id"], period["start"], period["end"])
-        await res.docs.upsert(COLLECTION, key, report)
+    keyed = {report_key(r["device_id"], r["period"]["start"], r["period"]["end"]): r for r in reports}
+    await res.docs.upsert_many(COLLECTION, keyed)

@@ -76,9 +76,8 @@ async def sweep_offline(res: JobResources, now: datetime) -> SweepResult:
             )
         confirmed = await pipe.execute()
     marked = [row for row, ok in zip(silent, confirmed, strict=True) if ok]
-    events = 0
-    for row in marked:
-        events += await res.docs.insert("event_logs", _event_key(row), _event(row, now))
+    new = await res.docs.insert_many("event_logs", {_event_key(row): _event(row, now) for row in marked})
+    events = len(new)
     await res.pool.execute(_MARK_OFFLINE, [row["id"] for row in marked], now, default_s)
     return SweepResult(len(silent), [row["id"] for row in marked], events)
 

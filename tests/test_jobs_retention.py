@@ -122,7 +122,7 @@ async def test_each_kind_loses_exactly_what_is_past_its_age(
             hashlib.sha256(str(n).encode()).digest(),
             utc(received),
         )
-    # Documents: cutoff 05-16 12:00, by the row's creation time.
+    # Documents: cutoff 05-16 12:00, by the document's own `created_at` (as on MongoDB).
     documents = {
         ("alerts", "resolved-old"): ("resolved", "2026-05-16 11:00"),
         ("alerts", "open-old"): ("open", "2026-05-16 11:00"),
@@ -131,13 +131,7 @@ async def test_each_kind_loses_exactly_what_is_past_its_age(
         ("event_logs", "new"): (None, "2026-06-01 00:00"),
     }
     for (collection, key), (status, created) in documents.items():
-        await aged.docs.insert(collection, key, {"device_id": 1, "status": status})
-        await pg.execute(
-            "UPDATE documents SET created_at = $3 WHERE collection = $1 AND key = $2",
-            collection,
-            key,
-            utc(created),
-        )
+        await aged.docs.insert(collection, key, {"device_id": 1, "status": status, "created_at": utc(created)})
 
     result = await tasks.retention(ctx_of(aged), period="2026-06-15")
 
@@ -247,8 +241,7 @@ async def test_one_kind_failing_leaves_the_other_kinds_to_run(
     await pg.execute(
         "INSERT INTO rollup_hourly VALUES ('2000-01-01+00', 1, 1, 1, 0, 0, 0, 0, 0, '2000-01-01+00')"
     )
-    await aged.docs.insert("event_logs", "old", {"device_id": 1})
-    await pg.execute("UPDATE documents SET created_at = '2000-01-01+00' WHERE key = 'old'")
+    await aged.docs.insert("event_logs", "old", {"device_id": 1, "created_at": utc("2000-01-01 00:00")})
 
     with pytest.raises(asyncpg.RaiseError, match="refused by the test"):
         await tasks.retention(ctx_of(aged), period="2026-06-15")

@@ -17,7 +17,7 @@ from worker.exit_codes import ExitCode
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     commands.add_parser("run", help="run the daemon").set_defaults(handler=run_daemon_command)
     commands.add_parser(
-        "migrate", help="apply the schema to PostgreSQL (versioned, idempotent)"
+        "migrate", help="apply the schema to PostgreSQL (versioned, idempotent) and MongoDB's indexes"
     ).set_defaults(handler=_migrate)
     commands.add_parser("config", help="print the effective settings (secrets included)").set_defaults(
         handler=_print_config
@@ -48,8 +48,30 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
         asyncio.run(migrate(settings.postgres))
     except MigrationRefused as exc:
         return config_error(f"postgres.timescale: {exc}")
+    if not _migrate_documents(settings):
+        return ExitCode.FAILURE
     _create_kafka_topics(settings)
     return ExitCode.OK
+
+
+def _migrate_documents(settings: Settings) -> bool:
+    """MongoDB's indexes when it is the document store; one line when it cannot be reached."""
+    import structlog
+
+    from worker.stores.migrate import migrate_documents
+
+    if settings.documents.backend != "mongodb":
+        return True
+    from pymongo.errors import PyMongoError
+
+    try:
+        asyncio.run(migrate_documents(settings))
+    except PyMongoError as exc:
+        structlog.get_logger("worker.migrate").error(
+            "migrate.mongodb_failed", error=" ".join(str(exc).split())
+        )
+        return False
+    return True
 
 
 def _create_kafka_topics(settings: Settings) -> None:

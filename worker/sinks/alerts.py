@@ -6,7 +6,8 @@ second instance for the offline alerts its timer raises, which have no message;
 both use the connections of the one `Stores`.
 
 Idempotent by construction: alert and event-log keys are deterministic (see
-worker/rules/events.py); inserting an existing key is a no-op, updates set the
+worker/rules/events.py); inserting an existing key is a no-op (a batch's documents go
+in one bulk insert per collection), updates set the
 same fields to the same values. Notifications are at least once: an event log
 entry is written first, with `notified: false`, and flipped after the Redis
 pipeline has run; an entry a crash left unflipped is announced by a redelivery of
@@ -63,25 +64,33 @@ class AlertSink:
         of its alert is seen by one side or the other, never missed by both.
         """
         docs = self._docs
-        unannounced: list[AlertEvent] = []
+        logged_now = await docs.insert_many(
+            "event_logs", {event.event_key: event_log_document(event) for event in events}
+        )
+        fired = [event for event in events if event.kind == "fired"]
+        if fired:
+            await docs.insert_many("alerts", {event.alert_id: alert_document(event) for event in fired})
+            await self._apply_early_resolutions(docs, fired)
         for event in events:
-            logged_now = await docs.insert("event_logs", event.event_key, event_log_document(event))
-            if event.kind == "fired":
-                await docs.insert("alerts", event.alert_id, alert_document(event))
-                await self._apply_early_resolution(docs, event)
-            elif not await docs.update("alerts", event.alert_id, alert_changes(event)):
-                # Not stored yet (see _apply_early_resolution): the event log entry carries it.
+            if event.kind != "fired" and not await docs.update(
+                "alerts", event.alert_id, alert_changes(event)
+            ):
+                # Not stored yet (see _apply_early_resolutions): the event log entry carries it.
                 log.info("alerts.ahead_of_alert", alert_id=event.alert_id, kind=event.kind)
-            if logged_now:
-                unannounced.append(event)
-            else:  # written before a crash or a retry: announce only if that did not happen yet
-                logged = await docs.get("event_logs", event.event_key)
-                if not (logged or {}).get("notified"):
-                    unannounced.append(event)
+        # Logged before a crash or a retry: announce only if that did not happen yet.
+        earlier = await docs.get_many(
+            "event_logs", [event.event_key for event in events if event.event_key not in logged_now]
+        )
+        unannounced = [
+            event
+            for event in events
+            if event.event_key in logged_now or not earlier.get(event.event_key, {}).get("notified")
+        ]
         if unannounced:
             await self._announce(unannounced)
-            for event in unannounced:
-                await docs.update("event_logs", event.event_key, {"notified": True})
+            await docs.update_many(
+                "event_logs", [event.event_key for event in unannounced], {"notified": True}
+            )
 
     async def announce_pending(self) -> int:
         """Announce every rules event logged but never announced (`notified: false`): the
@@ -99,26 +108,27 @@ class AlertSink:
                 pending.append(event)
         if pending:
             await self._announce(pending)
-            for event in pending:
-                await docs.update("event_logs", event.event_key, {"notified": True})
+            await docs.update_many("event_logs", [event.event_key for event in pending], {"notified": True})
         return len(pending)
 
     @staticmethod
-    async def _apply_early_resolution(docs: DocumentStore, event: AlertEvent) -> None:
+    async def _apply_early_resolutions(docs: DocumentStore, fired: Sequence[AlertEvent]) -> None:
         """A resolution may be stored first: the rules actor writes a withdrawal directly while
         the batch that fired the alert still waits in the writer. The log entry keeps it.
         Checked on every write of the alert, so a redelivery after a crash applies it too."""
-        early = await docs.get("event_logs", f"{event.alert_id}:resolved")
-        if early is not None:
-            await docs.update(
-                "alerts",
-                event.alert_id,
-                {
-                    "status": "resolved",
-                    "resolved_at": early.get("timestamp"),
-                    "resolution": early.get("details"),
-                },
-            )
+        early = await docs.get_many("event_logs", [f"{event.alert_id}:resolved" for event in fired])
+        for event in fired:
+            resolution = early.get(f"{event.alert_id}:resolved")
+            if resolution is not None:
+                await docs.update(
+                    "alerts",
+                    event.alert_id,
+                    {
+                        "status": "resolved",
+                        "resolved_at": resolution.get("timestamp"),
+                        "resolution": resolution.get("details"),
+                    },
+                )
 
     async def _announce(self, events: Sequence[AlertEvent]) -> None:
         keys = self._keys

@@ -2,47 +2,86 @@
 
 Documents are plain dicts addressed by (collection, key); the key is MongoDB's
 `_id`. `insert` is idempotent on the key, which is what makes redelivery and
-job retries harmless: the second insert of the same alert is a no-op.
-Filters are equality on top-level fields, which both backends index; the two range
-queries the jobs need (`count_per_device`, `delete_before`) run natively on each.
+job retries harmless: the second insert of the same alert is a no-op. A document
+that would break a unique natural key (schemas/mongo.py) is refused the same way.
+The `_many` variants do a whole batch in one round trip (MongoDB: one unordered
+bulk write, whose duplicate-key errors are the redelivered documents).
+
+One contract, tested on both backends (tests/test_documents_contract.py):
+- filters are equality on top-level fields;
+- results come in key order (bytewise) unless `order_by` names a field;
+- times are the documents' own: `delete_before` and `order_by="created_at"` go by the
+  document's `created_at` field, so a document without one is never removed by age;
+- datetimes come back as datetimes from MongoDB (millisecond precision) and as ISO-8601
+  text from PostgreSQL; `worker.rules.events.parse_time` reads either;
+- `near` finds documents whose GeoJSON `location` is within a distance: MongoDB's
+  `$nearSphere` on the 2dsphere index; PostgreSQL a bounding box on an index of the
+  coordinates, then the exact distance on the sphere MongoDB uses.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 import orjson
+import structlog
 
 from worker.config import DocumentSettings
 
+if TYPE_CHECKING:
+    from pymongo import AsyncMongoClient
+
+    from schemas.mongo import MongoIndex
+
+log = structlog.get_logger("worker.stores.documents")
+
+Document = dict[str, Any]
+# MongoDB's spherical geometry uses this radius (geoconstants.h): the same here, so both
+# backends agree on what is inside a distance.
+EARTH_RADIUS_KM = 6378.1
+# Fields read as times when ordering on PostgreSQL (JSONB text would order by collation).
+TIME_FIELDS = frozenset({"created_at", "updated_at", "timestamp", "generated_at", "fired_at", "resolved_at"})
+DUPLICATE_KEY = 11000  # MongoDB's error code
+
 
 class DocumentStore(Protocol):
-    async def insert(self, collection: str, key: str, doc: dict[str, Any]) -> bool:
+    async def insert(self, collection: str, key: str, doc: Document) -> bool:
         """Store `doc` under `key` unless present; True when it was new."""
 
-    async def upsert(self, collection: str, key: str, doc: dict[str, Any]) -> None: ...
+    async def insert_many(self, collection: str, docs: Mapping[str, Document]) -> set[str]:
+        """`insert` for each key → document, in one round trip; the keys that were new."""
 
-    async def update(self, collection: str, key: str, changes: dict[str, Any]) -> bool:
+    async def upsert(self, collection: str, key: str, doc: Document) -> None: ...
+
+    async def upsert_many(self, collection: str, docs: Mapping[str, Document]) -> None: ...
+
+    async def update(self, collection: str, key: str, changes: Document) -> bool:
         """Set top-level fields of an existing document; False when there is none."""
 
-    async def get(self, collection: str, key: str) -> dict[str, Any] | None: ...
+    async def update_many(self, collection: str, keys: Collection[str], changes: Document) -> int:
+        """`update` of each of `keys` with the same changes; how many documents exist."""
+
+    async def get(self, collection: str, key: str) -> Document | None: ...
+
+    async def get_many(self, collection: str, keys: Collection[str]) -> dict[str, Document]:
+        """The documents of those keys that exist, by key."""
 
     async def find(
         self,
         collection: str,
-        where: dict[str, Any] | None = None,
+        where: Document | None = None,
         *,
         order_by: str | None = None,
         descending: bool = False,
         limit: int = 100,
-    ) -> list[dict[str, Any]]: ...
+    ) -> list[Document]: ...
 
-    async def delete_before(
-        self, collection: str, before: datetime, where: dict[str, Any] | None = None
-    ) -> int:
-        """Remove documents created before `before` (and matching `where`); return how many."""
+    async def delete_before(self, collection: str, before: datetime, where: Document | None = None) -> int:
+        """Remove documents whose `created_at` is before `before` (and that match `where`)."""
 
     async def count_per_device(
         self,
@@ -51,9 +90,15 @@ class DocumentStore(Protocol):
         end: datetime,
         *,
         time_field: str = "created_at",
-        where: dict[str, Any] | None = None,
+        where: Document | None = None,
     ) -> dict[int, int]:
         """Documents per `device_id` whose `time_field` is in [start, end) and that match `where`."""
+
+    async def near(
+        self, collection: str, lon: float, lat: float, km: float, *, limit: int = 100
+    ) -> list[tuple[float, Document]]:
+        """(distance in km, document) for documents whose `location` point is within `km`
+        of (lon, lat), nearest first."""
 
     async def change_marker(self, collection: str) -> str | None:
         """A value that moves whenever `collection` changes, cheap to read; None when the
@@ -65,12 +110,57 @@ class DocumentStore(Protocol):
     async def close(self) -> None: ...
 
 
+def distance_km(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
+    """Great-circle distance (haversine) on MongoDB's sphere."""
+    phi1, phi2 = math.radians(lat1), math.radians(lat2)
+    a = (
+        math.sin((phi2 - phi1) / 2) ** 2
+        + math.cos(phi1) * math.cos(phi2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    )
+    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
+
+
+def bounding_box(lon: float, lat: float, km: float) -> tuple[float, float, list[tuple[float, float]]]:
+    """(lat_min, lat_max, longitude ranges) holding every point within `km`: the ranges are
+    split at the antimeridian, and span everything when the circle reaches a pole."""
+    angle = km / EARTH_RADIUS_KM
+    lat_min, lat_max = lat - math.degrees(angle), lat + math.degrees(angle)
+    if lat_min <= -90 or lat_max >= 90 or angle >= math.pi / 2:
+        return max(lat_min, -90.0), min(lat_max, 90.0), [(-180.0, 180.0)]
+    # The widest longitude offset of a spherical cap (its tangent points), not angle/cos(lat).
+    spread = math.degrees(math.asin(min(1.0, math.sin(angle) / math.cos(math.radians(lat)))))
+    low, high = lon - spread, lon + spread
+    if low < -180:
+        return lat_min, lat_max, [(low + 360, 180.0), (-180.0, high)]
+    if high > 180:
+        return lat_min, lat_max, [(low, 180.0), (-180.0, high - 360)]
+    return lat_min, lat_max, [(low, high)]
+
+
+def point_of(doc: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(lon, lat) of a document's GeoJSON `location` Point, if it has one."""
+    location = doc.get("location")
+    if not isinstance(location, dict) or location.get("type") != "Point":
+        return None
+    coordinates = location.get("coordinates")
+    if not isinstance(coordinates, list) or len(coordinates) != 2:
+        return None
+    return float(coordinates[0]), float(coordinates[1])
+
+
 def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in a document")
 
 
-def _dumps(doc: dict[str, Any]) -> str:
-    return orjson.dumps(doc, default=_json_default).decode()
+def _dumps(doc: Mapping[str, Any]) -> str:
+    # Naive datetimes as UTC, as MongoDB reads them: every stored time carries its offset,
+    # which is what makes `iotflow_doc_time` immutable (schemas/sql/0017_document_indexes.sql).
+    return orjson.dumps(doc, default=_json_default, option=orjson.OPT_NAIVE_UTC).decode()
+
+
+def _time(field: str) -> str:
+    """The SQL expression of a document's time field (indexed for `created_at`)."""
+    return f"iotflow_doc_time(doc->>'{field}')"
 
 
 class PostgresDocumentStore:
@@ -79,26 +169,40 @@ class PostgresDocumentStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def insert(self, collection: str, key: str, doc: dict[str, Any]) -> bool:
-        status = await self._pool.execute(
-            "INSERT INTO documents (collection, key, doc) VALUES ($1, $2, $3::jsonb) "
-            "ON CONFLICT (collection, key) DO NOTHING",
-            collection,
-            key,
-            _dumps(doc),
-        )
-        return bool(status.endswith(" 1"))
+    async def insert(self, collection: str, key: str, doc: Document) -> bool:
+        return key in await self.insert_many(collection, {key: doc})
 
-    async def upsert(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+    async def insert_many(self, collection: str, docs: Mapping[str, Document]) -> set[str]:
+        if not docs:
+            return set()
+        # No conflict target: a natural key's unique index refuses a document as quietly as
+        # the primary key does, as MongoDB's unordered bulk write does.
+        rows = await self._pool.fetch(
+            "INSERT INTO documents (collection, key, doc) "
+            "SELECT $1, k, d::jsonb FROM unnest($2::text[], $3::text[]) AS t(k, d) "
+            "ON CONFLICT DO NOTHING RETURNING key",
+            collection,
+            list(docs),
+            [_dumps(doc) for doc in docs.values()],
+        )
+        return {row["key"] for row in rows}
+
+    async def upsert(self, collection: str, key: str, doc: Document) -> None:
+        await self.upsert_many(collection, {key: doc})
+
+    async def upsert_many(self, collection: str, docs: Mapping[str, Document]) -> None:
+        if not docs:
+            return
         await self._pool.execute(
-            "INSERT INTO documents (collection, key, doc) VALUES ($1, $2, $3::jsonb) "
+            "INSERT INTO documents (collection, key, doc) "
+            "SELECT $1, k, d::jsonb FROM unnest($2::text[], $3::text[]) AS t(k, d) "
             "ON CONFLICT (collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now()",
             collection,
-            key,
-            _dumps(doc),
+            list(docs),
+            [_dumps(doc) for doc in docs.values()],
         )
 
-    async def update(self, collection: str, key: str, changes: dict[str, Any]) -> bool:
+    async def update(self, collection: str, key: str, changes: Document) -> bool:
         status = await self._pool.execute(
             "UPDATE documents SET doc = doc || $3::jsonb, updated_at = now() "
             "WHERE collection = $1 AND key = $2",
@@ -108,39 +212,65 @@ class PostgresDocumentStore:
         )
         return bool(status.endswith(" 1"))
 
-    async def get(self, collection: str, key: str) -> dict[str, Any] | None:
+    async def update_many(self, collection: str, keys: Collection[str], changes: Document) -> int:
+        if not keys:
+            return 0
+        status = await self._pool.execute(
+            "UPDATE documents SET doc = doc || $3::jsonb, updated_at = now() "
+            "WHERE collection = $1 AND key = ANY($2::text[])",
+            collection,
+            list(keys),
+            _dumps(changes),
+        )
+        return int(status.split()[-1])
+
+    async def get(self, collection: str, key: str) -> Document | None:
         raw = await self._pool.fetchval(
             "SELECT doc FROM documents WHERE collection = $1 AND key = $2", collection, key
         )
         return None if raw is None else {"_id": key, **orjson.loads(raw)}
 
+    async def get_many(self, collection: str, keys: Collection[str]) -> dict[str, Document]:
+        if not keys:
+            return {}
+        rows = await self._pool.fetch(
+            "SELECT key, doc FROM documents WHERE collection = $1 AND key = ANY($2::text[])",
+            collection,
+            list(keys),
+        )
+        return {row["key"]: {"_id": row["key"], **orjson.loads(row["doc"])} for row in rows}
+
     async def find(
         self,
         collection: str,
-        where: dict[str, Any] | None = None,
+        where: Document | None = None,
         *,
         order_by: str | None = None,
         descending: bool = False,
         limit: int = 100,
-    ) -> list[dict[str, Any]]:
-        # The table's own indexed `created_at` column is when the document was first stored.
-        order = "created_at"
+    ) -> list[Document]:
         args: list[Any] = [collection, _dumps(where or {}), limit]
-        if order_by and order_by != "created_at":
-            order = "doc->$4"
+        direction = "DESC" if descending else "ASC"
+        # Ties (and no order_by) go by key, bytewise as MongoDB compares `_id` strings.
+        order = f'key COLLATE "C" {direction}'
+        # MongoDB puts missing fields (null) first going up, last going down.
+        nulls = "NULLS LAST" if descending else "NULLS FIRST"
+        if order_by in TIME_FIELDS:
+            order = f"{_time(order_by)} {direction} {nulls}, {order}"
+        elif order_by:
             args.append(order_by)
+            order = f"doc->$4 {direction} {nulls}, {order}"
         rows = await self._pool.fetch(
             f"SELECT key, doc FROM documents WHERE collection = $1 AND doc @> $2::jsonb "
-            f"ORDER BY {order} {'DESC' if descending else 'ASC'} LIMIT $3",
+            f"ORDER BY {order} LIMIT $3",
             *args,
         )
         return [{"_id": row["key"], **orjson.loads(row["doc"])} for row in rows]
 
-    async def delete_before(
-        self, collection: str, before: datetime, where: dict[str, Any] | None = None
-    ) -> int:
+    async def delete_before(self, collection: str, before: datetime, where: Document | None = None) -> int:
         status = await self._pool.execute(
-            "DELETE FROM documents WHERE collection = $1 AND created_at < $2 AND doc @> $3::jsonb",
+            f"DELETE FROM documents WHERE collection = $1 AND {_time('created_at')} < $2 "
+            "AND doc @> $3::jsonb",
             collection,
             before,
             _dumps(where or {}),
@@ -154,13 +284,12 @@ class PostgresDocumentStore:
         end: datetime,
         *,
         time_field: str = "created_at",
-        where: dict[str, Any] | None = None,
+        where: Document | None = None,
     ) -> dict[int, int]:
-        # Times inside documents are ISO-8601 text here: cast them for the range.
         rows = await self._pool.fetch(
             "SELECT (doc->>'device_id')::integer AS device_id, count(*) AS n FROM documents "
             "WHERE collection = $1 AND doc @> $2::jsonb AND doc ? 'device_id' "
-            "AND (doc->>$3)::timestamptz >= $4 AND (doc->>$3)::timestamptz < $5 GROUP BY 1",
+            "AND iotflow_doc_time(doc->>$3) >= $4 AND iotflow_doc_time(doc->>$3) < $5 GROUP BY 1",
             collection,
             _dumps(where or {}),
             time_field,
@@ -168,6 +297,34 @@ class PostgresDocumentStore:
             end,
         )
         return {row["device_id"]: row["n"] for row in rows}
+
+    async def near(
+        self, collection: str, lon: float, lat: float, km: float, *, limit: int = 100
+    ) -> list[tuple[float, Document]]:
+        lat_min, lat_max, lon_ranges = bounding_box(lon, lat, km)
+        (west1, east1), (west2, east2) = (lon_ranges * 2)[:2]
+        # The index documents_location holds these expressions (0017_document_indexes.sql).
+        rows = await self._pool.fetch(
+            "SELECT key, doc FROM documents WHERE collection = $1 "
+            "AND (doc#>>'{location,coordinates,1}')::float8 BETWEEN $2 AND $3 "
+            "AND ((doc#>>'{location,coordinates,0}')::float8 BETWEEN $4 AND $5 "
+            "OR (doc#>>'{location,coordinates,0}')::float8 BETWEEN $6 AND $7)",
+            collection,
+            lat_min,
+            lat_max,
+            west1,
+            east1,
+            west2,
+            east2,
+        )
+        found = []
+        for row in rows:
+            doc = {"_id": row["key"], **orjson.loads(row["doc"])}
+            point = point_of(doc)
+            if point is not None and (distance := distance_km(lon, lat, *point)) <= km:
+                found.append((distance, doc))
+        found.sort(key=lambda item: (item[0], item[1]["_id"]))
+        return found[:limit]
 
     async def change_marker(self, collection: str) -> str | None:
         marker: str = await self._pool.fetchval(
@@ -191,48 +348,80 @@ class MongoDocumentStore:
         from pymongo import AsyncMongoClient
 
         # Timeouts so a hung server surfaces as an error the callers retry, not as silence.
-        self._client: Any = AsyncMongoClient(
+        self._client: AsyncMongoClient[Document] = AsyncMongoClient(
             settings.mongodb_url, tz_aware=True, serverSelectionTimeoutMS=10_000, socketTimeoutMS=30_000
         )
         self._db = self._client[settings.mongodb_database]
 
-    async def insert(self, collection: str, key: str, doc: dict[str, Any]) -> bool:
-        from pymongo.errors import DuplicateKeyError
+    async def insert(self, collection: str, key: str, doc: Document) -> bool:
+        return key in await self.insert_many(collection, {key: doc})
 
+    async def insert_many(self, collection: str, docs: Mapping[str, Document]) -> set[str]:
+        from pymongo import InsertOne
+        from pymongo.errors import BulkWriteError
+
+        if not docs:
+            return set()
+        keys = list(docs)
         try:
-            await self._db[collection].insert_one({**doc, "_id": key})
-        except DuplicateKeyError:
-            return False
-        return True
+            await self._db[collection].bulk_write(
+                [InsertOne({**doc, "_id": key}) for key, doc in docs.items()], ordered=False
+            )
+        except BulkWriteError as exc:
+            # Unordered: every other document was tried. A duplicate key is one stored
+            # before (a redelivery); anything else is an error for the caller to retry.
+            errors = exc.details.get("writeErrors", [])
+            if exc.details.get("writeConcernErrors") or any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            return set(keys) - {keys[e["index"]] for e in errors}
+        return set(keys)
 
-    async def upsert(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+    async def upsert(self, collection: str, key: str, doc: Document) -> None:
         await self._db[collection].replace_one({"_id": key}, {**doc, "_id": key}, upsert=True)
 
-    async def update(self, collection: str, key: str, changes: dict[str, Any]) -> bool:
+    async def upsert_many(self, collection: str, docs: Mapping[str, Document]) -> None:
+        from pymongo import ReplaceOne
+
+        if docs:
+            await self._db[collection].bulk_write(
+                [ReplaceOne({"_id": key}, {**doc, "_id": key}, upsert=True) for key, doc in docs.items()],
+                ordered=False,
+            )
+
+    async def update(self, collection: str, key: str, changes: Document) -> bool:
         result = await self._db[collection].update_one({"_id": key}, {"$set": changes})
         return bool(result.matched_count)
 
-    async def get(self, collection: str, key: str) -> dict[str, Any] | None:
-        doc: dict[str, Any] | None = await self._db[collection].find_one({"_id": key})
-        return doc
+    async def update_many(self, collection: str, keys: Collection[str], changes: Document) -> int:
+        if not keys:
+            return 0
+        result = await self._db[collection].update_many({"_id": {"$in": list(keys)}}, {"$set": changes})
+        return int(result.matched_count)
+
+    async def get(self, collection: str, key: str) -> Document | None:
+        return await self._db[collection].find_one({"_id": key})
+
+    async def get_many(self, collection: str, keys: Collection[str]) -> dict[str, Document]:
+        if not keys:
+            return {}
+        cursor = self._db[collection].find({"_id": {"$in": list(keys)}})
+        return {doc["_id"]: doc async for doc in cursor}
 
     async def find(
         self,
         collection: str,
-        where: dict[str, Any] | None = None,
+        where: Document | None = None,
         *,
         order_by: str | None = None,
         descending: bool = False,
         limit: int = 100,
-    ) -> list[dict[str, Any]]:
-        cursor = self._db[collection].find(where or {})
-        cursor = cursor.sort(order_by or "_id", -1 if descending else 1).limit(limit)
+    ) -> list[Document]:
+        direction = -1 if descending else 1
+        order = [(order_by, direction)] if order_by else []
+        cursor = self._db[collection].find(where or {}).sort([*order, ("_id", direction)]).limit(limit)
         return [doc async for doc in cursor]
 
-    async def delete_before(
-        self, collection: str, before: datetime, where: dict[str, Any] | None = None
-    ) -> int:
-        # Documents carry their own creation time as `created_at` (SPEC §5 shapes).
+    async def delete_before(self, collection: str, before: datetime, where: Document | None = None) -> int:
         result = await self._db[collection].delete_many({**(where or {}), "created_at": {"$lt": before}})
         return int(result.deleted_count)
 
@@ -243,15 +432,81 @@ class MongoDocumentStore:
         end: datetime,
         *,
         time_field: str = "created_at",
-        where: dict[str, Any] | None = None,
+        where: Document | None = None,
     ) -> dict[int, int]:
         match = {**(where or {}), time_field: {"$gte": start, "$lt": end}}
         pipeline = [{"$match": match}, {"$group": {"_id": "$device_id", "n": {"$sum": 1}}}]
         cursor = await self._db[collection].aggregate(pipeline)
         return {int(doc["_id"]): int(doc["n"]) async for doc in cursor if doc["_id"] is not None}
 
+    async def near(
+        self, collection: str, lon: float, lat: float, km: float, *, limit: int = 100
+    ) -> list[tuple[float, Document]]:
+        # $nearSphere needs the 2dsphere index (schemas/mongo.py) and returns nearest first;
+        # $maxDistance is in metres for a GeoJSON point.
+        query = {
+            "location": {
+                "$nearSphere": {
+                    "$geometry": {"type": "Point", "coordinates": [lon, lat]},
+                    "$maxDistance": km * 1000,
+                }
+            }
+        }
+        found = []
+        async for doc in self._db[collection].find(query).limit(limit):
+            point = point_of(doc)
+            if point is not None:
+                found.append((distance_km(lon, lat, *point), doc))
+        return found
+
     async def change_marker(self, collection: str) -> str | None:
         return None  # no cheap "last changed" per collection; a change stream would be the way
+
+    async def apply_indexes(
+        self, indexes: Sequence[MongoIndex], unwanted: Collection[tuple[str, str]]
+    ) -> None:
+        """Make the collections' indexes what `indexes` says (`iotflow migrate`): create the
+        missing ones, change a TTL in place (`collMod`), rebuild one whose definition changed,
+        and drop the `unwanted` (collection, name) pairs that exist (TTLs turned off)."""
+        from pymongo import IndexModel
+
+        collections = {index.collection for index in indexes} | {c for c, _ in unwanted}
+        existing = {c: await self.indexes(c) for c in collections}
+        for collection, name in unwanted:
+            if name in existing[collection]:
+                await self._db[collection].drop_index(name)
+                log.info("migrate.mongodb_index_dropped", collection=collection, index=name)
+        for index in indexes:
+            have = existing[index.collection].get(index.name)
+            if have is not None and _same_definition(have, index):
+                if have.get("expireAfterSeconds") != index.expire_after_s:
+                    await self._db.command(
+                        "collMod",
+                        index.collection,
+                        index={"name": index.name, "expireAfterSeconds": index.expire_after_s},
+                    )
+                    log.info("migrate.mongodb_ttl_changed", index=index.name, seconds=index.expire_after_s)
+                continue
+            if have is not None:  # same name, other keys or options: ours, so rebuild it
+                await self._db[index.collection].drop_index(index.name)
+            options: dict[str, Any] = {"name": index.name}
+            if index.unique:
+                options["unique"] = True
+            if index.partial is not None:
+                options["partialFilterExpression"] = index.partial
+            if index.expire_after_s is not None:
+                options["expireAfterSeconds"] = index.expire_after_s
+            await self._db[index.collection].create_indexes([IndexModel(list(index.keys), **options)])
+            log.info("migrate.mongodb_index", collection=index.collection, index=index.name)
+
+    async def indexes(self, collection: str) -> dict[str, Document]:
+        """The collection's indexes as `listIndexes` describes them, by name."""
+        cursor = await self._db[collection].list_indexes()
+        return {str(doc["name"]): dict(doc) async for doc in cursor}
+
+    async def drop_database(self) -> None:
+        """Remove the whole database (tests' throwaway databases)."""
+        await self._client.drop_database(self._db.name)
 
     async def ping(self) -> bool:
         await self._client.admin.command("ping")
@@ -259,6 +514,18 @@ class MongoDocumentStore:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _same_definition(have: Mapping[str, Any], index: MongoIndex) -> bool:
+    """Whether an existing index (`listIndexes` form) has the wanted keys and options; the
+    TTL's length is not part of it (collMod changes that in place)."""
+    keys = [(name, int(order) if isinstance(order, float) else order) for name, order in have["key"].items()]
+    return (
+        keys == list(index.keys)
+        and bool(have.get("unique")) == index.unique
+        and have.get("partialFilterExpression") == index.partial
+        and ("expireAfterSeconds" in have) == (index.expire_after_s is not None)
+    )
 
 
 def open_document_store(settings: DocumentSettings, pool: asyncpg.Pool) -> DocumentStore:

@@ -1,7 +1,9 @@
-"""`iotflow migrate`: versioned, idempotent DDL for PostgreSQL.
+"""`iotflow migrate`: versioned, idempotent DDL for PostgreSQL, and MongoDB's indexes.
 
-Each migration runs once, in its own transaction, recorded in `schema_migrations`;
-an advisory lock keeps two `migrate` runs (or two starting containers) apart.
+Each PostgreSQL migration runs once, in its own transaction, recorded in
+`schema_migrations`; an advisory lock keeps two `migrate` runs (or two starting
+containers) apart. MongoDB's indexes (schemas/mongo.py) are compared and applied on
+every run instead: their TTLs follow the retention settings, which may have changed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from importlib import resources
 import asyncpg
 import structlog
 
-from worker.config import PostgresSettings
+from schemas.mongo import TTL_INDEXES, mongo_indexes
+from worker.config import PostgresSettings, Settings
+from worker.stores.documents import MongoDocumentStore
 from worker.stores.partitions import PartitionKeeper
 from worker.stores.postgres import connect
 
@@ -202,6 +206,7 @@ MIGRATIONS = (
     Migration(12, "datapoint ranges", _sql_file("0012_datapoint_ranges.sql")),
     Migration(13, "dead letter sizes", _sql_file("0013_dead_letter_sizes.sql")),
     Migration(14, "no duplicate timestamp index", _drop_timestamp_index),
+    Migration(17, "document indexes", _sql_file("0017_document_indexes.sql")),
 )
 
 
@@ -233,6 +238,23 @@ async def migrate(settings: PostgresSettings) -> list[int]:
         return applied
     finally:
         await conn.close()
+
+
+async def migrate_documents(settings: Settings) -> bool:
+    """MongoDB's collections and indexes when `documents.backend` is mongodb; False when
+    it is not (the JSONB backend's indexes are PostgreSQL migrations)."""
+    if settings.documents.backend != "mongodb":
+        return False
+    jobs = settings.jobs
+    indexes = mongo_indexes(jobs.retention_event_logs_days, jobs.retention_resolved_alerts_days)
+    store = MongoDocumentStore(settings.documents)
+    try:
+        await store.ping()
+        await store.apply_indexes(indexes, TTL_INDEXES - {(i.collection, i.name) for i in indexes})
+    finally:
+        await store.close()
+    log.info("migrate.mongodb_done", database=settings.documents.mongodb_database, indexes=len(indexes))
+    return True
 
 
 async def schema_problem(pool: asyncpg.Pool, schema: str) -> str | None:
