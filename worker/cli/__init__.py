@@ -3,6 +3,7 @@
 app.py     the parser, settings, logging, and the registry of command groups
 daemon.py  run, migrate, config
 rules.py   rules …, alerts …
+devices.py devices meta set|get, devices near
 jobs.py    jobs …, report …
 tools.py   simulate, demo, bench
 """

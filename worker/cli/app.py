@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.cli import certs, daemon, jobs, rules, tools
+from worker.cli import certs, daemon, devices, jobs, rules, tools
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.logging import configure_logging
@@ -27,6 +27,7 @@ HOLDS_STOP_SIGNALS: frozenset[Handler] = frozenset({daemon.run_daemon_command})
 COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction[Any]], None], ...] = (
     daemon.add_commands,
     rules.add_commands,
+    devices.add_commands,
     jobs.add_commands,
     tools.add_commands,
     certs.add_commands,

@@ -46,6 +46,7 @@ EARTH_RADIUS_KM = 6378.1
 # Fields read as times when ordering on PostgreSQL (JSONB text would order by collation).
 TIME_FIELDS = frozenset({"created_at", "updated_at", "timestamp", "generated_at", "fired_at", "resolved_at"})
 DUPLICATE_KEY = 11000  # MongoDB's error code
+MONGODB_TIMEOUTS = {"serverSelectionTimeoutMS": 10_000, "socketTimeoutMS": 30_000}
 
 
 class DocumentStore(Protocol):
@@ -347,10 +348,11 @@ class MongoDocumentStore:
     def __init__(self, settings: DocumentSettings) -> None:
         from pymongo import AsyncMongoClient
 
-        # Timeouts so a hung server surfaces as an error the callers retry, not as silence.
-        self._client: AsyncMongoClient[Document] = AsyncMongoClient(
-            settings.mongodb_url, tz_aware=True, serverSelectionTimeoutMS=10_000, socketTimeoutMS=30_000
-        )
+        # Timeouts so a hung server surfaces as an error the callers retry, not as silence;
+        # the URL's own options win (PyMongo lets keyword arguments override the URL's).
+        url = settings.mongodb_url
+        timeouts: dict[str, Any] = {k: v for k, v in MONGODB_TIMEOUTS.items() if k.lower() not in url.lower()}
+        self._client: AsyncMongoClient[Document] = AsyncMongoClient(url, tz_aware=True, **timeouts)
         self._db = self._client[settings.mongodb_database]
 
     async def insert(self, collection: str, key: str, doc: Document) -> bool:
@@ -368,12 +370,10 @@ class MongoDocumentStore:
                 [InsertOne({**doc, "_id": key}) for key, doc in docs.items()], ordered=False
             )
         except BulkWriteError as exc:
-            # Unordered: every other document was tried. A duplicate key is one stored
-            # before (a redelivery); anything else is an error for the caller to retry.
-            errors = exc.details.get("writeErrors", [])
-            if exc.details.get("writeConcernErrors") or any(e.get("code") != DUPLICATE_KEY for e in errors):
+            new = inserted_despite(keys, exc.details)
+            if new is None:
                 raise
-            return set(keys) - {keys[e["index"]] for e in errors}
+            return new
         return set(keys)
 
     async def upsert(self, collection: str, key: str, doc: Document) -> None:
@@ -478,7 +478,7 @@ class MongoDocumentStore:
                 log.info("migrate.mongodb_index_dropped", collection=collection, index=name)
         for index in indexes:
             have = existing[index.collection].get(index.name)
-            if have is not None and _same_definition(have, index):
+            if have is not None and same_definition(have, index):
                 if have.get("expireAfterSeconds") != index.expire_after_s:
                     await self._db.command(
                         "collMod",
@@ -516,7 +516,17 @@ class MongoDocumentStore:
         await self._client.close()
 
 
-def _same_definition(have: Mapping[str, Any], index: MongoIndex) -> bool:
+def inserted_despite(keys: Sequence[str], details: Mapping[str, Any]) -> set[str] | None:
+    """The keys an unordered bulk insert stored, from its BulkWriteError's `details`, when
+    every error is a duplicate key (a document stored before: a redelivery); None when
+    any other error happened (the caller raises, and the batch is retried)."""
+    errors = details.get("writeErrors", [])
+    if details.get("writeConcernErrors") or any(error.get("code") != DUPLICATE_KEY for error in errors):
+        return None
+    return set(keys) - {keys[error["index"]] for error in errors}
+
+
+def same_definition(have: Mapping[str, Any], index: MongoIndex) -> bool:
     """Whether an existing index (`listIndexes` form) has the wanted keys and options; the
     TTL's length is not part of it (collMod changes that in place)."""
     keys = [(name, int(order) if isinstance(order, float) else order) for name, order in have["key"].items()]
