@@ -86,3 +86,21 @@ def test_every_profile_starts_what_its_services_depend_on(profiles: tuple[str, .
         assert services[name]["depends_on"] <= enabled, (name, services[name]["depends_on"])
     if "full" in profiles:
         assert {"mongodb", "cassandra", "kafka", "worker", "jobs"} <= enabled
+
+
+def test_a_migrate_for_mongodb_waits_for_a_healthy_mongodb() -> None:
+    """`iotflow migrate` creates MongoDB's indexes when the documents live there, so it
+    needs MongoDB up; the migrate of every profile (edge too) reaches PostgreSQL only."""
+    services = _services(_config())
+    migrates = {name for name, service in services.items() if "- migrate\n" in str(service["text"])}
+    assert migrates >= {"migrate", "mongodb-migrate", "kafka-migrate"}
+    for name in migrates:
+        text = str(services[name]["text"])
+        if "IOTFLOW_DOCUMENTS_BACKEND: mongodb" in text:
+            assert "mongodb" in services[name]["depends_on"], name  # type: ignore[operator]
+            assert re.search(r"mongodb:\n\s+condition: service_healthy", text), name
+        else:
+            assert "IOTFLOW_DOCUMENTS_BACKEND: postgres" in text, name
+    assert "IOTFLOW_DOCUMENTS_BACKEND: postgres" in str(services["migrate"]["text"])
+    for name in ("worker", "jobs"):  # full: the documents are in MongoDB
+        assert "mongodb-migrate" in services[name]["depends_on"], name  # type: ignore[operator]
