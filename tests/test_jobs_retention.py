@@ -131,7 +131,9 @@ async def test_each_kind_loses_exactly_what_is_past_its_age(
         ("event_logs", "new"): (None, "2026-06-01 00:00"),
     }
     for (collection, key), (status, created) in documents.items():
-        await aged.docs.insert(collection, key, {"device_id": 1, "status": status, "created_at": utc(created)})
+        await aged.docs.insert(
+            collection, key, {"device_id": 1, "status": status, "created_at": utc(created)}
+        )
 
     result = await tasks.retention(ctx_of(aged), period="2026-06-15")
 
