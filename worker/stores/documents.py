@@ -417,7 +417,7 @@ class MongoDocumentStore:
         limit: int = 100,
     ) -> list[Document]:
         direction = -1 if descending else 1
-        order = [(order_by, direction)] if order_by else []
+        order = [(order_by, direction)] if order_by and order_by != "_id" else []
         cursor = self._db[collection].find(where or {}).sort([*order, ("_id", direction)]).limit(limit)
         return [doc async for doc in cursor]
 
