@@ -258,6 +258,11 @@ class Daemon:
                     code = ExitCode.OK
                     return code
                 problem = await schema_problem(self._stores.postgres, self.settings.postgres.schema)
+                if not problem and self.settings.timeseries.backend == "cassandra":
+                    from worker.stores.cassandra_schema import schema_problem as cassandra_problem
+
+                    assert self._stores.cassandra is not None  # verify() reached it
+                    problem = await cassandra_problem(self._stores.cassandra)
                 if problem:
                     log.error("schema.not_ready", problem=problem)
                     code = ExitCode.CONFIG
