@@ -304,6 +304,24 @@ async def test_a_server_that_never_answers_times_out_as_an_outage() -> None:
     assert is_transient(caught.value)
 
 
+async def test_a_caller_that_stops_waiting_leaves_the_connect_attempt_to_the_others() -> None:
+    """A readiness probe's timeout must not cut a connect short for the writer waiting on it too."""
+    from cassandra.cluster import NoHostAvailable
+
+    with black_hole() as port:
+        store = CassandraStore(_settings(port))
+        try:
+            probe = asyncio.ensure_future(store.ping())
+            writer = asyncio.ensure_future(store.ping())
+            await asyncio.sleep(0)
+            probe.cancel()
+            with pytest.raises(NoHostAvailable):
+                await writer  # the one attempt ran to its end: the connect timeout
+            assert probe.cancelled()
+        finally:
+            await store.close()
+
+
 async def test_the_driver_leaves_no_thread_behind_after_close() -> None:
     before = set(threading.enumerate())
     with refusing_port() as port:

@@ -143,6 +143,12 @@ async def bridge(response: ResponseFuture) -> ResultSet:
     return response.result()  # already complete: the driver sets its result before the callbacks
 
 
+def _retrieve(attempt: asyncio.Future[Any]) -> None:
+    # Every caller may have stopped waiting; the error is theirs to report, not asyncio's.
+    if not attempt.cancelled():
+        attempt.exception()
+
+
 class CassandraStore:
     """The session for the daemon, the jobs and the commands (one per process)."""
 
@@ -151,25 +157,29 @@ class CassandraStore:
         self._cluster: Cluster | None = None
         self._session: Session | None = None
         self._prepared: dict[str, PreparedStatement] = {}
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[Session] | None = None
         self._slots: asyncio.Semaphore | None = None
 
     async def session(self) -> Session:
+        """The session, connecting first if need be. Callers share one attempt, and one that
+        gives up waiting (a readiness probe's timeout) does not cancel it for the others."""
         if self._session is not None:
             return self._session
         if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._session is None:
-                cluster = build_cluster(self.settings)
-                try:
-                    self._session = await asyncio.to_thread(cluster.connect)
-                except BaseException:
-                    await asyncio.to_thread(cluster.shutdown)  # the driver did, unless cancelled
-                    raise
-                self._cluster = cluster
-                log.info("cassandra.connected", hosts=self.settings.hosts, local_dc=self.settings.local_dc)
-        return self._session
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(_retrieve)
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> Session:
+        cluster = build_cluster(self.settings)
+        try:
+            session = await asyncio.to_thread(cluster.connect)  # it blocks
+        except BaseException:
+            self._connecting = None  # the driver shut this cluster down; the next call starts afresh
+            raise
+        self._cluster, self._session = cluster, session
+        log.info("cassandra.connected", hosts=self.settings.hosts, local_dc=self.settings.local_dc)
+        return session
 
     async def prepare(self, cql: str) -> PreparedStatement:
         """`cql` prepared once per session (the driver re-prepares on nodes that forget it)."""
@@ -205,7 +215,10 @@ class CassandraStore:
         """Shut the cluster down (its threads and connections); a later request reconnects.
         Nothing else needs resetting: once connected, the driver reconnects to nodes that
         come back by itself (every `RECONNECT_MAX_S` at the latest)."""
-        cluster, self._cluster, self._session = self._cluster, None, None
+        if self._connecting is not None:
+            with contextlib.suppress(Exception):
+                await self._connecting  # an attempt under way finishes first
+        cluster, self._cluster, self._session, self._connecting = self._cluster, None, None, None
         self._prepared.clear()
         if cluster is not None:
             with contextlib.suppress(Exception):
