@@ -356,16 +356,20 @@ async def test_the_bridge_hands_the_driver_thread_s_result_to_the_loop() -> None
     pending = asyncio.ensure_future(bridge(done))
     await asyncio.sleep(0)
     assert not pending.done()  # waiting without blocking: this line ran
-    threading.Thread(target=done._set_final_result, args=([("row",)],)).start()
+    driver = threading.Thread(target=done._set_final_result, args=([("row",)],))
+    driver.start()
     result = await pending
+    await asyncio.to_thread(driver.join)
     assert result.current_rows == [("row",)]
 
     failed = future()
     pending = asyncio.ensure_future(bridge(failed))
     await asyncio.sleep(0)
-    threading.Thread(target=failed._set_final_exception, args=(OperationTimedOut("no answer"),)).start()
+    driver = threading.Thread(target=failed._set_final_exception, args=(OperationTimedOut("no answer"),))
+    driver.start()
     with pytest.raises(OperationTimedOut) as caught:
         await pending
+    await asyncio.to_thread(driver.join)
     assert is_transient(caught.value)
 
 
