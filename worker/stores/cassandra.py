@@ -113,8 +113,6 @@ def build_cluster(settings: CassandraSettings) -> Cluster:
         # The driver's default waits up to 10 minutes between tries of a node that went away.
         reconnection_policy=ExponentialReconnectionPolicy(1.0, RECONNECT_MAX_S),
         protocol_version=4,  # Cassandra 3.0 and later; skips the driver's downgrade probing
-        # The schema is ours (iotflow migrate): no need to follow other clients' changes.
-        schema_event_refresh_window=10,
     )
 
 
@@ -135,10 +133,11 @@ async def bridge(response: ResponseFuture) -> ResultSet:
         else:
             done.set_exception(exc)
 
-    response.add_callbacks(
-        lambda _rows: loop.call_soon_threadsafe(settle, None),
-        lambda exc: loop.call_soon_threadsafe(settle, exc),
-    )
+    def hand_over(exc: BaseException | None) -> None:  # on the driver's thread
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, exc)
+
+    response.add_callbacks(lambda _rows: hand_over(None), hand_over)
     await done
     return response.result()  # already complete: the driver sets its result before the callbacks
 
