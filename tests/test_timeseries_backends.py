@@ -195,3 +195,38 @@ async def test_query_refuses_what_it_cannot_answer_with_exit_2(
         "query", "device", str(device_id), "--from", T0.isoformat(), "--to", T0.isoformat()
     )
     assert code == 2 and "--to must be later" in err
+
+
+async def test_with_cassandra_the_only_store_the_daemon_waits_for_it(settings: Settings) -> None:
+    """A durable role: no READY, no intake, until Cassandra answers; the driver adds no lines."""
+    from .helpers import worker_process
+    from .test_cassandra import refusing_port
+
+    with refusing_port() as port:
+        async with worker_process(
+            settings, IOTFLOW_TIMESERIES_BACKEND="cassandra", IOTFLOW_CASSANDRA_PORT=str(port)
+        ) as worker:
+            first = await worker.wait_for_event("stores.waiting")
+            assert "NoHostAvailable" in first["error"] and "Connection refused" in first["error"]
+            assert await worker.terminate() == 0
+    events = worker.events()
+    assert "supervisor.ready" not in events and "stores.waiting" in events
+    assert not [r for r in worker.records() if str(r.get("logger", "")).startswith("cassandra")]
+
+
+async def test_migrate_with_cassandra_unreachable_exits_1_with_one_line(settings: Settings) -> None:
+    from .conftest import worker_env
+    from .helpers import iotflow_process
+    from .test_cassandra import refusing_port
+
+    with refusing_port() as port:
+        env = {
+            **worker_env(settings),
+            "IOTFLOW_TIMESERIES_BACKEND": "both",
+            "IOTFLOW_CASSANDRA_PORT": str(port),
+        }
+        async with iotflow_process(env, "migrate") as migrate:
+            assert await migrate.wait() == 1
+    errors = [r for r in migrate.records() if r.get("level") == "error"]
+    assert [r["event"] for r in errors] == ["cassandra.unavailable"]
+    assert "Traceback" not in migrate.output
