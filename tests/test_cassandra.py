@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import structlog
@@ -24,7 +25,7 @@ from schemas.records import DecodedBatch, Reading, TextReading
 from worker.config import CassandraSettings, ConfigError, Settings, load_settings
 from worker.decode.parse import Limits, parse_message
 from worker.retry import Backoff, is_transient, retry_transient
-from worker.sinks.cassandra import CassandraTimeseriesWriter, insert_statements, plan_writes
+from worker.sinks.cassandra import CassandraTimeseriesWriter, bind, insert_statements, plan_writes
 from worker.stores.cassandra import CassandraStore, bridge, build_cluster
 from worker.stores.cassandra_schema import keyspace_statement, replication_map, table_statements
 from worker.stores.timeseries import cassandra_range_query
@@ -161,6 +162,71 @@ def test_rows_carry_the_values_in_statement_order() -> None:
     assert first[("user", 100)] == (100, T0, 1, "temperature", 0.0)
     assert first[("text", 3)] == (3, T0, "alarm", "true")
     assert plan_writes(DecodedBatch(), batch_rows=50) == []
+
+
+def _prepared(kind: str) -> Any:
+    """The PreparedStatement a server would return for `kind`'s insert: the driver's own class,
+    with the bind metadata a Cassandra reports for these columns (partition key first)."""
+    from cassandra.cqltypes import DateType, DoubleType, Int32Type, UTF8Type
+    from cassandra.protocol import ColumnMetadata
+    from cassandra.query import PreparedStatement
+
+    columns = {
+        "numeric": (
+            "device_data",
+            [
+                ("device_id", Int32Type),
+                ("timestamp", DateType),
+                ("measurement_name", UTF8Type),
+                ("numeric_value", DoubleType),
+            ],
+        ),
+        "text": (
+            "device_data",
+            [
+                ("device_id", Int32Type),
+                ("timestamp", DateType),
+                ("measurement_name", UTF8Type),
+                ("text_value", UTF8Type),
+            ],
+        ),
+        "user": (
+            "user_data",
+            [
+                ("user_id", Int32Type),
+                ("timestamp", DateType),
+                ("device_id", Int32Type),
+                ("measurement_name", UTF8Type),
+                ("numeric_value", DoubleType),
+            ],
+        ),
+    }
+    table, cols = columns[kind]
+    metadata = [ColumnMetadata("ks1", table, name, kind_) for name, kind_ in cols]
+    return PreparedStatement(metadata, b"id", [0], insert_statements("ks1")[kind], "ks1", 4, None, None)
+
+
+def test_a_partition_s_rows_bind_as_one_unlogged_batch_routed_by_its_key() -> None:
+    from cassandra.cqltypes import DateType, Int32Type
+    from cassandra.query import BatchStatement, BatchType, BoundStatement
+
+    writes = plan_writes(_batch(), batch_rows=50)
+    device_rows = next(w for w in writes if (w.kind, w.partition) == ("numeric", 1))
+    batch = bind(device_rows, _prepared("numeric"))
+    assert isinstance(batch, BatchStatement) and batch.batch_type == BatchType.UNLOGGED
+    assert len(batch) == 7 and batch.is_idempotent
+    assert batch.routing_key == Int32Type.serialize(1, 4)  # token-aware: device 1's replicas
+
+    single = next(w for w in writes if (w.kind, w.partition) == ("text", 3))
+    bound = bind(single, _prepared("text"))
+    assert isinstance(bound, BoundStatement)
+    assert bound.routing_key == Int32Type.serialize(3, 4)
+    # The driver serialises our values: an aware datetime becomes Cassandra's milliseconds.
+    assert DateType.deserialize(bound.values[1], 4) == T0.replace(tzinfo=None)
+    assert bound.values[3] == b"true"
+
+    user = next(w for w in writes if w.kind == "user")
+    assert bind(user, _prepared("user")).routing_key == Int32Type.serialize(100, 4)
 
 
 # --- text values -----------------------------------------------------------------------------------------
