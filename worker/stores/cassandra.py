@@ -11,7 +11,8 @@ requests in flight (`cassandra.concurrency`).
 The connection is made lazily, on first use, in a worker thread (`Cluster.connect`
 blocks), so opening the stores never waits for Cassandra: in "both" mode the pipeline
 may start while it is down. A failed connect shuts its `Cluster` down (the driver's
-rule), so each attempt builds a new one; `reset` drops the session after an outage.
+rule), so each attempt builds a new one. Once connected, the driver itself reconnects
+to nodes that went away and came back.
 """
 
 from __future__ import annotations
