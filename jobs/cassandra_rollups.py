@@ -17,7 +17,7 @@ oldest reading is, so older hours need a backfill (`iotflow jobs enqueue rollup 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -62,26 +62,30 @@ class Stats:
         }
 
 
-def aggregate(rows: Iterable[tuple[str, float | None, datetime]]) -> dict[str, Stats]:
-    """(measurement, numeric value, timestamp) rows → figures per measurement; texts skipped."""
-    series: dict[str, Stats] = {}
+def aggregate(
+    rows: Iterable[tuple[str, float | None, datetime]], series: dict[str, Stats] | None = None
+) -> dict[str, Stats]:
+    """(measurement, numeric value, timestamp) rows → figures per measurement (added to
+    `series`, page after page); texts skipped."""
+    series = {} if series is None else series
     for measurement, value, timestamp in rows:
         if value is not None:
             series.setdefault(measurement, Stats()).add(value, timestamp)
     return series
 
 
-def combine(hours: Iterable[dict[str, tuple[float, int]]]) -> Stats | None:
-    """A day's figures from its hourly rows ({stat: (value, count)} per hour, any order)."""
+def combine(hours: dict[datetime, dict[str, tuple[float, int]]]) -> Stats | None:
+    """A day's figures from its hourly rows: {hour: {stat: (value, count)}}; None if none."""
     day = Stats()
-    for hour in hours:
+    for bucket in sorted(hours):  # oldest first: the last hour's `last` is the day's
+        hour = hours[bucket]
         if not all(stat in hour for stat in STATS):
             continue  # half-written (a run interrupted): the rerun completes it
-        count = hour["count"][1]
-        day.count += count
+        day.count += hour["count"][1]
         day.min = min(day.min, hour["min"][0])
         day.max = max(day.max, hour["max"][0])
         day.sum += hour["sum"][0]
+        day.last = hour["last"][0]
     return day if day.count else None
 
 
@@ -139,27 +143,26 @@ class CassandraRollups:
 
     async def _hour(self, device_id: int, bucket: datetime) -> tuple[int, int]:
         """(readings read, rows written) of one device's hour."""
-        rows = await self._fetch_all(self._read_raw, [device_id, bucket, bucket + HOUR])
-        series = aggregate(
-            (r.measurement_name, r.numeric_value, r.timestamp.replace(tzinfo=UTC)) for r in rows
-        )
+        series: dict[str, Stats] = {}
+        async for rows in self._pages(self._read_raw, [device_id, bucket, bucket + HOUR]):
+            aggregate(
+                ((r.measurement_name, r.numeric_value, r.timestamp.replace(tzinfo=UTC)) for r in rows), series
+            )
         written = 0
         for measurement, stats in series.items():
             written += await self._put(device_id, measurement, bucket, "1h", stats)
         return sum(s.count for s in series.values()), written
 
     async def _day(self, device_id: int, measurement: str, day: datetime) -> int:
-        rows = await self._fetch_all(self._read_hours, [device_id, measurement, day, day + DAY])
         hours: dict[datetime, dict[str, tuple[float, int]]] = {}
-        for r in rows:
-            stat, _, period = r.aggregation_type.partition("_")
-            if period == "1h":
-                hours.setdefault(r.time_bucket, {})[stat] = (r.value, r.count)
-        stats = combine(hours.values())
+        async for rows in self._pages(self._read_hours, [device_id, measurement, day, day + DAY]):
+            for r in rows:
+                stat, _, period = r.aggregation_type.partition("_")
+                if period == "1h":
+                    hours.setdefault(r.time_bucket, {})[stat] = (r.value, r.count)
+        stats = combine(hours)
         if stats is None:
             return 0
-        newest = max(bucket for bucket, hour in hours.items() if "last" in hour)
-        stats.last = hours[newest]["last"][0]
         return await self._put(device_id, measurement, day, "1d", stats)
 
     async def _put(
@@ -178,18 +181,18 @@ class CassandraRollups:
         await self._store.execute(batch)
         return len(STATS)
 
-    async def _fetch_all(self, cql: str, values: list[Any]) -> list[Any]:
+    async def _pages(self, cql: str, values: list[Any]) -> AsyncIterator[list[Any]]:
+        """The rows of one partition slice, a page at a time (never all of an hour at once)."""
         prepared = await self._store.prepare(cql)
-        rows: list[Any] = []
         state: bytes | None = None
         while True:
             bound = prepared.bind(values)
             bound.fetch_size = 5000
             result = await self._store.execute(bound, paging_state=state)
-            rows.extend(result.current_rows)
+            yield result.current_rows
             state = result.paging_state
             if not state:
-                return rows
+                return
 
     async def run_incremental(self, until: datetime, late_window: timedelta) -> CassandraRollupCounts:
         until = floor_hour(until)

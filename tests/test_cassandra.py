@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -262,7 +263,7 @@ def test_hourly_figures_and_a_day_combined_from_its_hours() -> None:
     assert series["t"].values() == {"count": 2.0, "min": 1.0, "max": 3.0, "sum": 4.0, "avg": 2.0, "last": 3.0}
     assert series["h"].count == 1
     hour = {stat: (value, 2) for stat, value in series["t"].values().items()}
-    other = {
+    later = {
         "count": (1.0, 1),
         "min": (0.5, 1),
         "max": (0.5, 1),
@@ -270,11 +271,11 @@ def test_hourly_figures_and_a_day_combined_from_its_hours() -> None:
         "avg": (0.5, 1),
         "last": (0.5, 1),
     }
-    half_written = {"count": (9.0, 9)}
-    day = combine([hour, other, half_written])
+    half_written = {"count": (9.0, 9), "last": (99.0, 9)}
+    day = combine({T0 + timedelta(hours=2): later, T0: hour, T0 + timedelta(hours=3): half_written})
     assert day is not None
-    assert (day.count, day.min, day.max, day.sum) == (3, 0.5, 3.0, 4.5)
-    assert combine([half_written]) is None
+    assert (day.count, day.min, day.max, day.sum, day.last) == (3, 0.5, 3.0, 4.5, 0.5)
+    assert combine({T0: half_written}) is None
 
 
 # --- the driver, against sockets that are no Cassandra -----------------------------------------------
@@ -314,6 +315,27 @@ def driver_log() -> Iterator[DriverLog]:
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)
+
+
+def _driver_threads(before: set[threading.Thread]) -> list[str]:
+    new = set(threading.enumerate()) - before
+    return [t.name for t in new if t.is_alive() and not t.name.startswith("asyncio_")]
+
+
+async def _until_driver_threads_end(before: set[threading.Thread]) -> list[str]:
+    """The driver's libev loop thread (`event_loop`) ends by itself once its last connection
+    has closed, a moment after `Cluster.shutdown()` returns: wait for that, a bounded while."""
+    deadline = time.monotonic() + 10
+    while (left := _driver_threads(before)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return left
+
+
+@pytest.fixture(autouse=True)
+async def driver_threads_end() -> AsyncIterator[None]:
+    before = set(threading.enumerate())
+    yield
+    assert await _until_driver_threads_end(before) == []
 
 
 def _settings(port: int) -> CassandraSettings:
@@ -388,19 +410,14 @@ async def test_a_caller_that_stops_waiting_leaves_the_connect_attempt_to_the_oth
             await store.close()
 
 
-async def test_the_driver_leaves_no_thread_behind_after_close() -> None:
+async def test_a_failed_connect_leaves_no_driver_thread_behind() -> None:
     before = set(threading.enumerate())
     with refusing_port() as port:
         store = CassandraStore(_settings(port))
         with pytest.raises(Exception, match="Unable to connect"):
             await store.ping()
         await store.close()
-    left = [
-        t.name
-        for t in set(threading.enumerate()) - before
-        if t.is_alive() and not t.name.startswith("asyncio_")
-    ]
-    assert left == []
+    assert await _until_driver_threads_end(before) == []
 
 
 async def test_the_bridge_hands_the_driver_thread_s_result_to_the_loop() -> None:
