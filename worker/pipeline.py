@@ -46,6 +46,23 @@ if TYPE_CHECKING:
 log = structlog.get_logger("worker.pipeline")
 
 
+def readings_sinks(stores: Stores) -> list[Sink]:
+    """The time-series store(s) of `timeseries.backend`. With "cassandra", PostgreSQL still
+    keeps the dead letters and last-seen times; with "both", each sink stands alone."""
+    backend = stores.settings.timeseries.backend
+    if backend == "postgres":
+        return [PostgresTimeseriesWriter(stores)]
+    from worker.sinks.cassandra import CassandraTimeseriesWriter
+
+    assert stores.cassandra is not None  # open_stores opens it for these backends
+    cassandra = CassandraTimeseriesWriter(stores.cassandra)
+    if backend == "cassandra":
+        from worker.sinks.postgres_core import PostgresCoreWriter
+
+        return [cassandra, PostgresCoreWriter(stores)]
+    return [PostgresTimeseriesWriter(stores), cassandra]
+
+
 class Pipeline:
     """One incarnation of the actor group; the supervisor builds a new one after a crash."""
 
@@ -81,8 +98,9 @@ class Pipeline:
             max_payload_bytes=settings.pipeline.max_payload_bytes,
             max_future_s=settings.pipeline.max_future_s,
             max_age_s=settings.pipeline.max_age_s,
+            keep_text=settings.timeseries.uses_cassandra,  # text_value (docs/storage.md)
         )
-        sinks: list[Sink] = [PostgresTimeseriesWriter(stores), RedisHotStateWriter(stores.redis, stores.keys)]
+        sinks = [*readings_sinks(stores), RedisHotStateWriter(stores.redis, stores.keys)]
         # The bridge: behind MQTT intake it publishes the messages and the readings (the
         # connector); behind Kafka intake only the readings (the stream processor).
         bridge_raw = stores.kafka is not None and settings.intake.source == "mqtt"
@@ -240,6 +258,11 @@ class Daemon:
                     code = ExitCode.OK
                     return code
                 problem = await schema_problem(self._stores.postgres, self.settings.postgres.schema)
+                if not problem and self.settings.timeseries.backend == "cassandra":
+                    from worker.stores.cassandra_schema import schema_problem as cassandra_problem
+
+                    assert self._stores.cassandra is not None  # verify() reached it
+                    problem = await cassandra_problem(self._stores.cassandra)
                 if problem:
                     log.error("schema.not_ready", problem=problem)
                     code = ExitCode.CONFIG

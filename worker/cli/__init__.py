@@ -6,6 +6,7 @@ rules.py   rules …, alerts …
 devices.py devices meta set|get, devices near
 jobs.py    jobs …, report …
 tools.py   simulate, demo, bench
+query.py   query device
 """
 
 from __future__ import annotations
