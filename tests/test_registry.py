@@ -49,7 +49,7 @@ async def test_datapoint_ranges_load_from_postgres_and_ride_the_redis_cache(
     await pg.execute("UPDATE datapoints SET min_value = NULL, max_value = NULL")
     assert (await fresh().resolve([ref]))[ref].ranges == expected
     # A cache entry without ranges (written before they existed) is a miss, not "no ranges".
-    await stores.redis.delete(stores.keys.device_ranges(device_id))
+    await stores.redis.hdel(stores.keys.device_ref("key", "sim-json-01"), "ranges")
     assert (await fresh().resolve([ref]))[ref].ranges == {}
 
 
