@@ -76,6 +76,7 @@ class Pipeline:
             stores.keys,
             settings.pipeline.unknown_devices == "register",
             self.budget,
+            cache_size=settings.pipeline.device_cache_size,
         )
         limits = Limits(
             max_payload_bytes=settings.pipeline.max_payload_bytes,
@@ -114,6 +115,7 @@ class Pipeline:
             self.metrics,
             rate_limiter,
             keep_raw=bridge_raw,
+            topic_cache_size=settings.pipeline.device_cache_size,
         )
         self.writer = BatchWriter(
             self.decoded,
