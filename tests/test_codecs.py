@@ -72,3 +72,26 @@ def test_malformed_codec_files_name_codec_and_field(tmp_path: Path, body: str, m
     path.write_text(body)
     with pytest.raises(CodecConfigError, match=message.replace("(", r"\(")):
         load_codecs(path)
+
+
+def test_mixed_byte_orders_and_overlapping_fields_decode_each_field(tmp_path: Path) -> None:
+    """Fields are grouped into runs one Struct unpacks; a change of byte order, a field
+    behind the previous one or one over the same bytes starts a new run."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[m]\nlength = 8\nfields = [\n"
+        '  { name = "le", offset = 4, type = "uint16le" },\n'
+        '  { name = "be", offset = 0, type = "uint16be" },\n'
+        '  { name = "byte", offset = 2, type = "uint8" },\n'
+        '  { name = "whole", offset = 0, type = "uint32be" },\n'
+        '  { name = "last", offset = 7, type = "int8", scale = 0.5 },\n]\n'
+    )
+    codec = load_codecs(path)["m"]
+    frame = bytes([0x01, 0x02, 0x03, 0x00, 0x04, 0x05, 0x00, 0xFE])
+    assert codec.decode(frame) == [
+        ("le", 0x0504),
+        ("be", 0x0102),
+        ("byte", 3),
+        ("whole", 0x01020300),
+        ("last", -1.0),
+    ]

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from worker.decode.codecs import load_codecs
-from worker.decode.parse import DeviceRef, Limits, Rejected, normalise_mac, parse_message
+from worker.decode.parse import DeviceRef, Limits, MessageParser, Rejected, normalise_mac, parse_message
 from worker.tools.simulate import build_fleet, message_stream
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp()
@@ -229,3 +229,20 @@ def test_every_simulated_message_parses(profile: str) -> None:
         topic, payload = next(stream)
         message = parse_message(topic, payload, time.time(), CODECS, LIMITS)
         assert message.values and len(message.labels) == len(message.values) == len(message.timestamps)
+
+
+def test_a_parser_remembers_topics_up_to_its_cache_size() -> None:
+    parser = MessageParser(CODECS, LIMITS, cache_size=2)
+    frame = CODECS["climate"].encode({"temperature": 20, "humidity": 50, "pressure": 1000})
+    payload = orjson.dumps({"timestamp": NOW, "data": frame.hex()})
+    topics = [f"tele/f2-aabbccddee0{n}/sensor-mode/climate/sensor-room1" for n in (1, 2, 3)]
+    first = parser.parse(topics[0], payload, NOW)
+    assert parser.parse(topics[0], payload, NOW).labels is first.labels  # worked out once
+    assert parser.parse(topics[1], payload, NOW).device == DeviceRef("mac", "aa:bb:cc:dd:ee:02")
+    third = parser.parse(topics[2], payload, NOW)  # past the size: memory starts afresh
+    assert third.device == DeviceRef("mac", "aa:bb:cc:dd:ee:03")
+    assert parser.parse(topics[0], payload, NOW).labels is not first.labels
+    with pytest.raises(Rejected):  # a rejected topic is not remembered as anything
+        parser.parse("tele/f2-zz/sensor-mode/climate/sensor-room1", payload, NOW)
+    with pytest.raises(Rejected):
+        parser.parse("tele/f2-zz/sensor-mode/climate/sensor-room1", payload, NOW)

@@ -1,17 +1,18 @@
 """Device metadata: MAC or device key → device, label → datapoint, cached twice.
 
-Lookups go process cache → Redis (`device:mac:{mac}` / `device:key:{key}` hashes
-{device_id, user_id, status}, `device:datapoints:{device_id}` label → id and
-`device:ranges:{device_id}` label → [min, max], 1 h TTL, shared by every worker) →
-PostgreSQL, which is the source of truth. Misses
-are fetched for a whole batch at once. A device PostgreSQL does not know is
-remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs one query
-per period, not one per message.
+Lookups go process cache (an LRU of `pipeline.device_cache_size` devices) → Redis
+(one hash per `device:mac:{mac}` / `device:key:{key}`: device_id, user_id, status,
+and the datapoints and ranges as JSON, 1 h TTL, shared by every worker) →
+PostgreSQL, which is the source of truth. Everything is done for a whole batch at
+once: one pipeline, one query for the misses, one INSERT for the strangers and one
+for the datapoints the batch brings (`add_datapoints`). A device PostgreSQL does
+not know is remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs
+one query per period, not one per message.
 
 Unknown devices are rejected (`reject`, the default) or inserted with their
 datapoints (`register`); a known device's unknown label follows the same policy,
 up to `pipeline.max_new_datapoints_per_hour` new datapoints per device and hour
-(`DatapointBudget`), past which `datapoints` raises `DatapointLimit`.
+(`DatapointBudget`), past which a message's labels are refused (`DatapointLimit`).
 """
 
 from __future__ import annotations
