@@ -95,3 +95,20 @@ def test_mixed_byte_orders_and_overlapping_fields_decode_each_field(tmp_path: Pa
         ("whole", 0x01020300),
         ("last", -1.0),
     ]
+
+
+@pytest.mark.parametrize("scale", [1, 0.5, 0.1, 0.01, 0.001, 2.5, 0.0625])
+@pytest.mark.parametrize("offset", [0, -40, 0.5, -273.15])
+def test_integer_fields_decode_to_the_rounded_value(tmp_path: Path, scale: float, offset: float) -> None:
+    """The compiled integer path (integers over a power of ten) gives exactly what rounding
+    `raw * scale + offset` to the decimals of scale and offset gives."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[m]\nlength = 2\nfields = [{{ name = "a", offset = 0, type = "int16be", '
+        f"scale = {scale}, offset_value = {offset} }}]\n"
+    )
+    codec = load_codecs(path)["m"]
+    (field,) = codec.fields
+    for raw in range(-32768, 32768, 97):
+        expected = round(raw * field.scale + field.add, field.decimals)
+        assert codec.decode_values(raw.to_bytes(2, "big", signed=True)) == [expected]

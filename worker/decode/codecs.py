@@ -63,8 +63,13 @@ class CodecField:
 
 
 # One step of a compiled codec: (position of the raw value in the unpacked tuple, scale, add,
-# decimals, low, high, flag bits or ()). Built once per codec.
-_Step = tuple[int, float, float, int, float, float, tuple[int, ...]]
+# divisor, decimals, low, high, flag bits or ()). Built once per codec. An integer field whose
+# scale and offset are decimals (0.01, -40) has them as integers over `divisor` (1, -4000 over
+# 100): `(raw * 1 - 4000) / 100` is exact integer arithmetic and one correctly rounded division,
+# the double nearest the true value, which is what `round(raw * scale + add, decimals)` finds
+# the slow way. Other fields have divisor 0 and are rounded.
+_Step = tuple[int, float, float, int, int, float, float, tuple[int, ...]]
+_EXACT_DECIMALS_MAX = 15  # beyond, integers over 10**decimals could leave a double's 53 bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +91,8 @@ class Codec:
             low = -math.inf if f.minimum is None else float(f.minimum)
             high = math.inf if f.maximum is None else float(f.maximum)
             bits = tuple(bit for _, bit in f.flags)
-            steps.append((position, f.scale, f.add, f.decimals, low, high, bits))
+            scale, add, divisor = _exact(f)
+            steps.append((position, scale, add, divisor, f.decimals, low, high, bits))
         object.__setattr__(self, "labels", tuple(label for f in self.fields for label in f.labels()))
         object.__setattr__(self, "_units", tuple(f.unit for f in self.fields for _ in f.labels()))
         object.__setattr__(self, "_runs", runs)
@@ -101,14 +107,17 @@ class Codec:
         for run, offset in runs[1:]:
             raws += run.unpack_from(frame, offset)
         values: list[float] = []
-        for index, (position, scale, add, decimals, low, high, bits) in enumerate(self._steps):
+        for index, (position, scale, add, divisor, decimals, low, high, bits) in enumerate(self._steps):
             raw = raws[position]
             if bits:
                 values.extend(float((raw >> bit) & 1) for bit in bits)
                 continue
-            value = round(raw * scale + add, decimals)
-            if not math.isfinite(value):
-                raise FrameError(f"{self.fields[index].name} is not a finite number")
+            if divisor:
+                value = (raw * scale + add) / divisor
+            else:
+                value = round(raw * scale + add, decimals)
+                if not math.isfinite(value):
+                    raise FrameError(f"{self.fields[index].name} is not a finite number")
             if not low <= value <= high:
                 f = self.fields[index]
                 raise OutOfRange(f"{f.name}={format_number(value)} outside {f.range}")
@@ -243,6 +252,14 @@ def _parse_field(where: str, length: int, spec: Any) -> CodecField:
         flags=tuple(sorted(flags.items(), key=lambda item: item[1])),
         decimals=_decimals(numbers.get("scale", 1.0), numbers.get("offset_value", 0.0)),
     )
+
+
+def _exact(f: CodecField) -> tuple[float, float, int]:
+    """(scale, add, divisor) of a compiled step: integers over 10**decimals where exact."""
+    if f.type.startswith("float") or f.decimals > _EXACT_DECIMALS_MAX:
+        return f.scale, f.add, 0
+    scale, add = (Decimal(repr(n)).scaleb(f.decimals) for n in (f.scale, f.add))
+    return int(scale), int(add), 10**f.decimals
 
 
 def _decimals(*numbers: float) -> int:
