@@ -1,11 +1,11 @@
 """Device metadata: MAC or device key → device, label → datapoint, cached twice.
 
 Lookups go process cache (an LRU of `pipeline.device_cache_size` devices) → Redis
-(one hash per `device:mac:{mac}` / `device:key:{key}`: device_id, user_id, status,
-and the datapoints and ranges as JSON, 1 h TTL, shared by every worker) →
-PostgreSQL, which is the source of truth. Everything is done for a whole batch at
-once: one pipeline, one query for the misses, one INSERT for the strangers and one
-for the datapoints the batch brings (`add_datapoints`). A device PostgreSQL does
+(one JSON string per `device:mac:{mac}` / `device:key:{key}`: device_id, user_id,
+status, datapoints and ranges, 1 h TTL, shared by every worker) → PostgreSQL, which
+is the source of truth. Everything is done for a whole batch at once: one MGET, one
+query for the misses, one INSERT for the strangers and one for the datapoints the
+batch brings (`add_datapoints`), one script call writing the cache. A device PostgreSQL does
 not know is remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs
 one query per period, not one per message.
 
@@ -124,6 +124,7 @@ class DeviceRegistry:
     ) -> None:
         self._pool = pool
         self._redis = redis
+        self._set_entries = redis.register_script(_SET_ENTRIES) if redis is not None else None
         self._keys = keys
         self._register = register_unknown
         self._budget = budget
@@ -184,7 +185,7 @@ class DeviceRegistry:
 
         `requests` holds each message's device and labels (label → unit), in arrival order;
         each is judged as `datapoints` would judge it after the ones before it, but the whole
-        batch costs one SELECT, one INSERT and one Redis pipeline. Found ids land in
+        batch costs one SELECT, one INSERT and one Redis call. Found ids land in
         `device.datapoints`; the answer says, per request, whether it went over the budget."""
         now = self._clock()
         stale = {}  # devices whose datapoints PostgreSQL may know better than this process
@@ -218,12 +219,7 @@ class DeviceRegistry:
         for device, labels in requests:
             for label in _absent(device, labels, now):
                 _remember_unknown(device.unknown_labels, label, now)
-        if self._redis is not None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for device in stale.values():
-                    for ref in device.refs:
-                        self._cache_device(pipe, ref, device)
-                await pipe.execute()
+        await self._store_in_redis(stale.values())
         return results
 
     def _refused(self, device: Device, labels: Mapping[str, str | None], now: float) -> DatapointLimit | None:
@@ -274,22 +270,18 @@ class DeviceRegistry:
         if self._redis is None:
             return {}
         ordered = list(refs)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for ref in ordered:
-                pipe.hgetall(self._ref_key(ref))
-            entries = await pipe.execute()
+        entries = await self._redis.mget([self._ref_key(ref) for ref in ordered])
         devices = {}
         for ref, entry in zip(ordered, entries, strict=True):
-            points, ranges = entry.get(b"datapoints"), entry.get(b"ranges")
-            if points is None or ranges is None:
-                continue  # absent, or written by a worker that cached less: PostgreSQL has it
-            user = entry.get(b"user_id", b"")
+            if not entry or entry[:1] != b"{":
+                continue  # absent, or a hash a worker before 2026-12-02 wrote: PostgreSQL has it
+            cached = orjson.loads(entry)
             devices[ref] = Device(
-                id=int(entry[b"device_id"]),
-                user_id=int(user) if user else None,
-                status=entry.get(b"status", b"active").decode(),
-                datapoints=orjson.loads(points),
-                ranges={label: ValueRange(*bounds) for label, bounds in orjson.loads(ranges).items()},
+                id=cached["device_id"],
+                user_id=cached["user_id"],
+                status=cached["status"],
+                datapoints=cached["datapoints"],
+                ranges={label: ValueRange(*bounds) for label, bounds in cached["ranges"].items()},
                 refs={ref},
             )
         return devices
@@ -334,31 +326,37 @@ class DeviceRegistry:
         return devices
 
     async def _store_in_redis(self, devices: Iterable[Device]) -> None:
-        if self._redis is None:
+        """Write the cache entries of `devices` (each one JSON string per ref, replaced whole,
+        so a range removed in PostgreSQL goes from the cache too) in one script call."""
+        if self._set_entries is None:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for device in devices:
-                for ref in device.refs:
-                    self._cache_device(pipe, ref, device)
-            await pipe.execute()
-
-    def _cache_device(self, pipe: Any, ref: DeviceRef, device: Device) -> None:
-        """Queue the write of `ref`'s cache entry: one hash with everything the decoder needs
-        (replacing the whole entry, so a range removed in PostgreSQL goes from the cache too)."""
-        key = self._ref_key(ref)
-        pipe.hset(
-            key,
-            mapping={
-                "device_id": device.id,
-                "user_id": device.user_id or "",
-                "status": device.status,
-                "datapoints": orjson.dumps(device.datapoints),
-                "ranges": orjson.dumps({label: list(bounds) for label, bounds in device.ranges.items()}),
-            },
-        )
-        pipe.expire(key, CACHE_TTL_S)
+        keys: list[str] = []
+        entries: list[bytes] = []
+        for device in devices:
+            entry = orjson.dumps(
+                {
+                    "device_id": device.id,
+                    "user_id": device.user_id,
+                    "status": device.status,
+                    "datapoints": device.datapoints,
+                    "ranges": {label: list(bounds) for label, bounds in device.ranges.items()},
+                }
+            )
+            for ref in device.refs:
+                keys.append(self._ref_key(ref))
+                entries.append(entry)
+        if keys:
+            await self._set_entries(keys=keys, args=[CACHE_TTL_S, *entries])
 
 
+# SET with a TTL for many keys at once: MSET has no TTL, and a pipeline costs redis-py a
+# command (and a reply to parse) per key.
+_SET_ENTRIES = """
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+end
+return #KEYS
+"""
 _INSERT_DEVICES = """
 INSERT INTO devices (mac, device_key, name)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
