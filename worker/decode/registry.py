@@ -217,8 +217,9 @@ class DeviceRegistry:
         if any(planned.values()):
             await self._insert_datapoints(planned, stale)
         for device, labels in requests:
-            for label in _absent(device, labels, now):
-                _remember_unknown(device.unknown_labels, label, now)
+            if labels.keys() - device.datapoints.keys():  # rare: a label still unknown
+                for label in _absent(device, labels, now):
+                    _remember_unknown(device.unknown_labels, label, now)
         await self._store_in_redis(stale.values())
         return results
 
