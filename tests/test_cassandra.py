@@ -236,14 +236,15 @@ def test_a_partition_s_rows_bind_as_one_unlogged_batch_routed_by_its_key() -> No
 def test_strings_and_booleans_are_kept_as_text_only_where_a_store_has_a_column() -> None:
     payload = b'{"temperature": 21.5, "door": "open", "alarm": false}'
     kept = parse_message("devices/d1/telemetry", payload, T0.timestamp(), {}, Limits(keep_text=True))
-    assert [(r.label, r.value, r.text) for r in kept.readings] == [
+    assert list(zip(kept.labels, kept.values, kept.texts or [], strict=True)) == [
         ("temperature", 21.5, None),
         ("door", 0.0, "open"),
         ("alarm", 0.0, "false"),
     ]
     assert not kept.skipped
     skipped = parse_message("devices/d1/telemetry", payload, T0.timestamp(), {}, Limits())
-    assert [r.label for r in skipped.readings] == ["temperature"]
+    assert list(skipped.labels) == ["temperature"]
+    assert skipped.texts is None
     assert skipped.skipped == [
         "door: str value, only numbers are stored",
         "alarm: bool value, only numbers are stored",
@@ -251,7 +252,7 @@ def test_strings_and_booleans_are_kept_as_text_only_where_a_store_has_a_column()
     only_text = parse_message(
         "devices/d1/telemetry", b'{"door": "open"}', T0.timestamp(), {}, Limits(keep_text=True)
     )
-    assert [r.text for r in only_text.readings] == ["open"]
+    assert only_text.texts == ["open"]
 
 
 # --- rollup arithmetic -----------------------------------------------------------------------------------

@@ -72,3 +72,43 @@ def test_malformed_codec_files_name_codec_and_field(tmp_path: Path, body: str, m
     path.write_text(body)
     with pytest.raises(CodecConfigError, match=message.replace("(", r"\(")):
         load_codecs(path)
+
+
+def test_mixed_byte_orders_and_overlapping_fields_decode_each_field(tmp_path: Path) -> None:
+    """Fields are grouped into runs one Struct unpacks; a change of byte order, a field
+    behind the previous one or one over the same bytes starts a new run."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[m]\nlength = 8\nfields = [\n"
+        '  { name = "le", offset = 4, type = "uint16le" },\n'
+        '  { name = "be", offset = 0, type = "uint16be" },\n'
+        '  { name = "byte", offset = 2, type = "uint8" },\n'
+        '  { name = "whole", offset = 0, type = "uint32be" },\n'
+        '  { name = "last", offset = 7, type = "int8", scale = 0.5 },\n]\n'
+    )
+    codec = load_codecs(path)["m"]
+    frame = bytes([0x01, 0x02, 0x03, 0x00, 0x04, 0x05, 0x00, 0xFE])
+    assert codec.decode(frame) == [
+        ("le", 0x0504),
+        ("be", 0x0102),
+        ("byte", 3),
+        ("whole", 0x01020300),
+        ("last", -1.0),
+    ]
+
+
+@pytest.mark.parametrize("scale", [1, 0.5, 0.1, 0.01, 0.001, 2.5, 0.0625])
+@pytest.mark.parametrize("offset", [0, -40, 0.5, -273.15])
+def test_integer_fields_decode_to_the_rounded_value(tmp_path: Path, scale: float, offset: float) -> None:
+    """The compiled integer path (integers over a power of ten) gives exactly what rounding
+    `raw * scale + offset` to the decimals of scale and offset gives."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[m]\nlength = 2\nfields = [{{ name = "a", offset = 0, type = "int16be", '
+        f"scale = {scale}, offset_value = {offset} }}]\n"
+    )
+    codec = load_codecs(path)["m"]
+    (field,) = codec.fields
+    for raw in range(-32768, 32768, 97):
+        expected = round(raw * field.scale + field.add, field.decimals)
+        assert codec.decode_values(raw.to_bytes(2, "big", signed=True)) == [expected]

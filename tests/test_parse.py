@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from worker.decode.codecs import load_codecs
-from worker.decode.parse import DeviceRef, Limits, Rejected, normalise_mac, parse_message
+from worker.decode.parse import DeviceRef, Limits, MessageParser, Rejected, normalise_mac, parse_message
 from worker.tools.simulate import build_fleet, message_stream
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp()
@@ -37,12 +37,12 @@ def test_f2_frame_becomes_labelled_readings() -> None:
         {"timestamp": "2026-11-22T11:59:00.123456Z", "data": frame.hex().upper()},
     )
     assert message.device == DeviceRef("mac", "aa:bb:cc:dd:ee:01")
-    assert [(r.label, r.value, r.unit) for r in message.readings] == [
+    assert list(zip(message.labels, message.values, message.units or (), strict=True)) == [
         ("room1.temperature", 21.5, "°C"),
         ("room1.humidity", 40.0, "%"),
         ("room1.pressure", 990.0, "hPa"),
     ]
-    assert message.readings[0].timestamp == datetime(2026, 11, 22, 11, 59, 0, 123456, tzinfo=UTC)
+    assert message.timestamps == [datetime(2026, 11, 22, 11, 59, 0, 123456, tzinfo=UTC)] * 3
 
 
 @pytest.mark.parametrize(
@@ -60,29 +60,30 @@ def test_timestamp_forms(stamp: object, expected: float) -> None:
     message = parse(
         "stat/f2-aabbccddee01/sensor-mode/io/sensor-relay", {"timestamp": stamp, "data": frame.hex()}
     )
-    assert message.readings[0].timestamp.timestamp() == pytest.approx(expected)
+    assert message.timestamps[0].timestamp() == pytest.approx(expected)
 
 
 def test_json_telemetry_forms() -> None:
     flat = parse("devices/dev-1/telemetry", {"temperature": 23.5, "humidity": 61})
     assert flat.device == DeviceRef("key", "dev-1")
-    assert [(r.label, r.value) for r in flat.readings] == [("temperature", 23.5), ("humidity", 61.0)]
-    assert flat.readings[0].timestamp.timestamp() == NOW
+    assert list(zip(flat.labels, flat.values, strict=True)) == [("temperature", 23.5), ("humidity", 61.0)]
+    assert flat.timestamps[0].timestamp() == NOW
 
     ms = int(NOW * 1000) - 5877
     timed = parse("devices/dev-1/telemetry", {"ts": ms, "values": {"temperature": 1}})
-    assert timed.readings[0].timestamp == datetime.fromtimestamp(ms / 1000, UTC)
+    assert timed.timestamps == [datetime.fromtimestamp(ms / 1000, UTC)]
 
     batch = parse(
         "devices/dev-1/telemetry",
         [{"ts": ms, "values": {"a": 1}}, {"ts": ms + 1, "values": {"a": 2}}],
     )
-    assert [r.value for r in batch.readings] == [1.0, 2.0]
+    assert batch.values == [1.0, 2.0]
+    assert batch.timestamps == [datetime.fromtimestamp(t / 1000, UTC) for t in (ms, ms + 1)]
 
 
 def test_strings_and_booleans_are_skipped_with_a_reason() -> None:
     message = parse("devices/dev-1/telemetry", {"t": 1.0, "ok": True, "state": "on"})
-    assert [r.label for r in message.readings] == ["t"]
+    assert list(message.labels) == ["t"]
     assert message.skipped == [
         "ok: bool value, only numbers are stored",
         "state: str value, only numbers are stored",
@@ -125,7 +126,7 @@ def test_oversized_payloads_are_rejected_before_parsing() -> None:
 
 def test_unusable_measurement_names_are_skipped_not_stored() -> None:
     message = parse("devices/dev-1/telemetry", {"te\u0000mp": 1.0, "x" * 200: 2.0, "ok": 3.0})
-    assert [r.label for r in message.readings] == ["ok"]
+    assert list(message.labels) == ["ok"]
     assert len(message.skipped) == 2 and all("not a usable measurement name" in s for s in message.skipped)
     assert not any("\x00" in s for s in message.skipped)
 
@@ -165,7 +166,7 @@ def test_f2_values_outside_the_codec_range_are_out_of_range(tmp_path: Path, valu
 @pytest.mark.parametrize("value", [300.0, 1200.0, 1013.5])
 def test_f2_values_inside_the_codec_range_are_readings(tmp_path: Path, value: float) -> None:
     message = gauge_message(tmp_path, "gauge", value)
-    assert [(r.label, r.value) for r in message.readings] == [("tank.pressure", value)]
+    assert list(zip(message.labels, message.values, strict=True)) == [("tank.pressure", value)]
 
 
 def test_builtin_climate_codec_range_is_enforced() -> None:
@@ -227,4 +228,21 @@ def test_every_simulated_message_parses(profile: str) -> None:
     for _ in range(200):
         topic, payload = next(stream)
         message = parse_message(topic, payload, time.time(), CODECS, LIMITS)
-        assert message.readings
+        assert message.values and len(message.labels) == len(message.values) == len(message.timestamps)
+
+
+def test_a_parser_remembers_topics_up_to_its_cache_size() -> None:
+    parser = MessageParser(CODECS, LIMITS, cache_size=2)
+    frame = CODECS["climate"].encode({"temperature": 20, "humidity": 50, "pressure": 1000})
+    payload = orjson.dumps({"timestamp": NOW, "data": frame.hex()})
+    topics = [f"tele/f2-aabbccddee0{n}/sensor-mode/climate/sensor-room1" for n in (1, 2, 3)]
+    first = parser.parse(topics[0], payload, NOW)
+    assert parser.parse(topics[0], payload, NOW).labels is first.labels  # worked out once
+    assert parser.parse(topics[1], payload, NOW).device == DeviceRef("mac", "aa:bb:cc:dd:ee:02")
+    third = parser.parse(topics[2], payload, NOW)  # past the size: memory starts afresh
+    assert third.device == DeviceRef("mac", "aa:bb:cc:dd:ee:03")
+    assert parser.parse(topics[0], payload, NOW).labels is not first.labels
+    with pytest.raises(Rejected):  # a rejected topic is not remembered as anything
+        parser.parse("tele/f2-zz/sensor-mode/climate/sensor-room1", payload, NOW)
+    with pytest.raises(Rejected):
+        parser.parse("tele/f2-zz/sensor-mode/climate/sensor-room1", payload, NOW)

@@ -48,8 +48,10 @@ async def test_datapoint_ranges_load_from_postgres_and_ride_the_redis_cache(
     # PostgreSQL changes behind the cache: a second process still gets the ranges, from Redis.
     await pg.execute("UPDATE datapoints SET min_value = NULL, max_value = NULL")
     assert (await fresh().resolve([ref]))[ref].ranges == expected
-    # A cache entry without ranges (written before they existed) is a miss, not "no ranges".
-    await stores.redis.delete(stores.keys.device_ranges(device_id))
+    # An entry in an older worker's layout (a hash, without ranges) is a miss, not "no ranges".
+    old_layout = stores.keys.device_ref("key", "sim-json-01")
+    await stores.redis.delete(old_layout)
+    await stores.redis.hset(old_layout, mapping={"device_id": device_id, "user_id": "", "status": "active"})
     assert (await fresh().resolve([ref]))[ref].ranges == {}
 
 
@@ -112,3 +114,70 @@ async def test_registration_beyond_the_budget_raises_and_inserts_nothing(
 
     clock.now += 3600  # an hour later the device may register again
     assert "temprature" in await registry.datapoints(device, {"temprature": None})
+
+
+async def test_a_batch_of_strangers_and_their_datapoints_is_registered_at_once(
+    stores: Stores, pg: asyncpg.Connection
+) -> None:
+    clock = FakeClock()
+    registry = DeviceRegistry(
+        stores.postgres,
+        stores.redis,
+        stores.keys,
+        register_unknown=True,
+        budget=DatapointBudget(3),
+        clock=clock,
+    )
+    refs = [DeviceRef("mac", f"aa:bb:cc:00:00:{n:02x}") for n in range(50)] + [DeviceRef("key", "new-json")]
+    devices = await registry.resolve(refs)
+    assert set(devices) == set(refs)
+    stored = await pg.fetch(
+        "SELECT id, mac, device_key FROM devices WHERE id = ANY($1::int[])", [d.id for d in devices.values()]
+    )
+    assert {row["mac"] or row["device_key"] for row in stored} == {ref.value for ref in refs}
+
+    first, second = devices[refs[0]], devices[refs[1]]
+    limits = await registry.add_datapoints(
+        [
+            (first, {"room1.temperature": "°C", "room1.humidity": "%"}),
+            (second, {"a": None}),
+            (first, {"room1.humidity": "%", "room1.pressure": "hPa"}),  # one new: fits the 3
+            (first, {"room1.co2": None}),  # a fourth: over the budget, refused alone
+        ]
+    )
+    assert limits[:3] == [None, None, None]
+    assert isinstance(limits[3], DatapointLimit) and limits[3].labels == ["room1.co2"]
+    assert set(first.datapoints) == {"room1.temperature", "room1.humidity", "room1.pressure"}
+    rows = await pg.fetch(
+        "SELECT device_id, label, unit, id FROM datapoints WHERE device_id = ANY($1::int[])",
+        [first.id, second.id],
+    )
+    assert {(r["device_id"], r["label"], r["unit"]) for r in rows} == {
+        (first.id, "room1.temperature", "°C"),
+        (first.id, "room1.humidity", "%"),
+        (first.id, "room1.pressure", "hPa"),
+        (second.id, "a", None),
+    }
+    assert {r["label"]: r["id"] for r in rows if r["device_id"] == first.id} == first.datapoints
+
+    # Another process finds all of it in Redis: one hash per device, nothing else per device.
+    other = DeviceRegistry(
+        stores.postgres, stores.redis, stores.keys, register_unknown=False, budget=DatapointBudget(3)
+    )
+    again = await other.resolve(refs[:2])
+    assert again[refs[0]].datapoints == first.datapoints and again[refs[1]].datapoints == second.datapoints
+    assert await stores.redis.ttl(stores.keys.device_ref("mac", refs[0].value)) > 0
+    keys = [key.decode() async for key in stores.redis.scan_iter(f"{stores.keys.prefix}*")]
+    assert sorted(keys) == sorted(stores.keys.device_ref(ref.kind, ref.value) for ref in refs)
+
+
+async def test_the_process_cache_keeps_the_most_recently_used_devices(stores: Stores) -> None:
+    registry = DeviceRegistry(
+        stores.postgres, None, stores.keys, register_unknown=False, budget=DatapointBudget(20), cache_size=2
+    )
+    a, b, c = (DeviceRef("key", f"sim-json-0{n}") for n in (1, 2, 3))
+    first = await registry.resolve([a, b])
+    await registry.resolve([a])  # a is now the most recently used
+    await registry.resolve([c])  # so b goes
+    assert (await registry.resolve([a]))[a] is first[a]  # still the cached object
+    assert (await registry.resolve([b]))[b] is not first[b]  # read again from PostgreSQL

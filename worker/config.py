@@ -310,6 +310,14 @@ class PipelineSettings:
             doc="datapoints one device may register per hour, per worker process (`register`)",
         ),
     )
+    device_cache_size: int = field(
+        default=100_000,
+        metadata=_meta(
+            "100000",
+            _positive,
+            doc="devices (and as many topics) each worker process keeps in memory, least recently used out",
+        ),
+    )
     codecs: str = field(
         default="", metadata=_meta("/etc/iotflow/codecs.toml", doc="F2 codec file; empty: built-in")
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,6 +94,7 @@ class Pipeline:
             stores.keys,
             settings.pipeline.unknown_devices == "register",
             self.budget,
+            cache_size=settings.pipeline.device_cache_size,
         )
         limits = Limits(
             max_payload_bytes=settings.pipeline.max_payload_bytes,
@@ -132,6 +134,7 @@ class Pipeline:
             self.metrics,
             rate_limiter,
             keep_raw=bridge_raw,
+            topic_cache_size=settings.pipeline.device_cache_size,
         )
         self.writer = BatchWriter(
             self.decoded,
@@ -304,5 +307,15 @@ class Daemon:
                     return None
 
 
+# CPython's default young-generation threshold (700 allocations) collects every few dozen
+# messages; each collection promotes the batch objects still in flight (readings wait for their
+# commit) to the older generations, whose full collections then walk every cached device and
+# topic: a cost per message that grew with the fleet (docs/performance.md, "Fleet size").
+# At 50,000 a batch's objects are mostly gone before a collection looks at them.
+GC_THRESHOLDS = (50_000, 10, 10)
+
+
 async def run_daemon(settings: Settings) -> ExitCode:
+    gc.freeze()  # what start-up built (modules, settings, codecs) is never walked again
+    gc.set_threshold(*GC_THRESHOLDS)
     return await Daemon(settings).run()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import struct
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
@@ -62,29 +62,71 @@ class CodecField:
         return [flag for flag, _ in self.flags] if self.flags else [self.name]
 
 
+# One step of a compiled codec: (position of the raw value in the unpacked tuple, scale, add,
+# divisor, decimals, low, high, flag bits or ()). Built once per codec. An integer field whose
+# scale and offset are decimals (0.01, -40) has them as integers over `divisor` (1, -4000 over
+# 100): `(raw * 1 - 4000) / 100` is exact integer arithmetic and one correctly rounded division,
+# the double nearest the true value, which is what `round(raw * scale + add, decimals)` finds
+# the slow way. Other fields have divisor 0 and are rounded.
+_Step = tuple[int, float, float, int, int, float, float, tuple[int, ...]]
+_EXACT_DECIMALS_MAX = 15  # beyond, integers over 10**decimals could leave a double's 53 bits
+
+
 @dataclass(frozen=True, slots=True)
 class Codec:
     name: str
     length: int
     fields: tuple[CodecField, ...]
+    # Compiled at construction, so a frame costs one or two `unpack_from` calls and a loop
+    # over plain tuples: no Struct, range or label built per message.
+    labels: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _units: tuple[str | None, ...] = field(init=False, repr=False, compare=False)
+    _runs: tuple[tuple[struct.Struct, int], ...] = field(init=False, repr=False, compare=False)
+    _steps: tuple[_Step, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        runs, positions = _compile_runs(self.fields)
+        steps = []
+        for f, position in zip(self.fields, positions, strict=True):
+            low = -math.inf if f.minimum is None else float(f.minimum)
+            high = math.inf if f.maximum is None else float(f.maximum)
+            bits = tuple(bit for _, bit in f.flags)
+            scale, add, divisor = _exact(f)
+            steps.append((position, scale, add, divisor, f.decimals, low, high, bits))
+        object.__setattr__(self, "labels", tuple(label for f in self.fields for label in f.labels()))
+        object.__setattr__(self, "_units", tuple(f.unit for f in self.fields for _ in f.labels()))
+        object.__setattr__(self, "_runs", runs)
+        object.__setattr__(self, "_steps", tuple(steps))
+
+    def decode_values(self, frame: bytes) -> list[float]:
+        """The values of `labels`, in order; raise FrameError on a bad frame."""
+        if len(frame) != self.length:
+            raise FrameError(f"codec {self.name} expects {self.length} bytes, got {len(frame)}")
+        runs = self._runs
+        raws = runs[0][0].unpack_from(frame, runs[0][1])
+        for run, offset in runs[1:]:
+            raws += run.unpack_from(frame, offset)
+        values: list[float] = []
+        for index, (position, scale, add, divisor, decimals, low, high, bits) in enumerate(self._steps):
+            raw = raws[position]
+            if bits:
+                values.extend(float((raw >> bit) & 1) for bit in bits)
+                continue
+            if divisor:
+                value = (raw * scale + add) / divisor
+            else:
+                value = round(raw * scale + add, decimals)
+                if not math.isfinite(value):
+                    raise FrameError(f"{self.fields[index].name} is not a finite number")
+            if not low <= value <= high:
+                f = self.fields[index]
+                raise OutOfRange(f"{f.name}={format_number(value)} outside {f.range}")
+            values.append(value)
+        return values
 
     def decode(self, frame: bytes) -> list[tuple[str, float]]:
         """Return (field or flag name, value) pairs; raise FrameError on a bad frame."""
-        if len(frame) != self.length:
-            raise FrameError(f"codec {self.name} expects {self.length} bytes, got {len(frame)}")
-        values: list[tuple[str, float]] = []
-        for f in self.fields:
-            (raw,) = f.struct.unpack_from(frame, f.offset)
-            if f.flags:
-                values.extend((flag, float((int(raw) >> bit) & 1)) for flag, bit in f.flags)
-                continue
-            value = round(raw * f.scale + f.add, f.decimals)
-            if not math.isfinite(value):
-                raise FrameError(f"{f.name} is not a finite number")
-            if not f.range.contains(value):
-                raise OutOfRange(f"{f.name}={format_number(value)} outside {f.range}")
-            values.append((f.name, value))
-        return values
+        return list(zip(self.labels, self.decode_values(frame), strict=True))
 
     def encode(self, values: dict[str, float]) -> bytes:
         """Build a frame from field (or flag) values; the simulator's half of the contract."""
@@ -100,7 +142,37 @@ class Codec:
         return bytes(frame)
 
     def units(self) -> dict[str, str | None]:
-        return {label: f.unit for f in self.fields for label in f.labels()}
+        return dict(zip(self.labels, self._units, strict=True))
+
+    def unit_list(self) -> tuple[str | None, ...]:
+        """The unit of each of `labels`, in order."""
+        return self._units
+
+
+def _compile_runs(fields: tuple[CodecField, ...]) -> tuple[tuple[tuple[struct.Struct, int], ...], list[int]]:
+    """Group fields into runs that one Struct unpacks (ascending, non-overlapping, one byte
+    order, gaps as pad bytes), and say where each field's raw value lands in the
+    concatenated result. The built-in codecs are one run each."""
+    order = sorted(range(len(fields)), key=lambda i: fields[i].offset)
+    runs: list[tuple[str, int, list[str]]] = []  # (byte order, start offset, format codes)
+    ends: list[int] = []
+    position = [0] * len(fields)
+    for count, i in enumerate(order):
+        f = fields[i]
+        fmt = _STRUCT_FORMATS[f.type]
+        size = struct.calcsize(fmt)
+        byte_order = fmt[0] if size > 1 else ""
+        if runs and f.offset >= ends[-1] and byte_order in ("", runs[-1][0] or byte_order):
+            current_order, start, codes = runs[-1]
+            codes.append("x" * (f.offset - ends[-1]) + fmt[1])
+            runs[-1] = (current_order or byte_order, start, codes)
+        else:
+            runs.append((byte_order, f.offset, [fmt[1]]))
+            ends.append(0)
+        ends[-1] = f.offset + size
+        position[i] = count
+    compiled = tuple((struct.Struct((o or ">") + "".join(c)), start) for o, start, c in runs)
+    return compiled, position
 
 
 def builtin_codec_path() -> Path:
@@ -180,6 +252,14 @@ def _parse_field(where: str, length: int, spec: Any) -> CodecField:
         flags=tuple(sorted(flags.items(), key=lambda item: item[1])),
         decimals=_decimals(numbers.get("scale", 1.0), numbers.get("offset_value", 0.0)),
     )
+
+
+def _exact(f: CodecField) -> tuple[float, float, int]:
+    """(scale, add, divisor) of a compiled step: integers over 10**decimals where exact."""
+    if f.type.startswith("float") or f.decimals > _EXACT_DECIMALS_MAX:
+        return f.scale, f.add, 0
+    scale, add = (Decimal(repr(n)).scaleb(f.decimals) for n in (f.scale, f.add))
+    return int(scale), int(add), 10**f.decimals
 
 
 def _decimals(*numbers: float) -> int:

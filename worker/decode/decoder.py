@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from itertools import repeat
 
 from schemas.records import (
     DEAD_LETTER_REASON_CHARS,
@@ -16,10 +17,10 @@ from schemas.records import (
     TextReading,
 )
 from worker.decode.codecs import Codec
-from worker.decode.parse import DeviceRef, Limits, ParsedMessage, ParsedReading, Rejected, parse_message
+from worker.decode.parse import TOPIC_CACHE_MAX, DeviceRef, Limits, MessageParser, ParsedMessage, Rejected
 from worker.decode.ranges import ValueRange, format_number
 from worker.decode.ratelimit import RateLimiter
-from worker.decode.registry import DatapointLimit, Device, DeviceRegistry
+from worker.decode.registry import Device, DeviceRegistry
 from worker.metrics import Metrics
 from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
@@ -40,12 +41,12 @@ class Decoder(MailboxActor[RawMessage]):
         metrics: Metrics,
         rate_limiter: RateLimiter | None = None,
         keep_raw: bool = False,
+        topic_cache_size: int = TOPIC_CACHE_MAX,
     ) -> None:
         super().__init__(mailbox)
         self._keep_raw = keep_raw  # the Kafka bridge publishes the messages as received
         self._downstream = downstream
-        self._codecs = codecs
-        self._limits = limits
+        self._parser = MessageParser(codecs, limits, topic_cache_size)
         self._registry = registry
         self._metrics = metrics
         self._rate_limiter = rate_limiter if rate_limiter is not None and rate_limiter.enabled else None
@@ -61,25 +62,16 @@ class Decoder(MailboxActor[RawMessage]):
 
     async def _decode(self, items: list[RawMessage]) -> DecodedBatch:
         batch = DecodedBatch(messages=len(items), raw=list(items) if self._keep_raw else [])
+        parse = self._parser.parse
+        acks = batch.acks
         parsed: list[tuple[RawMessage, ParsedMessage]] = []
         for message in items:
-            batch.acks.append(message.ack)
+            acks.append(message.ack)
             if message.rejected:
                 batch.dead_letters.append(_dead(message, Reason.BAD_ENVELOPE, message.rejected))
                 continue
             try:
-                parsed.append(
-                    (
-                        message,
-                        parse_message(
-                            message.topic,
-                            message.payload,
-                            message.received_at,
-                            self._codecs,
-                            self._limits,
-                        ),
-                    )
-                )
+                parsed.append((message, parse(message.topic, message.payload, message.received_at)))
             except Rejected as exc:
                 batch.dead_letters.append(_dead(message, exc.reason, exc.detail))
         if parsed:
@@ -87,18 +79,17 @@ class Decoder(MailboxActor[RawMessage]):
         return batch
 
     async def _resolve(self, parsed: list[tuple[RawMessage, ParsedMessage]], batch: DecodedBatch) -> None:
+        """Devices are resolved once for the batch, and every datapoint it lacks is looked up
+        (or registered) in one go; then each message becomes readings or a dead letter."""
         devices = await self._registry.resolve({p.device for _, p in parsed})
         allowance = await self._allowance(parsed, devices)
+        accepted: list[tuple[RawMessage, ParsedMessage, Device, list[int] | None]] = []
+        requests: list[tuple[Device, dict[str, str | None]]] = []
         for message, result in parsed:
             device = devices.get(result.device)
             if device is None:
-                batch.dead_letters.append(
-                    _dead(
-                        message,
-                        Reason.UNKNOWN_DEVICE,
-                        f"{result.device.kind} {result.device.value} is not in devices",
-                    )
-                )
+                detail = f"{result.device.kind} {result.device.value} is not in devices"
+                batch.dead_letters.append(_dead(message, Reason.UNKNOWN_DEVICE, detail))
                 continue
             if device.status == "disabled":
                 batch.dead_letters.append(_dead(message, Reason.DEVICE_DISABLED, f"device {device.id}"))
@@ -112,42 +103,46 @@ class Decoder(MailboxActor[RawMessage]):
                     continue
                 allowance[device.id] -= 1
             known = device.datapoints
-            if all(r.label in known for r in result.readings):
-                ids = known  # the common case: no await, no dict built
-            else:
-                try:
-                    ids = await self._registry.datapoints(device, {r.label: r.unit for r in result.readings})
-                except DatapointLimit as exc:
+            try:
+                ids: list[int] | None = [known[label] for label in result.labels]
+            except KeyError:
+                ids = None  # the rare case: a label this process has not seen on the device
+                units = result.units or [None] * len(result.labels)
+                requests.append((device, dict(zip(result.labels, units, strict=True))))
+            accepted.append((message, result, device, ids))
+        limits = iter(await self._registry.add_datapoints(requests) if requests else ())
+        readings = batch.readings
+        users = batch.device_users
+        for message, result, device, ids in accepted:
+            if ids is None:
+                limit = next(limits)
+                if limit is not None:
                     batch.dead_letters.append(
-                        _dead(message, Reason.DATAPOINT_LIMIT, f"{exc} on device {device.id}")
+                        _dead(message, Reason.DATAPOINT_LIMIT, f"{limit} on device {device.id}")
                     )
                     continue
-            unknown = [r.label for r in result.readings if r.label not in ids]
-            if unknown:
-                # All or nothing per message, so a redelivery never half-succeeds differently.
-                batch.dead_letters.append(
-                    _dead(message, Reason.UNKNOWN_DATAPOINT, f"{', '.join(unknown)} on device {device.id}")
+                known = device.datapoints
+                unknown = [label for label in result.labels if label not in known]
+                if unknown:
+                    # All or nothing per message, so a redelivery never half-succeeds differently.
+                    detail = f"{', '.join(unknown)} on device {device.id}"
+                    batch.dead_letters.append(_dead(message, Reason.UNKNOWN_DATAPOINT, detail))
+                    continue
+                ids = [known[label] for label in result.labels]
+            if device.ranges:
+                implausible = _out_of_range(result, device.ranges)
+                if implausible:
+                    # Also the whole message: a sensor this broken spoils the frame it is in.
+                    detail = f"{implausible} on device {device.id}"
+                    batch.dead_letters.append(_dead(message, Reason.OUT_OF_RANGE, detail))
+                    continue
+            users[device.id] = device.user_id
+            if result.texts is None:
+                readings.extend(
+                    map(Reading, result.timestamps, repeat(device.id), ids, result.values, result.labels)
                 )
-                continue
-            implausible = _out_of_range(result.readings, device.ranges)
-            if implausible:
-                # Also the whole message: a sensor this broken spoils the frame it is in.
-                batch.dead_letters.append(
-                    _dead(message, Reason.OUT_OF_RANGE, f"{implausible} on device {device.id}")
-                )
-                continue
-            batch.device_users[device.id] = device.user_id
-            batch.readings.extend(
-                Reading(r.timestamp, device.id, ids[r.label], r.value, r.label)
-                for r in result.readings
-                if r.text is None
-            )
-            if self._limits.keep_text:
-                batch.texts.extend(
-                    TextReading(r.timestamp, device.id, ids[r.label], text, r.label)
-                    for r in result.readings
-                    if (text := r.text) is not None
-                )
+            else:
+                _split_texts(batch, result, device.id, ids)
             if result.skipped:
                 batch.dead_letters.append(_dead(message, Reason.SKIPPED_FIELDS, "; ".join(result.skipped)))
 
@@ -169,15 +164,26 @@ class Decoder(MailboxActor[RawMessage]):
         return f"device {device_id} is over {self._rate_limiter.describe()}"
 
 
-def _out_of_range(readings: list[ParsedReading], ranges: dict[str, ValueRange]) -> str:
+def _out_of_range(result: ParsedMessage, ranges: dict[str, ValueRange]) -> str:
     """What lies outside its datapoint's range, as `label=value outside [min, max]`; "" if nothing."""
-    if not ranges:
-        return ""  # most devices: no ranges, no loop
+    texts = result.texts or [None] * len(result.labels)
     return "; ".join(
-        f"{r.label}={format_number(r.value)} outside {ranges[r.label]}"
-        for r in readings
-        if r.label in ranges and r.text is None and not ranges[r.label].contains(r.value)
+        f"{label}={format_number(value)} outside {ranges[label]}"
+        for label, value, text in zip(result.labels, result.values, texts, strict=True)
+        if label in ranges and text is None and not ranges[label].contains(value)
     )
+
+
+def _split_texts(batch: DecodedBatch, result: ParsedMessage, device_id: int, ids: list[int]) -> None:
+    """A message with string or boolean values (Limits.keep_text): numbers to `readings`,
+    the rest to `texts`."""
+    assert result.texts is not None
+    columns = zip(result.timestamps, ids, result.values, result.labels, result.texts, strict=True)
+    for timestamp, datapoint_id, value, label, text in columns:
+        if text is None:
+            batch.readings.append(Reading(timestamp, device_id, datapoint_id, value, label))
+        else:
+            batch.texts.append(TextReading(timestamp, device_id, datapoint_id, text, label))
 
 
 def _dead(message: RawMessage, reason: Reason, detail: str) -> DeadLetter:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import binascii
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
 from schemas.records import Reason
 from worker.decode.codecs import Codec, FrameError, OutOfRange
+
+_T = TypeVar("_T")
 
 
 class Rejected(Exception):
@@ -27,31 +30,34 @@ class Rejected(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceRef:
+class DeviceRef(NamedTuple):
+    """A device as a topic names it. A tuple, so hashing it (once per message) stays in C."""
+
     kind: str  # "mac" (F2 controllers) or "key" (devices/{device_key}/telemetry)
     value: str
 
 
 @dataclass(slots=True)
-class ParsedReading:
-    label: str
-    value: float
-    timestamp: datetime
-    unit: str | None = None
-    text: str | None = None  # a string or boolean value (Limits.keep_text); `value` is then 0
-
-
-@dataclass(slots=True)
 class ParsedMessage:
+    """A message's readings as parallel columns: `labels[i]` measured `values[i]` at
+    `timestamps[i]`. An F2 message's `labels` and `units` are its topic's tuples, shared by
+    every message on that topic, so a frame allocates only its values."""
+
     device: DeviceRef
-    readings: list[ParsedReading]
+    labels: Sequence[str]
+    values: list[float]
+    timestamps: list[datetime]
+    units: Sequence[str | None] | None = None  # F2: the codec's; JSON telemetry has none
     skipped: list[str] = field(default_factory=list)  # fields dropped, with why
+    # Only with Limits.keep_text, parallel to `labels`: a string or boolean value where not
+    # None (`values[i]` is then 0.0). None, the common case, means every value is a number.
+    texts: list[str | None] | None = None
 
 
 MAX_LABEL_LENGTH = 128  # a datapoint label, as stored in `datapoints.label`
 F2_KEYS = ("timestamp", "data")  # all an F2 payload has, and all it must have
 F2_SHAPE = 'expected exactly {"timestamp": …, "data": "<hex>"}'
+TOPIC_CACHE_MAX = 100_000  # default of the topics remembered by a MessageParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,15 @@ class Limits:
     keep_text: bool = False
 
 
+class _F2Topic(NamedTuple):
+    """What an F2 topic says, worked out once: device, codec, and the labels `{label}.{name}`."""
+
+    device: DeviceRef
+    codec: Codec
+    labels: tuple[str, ...]
+    units: tuple[str | None, ...]
+
+
 def normalise_mac(text: str) -> str:
     """`AA-BB-CC-DD-EE-01`, `aabbccddee01` … → `aa:bb:cc:dd:ee:01`; Rejected otherwise."""
     digits = "".join(ch for ch in text.lower() if ch not in ":-.")
@@ -72,22 +87,53 @@ def normalise_mac(text: str) -> str:
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
+class MessageParser:
+    """Parses messages, remembering what each topic it has seen says (a device keeps its
+    topics): after the first message, a topic costs one dict lookup. Rejected topics are not
+    remembered; past `cache_size` topics the memory starts afresh."""
+
+    def __init__(self, codecs: dict[str, Codec], limits: Limits, cache_size: int = TOPIC_CACHE_MAX) -> None:
+        self._codecs = codecs
+        self._limits = limits
+        self._cache_size = cache_size
+        self._f2: dict[str, _F2Topic] = {}
+        self._json: dict[str, DeviceRef] = {}
+
+    def parse(self, topic: str, payload: bytes, received_at: float) -> ParsedMessage:
+        limits = self._limits
+        if len(payload) > limits.max_payload_bytes:
+            raise Rejected(Reason.TOO_LARGE, f"{len(payload)} bytes > {limits.max_payload_bytes}")
+        f2 = self._f2.get(topic)
+        if f2 is not None:
+            return _parse_f2(f2, payload, received_at, limits)
+        device = self._json.get(topic)
+        if device is not None:
+            return _parse_json_telemetry(device, payload, received_at, limits)
+        levels = topic.split("/")
+        if len(levels) == 5 and levels[0] in ("tele", "stat"):
+            f2 = self._remember(self._f2, topic, _f2_topic(levels, self._codecs))
+            return _parse_f2(f2, payload, received_at, limits)
+        if len(levels) == 3 and levels[0] == "devices" and levels[2] == "telemetry" and levels[1]:
+            device = self._remember(self._json, topic, DeviceRef("key", levels[1]))
+            return _parse_json_telemetry(device, payload, received_at, limits)
+        raise Rejected(Reason.UNSUPPORTED_TOPIC, f"{topic!r} matches no SPEC §2 topic layout")
+
+    def _remember(self, cache: dict[str, _T], topic: str, value: _T) -> _T:
+        if len(self._f2) + len(self._json) >= self._cache_size:
+            self._f2.clear()  # a flood of distinct topics: forget them, at the cost of parsing
+            self._json.clear()
+        cache[topic] = value
+        return value
+
+
 def parse_message(
     topic: str, payload: bytes, received_at: float, codecs: dict[str, Codec], limits: Limits
 ) -> ParsedMessage:
-    if len(payload) > limits.max_payload_bytes:
-        raise Rejected(Reason.TOO_LARGE, f"{len(payload)} bytes > {limits.max_payload_bytes}")
-    levels = topic.split("/")
-    if len(levels) == 5 and levels[0] in ("tele", "stat"):
-        return _parse_f2(levels, payload, received_at, codecs, limits)
-    if len(levels) == 3 and levels[0] == "devices" and levels[2] == "telemetry" and levels[1]:
-        return _parse_json_telemetry(levels[1], payload, received_at, limits)
-    raise Rejected(Reason.UNSUPPORTED_TOPIC, f"{topic!r} matches no SPEC §2 topic layout")
+    """One message, without a parser's topic memory (tests, one-off tools)."""
+    return MessageParser(codecs, limits).parse(topic, payload, received_at)
 
 
-def _parse_f2(
-    levels: list[str], payload: bytes, received_at: float, codecs: dict[str, Codec], limits: Limits
-) -> ParsedMessage:
+def _f2_topic(levels: list[str], codecs: dict[str, Codec]) -> _F2Topic:
     _, device_level, mode_level, mode, sensor_level = levels
     if not device_level.startswith("f2-") or mode_level != "sensor-mode":
         raise Rejected(Reason.BAD_TOPIC, "expected {tele|stat}/f2-{mac}/sensor-mode/{mode}/sensor-{label}")
@@ -98,10 +144,19 @@ def _parse_f2(
     codec = codecs.get(mode)
     if codec is None:
         raise Rejected(Reason.UNKNOWN_CODEC, f"no codec for sensor mode {mode!r}")
+    labels = tuple(f"{label}.{name}" for name in codec.labels)
+    return _F2Topic(DeviceRef("mac", mac), codec, labels, codec.unit_list())
+
+
+def _parse_f2(topic: _F2Topic, payload: bytes, received_at: float, limits: Limits) -> ParsedMessage:
     document = _load_json(payload)
-    if not isinstance(document, dict):
-        raise Rejected(Reason.BAD_PAYLOAD, F2_SHAPE)
-    _check_f2_keys(document)
+    if (
+        type(document) is not dict
+        or len(document) != 2
+        or "data" not in document
+        or "timestamp" not in document
+    ):
+        _check_f2_document(document)
     data = document["data"]
     if not isinstance(data, str):
         raise Rejected(Reason.BAD_PAYLOAD, "`data` must be a hex string")
@@ -109,21 +164,21 @@ def _parse_f2(
         frame = binascii.unhexlify(data)
     except (binascii.Error, ValueError):
         raise Rejected(Reason.BAD_HEX, f"`data` is not hex: {data[:40]!r}") from None
-    timestamp = parse_timestamp(document.get("timestamp"), received_at, limits)
+    timestamp = parse_timestamp(document["timestamp"], received_at, limits)
     try:
-        values = codec.decode(frame)
+        values = topic.codec.decode_values(frame)
     except OutOfRange as exc:
         raise Rejected(Reason.OUT_OF_RANGE, str(exc)) from None
     except FrameError as exc:
         raise Rejected(Reason.BAD_FRAME, str(exc)) from None
-    units = codec.units()
-    readings = [ParsedReading(f"{label}.{name}", value, timestamp, units[name]) for name, value in values]
-    return ParsedMessage(DeviceRef("mac", mac), readings)
+    return ParsedMessage(topic.device, topic.labels, values, [timestamp] * len(values), topic.units)
 
 
-def _check_f2_keys(document: dict[str, Any]) -> None:
+def _check_f2_document(document: Any) -> None:
     """Exactly `timestamp` and `data`: a misspelt `timestaCp` must not read as "no timestamp",
     which would store the frame at the receive time without a word."""
+    if not isinstance(document, dict):
+        raise Rejected(Reason.BAD_PAYLOAD, F2_SHAPE)
     unexpected = [key for key in document if key not in F2_KEYS]
     if unexpected:
         names = ", ".join(repr(key[:40]) for key in unexpected[:5])  # bounded, whatever the payload
@@ -134,44 +189,56 @@ def _check_f2_keys(document: dict[str, Any]) -> None:
 
 
 def _parse_json_telemetry(
-    device_key: str, payload: bytes, received_at: float, limits: Limits
+    device: DeviceRef, payload: bytes, received_at: float, limits: Limits
 ) -> ParsedMessage:
     document = _load_json(payload)
     entries = document if isinstance(document, list) else [document]
     if not entries:
         raise Rejected(Reason.BAD_PAYLOAD, "empty list")
-    message = ParsedMessage(DeviceRef("key", device_key), [])
+    labels: list[str] = []
+    values: list[float] = []
+    timestamps: list[datetime] = []
+    skipped: list[str] = []
+    texts: list[str | None] | None = None
     for entry in entries:
         if not isinstance(entry, dict):
             raise Rejected(Reason.BAD_PAYLOAD, "telemetry must be an object or a list of objects")
         if "values" in entry:
-            values = entry["values"]
-            if not isinstance(values, dict):
+            fields = entry["values"]
+            if not isinstance(fields, dict):
                 raise Rejected(Reason.BAD_PAYLOAD, "`values` must be an object")
             timestamp = parse_timestamp(entry.get("ts"), received_at, limits)
         else:
-            values = entry
+            fields = entry
             timestamp = parse_timestamp(None, received_at, limits)
-        for name, value in values.items():
+        for name, value in fields.items():
             if not 0 < len(name) <= MAX_LABEL_LENGTH or "\x00" in name:
-                message.skipped.append(f"{name[:40]!r}: not a usable measurement name")
+                skipped.append(f"{name[:40]!r}: not a usable measurement name")
                 continue
             if limits.keep_text and isinstance(value, str | bool):
-                text = ("true" if value else "false") if isinstance(value, bool) else value
-                message.readings.append(ParsedReading(name, 0.0, timestamp, text=text))
+                if texts is None:
+                    texts = [None] * len(values)
+                texts.append(("true" if value else "false") if isinstance(value, bool) else value)
+                labels.append(name)
+                values.append(0.0)
+                timestamps.append(timestamp)
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 # decoded_data keeps numbers only (SPEC §2): say so rather than coerce.
-                message.skipped.append(f"{name}: {type(value).__name__} value, only numbers are stored")
+                skipped.append(f"{name}: {type(value).__name__} value, only numbers are stored")
                 continue
             if not math.isfinite(value):
-                message.skipped.append(f"{name}: not a finite number")
+                skipped.append(f"{name}: not a finite number")
                 continue
-            message.readings.append(ParsedReading(name, float(value), timestamp))
-    if not message.readings:
-        detail = "; ".join(message.skipped) or "no values"
+            labels.append(name)
+            values.append(float(value))
+            timestamps.append(timestamp)
+            if texts is not None:
+                texts.append(None)
+    if not values:
+        detail = "; ".join(skipped) or "no values"
         raise Rejected(Reason.NO_NUMERIC_VALUES, detail)
-    return message
+    return ParsedMessage(device, labels, values, timestamps, None, skipped, texts)
 
 
 def _load_json(payload: bytes) -> Any:
@@ -194,14 +261,14 @@ def parse_timestamp(value: Any, received_at: float, limits: Limits) -> datetime:
             raise Rejected(Reason.BAD_TIMESTAMP, "not a finite number")
     elif isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            parsed = datetime.fromisoformat(value)  # Python 3.11 reads `Z` too
         except ValueError:
             raise Rejected(Reason.BAD_TIMESTAMP, f"{value[:40]!r} is not ISO-8601") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)  # devices without a zone report UTC
         try:
             epoch = parsed.timestamp()
-            exact = parsed.astimezone(UTC)
+            exact = parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)
         except (OverflowError, ValueError):  # year 1 or 9999 pushed past the range by its zone
             raise Rejected(Reason.BAD_TIMESTAMP, f"{value[:40]!r} is out of range") from None
     else:

@@ -1,24 +1,25 @@
 """Device metadata: MAC or device key → device, label → datapoint, cached twice.
 
-Lookups go process cache → Redis (`device:mac:{mac}` / `device:key:{key}` hashes
-{device_id, user_id, status}, `device:datapoints:{device_id}` label → id and
-`device:ranges:{device_id}` label → [min, max], 1 h TTL, shared by every worker) →
-PostgreSQL, which is the source of truth. Misses
-are fetched for a whole batch at once. A device PostgreSQL does not know is
-remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs one query
-per period, not one per message.
+Lookups go process cache (an LRU of `pipeline.device_cache_size` devices) → Redis
+(one JSON string per `device:mac:{mac}` / `device:key:{key}`: device_id, user_id,
+status, datapoints and ranges, 1 h TTL, shared by every worker) → PostgreSQL, which
+is the source of truth. Everything is done for a whole batch at once: one MGET, one
+query for the misses, one INSERT for the strangers and one for the datapoints the
+batch brings (`add_datapoints`), one script call writing the cache. A device PostgreSQL does
+not know is remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs
+one query per period, not one per message.
 
 Unknown devices are rejected (`reject`, the default) or inserted with their
 datapoints (`register`); a known device's unknown label follows the same policy,
 up to `pipeline.max_new_datapoints_per_hour` new datapoints per device and hour
-(`DatapointBudget`), past which `datapoints` raises `DatapointLimit`.
+(`DatapointBudget`), past which a message's labels are refused (`DatapointLimit`).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +34,7 @@ from worker.stores.keys import RedisKeys
 CACHE_TTL_S = 3600
 NEGATIVE_TTL_S = 30.0
 NEGATIVE_CACHE_MAX = 100_000  # strangers remembered at once; past it, expired ones are purged
-# A field of every `device:ranges:{id}` hash, so "no ranges" differs from "written by a
-# worker that predates ranges" (a miss). No label can collide: PostgreSQL text holds no NUL.
-RANGES_WRITTEN = b"\x00"
+DEVICE_CACHE_SIZE = 100_000  # default of `pipeline.device_cache_size`: devices kept in the process
 BUDGET_WINDOW_S = 3600.0
 BUDGET_DEVICES_MAX = 100_000  # devices tracked at once; past it, those idle for an hour are dropped
 
@@ -59,6 +58,7 @@ class Device:
     ranges: dict[str, ValueRange] = field(default_factory=dict)  # only labels with a bound
     unknown_labels: dict[str, float] = field(default_factory=dict)  # label → monotonic expiry
     refused_labels: dict[str, float] = field(default_factory=dict)  # over the budget, until expiry
+    refs: set[DeviceRef] = field(default_factory=set)  # how topics named it: its Redis cache entries
 
     def absorb(self, rows: Iterable[asyncpg.Record]) -> None:
         """Take datapoint rows (label, id, min_value, max_value) from PostgreSQL."""
@@ -120,25 +120,32 @@ class DeviceRegistry:
         register_unknown: bool,
         budget: DatapointBudget,
         clock: Callable[[], float] = time.monotonic,
+        cache_size: int = DEVICE_CACHE_SIZE,
     ) -> None:
         self._pool = pool
         self._redis = redis
+        self._set_entries = redis.register_script(_SET_ENTRIES) if redis is not None else None
         self._keys = keys
         self._register = register_unknown
         self._budget = budget
         self._clock = clock
-        self._devices: dict[DeviceRef, Device] = {}
+        self._cache_size = cache_size
+        self._devices: OrderedDict[DeviceRef, Device] = OrderedDict()  # least recently used first
         self._unknown: dict[DeviceRef, float] = {}  # ref → monotonic expiry
+        self._fresh: set[int] = set()  # devices the last `resolve` read from PostgreSQL
 
     async def resolve(self, refs: Iterable[DeviceRef]) -> dict[DeviceRef, Device]:
         """Known devices among `refs` (registering strangers when the policy says so)."""
         now = self._clock()
+        cached = self._devices
         found = {}
         wanted = set()
+        self._fresh = set()
         for ref in refs:
-            device = self._devices.get(ref)
+            device = cached.get(ref)
             if device is not None:
                 found[ref] = device
+                cached.move_to_end(ref)
             elif self._unknown.get(ref, 0.0) <= now:
                 wanted.add(ref)
         if not wanted:
@@ -147,14 +154,17 @@ class DeviceRegistry:
         missing = wanted - loaded.keys()
         if missing:
             from_db = await self._load_from_postgres(missing)
-            if self._register and missing - from_db.keys():
-                await self._insert_devices(missing - from_db.keys())
-                from_db = await self._load_from_postgres(missing)
-            await self._store_in_redis(from_db)
+            strangers = missing - from_db.keys()
+            if self._register and strangers:
+                from_db.update(await self._insert_devices(strangers))
+            self._fresh = {device.id for device in from_db.values()}
+            await self._store_in_redis(from_db.values())
             loaded.update(from_db)
             for ref in missing - from_db.keys():
                 _remember_unknown(self._unknown, ref, now)
-        self._devices.update(loaded)
+        cached.update(loaded)
+        while len(cached) > self._cache_size:
+            cached.popitem(last=False)
         found.update(loaded)
         return found
 
@@ -163,45 +173,96 @@ class DeviceRegistry:
 
         Registers all of a call's new labels or none: DatapointLimit when they do not fit the
         device's budget (and for the next NEGATIVE_TTL_S, without a query)."""
-        now = self._clock()
-        refused = sorted(label for label in labels if device.refused_labels.get(label, 0.0) > now)
-        if refused:
-            raise DatapointLimit(refused, self._budget.limit)
-        absent = {
-            label: unit
-            for label, unit in labels.items()
-            if label not in device.datapoints and device.unknown_labels.get(label, 0.0) <= now
-        }
-        if absent:
-            # Someone may have added them since we cached the device: look again first.
-            device.absorb(await self._fetch_datapoints(device.id))
-            absent = {label: unit for label, unit in absent.items() if label not in device.datapoints}
-            if absent and self._register:
-                if not self._budget.fits(device.id, len(absent)):
-                    for label in absent:
-                        _remember_unknown(device.refused_labels, label, now)
-                    raise DatapointLimit(sorted(absent), self._budget.limit)
-                async with self._pool.acquire() as conn:
-                    await conn.executemany(
-                        "INSERT INTO datapoints (device_id, label, unit) VALUES ($1, $2, $3) "
-                        "ON CONFLICT (device_id, label) DO NOTHING",
-                        [(device.id, label, unit) for label, unit in absent.items()],
-                    )
-                # Spent only once inserted: a retried batch (store outage) is not charged twice.
-                self._budget.spend(device.id, len(absent))
-                device.absorb(await self._fetch_datapoints(device.id))
-            for label in absent.keys() - device.datapoints.keys():
-                _remember_unknown(device.unknown_labels, label, now)
-            if self._redis is not None:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    self._cache_datapoints(pipe, device)
-                    await pipe.execute()
+        (limit,) = await self.add_datapoints([(device, labels)])
+        if limit is not None:
+            raise limit
         return {label: device.datapoints[label] for label in labels if label in device.datapoints}
+
+    async def add_datapoints(
+        self, requests: Sequence[tuple[Device, Mapping[str, str | None]]]
+    ) -> list[DatapointLimit | None]:
+        """Look up (and under `register`, insert) the labels of many messages at once.
+
+        `requests` holds each message's device and labels (label → unit), in arrival order;
+        each is judged as `datapoints` would judge it after the ones before it, but the whole
+        batch costs one SELECT, one INSERT and one Redis call. Found ids land in
+        `device.datapoints`; the answer says, per request, whether it went over the budget."""
+        now = self._clock()
+        stale = {}  # devices whose datapoints PostgreSQL may know better than this process
+        for device, labels in requests:
+            if device.id not in stale and _absent(device, labels, now):
+                stale[device.id] = device
+        if not stale:
+            return [self._refused(device, labels, now) for device, labels in requests]
+        recheck = [device_id for device_id in stale if device_id not in self._fresh]
+        if recheck:
+            # Someone may have added them since we cached the device: look again first.
+            await self._refresh(recheck, stale)
+        results: list[DatapointLimit | None] = []
+        planned: dict[int, dict[str, str | None]] = {}
+        for device, labels in requests:
+            refused = self._refused(device, labels, now)
+            if refused is not None or not self._register:
+                results.append(refused)
+                continue
+            plan = planned.setdefault(device.id, {})
+            new = {label: unit for label, unit in _absent(device, labels, now).items() if label not in plan}
+            if new and not self._budget.fits(device.id, len(plan) + len(new)):
+                for label in new:
+                    _remember_unknown(device.refused_labels, label, now)
+                results.append(DatapointLimit(sorted(new), self._budget.limit))
+                continue
+            plan.update(new)
+            results.append(None)
+        if any(planned.values()):
+            await self._insert_datapoints(planned, stale)
+        for device, labels in requests:
+            if labels.keys() - device.datapoints.keys():  # rare: a label still unknown
+                for label in _absent(device, labels, now):
+                    _remember_unknown(device.unknown_labels, label, now)
+        await self._store_in_redis(stale.values())
+        return results
+
+    def _refused(self, device: Device, labels: Mapping[str, str | None], now: float) -> DatapointLimit | None:
+        refused = sorted(label for label in labels if device.refused_labels.get(label, 0.0) > now)
+        return DatapointLimit(refused, self._budget.limit) if refused else None
+
+    async def _refresh(self, device_ids: list[int], devices: dict[int, Device]) -> None:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT device_id, label, id, min_value, max_value FROM datapoints "
+                "WHERE device_id = ANY($1::int[])",
+                device_ids,
+            )
+        for row in rows:
+            devices[row["device_id"]].absorb([row])
+
+    async def _insert_datapoints(
+        self, planned: dict[int, dict[str, str | None]], devices: dict[int, Device]
+    ) -> None:
+        device_ids = [device_id for device_id, plan in planned.items() for _ in plan]
+        labels = [label for plan in planned.values() for label in plan]
+        units = [unit for plan in planned.values() for unit in plan.values()]
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_INSERT_DATAPOINTS, device_ids, labels, units)
+            if len(rows) < len(labels):  # another worker inserted some first: read those back
+                rows = await conn.fetch(
+                    "SELECT device_id, label, id, min_value, max_value FROM datapoints "
+                    "WHERE device_id = ANY($1::int[])",
+                    list(planned),
+                )
+        for row in rows:
+            devices[row["device_id"]].absorb([row])
+        for device_id, plan in planned.items():
+            if plan:
+                # Spent only once inserted: a retried batch (store outage) is not charged twice.
+                self._budget.spend(device_id, len(plan))
 
     async def forget(self) -> None:
         """Drop the process cache (after an outage the database may have changed)."""
         self._devices.clear()
         self._unknown.clear()
+        self._fresh = set()
 
     def _ref_key(self, ref: DeviceRef) -> str:
         return self._keys.device_ref(ref.kind, ref.value)
@@ -210,32 +271,19 @@ class DeviceRegistry:
         if self._redis is None:
             return {}
         ordered = list(refs)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for ref in ordered:
-                pipe.hgetall(self._ref_key(ref))
-            heads = await pipe.execute()
-        hits = {ref: head for ref, head in zip(ordered, heads, strict=True) if head}
-        if not hits:
-            return {}
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for head in hits.values():
-                device_id = int(head[b"device_id"])
-                pipe.hgetall(self._keys.device_datapoints(device_id))
-                pipe.hgetall(self._keys.device_ranges(device_id))
-            replies = await pipe.execute()
+        entries = await self._redis.mget([self._ref_key(ref) for ref in ordered])
         devices = {}
-        for (ref, head), points, ranges in zip(hits.items(), replies[::2], replies[1::2], strict=True):
-            if RANGES_WRITTEN not in ranges:
-                continue  # cached without ranges: PostgreSQL has them, if any
-            user = head.get(b"user_id", b"")
+        for ref, entry in zip(ordered, entries, strict=True):
+            if not entry or entry[:1] != b"{":
+                continue  # absent, or a hash a worker before 2026-12-02 wrote: PostgreSQL has it
+            cached = orjson.loads(entry)
             devices[ref] = Device(
-                id=int(head[b"device_id"]),
-                user_id=int(user) if user else None,
-                status=head.get(b"status", b"active").decode(),
-                datapoints={k.decode(): int(v) for k, v in points.items()},
-                ranges={
-                    k.decode(): ValueRange(*orjson.loads(v)) for k, v in ranges.items() if k != RANGES_WRITTEN
-                },
+                id=cached["device_id"],
+                user_id=cached["user_id"],
+                status=cached["status"],
+                datapoints=cached["datapoints"],
+                ranges={label: ValueRange(*bounds) for label, bounds in cached["ranges"].items()},
+                refs={ref},
             )
         return devices
 
@@ -252,64 +300,110 @@ class DeviceRegistry:
                 macs,
                 keys,
             )
-        by_id: dict[int, Device] = {}
-        devices = {}
-        for row in rows:
-            device = by_id.get(row["device_id"])
-            if device is None:
-                device = by_id[row["device_id"]] = Device(row["device_id"], row["user_id"], row["status"])
-                if row["mac"] in macs:
-                    devices[DeviceRef("mac", row["mac"])] = device
-                if row["device_key"] in keys:
-                    devices[DeviceRef("key", row["device_key"])] = device
-            if row["id"] is not None:
-                device.absorb([row])
-        return devices
+        return _devices_from_rows(rows, set(macs), set(keys))
 
-    async def _fetch_datapoints(self, device_id: int) -> list[asyncpg.Record]:
-        async with self._pool.acquire() as conn:
-            return await conn.fetch(
-                "SELECT label, id, min_value, max_value FROM datapoints WHERE device_id = $1", device_id
-            )
-
-    async def _insert_devices(self, refs: set[DeviceRef]) -> None:
-        rows: list[tuple[str | None, str, str]] = []
+    async def _insert_devices(self, refs: set[DeviceRef]) -> dict[DeviceRef, Device]:
+        """Insert the strangers in one statement; those another worker inserted first are read."""
+        macs: list[str | None] = []
+        keys: list[str] = []
+        names: list[str] = []
         for ref in refs:
             if ref.kind == "mac":
-                rows.append((ref.value, "f2-" + ref.value.replace(":", ""), f"F2 {ref.value}"))
+                macs.append(ref.value)
+                keys.append("f2-" + ref.value.replace(":", ""))
+                names.append(f"F2 {ref.value}")
             else:
-                rows.append((None, ref.value, ref.value))
+                macs.append(None)
+                keys.append(ref.value)
+                names.append(ref.value)
         async with self._pool.acquire() as conn:
-            await conn.executemany(
-                "INSERT INTO devices (mac, device_key, name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                rows,
-            )
+            rows = await conn.fetch(_INSERT_DEVICES, macs, keys, names)
+        wanted_macs = {ref.value for ref in refs if ref.kind == "mac"}
+        wanted_keys = {ref.value for ref in refs if ref.kind == "key"}
+        devices = _devices_from_rows(rows, wanted_macs, wanted_keys)
+        lost = refs - devices.keys()
+        if lost:
+            devices.update(await self._load_from_postgres(lost))
+        return devices
 
-    async def _store_in_redis(self, devices: dict[DeviceRef, Device]) -> None:
-        if self._redis is None or not devices:
+    async def _store_in_redis(self, devices: Iterable[Device]) -> None:
+        """Write the cache entries of `devices` (each one JSON string per ref, replaced whole,
+        so a range removed in PostgreSQL goes from the cache too) in one script call."""
+        if self._set_entries is None:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for ref, device in devices.items():
-                key = self._ref_key(ref)
-                head = {
+        keys: list[str] = []
+        entries: list[bytes] = []
+        for device in devices:
+            entry = orjson.dumps(
+                {
                     "device_id": device.id,
-                    "user_id": device.user_id or "",
+                    "user_id": device.user_id,
                     "status": device.status,
+                    "datapoints": device.datapoints,
+                    "ranges": {label: list(bounds) for label, bounds in device.ranges.items()},
                 }
-                pipe.hset(key, mapping=head)
-                pipe.expire(key, CACHE_TTL_S)
-                self._cache_datapoints(pipe, device)
-            await pipe.execute()
+            )
+            for ref in device.refs:
+                keys.append(self._ref_key(ref))
+                entries.append(entry)
+        if keys:
+            await self._set_entries(keys=keys, args=[CACHE_TTL_S, *entries])
 
-    def _cache_datapoints(self, pipe: Any, device: Device) -> None:
-        """Queue the writes of `device:datapoints:{id}` and `device:ranges:{id}` on `pipe`."""
-        if device.datapoints:
-            points_key = self._keys.device_datapoints(device.id)
-            pipe.hset(points_key, mapping={k: str(v) for k, v in device.datapoints.items()})
-            pipe.expire(points_key, CACHE_TTL_S)
-        ranges_key = self._keys.device_ranges(device.id)
-        ranges = {label.encode(): orjson.dumps(list(bounds)) for label, bounds in device.ranges.items()}
-        # Replaced whole, so a range removed in PostgreSQL goes from the cache too.
-        pipe.delete(ranges_key)
-        pipe.hset(ranges_key, mapping={RANGES_WRITTEN: b"1", **ranges})
-        pipe.expire(ranges_key, CACHE_TTL_S)
+
+# SET with a TTL for many keys at once: MSET has no TTL, and a pipeline costs redis-py a
+# command (and a reply to parse) per key.
+_SET_ENTRIES = """
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+end
+return #KEYS
+"""
+_INSERT_DEVICES = """
+INSERT INTO devices (mac, device_key, name)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+ON CONFLICT DO NOTHING
+RETURNING id AS device_id, mac, device_key, user_id, status,
+          NULL::text AS label, NULL::int AS id, NULL::float8 AS min_value, NULL::float8 AS max_value
+"""
+_INSERT_DATAPOINTS = """
+INSERT INTO datapoints (device_id, label, unit)
+SELECT * FROM unnest($1::int[], $2::text[], $3::text[])
+ON CONFLICT (device_id, label) DO NOTHING
+RETURNING device_id, label, id, min_value, max_value
+"""
+
+
+def _absent(
+    device: Device, labels: Iterable[str] | Mapping[str, str | None], now: float
+) -> dict[str, str | None]:
+    """The labels `device` lacks that are not remembered as unknown or refused (label → unit)."""
+    units = labels if isinstance(labels, Mapping) else dict.fromkeys(labels)
+    return {
+        label: unit
+        for label, unit in units.items()
+        if label not in device.datapoints
+        and device.unknown_labels.get(label, 0.0) <= now
+        and device.refused_labels.get(label, 0.0) <= now
+    }
+
+
+def _devices_from_rows(
+    rows: Iterable[asyncpg.Record], macs: set[str], keys: set[str]
+) -> dict[DeviceRef, Device]:
+    """Devices from rows of (device_id, mac, device_key, user_id, status, label, id, min, max),
+    under each of the refs asked for (`macs`, `keys`) that names them."""
+    by_id: dict[int, Device] = {}
+    devices = {}
+    for row in rows:
+        device = by_id.get(row["device_id"])
+        if device is None:
+            device = by_id[row["device_id"]] = Device(row["device_id"], row["user_id"], row["status"])
+            if row["mac"] in macs:
+                devices[DeviceRef("mac", row["mac"])] = device
+                device.refs.add(DeviceRef("mac", row["mac"]))
+            if row["device_key"] in keys:
+                devices[DeviceRef("key", row["device_key"])] = device
+                device.refs.add(DeviceRef("key", row["device_key"]))
+        if row["id"] is not None:
+            device.absorb([row])
+    return devices

@@ -10,7 +10,7 @@ one cheap statement, and nothing to repair when a connection dies under us.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from schemas.records import DecodedBatch
 from worker.stores import Stores
@@ -45,6 +45,26 @@ WHERE devices.id = s.id
 """
 
 
+def _time_span(batch: DecodedBatch) -> tuple[datetime, dict[int, datetime]]:
+    """The batch's earliest reading and each device's newest (its last_seen), in one pass."""
+    latest: dict[int, datetime] = {}
+    earliest = batch.readings[0].timestamp
+    for reading in batch.readings:
+        timestamp = reading.timestamp
+        seen = latest.get(reading.device_id)
+        if seen is None or timestamp > seen:
+            latest[reading.device_id] = timestamp
+        if timestamp < earliest:
+            earliest = timestamp
+    return earliest, latest
+
+
+def _days(earliest: datetime, newest: datetime) -> list[datetime]:
+    """A time in each day from `earliest` to `newest`: enough to name every partition the
+    batch's readings fall in, without looking at each reading (a backlog spans a few days)."""
+    return [earliest + timedelta(days=n) for n in range((newest - earliest).days + 1)] + [newest]
+
+
 class PostgresTimeseriesWriter:
     name = "postgres"
 
@@ -58,37 +78,29 @@ class PostgresTimeseriesWriter:
     async def write(self, batch: DecodedBatch) -> int:
         """The readings inserted; the others were already stored (duplicates)."""
         inserted = 0
+        readings = batch.readings
+        if readings:
+            earliest, last_seen = _time_span(batch)
+            rows = [(r.timestamp, r.device_id, r.datapoint_id, r.value) for r in readings]
         async with self._pool.acquire() as conn:
             await conn.execute(_STAGE_DDL)
             if not self._checked_partitioning:
                 partitioned = await is_partitioned(conn)
                 self._partitions = PartitionKeeper(self._partition_days) if partitioned else None
                 self._checked_partitioning = True
-            if self._partitions is not None and batch.readings:
-                missing = self._partitions.missing(r.timestamp for r in batch.readings)
+            if self._partitions is not None and readings:
+                missing = self._partitions.missing(_days(earliest, max(last_seen.values())))
                 if missing:
                     await self._partitions.ensure(conn, missing)
             async with conn.transaction():
-                if batch.readings:
-                    await conn.copy_records_to_table(
-                        "decoded_data_stage",
-                        records=[(r.timestamp, r.device_id, r.datapoint_id, r.value) for r in batch.readings],
-                    )
+                if readings:
+                    await conn.copy_records_to_table("decoded_data_stage", records=rows)
                     inserted = int((await conn.execute(_MOVE)).split()[-1])  # "INSERT 0 n"
-                    await conn.execute(_LAST_SEEN, *self._last_seen(batch))
+                    ids = sorted(last_seen)  # one lock order for every worker: no deadlock between them
+                    await conn.execute(_LAST_SEEN, ids, [last_seen[i] for i in ids])
                 if batch.dead_letters:
                     await conn.execute(_DEAD_LETTERS, *self._dead_letter_columns(batch))
         return inserted
-
-    @staticmethod
-    def _last_seen(batch: DecodedBatch) -> tuple[list[int], list[datetime]]:
-        latest: dict[int, datetime] = {}
-        for reading in batch.readings:
-            seen = latest.get(reading.device_id)
-            if seen is None or reading.timestamp > seen:
-                latest[reading.device_id] = reading.timestamp
-        ids = sorted(latest)  # one lock order for every worker: no deadlock between them
-        return ids, [latest[i] for i in ids]
 
     def _dead_letter_columns(self, batch: DecodedBatch) -> list[list[object]]:
         # One row per fingerprint: a statement may not update the same row twice.

@@ -29,15 +29,9 @@ class RedisKeys:
         return f"{self.prefix}alerts:{device_id}"
 
     def device_ref(self, kind: str, value: str) -> str:
-        """Metadata cache of a device by `mac` or device `key` (extends SPEC §6's apikey hash)."""
+        """Metadata cache of a device by `mac` or device `key`: one hash with its id, user,
+        status, datapoints and ranges (extends SPEC §6's apikey hash)."""
         return f"{self.prefix}device:{kind}:{value}"
-
-    def device_datapoints(self, device_id: int) -> str:
-        return f"{self.prefix}device:datapoints:{device_id}"
-
-    def device_ranges(self, device_id: int) -> str:
-        """Plausible range of each datapoint that has one, label → [min, max] (extends SPEC §6)."""
-        return f"{self.prefix}device:ranges:{device_id}"
 
     def rate_limit(self, device_id: int, window: int) -> str:
         """Messages of a device in one rate-limit window (`window` = epoch s // window length)."""
