@@ -1,40 +1,232 @@
-"""Intake details that the end-to-end tests do not isolate."""
+"""The MQTT connection under intake (worker/intake/mqtt_protocol.py), against a real Mosquitto:
+framing, batched PUBACKs, the in-process Receive Maximum bound, keepalive, and stale acks."""
 
 from __future__ import annotations
 
-import struct
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from urllib.parse import urlparse
 
-from paho.mqtt import _packet
-from paho.mqtt.enums import MQTTProtocolVersion
+import mqtt5
+import pytest
 
-import worker.intake.mqtt  # noqa: F401 - installs the shared property tables
-from worker.config import MqttSettings
-from worker.intake.mqtt import subscription_filters
+from schemas.records import RawMessage
+from worker.config import MqttSettings, Settings
+from worker.intake.mqtt import MqttIntake, connect, subscription_filters
+from worker.intake.mqtt_protocol import MqttConnection, MqttError, open_connection
+from worker.metrics import Metrics
+from worker.runtime.mailbox import Mailbox
+from worker.tools.embedded import ServiceUrls
 
+from .helpers import background, publish, wait_for
+from .tcpproxy import TcpProxy
 
-def test_publish_properties_still_decode_with_shared_tables() -> None:
-    topic = b"devices/d1/telemetry"
-    # properties: Message Expiry Interval (2) = 60, User Property (38) = ("k", "v")
-    props = (
-        bytes([2])
-        + struct.pack(">I", 60)
-        + bytes([38])
-        + struct.pack(">H", 1)
-        + b"k"
-        + struct.pack(">H", 1)
-        + b"v"
-    )
-    body = struct.pack(">H", len(topic)) + topic + struct.pack(">H", 7) + bytes([len(props)]) + props + b"{}"
-    first = _packet.decode_publish(0x32, body, MQTTProtocolVersion.MQTTv5)
-    second = _packet.decode_publish(0x32, body, MQTTProtocolVersion.MQTTv5)
-    assert first.mid == 7 and first.payload == b"{}" and first.topic == topic
-    assert first.properties is not None and first.properties.MessageExpiryInterval == 60
-    assert first.properties.UserProperty == [("k", "v")]
-    assert second.properties is not None and not hasattr(second.properties, "ResponseTopic")
-    assert type(first.properties).__name__ == "_SharedTableProperties"
+_ids = itertools.count()
 
 
 def test_shared_group_prefixes_every_filter() -> None:
     settings = MqttSettings(topics=["a/+", "b/#"], shared_group="grp")
     assert subscription_filters(settings) == ["$share/grp/a/+", "$share/grp/b/#"]
     assert subscription_filters(MqttSettings(topics=["a/+"])) == ["a/+"]
+
+
+async def test_packets_split_anywhere_across_reads_are_parsed_whole() -> None:
+    first = mqtt5.PublishPacket("t/1", b"x" * 300, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1).write()
+    second = mqtt5.PublishPacket("t/2", b"", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=2).write()
+    wire = first + mqtt5.PingRespPacket().write() + second
+    for cut in range(1, len(wire)):  # every split point, the remaining-length bytes included
+        for cut2 in (cut, min(cut + 1, len(wire)), len(wire)):
+            connection = MqttConnection(receive_maximum=10)
+            for part in (wire[:cut], wire[cut:cut2], wire[cut2:]):
+                if part:
+                    connection.data_received(part)
+            assert [(p.topic, p.payload, p.packet_id) for p in connection.inbox] == [
+                ("t/1", b"x" * 300, 1),
+                ("t/2", b"", 2),
+            ], cut
+            assert connection.in_flight == 2 and connection.error is None
+
+
+async def test_a_malformed_packet_fails_the_connection() -> None:
+    connection = MqttConnection(receive_maximum=10)
+    connection.data_received(b"\x30\x01\xff")  # a PUBLISH too short to hold its topic length
+    assert isinstance(connection.error, MqttError)
+    with pytest.raises(MqttError, match="malformed"):
+        await connection.take()
+
+
+def _topic(tag: str) -> str:
+    return f"intake-test/{os.getpid()}/{tag}"
+
+
+async def _session(url: str, client_id: str, receive_maximum: int, keepalive: int = 30) -> MqttConnection:
+    parsed = urlparse(url)
+    packet = mqtt5.ConnectPacket(
+        client_id,
+        clean_start=False,
+        keep_alive=keepalive,
+        session_expiry_interval=60,
+        receive_max=receive_maximum,
+    )
+    connection, _ = await open_connection(parsed.hostname or "127.0.0.1", parsed.port or 1883, packet)
+    return connection
+
+
+async def _take(connection: MqttConnection, count: int) -> list[mqtt5.PublishPacket]:
+    taken: list[mqtt5.PublishPacket] = []
+    async with asyncio.timeout(20):
+        while len(taken) < count:
+            taken += await connection.take()
+    return taken
+
+
+async def test_batched_acks_end_redelivery_and_the_bound_holds(service_urls: ServiceUrls) -> None:
+    """More than Receive Maximum waits in the broker; one acknowledge() of a batch frees the
+    window, and after a reconnect the broker redelivers exactly what was not acknowledged."""
+    url, client_id, topic = service_urls.mqtt_url, f"intake-batch-{next(_ids)}", _topic("batch")
+    bound, total = 50, 400
+    connection = await _session(url, client_id, bound)
+    try:
+        assert await connection.subscribe([f"{topic}/#"]) == [1]
+        await publish(url, [(f"{topic}/{n}", str(n).encode()) for n in range(total)])
+        received: list[bytes] = []
+        while len(received) < total - 10:
+            batch = await _take(connection, 1)
+            assert connection.in_flight <= bound
+            received += [p.payload for p in batch]
+            # Acknowledge all but the last ten ever received: the window must still move on.
+            ack_now = [p.packet_id or 0 for p in batch if int(p.payload) < total - 10]
+            assert connection.acknowledge(ack_now) == len(ack_now)
+        assert connection.peak_in_flight <= bound
+    finally:
+        await connection.close()
+    assert received[: total - 10] == [str(n).encode() for n in range(total - 10)]
+    again = await _session(url, client_id, bound)
+    try:
+        redelivered = await _take(again, 10)
+        assert sorted(int(p.payload) for p in redelivered) == list(range(total - 10, total))
+        assert all(p.duplicate for p in redelivered if int(p.payload) < len(received))
+        assert not again.inbox  # nothing acknowledged came back (the broker sends them in one go)
+        again.acknowledge([p.packet_id or 0 for p in redelivered])
+    finally:
+        await again.close()
+
+
+async def test_the_bound_holds_although_mosquitto_sends_past_it(service_urls: ServiceUrls) -> None:
+    """Mosquitto 2.0 sends queued messages past our Receive Maximum once the first PUBACK comes
+    in; parsing stops at the bound and the surplus waits unparsed (then in TCP and the broker)."""
+    url, topic = service_urls.mqtt_url, _topic("bound")
+    bound = 20
+    connection = await _session(url, f"intake-bound-{next(_ids)}", bound)
+    try:
+        await connection.subscribe([f"{topic}/#"])
+        await publish(url, [(f"{topic}/{n}", b"{}") for n in range(200)])
+        first = await _take(connection, bound)
+        connection.acknowledge([p.packet_id or 0 for p in first[:5]])
+        more = await _take(connection, 5)
+        # The broker's flood arrives; without the bound it would be parsed into the inbox.
+        await wait_for(_has_unparsed(connection))
+        assert connection.in_flight == bound and connection.peak_in_flight == bound
+        assert len(first) + len(more) + len(connection.inbox) == bound + 5
+        rest = first[5:] + more + connection.inbox
+        connection.inbox = []
+        connection.acknowledge([p.packet_id or 0 for p in rest])
+        taken = bound + 5
+        while taken < 200:  # the rest, acknowledged batch by batch, never more than the bound at once
+            batch = await _take(connection, 1)
+            taken += len(batch)
+            connection.acknowledge([p.packet_id or 0 for p in batch])
+        assert taken == 200 and connection.peak_in_flight == bound
+    finally:
+        await connection.close()
+
+
+def _has_unparsed(connection: MqttConnection):  # type: ignore[no-untyped-def]
+    async def probe() -> bool:
+        return bool(connection._unparsed)
+
+    return probe
+
+
+async def test_keepalive_pings_an_idle_broker_and_detects_a_dead_one(service_urls: ServiceUrls) -> None:
+    parsed = urlparse(service_urls.mqtt_url)
+    proxy = TcpProxy(parsed.hostname or "127.0.0.1", parsed.port or 1883)
+    await proxy.start()
+    topic = _topic("keepalive")
+    try:
+        connection = await _session(
+            f"mqtt://127.0.0.1:{proxy.port}", f"intake-ka-{next(_ids)}", 10, keepalive=1
+        )
+        try:
+            await connection.subscribe([topic])
+            # Idle for three keepalives: Mosquitto drops a client silent for 1.5 of them, so the
+            # connection still working afterwards shows the PINGREQs went out.
+            await asyncio.sleep(3)
+            await publish(service_urls.mqtt_url, [(topic, b"still here")])
+            assert [p.payload for p in await _take(connection, 1)] == [b"still here"]
+            proxy.mute()  # the broker hangs: TCP stays up, our PINGREQs go in, nothing comes back
+            with pytest.raises(MqttError, match="keepalive"):
+                async with asyncio.timeout(20):
+                    await connection.take()
+        finally:
+            await connection.close(timeout=1)
+    finally:
+        proxy.thaw()
+        await proxy.stop()
+
+
+@pytest.fixture
+async def intake(settings: Settings) -> AsyncIterator[tuple[MqttIntake, Mailbox[RawMessage]]]:
+    settings.mqtt = replace(settings.mqtt, topics=[f"{_topic('gen')}/#"], reconnect_min_s=0.05)
+    mailbox: Mailbox[RawMessage] = Mailbox(1000)
+    actor = MqttIntake(settings.mqtt, mailbox, Metrics())
+    async with background(actor.run()) as running:
+        await asyncio.wait_for(actor.subscribed.wait(), 20)
+        yield actor, mailbox
+        await actor.stop()
+        await actor.close()
+        await asyncio.wait_for(running, 20)
+
+
+async def test_acks_of_an_earlier_connection_are_skipped_and_redelivered(
+    settings: Settings, intake: tuple[MqttIntake, Mailbox[RawMessage]]
+) -> None:
+    actor, mailbox = intake
+    topic = f"{_topic('gen')}/m"
+    await publish(settings.mqtt.url, [(topic, b"1"), (topic, b"2")])
+    old = await _gather(mailbox, 2)
+    assert actor.unacknowledged == 2
+    connection = actor._connection
+    assert connection is not None
+    connection.abort()  # the connection drops; intake reconnects to the same session
+    again = await _gather(mailbox, 2)
+    assert [m.payload for m in again] == [b"1", b"2"]
+    assert {m.ack.generation for m in again} == {old[0].ack.generation + 1}
+    assert actor.ack([m.ack for m in old]) == 0  # stale: the broker has sent these again
+    assert actor.unacknowledged == 2
+    assert actor.ack([m.ack for m in again]) == 2
+    assert actor.unacknowledged == 0
+
+
+async def _gather(mailbox: Mailbox[RawMessage], count: int) -> list[RawMessage]:
+    items: list[RawMessage] = []
+    async with asyncio.timeout(20):
+        while len(items) < count:
+            items += await mailbox.get_batch(count, None)
+    return items
+
+
+async def test_connect_uses_the_credentials_of_the_url(settings: Settings) -> None:
+    """A Mosquitto without a password file takes any user name: what CONNECT carries is the point."""
+    settings.mqtt = replace(settings.mqtt, url=settings.mqtt.url.replace("mqtt://", "mqtt://us%40er:p%3Ass@"))
+    from worker.intake.mqtt import connect_packet
+
+    packet = connect_packet(settings.mqtt)
+    assert (packet.username, packet.password, packet.clean_start) == ("us@er", b"p:ss", False)
+    assert packet.session_expiry_interval == settings.mqtt.session_expiry_s
+    assert packet.receive_max == settings.mqtt.receive_maximum
+    connection = await connect(settings.mqtt)
+    await connection.close()
