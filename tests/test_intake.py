@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from urllib.parse import urlparse
 
@@ -15,7 +15,7 @@ import pytest
 
 from schemas.records import RawMessage
 from worker.config import MqttSettings, Settings
-from worker.intake.mqtt import MqttIntake, connect, subscription_filters
+from worker.intake.mqtt import MqttIntake, connect, connect_packet, subscription_filters
 from worker.intake.mqtt_protocol import MqttConnection, MqttError, open_connection
 from worker.metrics import Metrics
 from worker.runtime.mailbox import Mailbox
@@ -144,7 +144,7 @@ async def test_the_bound_holds_although_mosquitto_sends_past_it(service_urls: Se
         await connection.close()
 
 
-def _has_unparsed(connection: MqttConnection):  # type: ignore[no-untyped-def]
+def _has_unparsed(connection: MqttConnection) -> Callable[[], Awaitable[bool]]:
     async def probe() -> bool:
         return bool(connection._unparsed)
 
@@ -222,8 +222,6 @@ async def _gather(mailbox: Mailbox[RawMessage], count: int) -> list[RawMessage]:
 async def test_connect_uses_the_credentials_of_the_url(settings: Settings) -> None:
     """A Mosquitto without a password file takes any user name: what CONNECT carries is the point."""
     settings.mqtt = replace(settings.mqtt, url=settings.mqtt.url.replace("mqtt://", "mqtt://us%40er:p%3Ass@"))
-    from worker.intake.mqtt import connect_packet
-
     packet = connect_packet(settings.mqtt)
     assert (packet.username, packet.password, packet.clean_start) == ("us@er", b"p:ss", False)
     assert packet.session_expiry_interval == settings.mqtt.session_expiry_s

@@ -162,10 +162,12 @@ class MqttConnection(asyncio.Protocol):
             transport.write(DISCONNECT)
             self._paused = False
             transport.resume_reading()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._lost), timeout)
-        if not self._lost.done() and transport is not None:
-            transport.abort()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+        finally:  # cancelled or timed out: do not leave the socket behind
+            if not self._lost.done() and transport is not None:
+                transport.abort()
 
     def abort(self) -> None:
         if self._transport is not None:
