@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import urlparse
 
 import mqtt5
@@ -15,13 +18,13 @@ import pytest
 
 from schemas.records import RawMessage
 from worker.config import MqttSettings, Settings
-from worker.intake.mqtt import MqttIntake, connect, connect_packet, subscription_filters
-from worker.intake.mqtt_protocol import MqttConnection, MqttError, open_connection
+from worker.intake.mqtt import REFUSING_CONNACKS, MqttIntake, connect, connect_packet, subscription_filters
+from worker.intake.mqtt_protocol import ConnectRefused, MqttConnection, MqttError, open_connection
 from worker.metrics import Metrics
 from worker.runtime.mailbox import Mailbox
-from worker.tools.embedded import ServiceUrls
+from worker.tools.embedded import ServiceUrls, free_port
 
-from .helpers import background, publish, wait_for
+from .helpers import background, publish, wait_for, wait_listening
 from .tcpproxy import TcpProxy
 
 _ids = itertools.count()
@@ -219,12 +222,39 @@ async def _gather(mailbox: Mailbox[RawMessage], count: int) -> list[RawMessage]:
     return items
 
 
-async def test_connect_uses_the_credentials_of_the_url(settings: Settings) -> None:
-    """A Mosquitto without a password file takes any user name: what CONNECT carries is the point."""
-    settings.mqtt = replace(settings.mqtt, url=settings.mqtt.url.replace("mqtt://", "mqtt://us%40er:p%3Ass@"))
-    packet = connect_packet(settings.mqtt)
+@pytest.fixture
+def password_broker(tmp_path: Path) -> Iterator[int]:
+    """A Mosquitto that admits `us@er` with password `p:ss` and nobody else."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    subprocess.run([passwd, "-b", "-c", str(tmp_path / "passwd"), "us@er", "p:ss"], check=True, timeout=30)
+    port = free_port()
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {tmp_path / 'passwd'}"]
+    if os.geteuid() == 0:
+        lines.insert(0, "user root")
+    (tmp_path / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    broker = subprocess.Popen([mosquitto, "-c", str(tmp_path / "mosquitto.conf")], stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, broker)
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(5)
+
+
+async def test_the_credentials_come_from_the_url_and_a_wrong_one_is_refused(password_broker: int) -> None:
+    good = MqttSettings(
+        url=f"mqtt://us%40er:p%3Ass@127.0.0.1:{password_broker}", client_id=f"pw-{next(_ids)}"
+    )
+    packet = connect_packet(good)
     assert (packet.username, packet.password, packet.clean_start) == ("us@er", b"p:ss", False)
-    assert packet.session_expiry_interval == settings.mqtt.session_expiry_s
-    assert packet.receive_max == settings.mqtt.receive_maximum
-    connection = await connect(settings.mqtt)
+    assert (packet.session_expiry_interval, packet.receive_max) == (
+        good.session_expiry_s,
+        good.receive_maximum,
+    )
+    connection = await connect(good)
     await connection.close()
+    wrong = replace(good, url=f"mqtt://us%40er:nope@127.0.0.1:{password_broker}")
+    with pytest.raises(ConnectRefused) as refused:
+        await connect(wrong)
+    assert refused.value.code in REFUSING_CONNACKS, refused.value
