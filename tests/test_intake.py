@@ -18,7 +18,14 @@ import pytest
 
 from schemas.records import RawMessage
 from worker.config import MqttSettings, Settings
-from worker.intake.mqtt import REFUSING_CONNACKS, MqttIntake, connect, connect_packet, subscription_filters
+from worker.intake.mqtt import (
+    REFUSING_CONNACKS,
+    MqttIntake,
+    SubscriptionRefused,
+    connect,
+    connect_packet,
+    subscription_filters,
+)
 from worker.intake.mqtt_protocol import ConnectRefused, MqttConnection, MqttError, open_connection
 from worker.metrics import Metrics
 from worker.runtime.mailbox import Mailbox
@@ -258,3 +265,58 @@ async def test_the_credentials_come_from_the_url_and_a_wrong_one_is_refused(pass
     with pytest.raises(ConnectRefused) as refused:
         await connect(wrong)
     assert refused.value.code in REFUSING_CONNACKS, refused.value
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[int]:
+    """A Mosquitto with its dynamic-security plugin (the one way Mosquitto 2.0 refuses a
+    SUBSCRIBE): client `reader` may subscribe to `allowed/#` only."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    ctrl = shutil.which("mosquitto_ctrl")
+    plugins = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+    if ctrl is None or not plugins:
+        pytest.skip(
+            "needs mosquitto_ctrl and Mosquitto's dynamic-security plugin (Debian's mosquitto has both)"
+        )
+    config = tmp_path / "dynsec.json"
+    subprocess.run(
+        [ctrl, "dynsec", "init", str(config), "admin", "admin-pw"], check=True, capture_output=True
+    )
+    port = free_port()
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous false",
+        f"plugin {plugins[0]}",
+        f"plugin_opt_config_file {config}",
+    ]
+    if os.geteuid() == 0:
+        lines.insert(0, "user root")
+    (tmp_path / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    broker = subprocess.Popen([mosquitto, "-c", str(tmp_path / "mosquitto.conf")], stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, broker)
+        admin = [ctrl, "-h", "127.0.0.1", "-p", str(port), "-u", "admin", "-P", "admin-pw", "dynsec"]
+        for command in (
+            ["createClient", "reader", "-p", "reader-pw"],
+            ["createRole", "readers"],
+            ["addRoleACL", "readers", "subscribePattern", "allowed/#", "allow"],
+            ["addClientRole", "reader", "readers"],
+        ):
+            subprocess.run(admin + command, check=True, capture_output=True, timeout=30)
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(5)
+
+
+async def test_a_refused_subscription_is_a_refusal_not_an_outage(acl_broker: int) -> None:
+    settings = MqttSettings(
+        url=f"mqtt://reader:reader-pw@127.0.0.1:{acl_broker}",
+        topics=["allowed/+", "denied/#"],
+        client_id=f"acl-{next(_ids)}",
+    )
+    actor = MqttIntake(settings, Mailbox(10), Metrics())
+    with pytest.raises(SubscriptionRefused, match="denied/#") as refused:
+        await asyncio.wait_for(actor.run(), 20)
+    assert "not authorized" in str(refused.value) and "allowed/+" not in str(refused.value)
+    assert not actor.connected
