@@ -14,6 +14,8 @@ class TcpProxy:
         self._cut = False
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._answering = asyncio.Event()  # the server → client direction alone
+        self._answering.set()
         self.port = 0
 
     async def start(self) -> None:
@@ -39,8 +41,14 @@ class TcpProxy:
         """Keep every connection open but pass no bytes: a server that hangs (SIGSTOP)."""
         self._flowing.clear()
 
+    def mute(self) -> None:
+        """Pass the client's bytes on but none of the server's: a server that hears, yet never
+        answers (so it does not time the client out either)."""
+        self._answering.clear()
+
     def thaw(self) -> None:
         self._flowing.set()
+        self._answering.set()
 
     async def restore(self) -> None:
         """Listen again on the same port."""
@@ -57,12 +65,16 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._links.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer, self._answering))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event | None = None
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 await self._flowing.wait()
+                if gate is not None:
+                    await gate.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

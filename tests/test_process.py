@@ -10,7 +10,7 @@ import asyncpg
 
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
-from worker.intake.mqtt import build_client
+from worker.intake.mqtt import connect
 from worker.tools.simulate import build_fleet, message_stream, readings_per_message
 
 from .helpers import background, notify_socket, simulator, wait_for, wait_for_count, worker_process
@@ -78,22 +78,25 @@ async def test_sigterm_drains_acks_and_exits_0_telling_systemd(
     expected = expected_readings(total)
     codecs = load_codecs()
     redelivered = 0
-    async with build_client(settings.mqtt) as client:
+    connection = await connect(settings.mqtt)  # the worker's own session, resumed
 
-        async def collect() -> None:
-            nonlocal redelivered
-            async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                redelivered += readings_per_message(message.topic.value, message.payload, codecs)
+    async def collect() -> None:
+        nonlocal redelivered
+        while True:
+            for packet in await connection.take():
+                redelivered += readings_per_message(packet.topic, packet.payload, codecs)
 
-        async def all_there() -> bool:
-            return stored + redelivered >= expected
+    async def all_there() -> bool:
+        return stored + redelivered >= expected
 
+    try:
         async with background(collect()) as collector:
-            await client.subscribe([(topic, 1) for topic in settings.mqtt.topics])
+            await connection.subscribe(settings.mqtt.topics)
             await wait_for(all_there)
             await asyncio.sleep(0.5)  # a duplicate (stored, yet redelivered) would arrive meanwhile
             assert not collector.done()
+    finally:
+        await connection.close()
     assert stored + redelivered == expected
 
 

@@ -5,8 +5,8 @@ Both kinds of line go through one `logging.StreamHandler` on the root logger, wh
 
 * the app's own events (`structlog.get_logger(...)`), filtered by structlog at the
   configured level;
-* records from libraries that use the standard `logging` module (asyncpg, aiomqtt and
-  paho, arq, aiokafka, cassandra-driver) and Python warnings, at WARNING (DEBUG when the
+* records from libraries that use the standard `logging` module (asyncpg, asyncio,
+  arq, aiokafka, cassandra-driver) and Python warnings, at WARNING (DEBUG when the
   configured level is debug). They carry `logger`, `level`, `event` like the app's lines,
   and the same (logger, message template) prints at most once per
   `RATE_LIMIT_WINDOW_S`: the next line that gets through says how many were held back

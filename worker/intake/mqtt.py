@@ -1,7 +1,7 @@
 """MQTT intake: QoS 1, a persistent MQTT 5 session, and acknowledgement only after storage.
 
-aiomqtt acknowledges on receipt; we switch its paho client to manual
-acknowledgement and send PUBACK when the writer says the batch is committed.
+The connection is our own small protocol on the `mqtt5` codec (worker/intake/mqtt_protocol.py):
+messages are taken in batches, and the PUBACKs of a committed batch go out in one write.
 Flow control comes from MQTT 5's Receive Maximum: the broker never has more than
 `receive_maximum` unacknowledged messages out to us, so when storage stalls the
 broker holds the rest and this process's memory stays bounded.
@@ -13,20 +13,22 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from urllib.parse import unquote, urlparse
 
-import aiomqtt
-import paho.mqtt._packet
+import mqtt5
 import structlog
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from schemas.records import AckToken, RawMessage
 from worker.config import MqttSettings
 from worker.intake import read_until_stopped
+from worker.intake.mqtt_protocol import (
+    ConnectRefused,
+    MqttConnection,
+    MqttError,
+    open_connection,
+    reason_name,
+)
 from worker.metrics import Metrics
 from worker.retry import Backoff, Refused
 from worker.runtime.actor import Actor
@@ -40,55 +42,44 @@ class SubscriptionRefused(Refused):
 
 
 # CONNACK codes that are a configuration problem, not an outage: MQTT 5 bad user name or
-# password (134), not authorized (135), banned (138), bad authentication method (140);
-# MQTT 3.1.1 bad user name or password (4), not authorized (5).
-REFUSING_CONNACKS = {134, 135, 138, 140, 4, 5}
+# password (134), not authorized (135), banned (138), bad authentication method (140).
+REFUSING_CONNACKS = {134, 135, 138, 140}
 
 
-class _SharedTableProperties(Properties):
-    """paho's Properties builds its (read-only) name and type tables for every packet it
-    decodes: ~15% of intake CPU at 5k msg/s. This subclass shares one copy of them."""
-
-    _tables = Properties(PacketTypes.PUBLISH).__dict__
-
-    def __init__(self, packetType: int) -> None:
-        self.packetType = packetType
-        self.types = self._tables["types"]
-        self.names = self._tables["names"]
-        self.properties = self._tables["properties"]
+def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
+    """For mqtts://: verify the broker against `ca_file` (the system CAs without one) and
+    present `cert_file`/`key_file` when set (mTLS)."""
+    if urlparse(settings.url).scheme != "mqtts":
+        return None
+    context = ssl.create_default_context(cafile=settings.ca_file or None)
+    if settings.cert_file:
+        context.load_cert_chain(settings.cert_file, settings.key_file or None)
+    return context
 
 
-# Only the packet decoder (PUBLISH and the acks it reads) uses this name; see tests/test_intake.py.
-paho.mqtt._packet.Properties = _SharedTableProperties  # type: ignore[misc]
-
-
-def build_client(settings: MqttSettings, client_id: str | None = None) -> aiomqtt.Client:
-    """An aiomqtt client for `settings.url` speaking MQTT 5 with a persistent session."""
+def connect_packet(settings: MqttSettings, client_id: str | None = None) -> mqtt5.ConnectPacket:
+    """CONNECT for a persistent session: clean_start off, the session kept `session_expiry_s`."""
     url = urlparse(settings.url)
-    tls_params = None
-    if url.scheme == "mqtts":
-        tls_params = aiomqtt.TLSParameters(
-            ca_certs=settings.ca_file or None,
-            certfile=settings.cert_file or None,
-            keyfile=settings.key_file or None,
-            cert_reqs=ssl.CERT_REQUIRED,
-        )
-    properties = Properties(PacketTypes.CONNECT)
-    properties.SessionExpiryInterval = settings.session_expiry_s
-    properties.ReceiveMaximum = min(settings.receive_maximum, 65535)
-    return aiomqtt.Client(
-        hostname=url.hostname or "127.0.0.1",
-        port=url.port or (8883 if url.scheme == "mqtts" else 1883),
+    return mqtt5.ConnectPacket(
+        client_id or settings.client_id,
         username=unquote(url.username) if url.username else None,
-        password=unquote(url.password) if url.password else None,
-        identifier=client_id or settings.client_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
+        password=unquote(url.password).encode() if url.password else None,
         clean_start=False,
-        keepalive=settings.keepalive_s,
-        tls_params=tls_params,
-        properties=properties,
-        timeout=10,
+        keep_alive=settings.keepalive_s,
+        session_expiry_interval=settings.session_expiry_s,
+        receive_max=min(settings.receive_maximum, 65535),
     )
+
+
+async def connect(settings: MqttSettings, client_id: str | None = None) -> MqttConnection:
+    url = urlparse(settings.url)
+    connection, _ = await open_connection(
+        url.hostname or "127.0.0.1",
+        url.port or (8883 if url.scheme == "mqtts" else 1883),
+        connect_packet(settings, client_id),
+        tls_context(settings),
+    )
+    return connection
 
 
 def subscription_filters(settings: MqttSettings) -> list[str]:
@@ -106,9 +97,9 @@ class MqttIntake(Actor):
         self._settings = settings
         self._mailbox = mailbox
         self._metrics = metrics
-        self._client: aiomqtt.Client | None = None
+        self._connection: MqttConnection | None = None
         self._generation = 0
-        self._unacknowledged = 0
+        self._handing = 0  # messages of the batch being put into the mailbox, not put yet
         self._stop_reading = asyncio.Event()
         self._close = asyncio.Event()
         self._reading_stopped = asyncio.Event()
@@ -122,12 +113,11 @@ class MqttIntake(Actor):
             try:
                 await self._session()
                 return
-            except aiomqtt.MqttError as exc:
-                self._client = None
+            except MqttError as exc:
                 self.subscribed.clear()
                 if self._stop_reading.is_set():
                     return  # shutting down; unacknowledged messages stay with the broker
-                if _connack_code(exc) in REFUSING_CONNACKS:
+                if isinstance(exc, ConnectRefused) and exc.code in REFUSING_CONNACKS:
                     raise Refused(f"the MQTT broker refused the connection: {exc}") from exc
                 # A session that connected resets the backoff; failing to connect extends it.
                 failures = 1 if self._generation != generation else failures + 1
@@ -139,98 +129,78 @@ class MqttIntake(Actor):
                 self._reading_stopped.set()
 
     async def _session(self) -> None:
-        client = build_client(self._settings)
-        client._client.manual_ack_set(True)  # paho: PUBACK only when we call ack()
-        async with client:
-            self._generation += 1
-            self._unacknowledged = 0  # the broker redelivers the last session's on its own
+        connection = await connect(self._settings)
+        try:
+            self._generation += 1  # acks of the last connection's messages are skipped from now on
             self._metrics.inc("mqtt_connects")
-            self._client = client
+            self._connection = connection
             self._reading_stopped.clear()
             filters = subscription_filters(self._settings)
-            granted: Sequence[int | ReasonCode] = await client.subscribe([(topic, 1) for topic in filters])
+            codes = await connection.subscribe(filters, qos=1)
             refused = {
-                topic: str(code) for topic, code in zip(filters, granted, strict=False) if _is_failure(code)
+                topic: reason_name(mqtt5.SubAckReasonCode, code)
+                for topic, code in zip(filters, codes, strict=False)
+                if code >= 0x80
             }
             if refused:  # an ACL or a bad filter: idling "ready" on a dead subscription helps nobody
                 log.error("mqtt.subscribe_refused", refused=refused)
                 raise SubscriptionRefused(f"the broker refused {refused}")
             log.info("mqtt.subscribed", url=_redact(self._settings.url), topics=filters)
             self.subscribed.set()
-            await read_until_stopped(self._read(client, self._generation), self._stop_reading)
+            await read_until_stopped(self._read(connection, self._generation), self._stop_reading)
             self._reading_stopped.set()
             # Stay connected while the pipeline drains, so its acknowledgements reach the broker.
             await self._close.wait()
-            self._client = None
+        finally:
+            self._connection = None
+            await connection.close()
 
-    async def _read(self, client: aiomqtt.Client, generation: int) -> None:
-        mailbox = self._mailbox
-        metrics = self._metrics
-        async for message in client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes):
-                payload = str(payload).encode() if payload is not None else b""
-            await mailbox.put(
-                RawMessage(
-                    topic=message.topic.value,
-                    payload=payload,
-                    received_at=time.time(),
-                    ack=AckToken(generation, message.mid if message.qos else 0),
-                )
-            )
-            metrics.counters["messages_received"] += 1
-            if message.qos:
-                self._unacknowledged += 1
+    async def _read(self, connection: MqttConnection, generation: int) -> None:
+        put = self._mailbox.put
+        counters = self._metrics.counters
+        while True:
+            batch = await connection.take()
+            self._handing = len(batch)
+            received_at = time.time()
+            for packet in batch:
+                token = AckToken(generation, packet.packet_id or 0)
+                await put(RawMessage(packet.topic, packet.payload, received_at, token))
+                self._handing -= 1
+                counters["messages_received"] += 1
 
     def ack(self, tokens: Iterable[AckToken]) -> int:
-        """PUBACK the given messages; tokens from an earlier connection are skipped (redelivered)."""
-        client = self._client
-        if client is None:
+        """PUBACK the given messages in one write; tokens from an earlier connection are skipped
+        (the broker sends those again on the new one)."""
+        connection = self._connection
+        if connection is None:
             return 0
-        paho = client._client
         generation = self._generation
-        sent = 0
-        for token in tokens:
-            if token.mid and token.generation == generation:
-                paho.ack(token.mid, 1)
-                sent += 1
-        self._unacknowledged -= sent
-        return sent
+        return connection.acknowledge([t.mid for t in tokens if t.mid and t.generation == generation])
 
     @property
     def unacknowledged(self) -> int:
-        """Messages of this session received and not yet acknowledged (≤ Receive Maximum)."""
-        return self._unacknowledged
+        """QoS 1 messages of this connection received and not yet acknowledged (≤ Receive Maximum)."""
+        connection = self._connection
+        return connection.in_flight if connection is not None else 0
 
     @property
     def buffered(self) -> int:
-        """Messages aiomqtt received that intake has not taken yet (bounded by Receive Maximum)."""
-        client = self._client
-        return client._queue.qsize() if client is not None else 0
+        """Messages received that intake has not put into the mailbox yet (≤ Receive Maximum)."""
+        connection = self._connection
+        return (connection.buffered if connection is not None else 0) + self._handing
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self.subscribed.is_set()
+        return self._connection is not None and self.subscribed.is_set()
 
     async def stop(self) -> None:
         self._stop_reading.set()
-        if self._client is not None:
+        if self._connection is not None:
             await self._reading_stopped.wait()
 
     async def close(self) -> None:
         self._stop_reading.set()
         self._close.set()
-
-
-def _connack_code(exc: aiomqtt.MqttError) -> int | None:
-    if not isinstance(exc, MqttConnectError):
-        return None
-    rc = exc.rc
-    return rc.value if isinstance(rc, ReasonCode) else rc
-
-
-def _is_failure(code: int | ReasonCode) -> bool:
-    return code.is_failure if isinstance(code, ReasonCode) else code >= 0x80
 
 
 def _redact(url: str) -> str:
