@@ -34,6 +34,7 @@ from worker.runtime.signals import held_stop_signal
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
+from worker.sinks.hot_state import RebuildableHotState
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.sinks.writer import BatchWriter
@@ -82,7 +83,15 @@ class Pipeline:
             max_future_s=settings.pipeline.max_future_s,
             max_age_s=settings.pipeline.max_age_s,
         )
-        sinks: list[Sink] = [PostgresTimeseriesWriter(stores), RedisHotStateWriter(stores.redis, stores.keys)]
+        sinks: list[Sink] = [PostgresTimeseriesWriter(stores)]
+        # Hot state is derived: rebuilt from PostgreSQL after a Redis outage, never waited for.
+        hot_state = RebuildableHotState(
+            RedisHotStateWriter(stores.redis, stores.keys),
+            stores.redis.ping,
+            stores.postgres,
+            self.metrics,
+            settings.storage.write_timeout_s,
+        )
         # The bridge: behind MQTT intake it publishes the messages and the readings (the
         # connector); behind Kafka intake only the readings (the stream processor).
         bridge_raw = stores.kafka is not None and settings.intake.source == "mqtt"
@@ -123,6 +132,7 @@ class Pipeline:
             settings.pipeline.batch_size,
             settings.pipeline.flush_interval_ms / 1000,
             settings.pipeline.slow_write_s,
+            derived=[hot_state],
         )
         actors: list[Actor] = [self.intake, decoder, *stages, self.writer]
         return ActorGroup(actors, helpers=[self._report])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from schemas.records import DecodedBatch
 
@@ -24,3 +24,11 @@ class Sink(Protocol):
         """Drop connections so the next `write` starts afresh."""
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Startable(Protocol):
+    """A sink with work of its own (a replay, a rebuild): the writer starts it before the
+    first batch, and its `close` stops that work."""
+
+    async def start(self) -> None: ...

@@ -1,0 +1,11 @@
+-- The durable outbox of "both" mode (docs/storage.md): batches a readings store that is
+-- down has not received, in arrival order (`id`), replayed and deleted when it returns.
+-- `body` is the batch in the outbox record format of worker/sinks/outbox.py.
+CREATE TABLE IF NOT EXISTS outbox (
+    id bigserial PRIMARY KEY,
+    store text NOT NULL,
+    body bytea NOT NULL,
+    readings integer NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS outbox_store_id ON outbox (store, id);
