@@ -201,18 +201,7 @@ class Journal:
         return records, offset
 
     def read_at(self, offset: int, end: int) -> tuple[bytes, int] | None:
-        """The record at `offset` and the next offset; None if it is not whole and intact."""
-        header = os.pread(self._fd, _HEADER.size, offset)
-        if len(header) < _HEADER.size:
-            return None
-        length, checksum = _HEADER.unpack(header)
-        start = offset + _HEADER.size
-        if length > MAX_RECORD_BYTES or start + length > end:
-            return None
-        body = os.pread(self._fd, length, start)
-        if len(body) < length or zlib.crc32(body) != checksum:
-            return None
-        return body, start + length
+        return _read_record(self._fd, offset, end)
 
     def append(self, body: bytes) -> None:
         record = _HEADER.pack(len(body), zlib.crc32(body)) + body
@@ -230,6 +219,34 @@ class Journal:
 
     def close(self) -> None:
         os.close(self._fd)  # releases the lock
+
+
+def _read_record(fd: int, offset: int, end: int) -> tuple[bytes, int] | None:
+    """The record at `offset` and the next offset; None if it is not whole and intact."""
+    header = os.pread(fd, _HEADER.size, offset)
+    if len(header) < _HEADER.size:
+        return None
+    length, checksum = _HEADER.unpack(header)
+    start = offset + _HEADER.size
+    if length > MAX_RECORD_BYTES or start + length > end:
+        return None
+    body = os.pread(fd, length, start)
+    if len(body) < length or zlib.crc32(body) != checksum:
+        return None
+    return body, start + length
+
+
+def read_journal(path: Path) -> list[bytes]:
+    """The intact records of a journal, oldest first, without taking its lock (inspection)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size, offset, bodies = os.fstat(fd).st_size, 0, []
+        while (found := _read_record(fd, offset, size)) is not None:
+            body, offset = found
+            bodies.append(body)
+        return bodies
+    finally:
+        os.close(fd)
 
 
 class JournalOutbox:
