@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from schemas.records import DecodedBatch
 
@@ -32,3 +34,31 @@ class Startable(Protocol):
     first batch, and its `close` stops that work."""
 
     async def start(self) -> None: ...
+
+
+T = TypeVar("T")
+
+
+class Abandoned:
+    """Writes given up on after a timeout, still unwinding.
+
+    `asyncio.wait_for` waits for the cancelled call to finish, and a driver cancelling a
+    query on a server that accepts and never answers may take its own timeout to do so
+    (asyncpg: tens of seconds). `within` raises at the deadline instead and keeps the
+    cancelled call here, so that `close` can wait for it once."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    async def within(self, call: Awaitable[T], timeout_s: float) -> T:
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if task in done:
+            return task.result()
+        task.cancel()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        raise TimeoutError(f"no answer within {timeout_s} s")
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)

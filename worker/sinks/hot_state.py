@@ -32,7 +32,7 @@ import structlog
 from schemas.records import DecodedBatch, Reading
 from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, describe, is_transient
-from worker.sinks.base import Sink
+from worker.sinks.base import Abandoned, Sink
 
 log = structlog.get_logger("worker.sinks.hot_state")
 
@@ -89,6 +89,7 @@ class RebuildableHotState:
         self._pool = pool
         self._metrics = metrics
         self._timeout = timeout_s
+        self._abandoned = Abandoned()
         self._stale: _Stale | None = None
         self._task: asyncio.Task[None] | None = None
         metrics.gauges["hot_state_stale"] = lambda: float(self.stale)
@@ -102,7 +103,7 @@ class RebuildableHotState:
             self._task.result()  # the rebuild crashed: a bug, so crash the writer too
         if self._stale is None:
             try:
-                await asyncio.wait_for(self._inner.write(batch), self._timeout)
+                await self._abandoned.within(self._inner.write(batch), self._timeout)
                 return
             except Exception as exc:
                 if not is_transient(exc):
@@ -126,7 +127,7 @@ class RebuildableHotState:
         while self._stale is not None:
             await asyncio.sleep(next(delays))
             try:
-                await asyncio.wait_for(self._ping(), self._timeout)
+                await self._abandoned.within(self._ping(), self._timeout)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -157,7 +158,7 @@ class RebuildableHotState:
         readings = [Reading(*row) for row in rows]
         for start in range(0, len(readings), REBUILD_CHUNK):
             chunk = DecodedBatch(readings=readings[start : start + REBUILD_CHUNK])
-            await asyncio.wait_for(self._inner.write(chunk), self._timeout)
+            await self._abandoned.within(self._inner.write(chunk), self._timeout)
         return len(readings)
 
     async def reset(self) -> None:
@@ -167,4 +168,5 @@ class RebuildableHotState:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._abandoned.close()
         await self._inner.close()

@@ -28,7 +28,7 @@ import structlog
 from schemas.records import DecodedBatch
 from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, describe, is_transient
-from worker.sinks.base import Sink
+from worker.sinks.base import Abandoned, Sink
 from worker.sinks.outbox import JournalOutbox, Outbox, PostgresOutbox, decode_batch, encode_batch
 from worker.stores import Stores
 
@@ -68,6 +68,7 @@ class MirroredReadings:
         self._lanes = (_Lane(primary, outboxes[0]), _Lane(secondary, outboxes[1]))
         self._metrics = metrics
         self._timeout = timeout_s
+        self._abandoned = Abandoned()
         metrics.gauges["outbox_backlog"] = lambda: float(sum(lane.held for lane in self._lanes))
 
     async def start(self) -> None:
@@ -101,7 +102,7 @@ class MirroredReadings:
         if lane.held and skip_held:
             return _Missed(None)
         try:
-            return await asyncio.wait_for(lane.sink.write(batch), self._timeout)
+            return await self._abandoned.within(lane.sink.write(batch), self._timeout)
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -175,7 +176,7 @@ class MirroredReadings:
             await asyncio.sleep(next(delays))  # another worker is replaying it
 
     async def _deliver(self, lane: _Lane, body: bytes) -> None:
-        await asyncio.wait_for(lane.sink.write(decode_batch(body)), self._timeout)
+        await self._abandoned.within(lane.sink.write(decode_batch(body)), self._timeout)
 
     async def _remaining(self, lane: _Lane) -> int:
         delays = STORE_BACKOFF.delays()
@@ -192,6 +193,7 @@ class MirroredReadings:
             await lane.sink.reset()
 
     async def close(self) -> None:
+        await self._abandoned.close()
         for lane in self._lanes:
             if lane.task is not None:
                 lane.task.cancel()
