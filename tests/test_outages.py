@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import asyncpg
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from worker.config import Settings
@@ -71,12 +72,14 @@ async def test_postgres_outage_holds_messages_and_recovers(
         await proxy.stop()
 
 
+@pytest.mark.parametrize("outage", ["refused", "frozen"])
 async def test_a_redis_outage_does_not_stop_durable_ingest_and_hot_state_is_rebuilt(
-    settings: Settings, pg: asyncpg.Connection
+    settings: Settings, pg: asyncpg.Connection, outage: str
 ) -> None:
-    """Redis hot state is derived (docs/storage.md): while Redis is away every message is
-    stored in PostgreSQL and acknowledged; once it returns, the latest values are rebuilt
-    from `decoded_data`, so hot state equals the newest readings."""
+    """Redis hot state is derived (docs/storage.md): while Redis is away (refusing
+    connections, or accepting and never answering) every message is stored in PostgreSQL
+    and acknowledged; once it returns, the latest values are rebuilt from `decoded_data`,
+    so hot state equals the newest readings."""
     proxy, url = await proxied(settings.redis.url)
     redis_url = settings.redis.url
     settings.redis = replace(settings.redis, url=url)
@@ -91,7 +94,10 @@ async def test_a_redis_outage_does_not_stop_durable_ingest_and_hot_state_is_rebu
             async with aioredis.Redis.from_url(redis_url, decode_responses=True) as direct:
                 await wait_for(lambda: _equals(direct.hget(latest_key, "temperature"), "49.0"))
 
-                proxy.cut()
+                if outage == "refused":
+                    proxy.cut()
+                else:
+                    proxy.freeze()
                 await publish(settings.mqtt.url, json_messages(50, 150))
                 # Acknowledged while Redis is away: stored in PostgreSQL, hot state skipped.
                 await wait_for_committed(daemon, 200, timeout=30)
@@ -100,7 +106,10 @@ async def test_a_redis_outage_does_not_stop_durable_ingest_and_hot_state_is_rebu
                 assert metrics.gauges["hot_state_stale"]() == 1.0
                 assert await direct.hget(latest_key, "temperature") == "49.0"  # stale, as expected
 
-                await proxy.restore()
+                if outage == "refused":
+                    await proxy.restore()
+                else:
+                    proxy.thaw()
                 await wait_for(lambda: _true(metrics.gauges["hot_state_stale"]() == 0.0), timeout=30)
                 assert metrics.count("hot_state_rebuilt") >= 1
                 assert await direct.hget(latest_key, "temperature") == "199.0"
