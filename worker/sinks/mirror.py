@@ -42,6 +42,7 @@ class _Lane:
     sink: Sink
     outbox: Outbox
     held: int = 0  # batches in the outbox
+    replayed: int = 0  # batches replayed since it started holding
     since: float = 0.0  # monotonic time the outbox started holding
     task: asyncio.Task[None] | None = None  # the replayer
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # appends vs. "the outbox is empty"
@@ -50,9 +51,10 @@ class _Lane:
 class _Missed(Exception):
     """A lane did not take the batch (the store failed, or its outbox holds a backlog)."""
 
-    def __init__(self, cause: BaseException | None) -> None:
+    def __init__(self, cause: BaseException | None, held: bool = False) -> None:
         super().__init__(describe(cause) if cause else "behind its outbox")
         self.cause = cause
+        self.held = held  # already put into the outbox
 
 
 class MirroredReadings:
@@ -91,16 +93,23 @@ class MirroredReadings:
             # Neither store has it: nothing may be acknowledged. The writer retries.
             first = next(r.cause for r in results if isinstance(r, _Missed) and r.cause is not None)
             raise first
-        body = b""
         for lane, result in zip(self._lanes, results, strict=True):
-            if isinstance(result, _Missed):
-                body = body or encode_batch(batch)
-                await self._hold(lane, body, len(batch.readings), result.cause)
+            if isinstance(result, _Missed) and not result.held:
+                await self._hold(lane, encode_batch(batch), len(batch.readings), result.cause)
         return stored[0]  # the primary's count when it has the batch
 
     async def _try(self, lane: _Lane, batch: DecodedBatch, skip_held: bool) -> int | _Missed | None:
         if lane.held and skip_held:
-            return _Missed(None)
+            # Behind its backlog: into the outbox at once, beside the other store's write.
+            # Should that write fail, nothing is acknowledged and the redelivered batch is
+            # held a second time, which its replay absorbs (idempotent writes).
+            try:
+                await self._hold(lane, encode_batch(batch), len(batch.readings), None)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                return _Missed(exc)  # held again below if the other store takes the batch
+            return _Missed(None, held=True)
         try:
             return await self._abandoned.within(lane.sink.write(batch), self._timeout)
         except Exception as exc:
@@ -114,7 +123,7 @@ class MirroredReadings:
         async with lane.lock:
             await lane.outbox.append(body, readings)  # raises: not held, so not acknowledged
             if not lane.held:
-                lane.since = time.monotonic()
+                lane.since, lane.replayed = time.monotonic(), 0
                 log.warning(
                     "outbox.holding",
                     store=lane.sink.name,
@@ -139,11 +148,12 @@ class MirroredReadings:
                 return
             async with lane.lock:
                 if not lane.held:
-                    lane.since = time.monotonic()
+                    lane.since, lane.replayed = time.monotonic(), 0
                     log.warning(
                         "outbox.holding",
                         store=lane.sink.name,
                         outbox=lane.outbox.kind,
+                        backlog=left,
                         left_by="an earlier run",
                     )
                 lane.held = max(lane.held, left)
@@ -159,6 +169,7 @@ class MirroredReadings:
                 continue
             if delivered:
                 lane.held = max(0, lane.held - 1)
+                lane.replayed += 1
                 self._metrics.inc("outbox_replayed", sink=lane.sink.name)
                 delays = STORE_BACKOFF.delays()
                 continue
@@ -169,6 +180,7 @@ class MirroredReadings:
                         "outbox.drained",
                         store=lane.sink.name,
                         outbox=lane.outbox.kind,
+                        replayed=lane.replayed,
                         held_s=round(time.monotonic() - lane.since, 1),
                     )
                     lane.held = 0

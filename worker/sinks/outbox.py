@@ -5,7 +5,7 @@ Two kinds, one interface (`Outbox`), both first in, first out:
 - `JournalOutbox`, an append-only file under `storage.data_dir`, for PostgreSQL itself.
 
 A record is one batch (`encode_batch`: readings, dead letters, the devices' users; not
-the acks, which belong to this process's broker session). The journal frames each
+the acks, which belong to this process's broker session), as JSON. The journal frames each
 record as
 
     length (4 bytes, big-endian) · CRC-32 of the body (4 bytes, big-endian) · body
@@ -27,7 +27,7 @@ import os
 import struct
 import zlib
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -40,23 +40,24 @@ from schemas.records import DeadLetter, DecodedBatch, Reading, Reason
 log = structlog.get_logger("worker.sinks.outbox")
 
 FORMAT_VERSION = 1
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 
 # --- the record ----------------------------------------------------------------------------------------
 
 
 def encode_batch(batch: DecodedBatch) -> bytes:
-    """The parts of `batch` a readings store writes, as one record body (JSON)."""
+    """The parts of `batch` a readings store writes, as one record body: JSON, readings in
+    columns (orjson encodes a column of datetimes in C: a few times faster than rows)."""
+    readings = batch.readings
     return orjson.dumps(
         {
             "v": FORMAT_VERSION,
-            "r": [
-                [(r.timestamp - _EPOCH) // _MICROSECOND, r.device_id, r.datapoint_id, r.value, r.label]
-                for r in batch.readings
-            ],
-            "d": [
+            "t": [r.timestamp for r in readings],  # RFC 3339, microseconds, UTC offset
+            "d": [r.device_id for r in readings],
+            "p": [r.datapoint_id for r in readings],
+            "x": [r.value for r in readings],
+            "l": [r.label for r in readings],
+            "dead": [
                 [
                     d.topic,
                     base64.b64encode(d.payload).decode(),
@@ -69,7 +70,7 @@ def encode_batch(batch: DecodedBatch) -> bytes:
                 ]
                 for d in batch.dead_letters
             ],
-            "u": {str(device): user for device, user in batch.device_users.items()},
+            "users": {str(device): user for device, user in batch.device_users.items()},
         }
     )
 
@@ -78,16 +79,16 @@ def decode_batch(body: bytes) -> DecodedBatch:
     record = orjson.loads(body)
     if record.get("v") != FORMAT_VERSION:
         raise ValueError(f"outbox record format {record.get('v')!r}, expected {FORMAT_VERSION}")
+    parsed: dict[str, datetime] = {}  # the readings of a message share their time
+    times = [parsed.get(t) or parsed.setdefault(t, datetime.fromisoformat(t)) for t in record["t"]]
+    columns = zip(times, record["d"], record["p"], record["x"], record["l"], strict=True)
     return DecodedBatch(
-        readings=[
-            Reading(_EPOCH + timedelta(microseconds=us), device, datapoint, float(value), label)
-            for us, device, datapoint, value, label in record["r"]
-        ],
+        readings=[Reading(*row) for row in columns],
         dead_letters=[
             DeadLetter(topic, base64.b64decode(data), Reason(reason), detail, at, bytes.fromhex(fp), ts, rs)
-            for topic, data, reason, detail, at, fp, ts, rs in record["d"]
+            for topic, data, reason, detail, at, fp, ts, rs in record["dead"]
         ],
-        device_users={int(device): user for device, user in record["u"].items()},
+        device_users={int(device): user for device, user in record["users"].items()},
     )
 
 
