@@ -9,6 +9,5 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS outbox_store_id ON outbox (store, id);
--- Stored as it comes, out of line: compressing a batch costs the server more CPU than
--- the few minutes it usually waits here are worth.
+-- Bodies come compressed (zlib): stored as they are, out of line, not compressed again.
 ALTER TABLE outbox ALTER COLUMN body SET STORAGE EXTERNAL;

@@ -48,13 +48,13 @@ class _Lane:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # appends vs. "the outbox is empty"
 
 
-class _Missed(Exception):
-    """A lane did not take the batch (the store failed, or its outbox holds a backlog)."""
+@dataclass(frozen=True, slots=True)
+class _Missed:
+    """A store did not take the batch: it failed (`cause`), or it is behind its backlog and
+    the batch went into its outbox (`held`)."""
 
-    def __init__(self, cause: BaseException | None, held: bool = False) -> None:
-        super().__init__(describe(cause) if cause else "behind its outbox")
-        self.cause = cause
-        self.held = held  # already put into the outbox
+    cause: BaseException | None
+    held: bool = False
 
 
 class MirroredReadings:

@@ -5,7 +5,7 @@ Two kinds, one interface (`Outbox`), both first in, first out:
 - `JournalOutbox`, an append-only file under `storage.data_dir`, for PostgreSQL itself.
 
 A record is one batch (`encode_batch`: readings, dead letters, the devices' users; not
-the acks, which belong to this process's broker session), as JSON. The journal frames each
+the acks, which belong to this process's broker session), as zlib-compressed JSON. The journal frames each
 record as
 
     length (4 bytes, big-endian) · CRC-32 of the body (4 bytes, big-endian) · body
@@ -46,10 +46,12 @@ FORMAT_VERSION = 1
 
 
 def encode_batch(batch: DecodedBatch) -> bytes:
-    """The parts of `batch` a readings store writes, as one record body: JSON, readings in
-    columns (orjson encodes a column of datetimes in C: a few times faster than rows)."""
+    """The parts of `batch` a readings store writes, as one record body: JSON with the
+    readings in columns (orjson encodes a column of datetimes in C: a few times faster than
+    rows), zlib-compressed at level 1 (a 5,000-reading batch: ~300 kB → ~25 kB for under a
+    millisecond, which the outbox's table, WAL and fsyncs then do not have to carry)."""
     readings = batch.readings
-    return orjson.dumps(
+    document = orjson.dumps(
         {
             "v": FORMAT_VERSION,
             "t": [r.timestamp for r in readings],  # RFC 3339, microseconds, UTC offset
@@ -73,10 +75,11 @@ def encode_batch(batch: DecodedBatch) -> bytes:
             "users": {str(device): user for device, user in batch.device_users.items()},
         }
     )
+    return zlib.compress(document, 1)
 
 
 def decode_batch(body: bytes) -> DecodedBatch:
-    record = orjson.loads(body)
+    record = orjson.loads(zlib.decompress(body))
     if record.get("v") != FORMAT_VERSION:
         raise ValueError(f"outbox record format {record.get('v')!r}, expected {FORMAT_VERSION}")
     parsed: dict[str, datetime] = {}  # the readings of a message share their time
