@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from jobs.periods import utc_now
 from worker.config import Settings
 from worker.stores import Stores, open_stores
+from worker.stores.cassandra import CassandraStore
 from worker.stores.documents import DocumentStore
 from worker.stores.keys import RedisKeys
 
@@ -34,11 +35,18 @@ class JobResources:
     redis: aioredis.Redis
     keys: RedisKeys
     clock: Callable[[], datetime] = utc_now  # tests pin it to make periods deterministic
+    cassandra: CassandraStore | None = None  # when timeseries.backend uses Cassandra
 
     @classmethod
     def of(cls, stores: Stores, clock: Callable[[], datetime] | None = None) -> JobResources:
         return cls(
-            stores.settings, stores.postgres, stores.documents, stores.redis, stores.keys, clock or utc_now
+            stores.settings,
+            stores.postgres,
+            stores.documents,
+            stores.redis,
+            stores.keys,
+            clock or utc_now,
+            stores.cassandra,
         )
 
 

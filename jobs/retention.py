@@ -112,6 +112,8 @@ def _logged(item: Removed) -> Removed:
 
 async def _raw_cutoff(res: JobResources, now: datetime, wanted: datetime) -> datetime | None:
     cfg = res.settings
+    if not cfg.timeseries.uses_postgres:
+        return None  # Cassandra holds the readings: its TTL is their retention (docs/storage.md)
     cutoff = min(wanted, now - timedelta(seconds=cfg.pipeline.max_age_s))
     if cfg.jobs.rollups_enabled:
         watermark = await read_watermark(res.pool)

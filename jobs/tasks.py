@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from jobs.cassandra_rollups import CassandraRollupCounts, CassandraRollups
 from jobs.context import JobResources
 from jobs.periods import DAY, floor_day, floor_hour, iso, parse_time
 from jobs.reports import build_reports, store_reports
@@ -41,6 +42,24 @@ def _rollup_summary(counts: RollupCounts, **details: Any) -> Summary:
     )
 
 
+def _cassandra(res: JobResources) -> CassandraRollups:
+    assert res.cassandra is not None
+    return CassandraRollups(res.settings, res.pool, res.cassandra)
+
+
+def _cassandra_details(counts: CassandraRollupCounts) -> dict[str, Any]:
+    """aggregated_data's figures beside the PostgreSQL ones, in the same summary."""
+    return {
+        "cassandra": {
+            "hours": counts.hours,
+            "days": counts.days,
+            "readings": counts.readings,
+            "hourly_rows": counts.hourly_rows,
+            "daily_rows": counts.daily_rows,
+        }
+    }
+
+
 async def rollup(
     ctx: dict[str, Any],
     period: str | None = None,
@@ -56,7 +75,11 @@ async def rollup(
         first, last = parse_time(start), parse_time(end)
 
         async def backfill(res: JobResources) -> Summary:
-            return _rollup_summary(await rollup_range(res.pool, first, last), mode="backfill")
+            counts = await rollup_range(res.pool, first, last)
+            extra = {}
+            if res.cassandra is not None:
+                extra = _cassandra_details(await _cassandra(res).run_range(first, last))
+            return _rollup_summary(counts, mode="backfill", **extra)
 
         return await run_job(ctx, ROLLUP, f"{iso(first)}/{iso(last)}", backfill, force=force)
     if period is None:
@@ -65,7 +88,11 @@ async def rollup(
 
     async def incremental(res: JobResources) -> Summary:
         late = timedelta(seconds=res.settings.jobs.late_window_s)
-        return _rollup_summary(await rollup_incremental(res.pool, until, late), mode="incremental")
+        counts = await rollup_incremental(res.pool, until, late)
+        extra = {}
+        if res.cassandra is not None:
+            extra = _cassandra_details(await _cassandra(res).run_incremental(until, late))
+        return _rollup_summary(counts, mode="incremental", **extra)
 
     return await run_job(ctx, ROLLUP, iso(until), incremental, force=force)
 

@@ -41,6 +41,18 @@ class Reading:
     label: str  # the datapoint label, for hot state and rules
 
 
+@dataclass(slots=True)
+class TextReading:
+    """A string or boolean value (booleans as `true`/`false`): kept only where the time-series
+    store has a column for text, Cassandra's `text_value` (SPEC §2); PostgreSQL has none."""
+
+    timestamp: datetime
+    device_id: int
+    datapoint_id: int
+    text: str
+    label: str
+
+
 class Reason(StrEnum):
     """Why a message became a dead letter (docs/decoding.md has each one)."""
 
@@ -120,6 +132,7 @@ class DecodedBatch:
     """What the decoder hands on: readings, rejects, and the messages they came from."""
 
     readings: list[Reading] = field(default_factory=list)
+    texts: list[TextReading] = field(default_factory=list)  # only with a store that keeps text
     dead_letters: list[DeadLetter] = field(default_factory=list)
     acks: list[AckToken] = field(default_factory=list)
     messages: int = 0
@@ -129,6 +142,7 @@ class DecodedBatch:
 
     def extend(self, other: DecodedBatch) -> None:
         self.readings.extend(other.readings)
+        self.texts.extend(other.texts)
         self.dead_letters.extend(other.dead_letters)
         self.acks.extend(other.acks)
         self.messages += other.messages

@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from schemas.records import AckToken, DeadLetter, DecodedBatch, Reading, Reason
+from schemas.records import AckToken, DeadLetter, DecodedBatch, Reading, Reason, TextReading
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.runtime.mailbox import Mailbox
@@ -64,14 +64,26 @@ def test_an_outbox_record_holds_what_a_readings_store_writes() -> None:
                 "devices/x/telemetry", b"\x00\xffbad", Reason.BAD_JSON, "line 1", 1.5, b"\x01" * 32, 19, 20
             )
         ],
+        texts=[TextReading(at, 7, 13, "open", "door"), TextReading(at, 7, 14, "true", "alarm")],
         device_users={7: 3, 8: None},
         messages=3,
     )
     again = decode_batch(encode_batch(batch))
     assert again.readings == batch.readings
+    assert again.texts == batch.texts
     assert again.dead_letters == batch.dead_letters
     assert again.device_users == batch.device_users
     assert again.acks == []  # acks belong to the broker session that received them
+
+
+def test_an_outbox_record_leaves_out_only_what_no_readings_store_writes() -> None:
+    """A field added to DecodedBatch must go into the record or onto this list: a store
+    replayed from its outbox would otherwise miss it without a word."""
+    import dataclasses
+
+    left_out = {"acks", "messages", "alerts", "raw"}  # the broker's, the counters', other sinks'
+    kept = {"readings", "texts", "dead_letters", "device_users"}
+    assert {f.name for f in dataclasses.fields(DecodedBatch)} == left_out | kept
 
 
 def test_a_torn_tail_is_dropped_and_the_whole_records_are_kept(tmp_path: Path) -> None:

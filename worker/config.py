@@ -9,6 +9,7 @@ naming the setting, what was wrong and an example, and the CLI exits 2 on it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tomllib
 import typing
@@ -184,6 +185,89 @@ class DocumentSettings:
         default="mongodb://127.0.0.1:27017", metadata=_meta("mongodb://mongo:27017", _url("mongodb"))
     )
     mongodb_database: str = field(default="iotflow", metadata=_meta("iotflow"))
+
+
+def _replication(value: Any) -> str | None:
+    """A SimpleStrategy factor (`3`) or NetworkTopologyStrategy factors per DC (`dc1:3,dc2:3`)."""
+    if value.isdigit():
+        return None if int(value) > 0 else "must be greater than 0"
+    for item in value.split(","):
+        dc, _, factor = item.strip().rpartition(":")
+        if not dc or not factor.isdigit() or int(factor) <= 0:
+            return "must be a factor (3) or data centres with factors (dc1:3,dc2:3)"
+    return None
+
+
+def _hostnames(value: Any) -> str | None:
+    bad = [host for host in value if not host or any(c in host for c in " /:") or host != host.strip()]
+    return f"{bad[0]!r} is not a host name or address (the port is cassandra.port)" if bad else None
+
+
+@dataclass
+class TimeseriesSettings:
+    """Which store holds the readings (docs/storage.md)."""
+
+    backend: Literal["postgres", "cassandra", "both"] = field(
+        default="postgres",
+        metadata=_meta(
+            "cassandra",
+            doc="postgres: decoded_data; cassandra: keyspace cassandra.keyspace; both: each batch to both",
+        ),
+    )
+
+    @property
+    def uses_cassandra(self) -> bool:
+        return self.backend in ("cassandra", "both")
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.backend in ("postgres", "both")
+
+
+@dataclass
+class CassandraSettings:
+    """The Cassandra time-series store, when timeseries.backend is cassandra or both."""
+
+    hosts: list[str] = field(
+        default_factory=lambda: ["127.0.0.1"],
+        metadata=_meta("cass-1,cass-2,cass-3", _hostnames, doc="contact points (seeds: CASSANDRA_HOSTS)"),
+    )
+    port: int = field(default=9042, metadata=_meta("9042", _between(1, 65535), doc="native protocol port"))
+    keyspace: str = field(default="telemetry", metadata=_meta("telemetry", _identifier))
+    replication: str = field(
+        default="1",
+        metadata=_meta(
+            "dc1:3,dc2:3",
+            _replication,
+            doc="keyspace replication `iotflow migrate` creates: a SimpleStrategy factor, or "
+            "NetworkTopologyStrategy factors per data centre",
+        ),
+    )
+    local_dc: str = field(
+        default="datacenter1",
+        metadata=_meta("dc1", _non_empty, doc="the data centre queried first (DC-aware, token-aware)"),
+    )
+    consistency: Literal[
+        "one", "two", "three", "quorum", "all", "local_quorum", "each_quorum", "local_one"
+    ] = field(default="local_quorum", metadata=_meta("local_quorum", doc="consistency of reads and writes"))
+    concurrency: int = field(
+        default=64, metadata=_meta("64", _positive, doc="requests in flight at once, per process")
+    )
+    batch_rows: int = field(
+        default=50,
+        metadata=_meta("50", _between(1, 1000), doc="rows per unlogged batch (always one partition)"),
+    )
+    request_timeout_s: float = field(
+        default=10.0,
+        metadata=_meta("10", _positive, doc="a request unanswered this long fails and is retried"),
+    )
+    connect_timeout_s: float = field(default=5.0, metadata=_meta("5", _positive))
+    default_ttl_s: int = field(
+        default=90 * 86400,
+        metadata=_meta(
+            "7776000", _non_negative, doc="default TTL of device_data and user_data (migrate); 0: none"
+        ),
+    )
 
 
 @dataclass
@@ -524,6 +608,8 @@ class Settings:
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     documents: DocumentSettings = field(default_factory=DocumentSettings)
+    timeseries: TimeseriesSettings = field(default_factory=TimeseriesSettings)
+    cassandra: CassandraSettings = field(default_factory=CassandraSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
@@ -704,6 +790,15 @@ def _check_cross_field(settings: Settings) -> None:
         raise ConfigError("kafka.heartbeat_interval_ms", "must be below kafka.session_timeout_ms", "3000")
     if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
         raise ConfigError("mqtt.reconnect_min_s", "is larger than mqtt.reconnect_max_s", "0.5")
+    if settings.timeseries.uses_cassandra:
+        if not settings.cassandra.hosts:
+            raise ConfigError("cassandra.hosts", "needs at least one contact point", "cass-1,cass-2")
+        if importlib.util.find_spec("cassandra") is None:
+            raise ConfigError(
+                "timeseries.backend",
+                f"{settings.timeseries.backend!r} needs cassandra-driver, which is not installed",
+                "pip install 'iotflow-worker[cassandra]'",
+            )
 
 
 def _apply_password_files(settings: Settings) -> None:

@@ -35,6 +35,7 @@ from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
 from worker.sinks.hot_state import RebuildableHotState
+from worker.sinks.mirror import mirrored_readings
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.sinks.writer import BatchWriter
@@ -45,6 +46,24 @@ if TYPE_CHECKING:
     from worker.intake.kafka import KafkaIntake
 
 log = structlog.get_logger("worker.pipeline")
+
+
+def readings_sinks(stores: Stores, metrics: Metrics) -> list[Sink]:
+    """The time-series store(s) of `timeseries.backend`. With "cassandra", PostgreSQL still
+    keeps the dead letters and last-seen times; with "both", one sink writes both and keeps
+    what a store that is down misses in its outbox (worker/sinks/mirror.py)."""
+    backend = stores.settings.timeseries.backend
+    if backend == "postgres":
+        return [PostgresTimeseriesWriter(stores)]
+    from worker.sinks.cassandra import CassandraTimeseriesWriter
+
+    assert stores.cassandra is not None  # open_stores opens it for these backends
+    cassandra = CassandraTimeseriesWriter(stores.cassandra)
+    if backend == "cassandra":
+        from worker.sinks.postgres_core import PostgresCoreWriter
+
+        return [cassandra, PostgresCoreWriter(stores)]
+    return [mirrored_readings(PostgresTimeseriesWriter(stores), cassandra, stores, metrics)]
 
 
 class Pipeline:
@@ -82,16 +101,24 @@ class Pipeline:
             max_payload_bytes=settings.pipeline.max_payload_bytes,
             max_future_s=settings.pipeline.max_future_s,
             max_age_s=settings.pipeline.max_age_s,
+            keep_text=settings.timeseries.uses_cassandra,  # text_value (docs/storage.md)
         )
-        sinks: list[Sink] = [PostgresTimeseriesWriter(stores)]
-        # Hot state is derived: rebuilt from PostgreSQL after a Redis outage, never waited for.
-        hot_state = RebuildableHotState(
-            RedisHotStateWriter(stores.redis, stores.keys),
-            stores.redis.ping,
-            stores.postgres,
-            self.metrics,
-            settings.storage.write_timeout_s,
-        )
+        sinks: list[Sink] = readings_sinks(stores, self.metrics)
+        hot_state = RedisHotStateWriter(stores.redis, stores.keys)
+        derived: list[Sink] = []
+        if settings.timeseries.uses_postgres:
+            # Derived: rebuilt from decoded_data after a Redis outage, so never waited for.
+            derived.append(
+                RebuildableHotState(
+                    hot_state,
+                    stores.redis.ping,
+                    stores.postgres,
+                    self.metrics,
+                    settings.storage.write_timeout_s,
+                )
+            )
+        else:  # Cassandra alone: no rebuild from it yet, so the ack waits for hot state
+            sinks.append(hot_state)
         # The bridge: behind MQTT intake it publishes the messages and the readings (the
         # connector); behind Kafka intake only the readings (the stream processor).
         bridge_raw = stores.kafka is not None and settings.intake.source == "mqtt"
@@ -132,7 +159,7 @@ class Pipeline:
             settings.pipeline.batch_size,
             settings.pipeline.flush_interval_ms / 1000,
             settings.pipeline.slow_write_s,
-            derived=[hot_state],
+            derived=derived,
         )
         actors: list[Actor] = [self.intake, decoder, *stages, self.writer]
         return ActorGroup(actors, helpers=[self._report])
@@ -250,6 +277,11 @@ class Daemon:
                     code = ExitCode.OK
                     return code
                 problem = await schema_problem(self._stores.postgres, self.settings.postgres.schema)
+                if not problem and self.settings.timeseries.backend == "cassandra":
+                    from worker.stores.cassandra_schema import schema_problem as cassandra_problem
+
+                    assert self._stores.cassandra is not None  # verify() reached it
+                    problem = await cassandra_problem(self._stores.cassandra)
                 if problem:
                     log.error("schema.not_ready", problem=problem)
                     code = ExitCode.CONFIG

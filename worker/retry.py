@@ -29,8 +29,9 @@ T = TypeVar("T")
 
 
 # Errors that mean "the store is away", worth waiting out; anything else is a bug and crashes.
-# The drivers every deployment has; MongoDB's and Kafka's are added by `is_transient` once
-# their driver is loaded (importing them here would cost the daemon ~10 MB it may not need).
+# The drivers every deployment has; MongoDB's, Kafka's and Cassandra's are added by
+# `is_transient` once their driver is loaded (importing them here would cost the daemon
+# ~10 MB it may not need).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset, unreachable; TimeoutError is one too
     asyncpg.PostgresConnectionError,
@@ -66,7 +67,7 @@ REFUSAL_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.NoPermissionError,
 )
 
-_OPTIONAL_DRIVERS = ("pymongo", "aiokafka")
+_OPTIONAL_DRIVERS = ("pymongo", "aiokafka", "cassandra")
 
 
 @functools.cache
@@ -108,6 +109,20 @@ def _optional_errors(
             kafka.GroupAuthorizationFailedError,
             kafka.ClusterAuthorizationFailedError,
         ]
+    if "cassandra" in loaded:
+        import cassandra
+        from cassandra.cluster import NoHostAvailable
+        from cassandra.connection import ConnectionException
+
+        transient += [
+            NoHostAvailable,  # no node answered, or none could take the request (see refusal())
+            cassandra.OperationTimedOut,  # no answer within request_timeout_s (client side)
+            cassandra.Timeout,  # ReadTimeout, WriteTimeout: too few replicas answered in time
+            cassandra.Unavailable,  # too few replicas alive for the consistency level
+            cassandra.CoordinationFailure,  # ReadFailure, WriteFailure: a replica failed (e.g. overloaded)
+            ConnectionException,  # a connection closed under a request
+        ]
+        refusals += [cassandra.AuthenticationFailed]
     return tuple(transient), tuple(refusals)
 
 
@@ -131,6 +146,8 @@ def refusal(exc: BaseException | None) -> BaseException | None:
             return exc
         if _is_mongo_auth_failure(exc):
             return exc
+        if _is_cassandra_refusal(exc):
+            return exc
         if isinstance(exc, BaseExceptionGroup):
             for inner in exc.exceptions:
                 found = refusal(inner)
@@ -145,6 +162,16 @@ def refusal(exc: BaseException | None) -> BaseException | None:
 def _is_mongo_auth_failure(exc: BaseException) -> bool:
     # pymongo reports a failed authentication as OperationFailure code 18 (AuthenticationFailed).
     return type(exc).__name__ == "OperationFailure" and getattr(exc, "code", None) == 18
+
+
+def _is_cassandra_refusal(exc: BaseException) -> bool:
+    # NoHostAvailable holds each node's error: every node refusing our credentials is a refusal.
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ != "NoHostAvailable" or not isinstance(errors, dict) or not errors:
+        return False
+    import cassandra
+
+    return all(isinstance(error, cassandra.AuthenticationFailed) for error in errors.values())
 
 
 def describe(exc: BaseException) -> str:

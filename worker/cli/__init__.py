@@ -5,6 +5,7 @@ daemon.py  run, migrate, config
 rules.py   rules …, alerts …
 jobs.py    jobs …, report …
 tools.py   simulate, demo, bench
+query.py   query device
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.cli import certs, daemon, jobs, rules, tools
+from worker.cli import certs, daemon, jobs, query, rules, tools
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.logging import configure_logging
@@ -30,6 +30,7 @@ COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction[Any]], None], ...] = 
     jobs.add_commands,
     tools.add_commands,
     certs.add_commands,
+    query.add_commands,
 )
 
 

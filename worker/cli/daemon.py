@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from worker.config import Settings
 from worker.exit_codes import ExitCode
@@ -17,7 +18,9 @@ from worker.exit_codes import ExitCode
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     commands.add_parser("run", help="run the daemon").set_defaults(handler=run_daemon_command)
     commands.add_parser(
-        "migrate", help="apply the schema to PostgreSQL (versioned, idempotent)"
+        "migrate",
+        help="apply the schema to PostgreSQL (versioned, idempotent), Cassandra's keyspace and tables "
+        "when timeseries.backend uses it, the Kafka topics when Kafka is used",
     ).set_defaults(handler=_migrate)
     commands.add_parser("config", help="print the effective settings (secrets included)").set_defaults(
         handler=_print_config
@@ -48,15 +51,36 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
         asyncio.run(migrate(settings.postgres))
     except MigrationRefused as exc:
         return config_error(f"postgres.timescale: {exc}")
+    if settings.timeseries.uses_cassandra:
+        from worker.retry import describe, is_transient
+
+        try:
+            asyncio.run(_migrate_cassandra(settings))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            structlog.get_logger("worker.migrate").error(
+                "cassandra.unavailable", error=describe(exc), hosts=settings.cassandra.hosts
+            )
+            return ExitCode.FAILURE
     _create_kafka_topics(settings)
     return ExitCode.OK
+
+
+async def _migrate_cassandra(settings: Settings) -> None:
+    from worker.stores.cassandra import CassandraStore
+    from worker.stores.cassandra_schema import migrate_cassandra
+
+    store = CassandraStore(settings.cassandra)
+    try:
+        await migrate_cassandra(store)
+    finally:
+        await store.close()
 
 
 def _create_kafka_topics(settings: Settings) -> None:
     """The topics the bridge or Kafka intake use, with kafka.partitions and
     kafka.replication_factor; none when neither is configured."""
-    import structlog
-
     from worker.stores.kafka import needed_topics
 
     topics = needed_topics(settings)

@@ -13,6 +13,7 @@ from schemas.records import (
     RawMessage,
     Reading,
     Reason,
+    TextReading,
 )
 from worker.decode.codecs import Codec
 from worker.decode.parse import DeviceRef, Limits, ParsedMessage, ParsedReading, Rejected, parse_message
@@ -137,8 +138,16 @@ class Decoder(MailboxActor[RawMessage]):
                 continue
             batch.device_users[device.id] = device.user_id
             batch.readings.extend(
-                Reading(r.timestamp, device.id, ids[r.label], r.value, r.label) for r in result.readings
+                Reading(r.timestamp, device.id, ids[r.label], r.value, r.label)
+                for r in result.readings
+                if r.text is None
             )
+            if self._limits.keep_text:
+                batch.texts.extend(
+                    TextReading(r.timestamp, device.id, ids[r.label], text, r.label)
+                    for r in result.readings
+                    if (text := r.text) is not None
+                )
             if result.skipped:
                 batch.dead_letters.append(_dead(message, Reason.SKIPPED_FIELDS, "; ".join(result.skipped)))
 
@@ -167,7 +176,7 @@ def _out_of_range(readings: list[ParsedReading], ranges: dict[str, ValueRange]) 
     return "; ".join(
         f"{r.label}={format_number(r.value)} outside {ranges[r.label]}"
         for r in readings
-        if r.label in ranges and not ranges[r.label].contains(r.value)
+        if r.label in ranges and r.text is None and not ranges[r.label].contains(r.value)
     )
 
 

@@ -39,6 +39,7 @@ class ParsedReading:
     value: float
     timestamp: datetime
     unit: str | None = None
+    text: str | None = None  # a string or boolean value (Limits.keep_text); `value` is then 0
 
 
 @dataclass(slots=True)
@@ -58,6 +59,9 @@ class Limits:
     max_payload_bytes: int = 65536
     max_future_s: float = 300.0
     max_age_s: float = 30 * 86400.0
+    # Strings and booleans of JSON telemetry are kept (as text) when the time-series store
+    # has a column for them (Cassandra); otherwise they are skipped with a reason.
+    keep_text: bool = False
 
 
 def normalise_mac(text: str) -> str:
@@ -151,6 +155,10 @@ def _parse_json_telemetry(
         for name, value in values.items():
             if not 0 < len(name) <= MAX_LABEL_LENGTH or "\x00" in name:
                 message.skipped.append(f"{name[:40]!r}: not a usable measurement name")
+                continue
+            if limits.keep_text and isinstance(value, str | bool):
+                text = ("true" if value else "false") if isinstance(value, bool) else value
+                message.readings.append(ParsedReading(name, 0.0, timestamp, text=text))
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 # decoded_data keeps numbers only (SPEC §2): say so rather than coerce.

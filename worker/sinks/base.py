@@ -57,8 +57,13 @@ class Abandoned:
             return task.result()
         task.cancel()
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settled)
         raise TimeoutError(f"no answer within {timeout_s} s")
+
+    def _settled(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # the store's late error: the outage is reported already
 
     async def close(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -35,7 +35,7 @@ import asyncpg
 import orjson
 import structlog
 
-from schemas.records import DeadLetter, DecodedBatch, Reading, Reason
+from schemas.records import DeadLetter, DecodedBatch, Reading, Reason, TextReading
 
 log = structlog.get_logger("worker.sinks.outbox")
 
@@ -59,6 +59,8 @@ def encode_batch(batch: DecodedBatch) -> bytes:
             "p": [r.datapoint_id for r in readings],
             "x": [r.value for r in readings],
             "l": [r.label for r in readings],
+            # Strings and booleans, for a store with a text column (Cassandra), as rows: rare.
+            "text": [[t.timestamp, t.device_id, t.datapoint_id, t.text, t.label] for t in batch.texts],
             "dead": [
                 [
                     d.topic,
@@ -87,6 +89,10 @@ def decode_batch(body: bytes) -> DecodedBatch:
     columns = zip(times, record["d"], record["p"], record["x"], record["l"], strict=True)
     return DecodedBatch(
         readings=[Reading(*row) for row in columns],
+        texts=[
+            TextReading(datetime.fromisoformat(at), device, datapoint, text, label)
+            for at, device, datapoint, text, label in record["text"]
+        ],
         dead_letters=[
             DeadLetter(topic, base64.b64decode(data), Reason(reason), detail, at, bytes.fromhex(fp), ts, rs)
             for topic, data, reason, detail, at, fp, ts, rs in record["dead"]

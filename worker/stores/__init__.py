@@ -3,7 +3,8 @@
 `open_stores(settings)` connects to what the configuration asks for — the
 PostgreSQL pool (relational core, time series, and the documents when there is
 no MongoDB), the Redis client (hot state, caches, pub/sub), the document
-store, and the Kafka producer when `kafka.bridge` is on — and closes them, in
+store, the Cassandra session when `timeseries.backend` uses it (connected on
+first use), and the Kafka producer when `kafka.bridge` is on — and closes them, in
 reverse order, when its `async with` ends: after the daemon's actors, the jobs or a
 command, which receive them from it and never open connections of their own.
 Adding a store means one entry here.
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from worker.config import Settings
+from worker.stores.cassandra import CassandraStore
 from worker.stores.documents import DocumentStore, open_document_store
 from worker.stores.keys import RedisKeys
 from worker.stores.postgres import create_pool
@@ -46,6 +48,7 @@ class Stores:
     documents: DocumentStore
     keys: RedisKeys
     kafka: AIOKafkaProducer | None = None  # the bridge's producer, when kafka.bridge is on
+    cassandra: CassandraStore | None = None  # when timeseries.backend is cassandra or both
 
     async def health(self) -> dict[str, bool]:
         """Which stores answer now, for /readyz; never raises."""
@@ -57,6 +60,8 @@ class Stores:
             checks["mongodb"] = self._check(self.documents.ping())
         if self.kafka is not None:
             checks["kafka"] = self._check(self._kafka_answers())
+        if self.cassandra is not None:
+            checks["cassandra"] = self._check(self.cassandra.ping())
         names = list(checks)
         results = await asyncio.gather(*checks.values())
         return dict(zip(names, results, strict=True))
@@ -72,6 +77,10 @@ class Stores:
             from worker.stores.kafka import check_topics, needed_topics
 
             await check_topics(self.kafka, needed_topics(self.settings))
+        # Only when Cassandra is the one time-series store: in "both" mode the pipeline
+        # starts without it (docs/storage.md).
+        if self.cassandra is not None and self.settings.timeseries.backend == "cassandra":
+            await self.cassandra.ping()
 
     async def _kafka_answers(self) -> bool:
         from worker.stores.kafka import existing_topics
@@ -130,8 +139,23 @@ async def open_stores(
             # start() connects and, when idempotent, fetches a producer id; stop() flushes.
             stack.push_async_callback(producer.stop)
             await producer.start()
+        cassandra = None
+        if settings.timeseries.uses_cassandra:
+            cassandra = CassandraStore(settings.cassandra)  # connects on first use
+            stack.push_async_callback(cassandra.close)
         stores = Stores(
-            settings, pool, client, documents, RedisKeys(settings.redis.key_prefix), kafka=producer
+            settings,
+            pool,
+            client,
+            documents,
+            RedisKeys(settings.redis.key_prefix),
+            kafka=producer,
+            cassandra=cassandra,
         )
-        log.debug("stores.opened", documents=settings.documents.backend, kafka=producer is not None)
+        log.debug(
+            "stores.opened",
+            documents=settings.documents.backend,
+            timeseries=settings.timeseries.backend,
+            kafka=producer is not None,
+        )
         yield stores
