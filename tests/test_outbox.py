@@ -30,6 +30,7 @@ from worker.sinks.outbox import (
     Journal,
     JournalBusy,
     JournalOutbox,
+    JournalUnusable,
     PostgresOutbox,
     decode_batch,
     encode_batch,
@@ -118,6 +119,13 @@ def test_a_damaged_record_fails_its_checksum_and_ends_the_journal(tmp_path: Path
     assert journal.records == 2
     journal.close()
     assert read_journal(path) == [b"record 0", b"record 1"]
+
+
+def test_a_journal_that_cannot_be_opened_is_a_configuration_error_not_an_outage(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(JournalUnusable, match="storage.data_dir"):
+        Journal(blocker / "outbox.journal")
 
 
 def test_one_journal_has_one_writer(tmp_path: Path) -> None:

@@ -52,13 +52,20 @@ class Abandoned:
 
     async def within(self, call: Awaitable[T], timeout_s: float) -> T:
         task = asyncio.ensure_future(call)
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        except asyncio.CancelledError:  # we are stopped: the call goes with us, tracked too
+            self._abandon(task)
+            raise
         if task in done:
             return task.result()
+        self._abandon(task)
+        raise TimeoutError(f"no answer within {timeout_s} s")
+
+    def _abandon(self, task: asyncio.Future[Any]) -> None:
         task.cancel()
         self._tasks.add(task)
         task.add_done_callback(self._settled)
-        raise TimeoutError(f"no answer within {timeout_s} s")
 
     def _settled(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)

@@ -205,11 +205,12 @@ class MirroredReadings:
             await lane.sink.reset()
 
     async def close(self) -> None:
-        await self._abandoned.close()
         for lane in self._lanes:
             if lane.task is not None:
                 lane.task.cancel()
                 await asyncio.gather(lane.task, return_exceptions=True)
+        await self._abandoned.close()  # after the replayers: what they gave up on is in it
+        for lane in self._lanes:
             await lane.outbox.close()
             await lane.sink.close()
 

@@ -170,7 +170,12 @@ _HEADER = struct.Struct(">II")  # body length, CRC-32 of the body
 MAX_RECORD_BYTES = 1 << 30  # a longer length field is damage, not a record
 
 
-class JournalBusy(RuntimeError):
+class JournalUnusable(RuntimeError):
+    """The journal cannot be opened (no such directory, no permission, held by another
+    process): a configuration problem, so the pipeline stops rather than wait for it."""
+
+
+class JournalBusy(JournalUnusable):
     """Another process holds the journal: two workers must not share one `storage.data_dir`."""
 
 
@@ -178,9 +183,14 @@ class Journal:
     """The file itself; blocking calls, run on a thread by `JournalOutbox`."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # an OSError would otherwise pass for a store outage, forever
+            raise JournalUnusable(
+                f"{path}: {exc.strerror or exc} (storage.data_dir must be a writable directory)"
+            ) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
