@@ -11,3 +11,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_store_id ON outbox (store, id);
 -- Bodies come compressed (zlib): stored as they are, out of line, not compressed again.
 ALTER TABLE outbox ALTER COLUMN body SET STORAGE EXTERNAL;
+
+-- Redis hot state that missed readings (docs/storage.md, "Redis is derived"): the oldest
+-- reading a worker could not write there. A worker stopped before Redis returned leaves
+-- the row, and the next start rebuilds the latest values of every device since then.
+CREATE TABLE IF NOT EXISTS hot_state_stale (
+    store text PRIMARY KEY,
+    since timestamptz NOT NULL,
+    marked_at timestamptz NOT NULL DEFAULT now()
+);

@@ -12,10 +12,11 @@ fed through the same newest-wins script, so a value written live meanwhile is ne
 replaced by an older one. Every skipped batch is in PostgreSQL before the rebuild
 reads it: the writer called this sink only after committing it.
 
-What is lost: the telemetry pub/sub messages of the skipped batches (the rebuild
-publishes one per device with the values it restores), and the stale marker itself
-when the process stops before Redis returns (those devices' hot state then catches
-up with their next reading). docs/storage.md has the whole table.
+The oldest reading missed is also marked in PostgreSQL (`hot_state_stale`), so a
+process stopped before Redis returns leaves it for the next start, which rebuilds every
+device since then (`start`). What is lost: the telemetry pub/sub messages of the skipped
+batches (the rebuild publishes one per device with the values it restores).
+docs/storage.md has the whole table.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ FROM decoded_data d JOIN datapoints p ON p.id = d.datapoint_id
 WHERE d.device_id = ANY($1::int[]) AND d.timestamp >= $2
 ORDER BY d.device_id, d.datapoint_id, d.timestamp DESC
 """
+# The same for every device: a mark left by an earlier run does not say which ones.
+_LATEST_ALL = _LATEST.replace("d.device_id = ANY($1::int[]) AND d.timestamp >= $2", "d.timestamp >= $1")
+_MARK = """
+INSERT INTO hot_state_stale (store, since) VALUES ($1, $2)
+ON CONFLICT (store) DO UPDATE SET since = least(hot_state_stale.since, excluded.since), marked_at = now()
+"""
 
 
 @dataclass
@@ -52,26 +59,35 @@ class _Stale:
     """What hot state has missed since Redis went away."""
 
     began: float = field(default_factory=time.monotonic)
-    devices: set[int] = field(default_factory=set)
+    devices: set[int] | None = field(default_factory=set)  # None: every device
     oldest: datetime | None = None
     batches: int = 0
+    marked: datetime | None = None  # the `since` of its row in hot_state_stale
 
     def absorb(self, batch: DecodedBatch) -> None:
         self.batches += 1
         if not batch.readings:
             return
-        self.devices.update(r.device_id for r in batch.readings)
+        if self.devices is not None:
+            self.devices.update(r.device_id for r in batch.readings)
         oldest = min(r.timestamp for r in batch.readings)
         if self.oldest is None or oldest < self.oldest:
             self.oldest = oldest
 
     def merge(self, other: _Stale | None) -> _Stale:
         if other is not None:
-            self.devices |= other.devices
+            if self.devices is None or other.devices is None:
+                self.devices = None
+            else:
+                self.devices |= other.devices
             self.batches += other.batches
             if other.oldest is not None and (self.oldest is None or other.oldest < self.oldest):
                 self.oldest = other.oldest
         return self
+
+    @property
+    def unmarked(self) -> bool:
+        return self.oldest is not None and (self.marked is None or self.oldest < self.marked)
 
 
 class RebuildableHotState:
@@ -119,8 +135,42 @@ class RebuildableHotState:
                 await self._inner.reset()
         self._stale.absorb(batch)
         self._metrics.inc("hot_state_skipped")
+        if self._stale.unmarked:
+            await self._mark(self._stale)
+        self._rebuild_in_background()
+
+    async def start(self) -> None:
+        """Rebuild what an earlier run left stale (stopped before Redis returned)."""
+        try:
+            async with self._pool.acquire() as conn:
+                since = await conn.fetchval("SELECT since FROM hot_state_stale WHERE store = $1", self.name)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("hot_state.mark_unread", sink=self.name, error=describe(exc))
+            return
+        if since is None or self._stale is not None:
+            return
+        self._stale = _Stale(devices=None, oldest=since, marked=since)
+        log.warning("hot_state.stale", sink=self.name, since=since.isoformat(), left_by="an earlier run")
+        self._rebuild_in_background()
+
+    def _rebuild_in_background(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._rebuild_when_back(), name="hot_state.rebuild")
+
+    async def _mark(self, stale: _Stale) -> None:
+        """Write down the oldest reading missed, so that a restart still rebuilds it. Best
+        effort: the writer has just committed to PostgreSQL, and the next batch tries again."""
+        assert stale.oldest is not None
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute(_MARK, self.name, stale.oldest)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            return
+        stale.marked = stale.oldest
 
     async def _rebuild_when_back(self) -> None:
         delays = STORE_BACKOFF.delays()
@@ -141,20 +191,37 @@ class RebuildableHotState:
                 self._stale = missed.merge(self._stale)
                 continue
             self._metrics.inc("hot_state_rebuilt", values)
+            if self._stale is None and missed.oldest is not None:
+                await self._unmark(missed.oldest)
             log.info(
                 "hot_state.rebuilt",
                 sink=self.name,
-                devices=len(missed.devices),
+                devices="all" if missed.devices is None else len(missed.devices),
                 values=values,
                 skipped_batches=missed.batches,
                 stale_s=round(time.monotonic() - missed.began, 1),
             )
 
+    async def _unmark(self, rebuilt_since: datetime) -> None:
+        """Drop the mark, unless another worker marked an older reading meanwhile."""
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute(
+                    "DELETE FROM hot_state_stale WHERE store = $1 AND since >= $2", self.name, rebuilt_since
+                )
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Left in place, the mark makes the next start rebuild once more: harmless.
+
     async def _rebuild(self, missed: _Stale) -> int:
         if missed.oldest is None:
             return 0
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_LATEST, sorted(missed.devices), missed.oldest)
+            if missed.devices is None:
+                rows = await conn.fetch(_LATEST_ALL, missed.oldest)
+            else:
+                rows = await conn.fetch(_LATEST, sorted(missed.devices), missed.oldest)
         readings = [Reading(*row) for row in rows]
         for start in range(0, len(readings), REBUILD_CHUNK):
             chunk = DecodedBatch(readings=readings[start : start + REBUILD_CHUNK])
