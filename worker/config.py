@@ -336,6 +336,29 @@ class PipelineSettings:
     )
 
 
+@dataclass
+class StorageSettings:
+    """What the stores share: the local data directory and the outage rules (docs/storage.md)."""
+
+    data_dir: str = field(
+        default="/var/lib/iotflow",
+        metadata=_meta(
+            "/var/lib/iotflow",
+            _non_empty,
+            doc="local state: the outbox journal of a readings store that is down (both mode)",
+        ),
+    )
+    write_timeout_s: float = field(
+        default=5.0,
+        metadata=_meta(
+            "5",
+            _positive,
+            doc="a write to a store that may be skipped (one of two readings stores, hot state) "
+            "taking longer counts as the store being down",
+        ),
+    )
+
+
 def _bootstrap(value: Any) -> str | None:
     servers = [item.strip() for item in value.split(",")]
     for server in servers:
@@ -598,6 +621,7 @@ class Settings:
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     rules: RulesSettings = field(default_factory=RulesSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)

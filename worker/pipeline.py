@@ -35,6 +35,8 @@ from worker.runtime.signals import held_stop_signal
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
+from worker.sinks.hot_state import RebuildableHotState
+from worker.sinks.mirror import mirrored_readings
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.sinks.writer import BatchWriter
@@ -47,9 +49,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("worker.pipeline")
 
 
-def readings_sinks(stores: Stores) -> list[Sink]:
+def readings_sinks(stores: Stores, metrics: Metrics) -> list[Sink]:
     """The time-series store(s) of `timeseries.backend`. With "cassandra", PostgreSQL still
-    keeps the dead letters and last-seen times; with "both", each sink stands alone."""
+    keeps the dead letters and last-seen times; with "both", one sink writes both and keeps
+    what a store that is down misses in its outbox (worker/sinks/mirror.py)."""
     backend = stores.settings.timeseries.backend
     if backend == "postgres":
         return [PostgresTimeseriesWriter(stores)]
@@ -61,7 +64,7 @@ def readings_sinks(stores: Stores) -> list[Sink]:
         from worker.sinks.postgres_core import PostgresCoreWriter
 
         return [cassandra, PostgresCoreWriter(stores)]
-    return [PostgresTimeseriesWriter(stores), cassandra]
+    return [mirrored_readings(PostgresTimeseriesWriter(stores), cassandra, stores, metrics)]
 
 
 class Pipeline:
@@ -102,7 +105,22 @@ class Pipeline:
             max_age_s=settings.pipeline.max_age_s,
             keep_text=settings.timeseries.uses_cassandra,  # text_value (docs/storage.md)
         )
-        sinks = [*readings_sinks(stores), RedisHotStateWriter(stores.redis, stores.keys)]
+        sinks: list[Sink] = readings_sinks(stores, self.metrics)
+        hot_state = RedisHotStateWriter(stores.redis, stores.keys)
+        derived: list[Sink] = []
+        if settings.timeseries.uses_postgres:
+            # Derived: rebuilt from decoded_data after a Redis outage, so never waited for.
+            derived.append(
+                RebuildableHotState(
+                    hot_state,
+                    stores.redis.ping,
+                    stores.postgres,
+                    self.metrics,
+                    settings.storage.write_timeout_s,
+                )
+            )
+        else:  # Cassandra alone: no rebuild from it yet, so the ack waits for hot state
+            sinks.append(hot_state)
         # The bridge: behind MQTT intake it publishes the messages and the readings (the
         # connector); behind Kafka intake only the readings (the stream processor).
         bridge_raw = stores.kafka is not None and settings.intake.source == "mqtt"
@@ -144,6 +162,7 @@ class Pipeline:
             settings.pipeline.batch_size,
             settings.pipeline.flush_interval_ms / 1000,
             settings.pipeline.slow_write_s,
+            derived=derived,
         )
         actors: list[Actor] = [self.intake, decoder, *stages, self.writer]
         return ActorGroup(actors, helpers=[self._report])

@@ -1,9 +1,14 @@
 """The writer actor: gathers decoded batches, commits them to every sink, then acknowledges.
 
 A batch commits when it holds `batch_size` rows or its oldest message has waited
-`flush_interval`. A sink that fails is retried with backoff, forever: while it is
-down the mailboxes fill, intake stops, and the broker keeps the rest. Nothing is
-acknowledged until every sink has the batch.
+`flush_interval`. A durable sink that fails is retried with backoff, forever: while
+it is down the mailboxes fill, intake stops, and the broker keeps the rest. Nothing is
+acknowledged until every durable sink has the batch.
+
+Derived sinks (hot state: content that can be rebuilt from the durable stores) get a
+batch only after the durable sinks committed it, and the ack does not wait for them:
+each runs beside the next batch's durable writes, one batch at a time, in order. They
+absorb their own outages (worker/sinks/hot_state.py); what they raise is a bug.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from worker.metrics import Metrics
 from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
-from worker.sinks.base import Sink
+from worker.sinks.base import Sink, Startable
 
 log = structlog.get_logger("worker.sinks.writer")
 
@@ -39,9 +44,12 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         batch_size: int,
         flush_interval_s: float,
         slow_write_s: float = 5.0,
+        derived: Sequence[Sink] = (),
     ) -> None:
         super().__init__(mailbox)
         self._sinks = list(sinks)
+        self._derived = list(derived)
+        self._derived_write: asyncio.Task[None] | None = None  # the previous batch's
         self._acknowledge = acknowledge
         self._metrics = metrics
         self._batch_size = batch_size
@@ -50,6 +58,12 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         self._pending = DecodedBatch()
         self._pending_since = 0.0
         self.down: set[str] = set()  # sinks currently failing, for /readyz
+
+    async def run(self) -> None:
+        for sink in (*self._sinks, *self._derived):
+            if isinstance(sink, Startable):
+                await sink.start()
+        await super().run()
 
     def next_timeout(self) -> float:
         if self.stopping:
@@ -73,6 +87,7 @@ class BatchWriter(MailboxActor[DecodedBatch]):
     async def drained(self) -> None:
         if self._pending.messages:
             await self._commit()
+        await self._derived_done()
 
     async def _commit(self) -> None:
         batch, self._pending = self._pending, DecodedBatch()
@@ -82,6 +97,25 @@ class BatchWriter(MailboxActor[DecodedBatch]):
         self._acknowledge(batch.acks)
         stored = [count for task in writes if (count := task.result()) is not None]
         self._record(batch, min(stored) if stored else len(batch.readings))
+        await self._derived_done()
+        if self._derived:
+            self._derived_write = asyncio.create_task(self._write_derived(batch), name="writer.derived")
+
+    async def _write_derived(self, batch: DecodedBatch) -> None:
+        async with asyncio.TaskGroup() as group:
+            for sink in self._derived:
+                group.create_task(self._timed(sink, batch))
+
+    async def _timed(self, sink: Sink, batch: DecodedBatch) -> None:
+        started = time.monotonic()
+        await sink.write(batch)
+        self._metrics.observe_write(sink.name, time.monotonic() - started)
+
+    async def _derived_done(self) -> None:
+        """Wait for the previous batch's derived writes; what they raised is raised here."""
+        if self._derived_write is not None:
+            task, self._derived_write = self._derived_write, None
+            await task
 
     async def _write_until_stored(self, sink: Sink, batch: DecodedBatch) -> int | None:
         def down(exc: BaseException) -> None:
@@ -160,5 +194,8 @@ class BatchWriter(MailboxActor[DecodedBatch]):
             observe((now - last).total_seconds(), run)
 
     async def close(self) -> None:
-        for sink in self._sinks:
+        if self._derived_write is not None:  # after a crash: drained() did not wait for it
+            self._derived_write.cancel()
+            await asyncio.gather(self._derived_write, return_exceptions=True)
+        for sink in (*self._sinks, *self._derived):
             await sink.close()

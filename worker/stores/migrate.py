@@ -206,6 +206,7 @@ MIGRATIONS = (
     Migration(12, "datapoint ranges", _sql_file("0012_datapoint_ranges.sql")),
     Migration(13, "dead letter sizes", _sql_file("0013_dead_letter_sizes.sql")),
     Migration(14, "no duplicate timestamp index", _drop_timestamp_index),
+    Migration(15, "outbox", _sql_file("0015_outbox.sql")),
     Migration(17, "document indexes", _sql_file("0017_document_indexes.sql")),
 )
 

@@ -1,0 +1,69 @@
+"""Redis hot state is derived: what a stopped worker left stale is rebuilt by the next start."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from schemas.records import DecodedBatch, Reading
+from worker.config import Settings
+from worker.metrics import Metrics
+from worker.sinks.hot_state import RebuildableHotState
+from worker.sinks.postgres import PostgresTimeseriesWriter
+from worker.sinks.redis_state import RedisHotStateWriter
+from worker.stores import Stores
+from worker.stores.redis import redis_client
+
+from .helpers import wait_for
+from .test_outages import proxied
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_hot_state_left_stale_by_a_stopped_worker_is_rebuilt_at_the_next_start(
+    settings: Settings, stores: Stores, pg: asyncpg.Connection
+) -> None:
+    device = await pg.fetchval("SELECT id FROM devices WHERE device_key = 'sim-json-01'")
+    point = await pg.fetchval(
+        "SELECT id FROM datapoints WHERE device_id = $1 AND label = 'temperature'", device
+    )
+    at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    batch = DecodedBatch(
+        readings=[
+            Reading(at + timedelta(seconds=n), device, point, 20.0 + n, "temperature") for n in range(3)
+        ]
+    )
+    await PostgresTimeseriesWriter(stores).write(batch)  # the durable store has it
+
+    proxy, url = await proxied(settings.redis.url)
+    away = redis_client(replace(settings.redis, url=url))
+    try:
+        proxy.cut()
+        first = RebuildableHotState(
+            RedisHotStateWriter(away, stores.keys), away.ping, stores.postgres, Metrics(), 1.0
+        )
+        await first.write(batch)  # Redis refuses: skipped, marked in PostgreSQL
+        assert await pg.fetchval("SELECT since FROM hot_state_stale WHERE store = 'redis'") == at
+        await first.close()  # the worker stops before Redis returns
+    finally:
+        await away.aclose()
+        await proxy.stop()
+
+    metrics = Metrics()
+    second = RebuildableHotState(
+        RedisHotStateWriter(stores.redis, stores.keys), stores.redis.ping, stores.postgres, metrics, 1.0
+    )
+    try:
+        await second.start()
+        assert metrics.gauges["hot_state_stale"]() == 1.0
+        await wait_for(lambda: _true(metrics.gauges["hot_state_stale"]() == 0.0), timeout=30)
+        latest = await stores.redis.hget(stores.keys.device_latest(device), "temperature")
+        assert latest == b"22.0"
+        assert await pg.fetchval("SELECT count(*) FROM hot_state_stale") == 0
+        assert metrics.count("hot_state_rebuilt") >= 1
+    finally:
+        await second.close()

@@ -1,0 +1,284 @@
+"""`python -m worker.tools.outbox_bench`: what both mode's outbox costs, beside PostgreSQL alone.
+
+The writer's storage step, in one process, with the same batches (climate messages of
+three readings, 5,000 readings a batch, new timestamps every run) in three configurations,
+alternated run by run:
+
+- `postgres`: the PostgreSQL sink alone (what `timeseries.backend = "postgres"` writes);
+- `outbox, other down`: both mode with the second store down: every batch goes to
+  PostgreSQL and, encoded, into the `outbox` table (Cassandra's place is taken by a store
+  at a port that refuses connections: after its first failure it is not tried again
+  until the replay, so how it fails does not change the cost);
+- `journal, postgres down`: both mode with PostgreSQL down: every batch goes to the second
+  store (PostgreSQL in a schema of its own) and into the fsynced local journal.
+
+For each: messages/s, and CPU-seconds per 100,000 messages of this process and of the
+PostgreSQL server (its processes listed by pg_stat_activity, read from /proc when the
+server is local), from /proc. The ratios compare each outbox path with `postgres` in the
+same run. It isolates the storage step, so the ratio is the outbox's whole cost relative
+to storage alone; end to end (MQTT, decoding) the same cost weighs less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+
+from schemas.records import DecodedBatch, Reading
+from worker.config import Settings, load_settings
+from worker.logging import configure_logging
+from worker.metrics import Metrics
+from worker.sinks.base import Sink
+from worker.sinks.mirror import MirroredReadings
+from worker.sinks.outbox import JournalOutbox, PostgresOutbox
+from worker.sinks.postgres import PostgresTimeseriesWriter
+from worker.stores import Stores, open_stores
+from worker.stores.migrate import migrate
+from worker.tools.embedded import free_port
+
+READINGS_PER_MESSAGE = 3
+BATCH_READINGS = 5000
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class RefusingStore:
+    """A readings store at a port nobody listens on: every write is refused by the OS."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._port = free_port()
+
+    async def write(self, batch: DecodedBatch) -> int:
+        _, writer = await asyncio.open_connection("127.0.0.1", self._port)  # ConnectionRefusedError
+        writer.close()
+        raise AssertionError("a refusing port accepted a connection")
+
+    async def reset(self) -> None:
+        """Nothing is kept between tries."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+class OtherPostgres(PostgresTimeseriesWriter):
+    name = "other"
+
+
+@dataclass
+class Run:
+    label: str
+    messages: int
+    wall_s: float
+    cpu_s: float  # this process
+    server_cpu_s: float | None  # the PostgreSQL server, when its processes can be read
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.wall_s
+
+    def per_100k(self, seconds: float) -> float:
+        return seconds * 100_000 / self.messages
+
+
+def _cpu_of(pid: int | str) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+
+
+async def _server_cpu(pool: asyncpg.Pool) -> float | None:
+    pids = [row["pid"] for row in await pool.fetch("SELECT pid FROM pg_stat_activity")]
+    try:
+        return sum(_cpu_of(pid) for pid in pids)
+    except (OSError, ValueError):  # a remote server, or processes we may not read
+        return None
+
+
+def _batches(messages: int, devices: list[tuple[int, list[int]]], start: datetime) -> list[DecodedBatch]:
+    readings: list[Reading] = []
+    for n in range(messages):
+        device, points = devices[n % len(devices)]
+        at = start + timedelta(milliseconds=n)
+        readings += [Reading(at, device, point, float(n % 1000), f"p{i}") for i, point in enumerate(points)]
+    per_message = BATCH_READINGS // READINGS_PER_MESSAGE
+    batches = []
+    for first in range(0, messages, per_message):
+        chunk = readings[first * READINGS_PER_MESSAGE : (first + per_message) * READINGS_PER_MESSAGE]
+        batches.append(
+            DecodedBatch(
+                readings=chunk,
+                messages=len(chunk) // READINGS_PER_MESSAGE,
+                device_users={device: None for device, _ in devices},
+            )
+        )
+    return batches
+
+
+async def _measure(label: str, sink: Sink, batches: list[DecodedBatch], pool: asyncpg.Pool) -> Run:
+    server_before = await _server_cpu(pool)
+    cpu_before, started = _cpu_of("self"), time.perf_counter()
+    for batch in batches:
+        await sink.write(batch)
+    wall, cpu = time.perf_counter() - started, _cpu_of("self") - cpu_before
+    server_after = await _server_cpu(pool)
+    server = None if server_before is None or server_after is None else server_after - server_before
+    return Run(label, sum(b.messages for b in batches), wall, cpu, server)
+
+
+async def _bench(settings: Settings, messages: int, repeat: int, data_dir: Path) -> list[Run]:
+    tag = uuid.uuid4().hex[:8]
+    main = replace(settings, postgres=replace(settings.postgres, schema=f"bench_outbox_{tag}"))
+    other = replace(settings, postgres=replace(settings.postgres, schema=f"bench_outbox_{tag}_other"))
+    for target in (main, other):
+        await migrate(target.postgres)
+    try:
+        async with open_stores(main) as stores, open_stores(other) as other_stores:
+            devices = await _devices(stores.postgres, 100)
+            configs: list[tuple[str, Callable[[], Sink]]] = [
+                ("postgres", lambda: PostgresTimeseriesWriter(stores)),
+                (
+                    "outbox, other down",
+                    lambda: _mirror(
+                        PostgresTimeseriesWriter(stores), RefusingStore("other"), stores, data_dir
+                    ),
+                ),
+                (
+                    "journal, postgres down",
+                    lambda: _mirror(RefusingStore("postgres"), OtherPostgres(other_stores), stores, data_dir),
+                ),
+            ]
+            runs = []
+            start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+            for number in range(repeat):
+                for label, make in configs:
+                    await _empty(stores, other_stores, data_dir)
+                    batches = _batches(messages, devices, start)
+                    start += timedelta(milliseconds=messages)  # new rows every run
+                    sink = make()
+                    try:
+                        run = await _measure(f"{label} #{number + 1}", sink, batches, stores.postgres)
+                    finally:
+                        await sink.close()
+                    print(_line(run), flush=True)
+                    runs.append(run)
+            return runs
+    finally:
+        for target in (main, other):
+            await _drop_schema(target)
+
+
+def _mirror(primary: Sink, secondary: Sink, stores: Stores, data_dir: Path) -> Sink:
+    outboxes = (JournalOutbox(data_dir / "outbox-postgres.journal"), PostgresOutbox(stores.postgres, "other"))
+    return MirroredReadings(primary, secondary, outboxes, Metrics(), stores.settings.storage.write_timeout_s)
+
+
+async def _devices(pool: asyncpg.Pool, count: int) -> list[tuple[int, list[int]]]:
+    """`count` devices of three datapoints each, made for the bench."""
+    devices = []
+    async with pool.acquire() as conn:
+        for n in range(count):
+            device = await conn.fetchval(
+                "INSERT INTO devices (device_key, name) VALUES ($1, $1) RETURNING id", f"bench-outbox-{n}"
+            )
+            points = [
+                await conn.fetchval(
+                    "INSERT INTO datapoints (device_id, label) VALUES ($1, $2) RETURNING id", device, f"p{i}"
+                )
+                for i in range(READINGS_PER_MESSAGE)
+            ]
+            devices.append((device, points))
+    return devices
+
+
+async def _empty(stores: Stores, other_stores: Stores, data_dir: Path) -> None:
+    for pool in (stores.postgres, other_stores.postgres):
+        await pool.execute("TRUNCATE decoded_data")
+    await stores.postgres.execute("TRUNCATE outbox")
+    (data_dir / "outbox-postgres.journal").unlink(missing_ok=True)
+
+
+async def _drop_schema(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.postgres.url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres.schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def _line(run: Run) -> str:
+    server = "n/a" if run.server_cpu_s is None else f"{run.per_100k(run.server_cpu_s):.2f}"
+    return (
+        f"{run.label:<28} {run.rate:>9,.0f} msg/s  worker {run.per_100k(run.cpu_s):5.2f} CPU-s/100k  "
+        f"PostgreSQL {server} CPU-s/100k"
+    )
+
+
+def report(runs: list[Run]) -> None:
+    def by(label: str) -> list[Run]:
+        return [run for run in runs if run.label.startswith(label + " #")]
+
+    base = by("postgres")
+    base_rate = statistics.mean(r.rate for r in base)
+    base_cpu = statistics.mean(r.per_100k(r.cpu_s) for r in base)
+    print("\nmeans over the runs (ratios against `postgres` of the same run set):")
+    for label in ("postgres", "outbox, other down", "journal, postgres down"):
+        group = by(label)
+        rate = statistics.mean(r.rate for r in group)
+        cpu = statistics.mean(r.per_100k(r.cpu_s) for r in group)
+        line = (
+            f"{label:<24} {rate:>9,.0f} msg/s ({rate / base_rate:6.1%})  "
+            f"worker {cpu:5.2f} CPU-s/100k ({cpu / base_cpu:6.1%})"
+        )
+        servers = [r.per_100k(r.server_cpu_s) for r in group if r.server_cpu_s is not None]
+        if servers:
+            line += f"  PostgreSQL {statistics.mean(servers):5.2f} CPU-s/100k"
+        print(line)
+    for label in ("outbox, other down", "journal, postgres down"):
+        cost = 1 - statistics.mean(r.rate for r in by(label)) / base_rate
+        print(f"cost of '{label}': {cost:.1%} of the PostgreSQL-only rate (target ≤ 25%)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.tools.outbox_bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--messages", type=int, default=100_000, help="messages per run (3 readings each)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration, alternated")
+    parser.add_argument("--embedded", action="store_true", help="start an embedded PostgreSQL")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="settings file (else IOTFLOW_* and defaults)"
+    )
+    args = parser.parse_args(argv)
+    configure_logging("error", "console")
+    settings = load_settings(args.config)
+    with tempfile.TemporaryDirectory(prefix="iotflow-outbox-bench-") as root:
+        data_dir = Path(root) / "data"
+        if args.embedded:
+            from worker.tools.embedded import EmbeddedServices
+
+            with EmbeddedServices(Path(root) / "services", redis=False, mqtt=False) as services:
+                settings.postgres = replace(settings.postgres, url=services.start().postgres_url)
+                runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir))
+        else:
+            runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir))
+    print(
+        f"\n{args.messages:,} messages × {READINGS_PER_MESSAGE} readings per run, "
+        f"{BATCH_READINGS} readings a batch"
+    )
+    report(runs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
