@@ -88,6 +88,20 @@ async def test_a_child_killed_with_9_is_started_again_and_nothing_is_lost(
     assert list(exited) == [0] and exited[0][0]["exit_code"] == -signal.SIGKILL
 
 
+async def test_a_stop_signal_that_reaches_a_child_first_stops_the_group_without_restart(
+    settings: Settings,
+) -> None:
+    """As Ctrl-C (the whole process group) or KillMode=control-group (the whole cgroup) do."""
+    async with worker_process(settings, **_group(settings)) as worker:
+        await worker.wait_for_event("processes.ready")
+        child = _children_records(worker, "processes.child_started")[1][0]
+        os.kill(int(str(child["pid"])), signal.SIGTERM)
+        assert await worker.wait(60) == 0
+    events = worker.events()
+    assert "processes.child_stopped" in events and "processes.restarting" not in events
+    assert events.count("processes.child_started") == 2 and events.count("daemon.stopped") == 2
+
+
 async def test_a_child_configuration_error_ends_the_group_with_2_without_restarts(settings: Settings) -> None:
     env = _group(settings, IOTFLOW_POSTGRES_SCHEMA="never_migrated")
     async with worker_process(settings, **env) as worker:

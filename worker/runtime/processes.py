@@ -170,18 +170,25 @@ class ProcessSupervisor:
         done, _ = await asyncio.wait({stopped, *keepers}, return_when=asyncio.FIRST_COMPLETED)
         ended = [task.result() for task in keepers if task in done]  # a child ended the group
         stopped.cancel()
-        codes = await self._shutdown(keepers)
-        if ended:
-            return ended[0]
-        return ExitCode.OK if codes and all(code == 0 for code in codes) else ExitCode.FAILURE
+        codes = [*ended, *await self._shutdown(keepers)]
+        for worst in (ExitCode.CONFIG, ExitCode.FAILURE):
+            if worst in ended:
+                return worst
+        return ExitCode.OK if all(code == 0 for code in codes) else ExitCode.FAILURE
 
     async def _keep(self, child: Child) -> ExitCode:
         """Run one child, again after each death, until the group stops: then its exit code.
-        Returns early (ending the group) on a configuration error or a spent budget."""
+        Returns early, ending the group, when the child stopped cleanly (0), on a
+        configuration error (2) or a spent budget (1)."""
         while True:
             code = await self._start(child)
             if self._stopping:
                 return ExitCode(code) if code in (0, 1, 2) else ExitCode.FAILURE
+            if code == ExitCode.OK:
+                # A stop signal reached the child first: Ctrl-C signals the whole process
+                # group, KillMode=control-group the whole cgroup. Stop with it, not restart it.
+                log.info("processes.child_stopped", child=child.index, hint="stopping the group")
+                return ExitCode.OK
             log.error("processes.child_exited", child=child.index, exit_code=code)
             if code == ExitCode.CONFIG:
                 log.error("processes.config_error", child=child.index, hint="a setting to fix")

@@ -351,7 +351,7 @@ def _measure_worker(
         peak_rss = max(_peak_rss_mb(pid) for pid in pids)
         quantiles = [_metrics(p) for p in ports]
         rows = asyncio.run(_count_rows(settings))
-        return RunResult(
+        result = RunResult(
             label,
             messages,
             seconds,
@@ -363,6 +363,12 @@ def _measure_worker(
             publisher_rate,
             processes,
         )
+        print(
+            f"  {label}: {result.rate:,.0f} msg/s, {result.cpu_per_100k:.2f} CPU-s/100k, "
+            f"publishers {publisher_rate:,.0f} msg/s, {messages * READINGS_PER_MESSAGE - rows} lost",
+            flush=True,
+        )
+        return result
     finally:
         if pubs is not None:
             pubs.kill()
