@@ -307,6 +307,8 @@ class ProcessSupervisor:
             )
             if silent is None:
                 notify("WATCHDOG=1")
+                if self._withheld is not None:
+                    log.info("processes.watchdog_resumed", child=self._withheld)
             elif silent != self._withheld:
                 log.error(
                     "processes.watchdog_withheld",
