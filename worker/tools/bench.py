@@ -73,6 +73,9 @@ class RunResult:
     cpu_s: float = math.nan  # utime + stime of the worker's processes during the run
     publisher_rate: float = math.nan
     processes: int = 1
+    # CPU-seconds during the run of everything the bench started: worker, publishers,
+    # mosquitto, postgres, redis (the stores only with --embedded)
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -338,9 +341,11 @@ def _measure_worker(
         ports = [port + index for index in range(processes)]
         pids = [worker.pid, *_children(worker.pid)]
         pubs = Publishers(settings, messages, devices, publishers, rate)
-        cpu_before = _cpu_seconds(pids)
+        roles = {pid: "worker" for pid in pids} | {proc.pid: "publishers" for proc in pubs.procs}
+        by_role_before = _cpu_by_role(roles)
+        cpu_before, waited_before = _cpu_seconds(pids), _runqueue_wait_s(pids)
         started = pubs.go()
-        deadline = started + max(120.0, messages / 500)
+        deadline = started + max(300.0, messages / 50)  # only a bound on a stuck run
         while (committed := _committed(ports)) < messages:
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError(f"{label}: committed {committed} of {messages}")
@@ -348,6 +353,10 @@ def _measure_worker(
             time.sleep(0.02 if committed > messages * 0.95 else 0.5)
         seconds = time.monotonic() - started
         cpu = _cpu_seconds(pids) - cpu_before
+        by_role = _cpu_by_role(roles)
+        cpu_by_role = {role: round(by_role[role] - by_role_before.get(role, 0.0), 2) for role in by_role}
+        # Time the worker was runnable but not running: how much the machine, not the worker, held it back.
+        cpu_by_role["worker runqueue wait"] = round(_runqueue_wait_s(pids) - waited_before, 2)
         publisher_rate = pubs.wait(started)
         peak_rss = max(_peak_rss_mb(pid) for pid in pids)
         quantiles = [_metrics(p) for p in ports]
@@ -363,10 +372,13 @@ def _measure_worker(
             cpu,
             publisher_rate,
             processes,
+            cpu_by_role,
         )
+        shares = ", ".join(f"{role} {value:.1f}" for role, value in sorted(cpu_by_role.items()))
         print(
             f"  {label}: {result.rate:,.0f} msg/s, {result.cpu_per_100k:.2f} CPU-s/100k, "
-            f"publishers {publisher_rate:,.0f} msg/s, {messages * READINGS_PER_MESSAGE - rows} lost",
+            f"publishers {publisher_rate:,.0f} msg/s, {messages * READINGS_PER_MESSAGE - rows} lost; "
+            f"CPU-s in {seconds:.1f} s: {shares}",
             flush=True,
         )
         return result
@@ -392,6 +404,41 @@ def _children(pid: int) -> list[int]:
         with contextlib.suppress(OSError):
             found += [int(child) for child in (task / "children").read_text().split()]
     return found
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for child in _children(pid):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
+    """CPU-seconds so far of every process this bench started, by role: the given pids'
+    roles, else the program's name (mosquitto, postgres, valkey-server as redis)."""
+    totals: dict[str, float] = {}
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            role = roles.get(pid) or ("redis" if name.startswith(("valkey", "redis")) else name.split()[0])
+            if role.startswith("postgres"):
+                role = "postgres"
+            if role in ("worker", "publishers", "postgres", "redis", "mosquitto"):
+                totals[role] = totals.get(role, 0.0) + _cpu_seconds([pid])
+    return totals
+
+
+def _runqueue_wait_s(pids: list[int]) -> float:
+    """Seconds the threads of these processes spent runnable, waiting for a core
+    (the second field of /proc/PID/task/TID/schedstat)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
 
 
 def _cpu_seconds(pids: list[int]) -> float:
