@@ -279,7 +279,3 @@ class Daemon:
                 log.warning("stores.waiting", error=repr(exc), retry_in_s=round(delay, 2))
                 if await self.supervisor.wait_stopped(delay):
                     return None
-
-
-async def run_daemon(settings: Settings) -> ExitCode:
-    return await Daemon(settings).run()
