@@ -220,14 +220,21 @@ class IotflowProcess:
     def events(self) -> list[str]:
         return [str(record.get("event")) for record in self.records()]
 
-    async def wait_for_event(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
-        """The first log record of `event`, waiting for it while the process runs."""
+    async def wait_for_event(
+        self, event: str, timeout: float = 30.0, nth: int = 1, **fields: Any
+    ) -> dict[str, Any]:
+        """The `nth` log record of `event` (with these field values), waiting for it while
+        the process runs."""
         deadline = time.monotonic() + timeout
         while True:
             self._news.clear()
-            for record in self.records():
-                if record.get("event") == event:
-                    return record
+            found = [
+                record
+                for record in self.records()
+                if record.get("event") == event and all(record.get(k) == v for k, v in fields.items())
+            ]
+            if len(found) >= nth:
+                return found[nth - 1]
             if self._reader.done():
                 raise AssertionError(f"process ended before {event!r}: {self.output[-3000:]}")
             try:

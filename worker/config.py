@@ -8,6 +8,7 @@ naming the setting, what was wrong and an example, and the CLI exits 2 on it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -78,6 +79,10 @@ def _topic_filters(value: Any) -> str | None:
             ):
                 return f"{topic!r}: '+' must be a whole level and '#' the whole last level"
     return None
+
+
+def _processes(value: Any) -> str | None:
+    return None if value == "auto" or value >= 1 else "must be 1 or more, or auto"
 
 
 def _share_name(value: Any) -> str | None:
@@ -593,6 +598,12 @@ class RuntimeSettings:
     report_interval_s: float = field(
         default=10.0, metadata=_meta("10", _positive, doc="one progress log line per interval")
     )
+    processes: int | Literal["auto"] = field(
+        default=1,
+        metadata=_meta(
+            "auto", _processes, doc="worker processes under one supervisor; auto: one per usable core"
+        ),
+    )
 
 
 @dataclass
@@ -738,6 +749,11 @@ def _from_env(text: str, hint: Any, setting: str, example: str) -> Any:
 
 def _coerce(value: Any, hint: Any, setting: str, example: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is typing.Union:  # the first alternative that takes the value
+        for alternative in typing.get_args(hint):
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, alternative, setting, example)
+        raise ConfigError(setting, f"{value!r} is not {_describe_union(hint)}", example)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -769,6 +785,16 @@ def _coerce(value: Any, hint: Any, setting: str, example: str) -> Any:
             raise ConfigError(setting, f"{value!r} is not a string", example)
         return value
     raise TypeError(f"unsupported setting type {hint!r}")  # a bug in this module, not user input
+
+
+def _describe_union(hint: Any) -> str:
+    names = []
+    for alternative in typing.get_args(hint):
+        if typing.get_origin(alternative) is Literal:
+            names += [repr(choice) for choice in typing.get_args(alternative)]
+        else:
+            names.append({int: "an integer", float: "a number"}.get(alternative, alternative.__name__))
+    return " or ".join(names)
 
 
 def _check_cross_field(settings: Settings) -> None:

@@ -334,7 +334,7 @@ class Daemon:
 GC_THRESHOLDS = (50_000, 10, 10)
 
 
-async def run_daemon(settings: Settings) -> ExitCode:
+def tune_gc() -> None:
+    """For a daemon process, once its start-up is done."""
     gc.freeze()  # what start-up built (modules, settings, codecs) is never walked again
     gc.set_threshold(*GC_THRESHOLDS)
-    return await Daemon(settings).run()

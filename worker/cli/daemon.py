@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,15 @@ from worker.exit_codes import ExitCode
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
-    commands.add_parser("run", help="run the daemon").set_defaults(handler=run_daemon_command)
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument(
+        "--processes",
+        type=_processes,
+        default=None,
+        metavar="N|auto",
+        help="worker processes under one supervisor (default: runtime.processes)",
+    )
+    run.set_defaults(handler=run_daemon_command)
     commands.add_parser(
         "migrate",
         help="apply the schema to PostgreSQL (versioned, idempotent), MongoDB's indexes when it is the "
@@ -28,20 +39,66 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
 
 
+def _processes(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of processes (1 or more) or auto")
+    return int(value)
+
+
 def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
     from worker.cli.app import config_error
     from worker.decode.codecs import CodecConfigError, load_codecs
-    from worker.pipeline import run_daemon
+    from worker.runtime import processes
 
     try:
         load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
     except CodecConfigError as exc:
         return config_error(f"pipeline.codecs: {exc}")
+    count = processes.process_count(
+        args.processes if args.processes is not None else settings.runtime.processes
+    )
+    problem = processes.group_problem(settings, count)
+    if problem:
+        return config_error(f"runtime.processes: {problem}")
+    if count > 1:
+        supervisor = processes.ProcessSupervisor(settings, count, processes.child_argv(args.config))
+        return asyncio.run(supervisor.run())
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(run_daemon(settings))
-    return uvloop.run(run_daemon(settings))
+        return asyncio.run(_run_one(settings))
+    return uvloop.run(_run_one(settings))
+
+
+async def _run_one(settings: Settings) -> ExitCode:
+    """The daemon in this process; as a child of `--processes`, tagged and tied to its parent."""
+    import structlog
+
+    from worker.pipeline import Daemon, tune_gc
+    from worker.runtime.processes import CHILD_INDEX_ENV
+
+    tune_gc()
+    daemon = Daemon(settings)
+    index = os.environ.get(CHILD_INDEX_ENV)
+    if index is not None:
+        structlog.contextvars.bind_contextvars(process=int(index))
+        _stop_when_parent_goes(daemon.request_stop)
+    return await daemon.run()
+
+
+def _stop_when_parent_goes(stop: Callable[[], None]) -> None:
+    """The parent holds our stdin's other end and never writes: end of file means it is gone."""
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        if not os.read(fd, 4096):
+            loop.remove_reader(fd)
+            stop()
+
+    loop.add_reader(fd, readable)
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:

@@ -31,10 +31,24 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="measure end-to-end throughput, latency and memory")
-    bench.add_argument("--messages", type=int, default=200_000)
+    bench.add_argument("--messages", type=int, default=100_000)
     bench.add_argument("--devices", type=int, default=100)
-    bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
+    bench.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     bench.add_argument("--repeat", type=int, default=2, help="flood runs per configuration, alternated")
+    bench.add_argument(
+        "--processes", type=int, default=1, help="also flood `iotflow run --processes N` (N > 1): the ratio"
+    )
+    bench.add_argument(
+        "--first-contact",
+        action="store_true",
+        help="register no device beforehand: time the fleet's first contact (unknown_devices = register)",
+    )
+    bench.add_argument(
+        "--rules",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the runs with 10 rules per device",
+    )
     bench.add_argument(
         "--embedded", action="store_true", help="embedded PostgreSQL and Redis too (the broker always is)"
     )

@@ -1,17 +1,28 @@
-"""`iotflow bench`: end-to-end throughput, latency and memory, against a raw ceiling.
+"""`iotflow bench`: end-to-end throughput, CPU, latency and memory, against an honest ceiling.
 
-One run, all separate processes, as in production: publishers (simulator
+One run, all separate processes, as in production: publisher processes (simulator
 messages, F2 climate frames with three readings each, sent by
-worker.tools.bench_publisher), Mosquitto, the worker
-(`iotflow run`), PostgreSQL and Redis. It measures, in order:
+worker.tools.bench_publisher), Mosquitto, the worker (`iotflow run`), PostgreSQL and
+Redis. Every measurement starts its clock when all publishers are connected and told
+to go, and stops at the subscriber's last message (the ceiling) or the worker's last
+commit. It measures, in order:
 
-1. the raw ceiling: a bare aiomqtt subscriber that only parses, fed the same load;
-2. the worker: messages/s and readings/s from the first publish to the last
-   commit, publish→commit latency p50/p99 (from the worker's /metrics), the
-   worker's peak RSS (VmHWM), and zero loss (rows counted in PostgreSQL);
-3. the same with 10 alert rules per device, when the rules package provides them;
-4. with --kafka, the Kafka paths (worker.tools.bench_kafka): the bridge's cost, Kafka
-   intake with one and with two processes in a group.
+1. the ceiling (worker.tools.bench_ceiling): the leanest QoS 1 subscriber this machine
+   allows, fed the same flood;
+2. with --first-contact, the fleet's first contact: one message per device, none
+   registered beforehand (pipeline.unknown_devices = register), as registrations/s;
+3. the worker, floods with rules off, and with 10 alert rules per device when the
+   rules package provides them, alternated: messages/s, CPU-seconds per 100k messages
+   (utime + stime from /proc, the worker's processes summed), peak RSS (VmHWM), zero
+   loss (rows counted in PostgreSQL);
+4. one paced run at half the flood rate, for publish→commit latency p50/p99 (from the
+   worker's /metrics; measured from each message's own timestamp);
+5. with --processes N, floods of `iotflow run --processes N` alternated with the
+   one-process floods: the ratio;
+6. with --kafka, the Kafka paths (worker.tools.bench_kafka).
+
+Each run also prints the publishers' own send rate (start to their last PUBACK): where
+it is barely above the subscriber's rate, the publishers (or the broker) set the pace.
 """
 
 from __future__ import annotations
@@ -19,19 +30,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
+import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
+import redis.asyncio as aioredis
 
 from worker.config import Settings
 from worker.logging import configure_logging
@@ -42,6 +57,8 @@ from worker.tools.embedded import free_port
 from worker.tools.simulate import build_fleet, register_fleet
 
 READINGS_PER_MESSAGE = 3  # the climate codec: temperature, humidity, pressure
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LIMITED_BY_PUBLISHERS = 1.15  # publishers sending < 15% faster than the subscriber took: their pace
 
 
 @dataclass
@@ -53,10 +70,41 @@ class RunResult:
     p50_s: float
     p99_s: float
     peak_rss_mb: float
+    cpu_s: float = math.nan  # utime + stime of the worker's processes during the run
+    publisher_rate: float = math.nan
+    processes: int = 1
+    # CPU-seconds during the run of everything the bench started: worker, publishers,
+    # mosquitto, postgres, redis (the stores only with --embedded)
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds
+
+    @property
+    def cpu_per_100k(self) -> float:
+        return self.cpu_s / self.messages * 100_000
+
+
+@dataclass
+class CeilingResult:
+    received: int
+    seconds: float
+    cpu_s: float
+    peak_rss_mb: float
+    publisher_rate: float
+    messages: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.messages = self.received
+
+    @property
+    def rate(self) -> float:
+        return self.received / self.seconds
+
+    @property
+    def cpu_per_100k(self) -> float:
+        return self.cpu_s / max(self.received, 1) * 100_000
 
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -64,6 +112,9 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     is always a Mosquitto of our own with the at-least-once settings of deploy/mosquitto.conf,
     since a stock one (max_queued_messages 1000) drops what a busy subscriber cannot take."""
     configure_logging("warning", "json")
+    if importlib.util.find_spec("mqtt5") is None:
+        print("iotflow bench: the ceiling needs the bench extra: pip install 'iotflow-worker[bench]'")
+        return 1
     from worker.tools.embedded import EmbeddedServices
 
     with (
@@ -83,42 +134,75 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     settings.postgres = replace(settings.postgres, schema=f"bench_{stamp}")
     settings.redis = replace(settings.redis, key_prefix=f"bench:{stamp}:")
     messages, devices, publishers = args.messages, args.devices, args.publishers
-    fleet = build_fleet(devices, "climate")
+    base_env: dict[str, str] = {}
+    if args.first_contact:
+        base_env["IOTFLOW_PIPELINE_UNKNOWN_DEVICES"] = "register"
 
     async def prepare() -> None:
         await migrate(settings.postgres)
-        await register_fleet(settings.postgres, fleet)
+        await register_fleet(settings.postgres, [] if args.first_contact else build_fleet(devices, "climate"))
 
     asyncio.run(prepare())
     print(
-        f"bench: {messages} messages × {READINGS_PER_MESSAGE} readings, {devices} devices, "
-        f"{publishers} publisher processes, broker {settings.mqtt.url}",
+        f"bench: {messages} messages × {READINGS_PER_MESSAGE} readings, {devices} devices"
+        f"{' (registered on first contact)' if args.first_contact else ''}, {publishers} publisher "
+        f"processes, broker {settings.mqtt.url}, {len(os.sched_getaffinity(0))} usable cores shared by all",
         flush=True,
     )
     try:
         ceiling = _measure_ceiling(settings, messages, devices, publishers)
-        print(f"raw ceiling (bare aiomqtt subscriber, parse only): {ceiling:,.0f} msg/s", flush=True)
-        off = {"IOTFLOW_RULES_ENABLED": "false"}
-        rules_env = _install_rules(settings, devices)  # rules off: the actor is disabled
-        # Runs on this kind of machine vary by several percent: alternate off and on.
-        floods_off, floods_on = [], []
+        print(
+            "ceiling (asyncio streams + mqtt5 codec, parse only, batched PUBACKs): "
+            f"{ceiling.rate:,.0f} msg/s, "
+            f"{ceiling.cpu_per_100k:.2f} CPU-s/100k, publishers {ceiling.publisher_rate:,.0f} msg/s",
+            flush=True,
+        )
+        results: list[RunResult] = []
+        if args.first_contact:
+            first = _measure_worker(settings, devices, devices, publishers, "first contact", base_env)
+            results.append(first)
+            print(f"first contact: {devices} new devices registered at {first.rate:,.0f}/s", flush=True)
+        off = {**base_env, "IOTFLOW_RULES_ENABLED": "false"}
+        rules_env = _install_rules(settings) if args.rules else None
+        on = {**base_env, **rules_env} if rules_env is not None else None
+        # Runs on this kind of machine vary by several percent: alternate the configurations.
+        floods_off, floods_on, floods_n = [], [], []
         for n in range(1, args.repeat + 1):
             floods_off.append(
                 _measure_worker(settings, messages, devices, publishers, f"flood, rules off #{n}", off)
             )
-            if rules_env is not None:
+            if on is not None:
                 label = f"flood, 10 rules #{n}"
-                floods_on.append(_measure_worker(settings, messages, devices, publishers, label, rules_env))
+                floods_on.append(_measure_worker(settings, messages, devices, publishers, label, on))
+            if args.processes > 1:
+                label = f"flood, {args.processes} procs #{n}"
+                floods_n.append(
+                    _measure_worker(
+                        settings, messages, devices, publishers, label, off, processes=args.processes
+                    )
+                )
         # Latency means little while the broker holds a backlog: measure it at half the flood rate.
         paced = _mean_rate(floods_off) / 2
         paced_run = _measure_worker(
             settings, messages // 2, devices, publishers, f"{paced:,.0f}/s paced", off, paced
         )
-        results = [*floods_off, paced_run, *floods_on]
+        results += [*floods_off, *floods_on, *floods_n, paced_run]
         _report(results, ceiling)
+        print(
+            f"\nworker (rules off) / ceiling, mean flood rates: {_mean_rate(floods_off) / ceiling.rate:.0%}"
+        )
+        print(
+            f"CPU-s per 100k messages: worker {_mean_cpu(floods_off):.2f} (rules off)"
+            + (f", {_mean_cpu(floods_on):.2f} (10 rules)" if floods_on else "")
+            + f"; ceiling {ceiling.cpu_per_100k:.2f}"
+        )
         if floods_on:
             ratio = _mean_rate(floods_on) / _mean_rate(floods_off)
-            print(f"\nrules on / rules off (mean flood rates): {ratio:.1%}")
+            print(f"rules on / rules off (mean flood rates): {ratio:.1%}")
+        if floods_n:
+            ratio = _mean_rate(floods_n) / _mean_rate(floods_off)
+            print(f"{args.processes} processes / 1 process (mean flood rates): {ratio:.2f}×")
+        print(f"Redis keys under the run's prefix: {asyncio.run(_count_keys(settings)):,}")
         lost = [r for r in results if r.rows != r.messages * READINGS_PER_MESSAGE]
         if args.kafka:
             from worker.tools.bench_kafka import kafka_bench
@@ -130,42 +214,89 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         asyncio.run(_drop(settings))
 
 
-def _publishers(
-    settings: Settings, messages: int, devices: int, count: int, rate: float = 0.0
-) -> list[subprocess.Popen[bytes]]:
-    """`count` publisher processes, each with its own slice of the fleet and of the messages."""
-    procs = []
-    for index in range(count):
-        share = messages // count + (1 if index < messages % count else 0)
-        first = index * devices // count
-        slice_devices = (index + 1) * devices // count - first
-        command = [
-            "worker.tools.bench_publisher",
-            settings.mqtt.url,
-            str(share),
-            str(slice_devices),
-            str(first),
-        ]
-        command.append(str(rate / count))
-        procs.append(subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.DEVNULL))
-    return procs
+# --- the processes of a run ---------------------------------------------------------------------------
 
 
-def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers: int) -> float:
-    sub = subprocess.Popen(
-        [sys.executable, "-m", "worker.tools.bench_ceiling", settings.mqtt.url, str(messages), "120"],
-        stdout=subprocess.PIPE,
-    )
-    assert sub.stdout is not None
-    if sub.stdout.readline().strip() != b"ready":
-        raise RuntimeError("the ceiling subscriber did not start")
-    for proc in _publishers(settings, messages, devices, publishers):
-        proc.wait()
-    result = orjson.loads(sub.stdout.readline())
-    sub.wait()
+class Publishers:
+    """`count` publisher processes, each with its own slice of the fleet and of the messages;
+    connected and waiting until `go`."""
+
+    def __init__(
+        self, settings: Settings, messages: int, devices: int, count: int, rate: float = 0.0
+    ) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for index in range(count):
+            share = messages // count + (1 if index < messages % count else 0)
+            first = index * devices // count
+            slice_devices = (index + 1) * devices // count - first
+            command = [settings.mqtt.url, str(share), str(slice_devices), str(first), str(rate / count)]
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker.tools.bench_publisher", *command],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            )
+        for proc in self.procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError("a publisher did not start")
+
+    def go(self) -> float:
+        """Start them all; the start time (monotonic, the same clock in every process)."""
+        started = time.monotonic()
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+        return started
+
+    def wait(self, started: float) -> float:
+        """Once all are done: their aggregate send rate (all their messages, start to the last PUBACK)."""
+        results = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            results.append(orjson.loads(proc.stdout.readline()))
+            proc.wait()
+        finished = max(result["started"] + result["seconds"] for result in results)
+        return sum(result["sent"] for result in results) / (finished - started)
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers: int) -> CeilingResult:
+    command = ["worker.tools.bench_ceiling", settings.mqtt.url, str(messages), "300"]
+    command.append(str(settings.mqtt.receive_maximum))
+    sub = subprocess.Popen([sys.executable, "-m", *command], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    pubs = None
+    try:
+        assert sub.stdout is not None
+        if sub.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the ceiling subscriber did not start")
+        pubs = Publishers(settings, messages, devices, publishers)
+        cpu_before = _cpu_seconds([sub.pid])
+        started = pubs.go()
+        publisher_rate = pubs.wait(started)
+        line = sub.stdout.readline()
+        cpu = _cpu_seconds([sub.pid]) - cpu_before
+        peak = _peak_rss_mb(sub.pid)
+        result = orjson.loads(line)
+        assert sub.stdin is not None
+        sub.stdin.close()  # now it may exit
+        sub.wait()
+    finally:
+        if pubs is not None:
+            pubs.kill()
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait()
     if result["received"] < messages:
-        print(f"  (ceiling subscriber got {result['received']} of {messages}: the broker dropped some)")
-    return float(result["rate"])
+        print(f"  (the ceiling got {result['received']} of {messages}: the broker dropped some)")
+    return CeilingResult(result["received"], result["last"] - started, cpu, peak, publisher_rate)
 
 
 def _measure_worker(
@@ -176,6 +307,8 @@ def _measure_worker(
     label: str,
     extra_env: dict[str, str],
     rate: float = 0.0,
+    *,
+    processes: int = 1,
 ) -> RunResult:
     port = free_port()
     env = {
@@ -188,56 +321,153 @@ def _measure_worker(
         "IOTFLOW_REDIS_KEY_PREFIX": settings.redis.key_prefix,
         "IOTFLOW_HTTP_PORT": str(port),
         "IOTFLOW_LOG_FORMAT": "json",
+        "IOTFLOW_RUNTIME_PROCESSES": str(processes),
         **extra_env,
     }
+    if processes > 1:
+        env["IOTFLOW_MQTT_SHARED_GROUP"] = f"bench{time.time_ns()}"
     asyncio.run(_truncate(settings))
     worker = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.PIPE)
+    pubs = None
     try:
         assert worker.stdout is not None
+        ready = b'"processes.ready"' if processes > 1 else b'"supervisor.ready"'
         for line in worker.stdout:
-            if b'"supervisor.ready"' in line:
+            if ready in line:
                 break
         else:
             raise RuntimeError("the worker exited before it was ready")
-        with contextlib.suppress(Exception):  # keep its stdout drained in the background
-            _drain(worker)
-        started = time.monotonic()
-        procs = _publishers(settings, messages, devices, publishers, rate)
-        deadline = started + max(120.0, messages / 1000)
-        metrics = _metrics(port)
-        while metrics.get("iotflow_messages_committed_total", 0) < messages:
+        _drain(worker)
+        ports = [port + index for index in range(processes)]
+        pids = [worker.pid, *_children(worker.pid)]
+        pubs = Publishers(settings, messages, devices, publishers, rate)
+        roles = {pid: "worker" for pid in pids} | {proc.pid: "publishers" for proc in pubs.procs}
+        by_role_before = _cpu_by_role(roles)
+        cpu_before, waited_before = _cpu_seconds(pids), _runqueue_wait_s(pids)
+        started = pubs.go()
+        deadline = started + max(300.0, messages / 50)  # only a bound on a stuck run
+        while (committed := _committed(ports)) < messages:
             if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"{label}: committed {metrics.get('iotflow_messages_committed_total')}")
-            time.sleep(0.05)
-            metrics = _metrics(port)
+                raise RuntimeError(f"{label}: committed {committed} of {messages}")
+            # A scrape costs the worker CPU, which the run counts: poll often only near the end.
+            time.sleep(0.02 if committed > messages * 0.95 else 0.5)
         seconds = time.monotonic() - started
-        for proc in procs:
-            proc.wait()
-        peak_rss = _peak_rss_mb(worker.pid)
+        cpu = _cpu_seconds(pids) - cpu_before
+        by_role = _cpu_by_role(roles)
+        cpu_by_role = {role: round(by_role[role] - by_role_before.get(role, 0.0), 2) for role in by_role}
+        # Time the worker was runnable but not running: how much the machine, not the worker, held it back.
+        cpu_by_role["worker runqueue wait"] = round(_runqueue_wait_s(pids) - waited_before, 2)
+        publisher_rate = pubs.wait(started)
+        peak_rss = max(_peak_rss_mb(pid) for pid in pids)
+        quantiles = [_metrics(p) for p in ports]
         rows = asyncio.run(_count_rows(settings))
-        return RunResult(
+        result = RunResult(
             label,
             messages,
             seconds,
             rows,
-            metrics['iotflow_commit_latency_quantile_seconds{quantile="0.5"}'],
-            metrics['iotflow_commit_latency_quantile_seconds{quantile="0.99"}'],
+            max(m['iotflow_commit_latency_quantile_seconds{quantile="0.5"}'] for m in quantiles),
+            max(m['iotflow_commit_latency_quantile_seconds{quantile="0.99"}'] for m in quantiles),
             peak_rss,
+            cpu,
+            publisher_rate,
+            processes,
+            cpu_by_role,
         )
+        shares = ", ".join(f"{role} {value:.1f}" for role, value in sorted(cpu_by_role.items()))
+        print(
+            f"  {label}: {result.rate:,.0f} msg/s, {result.cpu_per_100k:.2f} CPU-s/100k, "
+            f"publishers {publisher_rate:,.0f} msg/s, {messages * READINGS_PER_MESSAGE - rows} lost; "
+            f"CPU-s in {seconds:.1f} s: {shares}",
+            flush=True,
+        )
+        return result
     finally:
+        if pubs is not None:
+            pubs.kill()
         worker.send_signal(signal.SIGTERM)
         try:
-            worker.wait(30)
+            worker.wait(60)
         except subprocess.TimeoutExpired:
             worker.kill()
+            worker.wait()
+
+
+def _committed(ports: list[int]) -> float:
+    return sum(_metrics(port).get("iotflow_messages_committed_total", 0.0) for port in ports)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (the workers of `--processes N`)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for child in _children(pid):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
+    """CPU-seconds so far of every process this bench started, by role: the given pids'
+    roles, else the program's name (mosquitto, postgres, valkey-server as redis)."""
+    totals: dict[str, float] = {}
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            role = roles.get(pid) or ("redis" if name.startswith(("valkey", "redis")) else name.split()[0])
+            if role.startswith("postgres"):
+                role = "postgres"
+            if role in ("worker", "publishers", "postgres", "redis", "mosquitto"):
+                totals[role] = totals.get(role, 0.0) + _cpu_seconds([pid])
+    return totals
+
+
+def _runqueue_wait_s(pids: list[int]) -> float:
+    """Seconds the threads of these processes spent runnable, waiting for a core
+    (the second field of /proc/PID/task/TID/schedstat)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes so far (fields 14 and 15 of /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _mean_rate(runs: list[RunResult]) -> float:
     return sum(r.rate for r in runs) / len(runs)
 
 
+def _mean_cpu(runs: list[RunResult]) -> float:
+    return sum(r.cpu_per_100k for r in runs) / len(runs)
+
+
 def _drain(proc: subprocess.Popen[bytes]) -> None:
-    import threading
+    """Keep its stdout read in the background, so its logging never blocks it."""
 
     def read() -> None:
         assert proc.stdout is not None
@@ -258,14 +488,10 @@ def _metrics(port: int) -> dict[str, float]:
     return values
 
 
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+# --- the stores ---------------------------------------------------------------------------------------
 
 
-def _install_rules(settings: Settings, devices: int) -> dict[str, str] | None:
+def _install_rules(settings: Settings) -> dict[str, str] | None:
     """Ten rules per device through the rules package, when it is there; env to enable them."""
     try:
         from worker.tools.rules_bench import install_bench_rules
@@ -300,6 +526,14 @@ async def _truncate(settings: Settings) -> None:
         await conn.close()
 
 
+async def _count_keys(settings: Settings) -> int:
+    client = aioredis.Redis.from_url(settings.redis.url)
+    try:
+        return sum([1 async for _ in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)])
+    finally:
+        await client.aclose()
+
+
 async def _drop(settings: Settings) -> None:
     """Leave nothing behind: the run's schema and its Redis keys."""
     conn: asyncpg.Connection = await asyncpg.connect(settings.postgres.url)
@@ -310,16 +544,36 @@ async def _drop(settings: Settings) -> None:
     await delete_matching(settings.redis, f"{settings.redis.key_prefix}*")
 
 
-def _report(results: list[RunResult], ceiling: float) -> None:
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def _report(results: list[RunResult], ceiling: CeilingResult) -> None:
     rows: list[dict[str, Any]] = []
     print()
-    print(f"{'run':<18} {'msg/s':>9} {'readings/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} "
-          f"{'of ceiling':>10} {'loss':>6}")  # fmt: skip
+    print(f"{'run':<22} {'msg/s':>8} {'readings/s':>10} {'CPU-s/100k':>10} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'peak RSS MB':>11} {'of ceiling':>10} {'pub msg/s':>9} {'loss':>5}  limited by")  # fmt: skip
+    print(f"{'ceiling':<22} {ceiling.rate:>8,.0f} {'':>10} {ceiling.cpu_per_100k:>10.2f} {'':>8} {'':>8} "
+          f"{ceiling.peak_rss_mb:>11.1f} {1:>10.0%} {ceiling.publisher_rate:>9,.0f} {'':>5}  "
+          f"{_limit(ceiling.rate, ceiling.publisher_rate)}")  # fmt: skip
     for r in results:
         loss = r.messages * READINGS_PER_MESSAGE - r.rows
         print(
-            f"{r.label:<18} {r.rate:>9,.0f} {r.rate * READINGS_PER_MESSAGE:>11,.0f} {r.p50_s * 1000:>8.1f} "
-            f"{r.p99_s * 1000:>8.1f} {r.peak_rss_mb:>12.1f} {r.rate / ceiling:>10.0%} {loss:>6}"
+            f"{r.label:<22} {r.rate:>8,.0f} {r.rate * READINGS_PER_MESSAGE:>10,.0f} {r.cpu_per_100k:>10.2f} "
+            f"{_latency(r, r.p50_s)} {_latency(r, r.p99_s)} {r.peak_rss_mb:>11.1f} "
+            f"{r.rate / ceiling.rate:>10.0%} {r.publisher_rate:>9,.0f} {loss:>5}  "
+            f"{'the pace asked' if 'paced' in r.label else _limit(r.rate, r.publisher_rate)}"
         )
-        rows.append({**r.__dict__, "rate": r.rate, "loss": loss, "ceiling": ceiling})
+        rows.append({**r.__dict__, "rate": r.rate, "cpu_per_100k": r.cpu_per_100k, "loss": loss})
+    rows.append(
+        {"label": "ceiling", **ceiling.__dict__, "rate": ceiling.rate, "cpu_per_100k": ceiling.cpu_per_100k}
+    )
     print("\n" + orjson.dumps(rows).decode())
+
+
+def _latency(run: RunResult, seconds: float) -> str:
+    """Only the paced run's: a flood's is the backlog's age (and its messages were built beforehand)."""
+    return f"{seconds * 1000:>8.1f}" if "paced" in run.label else f"{'—':>8}"
+
+
+def _limit(rate: float, publisher_rate: float) -> str:
+    return "publishers/broker" if publisher_rate < rate * LIMITED_BY_PUBLISHERS else "the subscriber"

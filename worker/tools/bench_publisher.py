@@ -7,7 +7,13 @@ writes them in batches, with a window of unacknowledged packet ids, and counts
 PUBACKs so a run knows the broker took every message.
 
 Run as `python -m worker.tools.bench_publisher URL COUNT DEVICES FIRST_DEVICE [RATE]`
-(RATE in messages/s; absent or 0: as fast as the broker takes them).
+(RATE in messages/s; absent or 0: as fast as the broker takes them). It connects,
+prints `ready`, and starts when a line arrives on stdin, so the bench starts its clock
+for all publishers at once and counts neither their start-up nor their connecting. A
+flood (no RATE) builds its messages before `ready`, so the publisher spends its time on
+the wire only; a paced run builds each as it goes, with a timestamp of when it is sent
+(publish→commit latency is measured from it). The result line gives the publisher's own
+send rate, from the start to its last PUBACK, so a reader sees who limited a run.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ async def publish(url: str, count: int, devices: int, first: int, rate: float = 
     if connack[0] != 0x20 or connack[3] != 0:
         raise RuntimeError(f"broker refused the connection: {connack!r}")
     stream = message_stream(build_fleet(devices, "climate", first=first), load_codecs(), "climate")
+    if rate <= 0:  # a flood: everything built beforehand
+        stream = iter([next(stream) for _ in range(count)])
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     acked = 0
     window = asyncio.Semaphore(WINDOW)
 
@@ -99,7 +109,7 @@ async def publish(url: str, count: int, devices: int, first: int, rate: float = 
     writer.write(b"\xe0\x00")  # DISCONNECT
     await writer.drain()
     writer.close()
-    return {"sent": sent, "acked": acked, "seconds": elapsed, "rate": sent / elapsed}
+    return {"sent": sent, "acked": acked, "seconds": elapsed, "rate": sent / elapsed, "started": started}
 
 
 def main() -> None:
