@@ -17,6 +17,7 @@ class TcpProxy:
         self._answering = asyncio.Event()  # the server → client direction alone
         self._answering.set()
         self.port = 0
+        self.accepted = 0  # connections taken, refused ones aside
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -59,6 +60,7 @@ class TcpProxy:
         if self._cut:
             writer.transport.abort()
             return
+        self.accepted += 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from urllib.parse import urlparse
+
 import asyncpg
 import pytest
 
+from tests.tcpproxy import TcpProxy
+from worker.config import Settings
 from worker.decode import registry
 from worker.decode.parse import DeviceRef
 from worker.decode.registry import DatapointBudget, DatapointLimit, DeviceRegistry
 from worker.stores import Stores
+from worker.stores.redis import redis_client
 
 
 def test_negative_cache_purges_expired_entries_and_caps_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,3 +187,40 @@ async def test_the_process_cache_keeps_the_most_recently_used_devices(stores: St
     await registry.resolve([c])  # so b goes
     assert (await registry.resolve([a]))[a] is first[a]  # still the cached object
     assert (await registry.resolve([b]))[b] is not first[b]  # read again from PostgreSQL
+
+
+@pytest.mark.parametrize("outage", ["frozen", "refused"])
+async def test_a_redis_outage_leaves_lookups_to_postgres_until_redis_answers(
+    stores: Stores, settings: Settings, outage: str
+) -> None:
+    """Redis is a cache for the registry: while it hangs or refuses, PostgreSQL answers alone
+    (no lookup waits for Redis past CACHE_TIMEOUT_S, none retries it before the backoff ends),
+    and once Redis answers again the entries are written there."""
+    parsed = urlparse(settings.redis.url)
+    proxy = TcpProxy(parsed.hostname or "127.0.0.1", parsed.port or 6379)
+    await proxy.start()
+    client = redis_client(
+        replace(settings.redis, url=f"redis://127.0.0.1:{proxy.port}/{parsed.path[1:] or 0}")
+    )
+    clock = FakeClock()
+    devices = DeviceRegistry(
+        stores.postgres, client, stores.keys, register_unknown=False, budget=DatapointBudget(20), clock=clock
+    )
+    first, second = DeviceRef("key", "sim-json-01"), DeviceRef("key", "sim-json-02")
+    try:
+        await devices.resolve([DeviceRef("key", "sim-json-03")])  # connected while Redis was up
+        proxy.freeze() if outage == "frozen" else proxy.cut()
+        assert first in await devices.resolve([first])  # from PostgreSQL, Redis given up on
+        connections = proxy.accepted
+        assert (await devices.resolve([second]))[second].datapoints
+        assert proxy.accepted == connections  # within the backoff Redis is not asked
+        assert not await stores.redis.exists(stores.keys.device_ref("key", "sim-json-01"))
+
+        proxy.thaw() if outage == "frozen" else await proxy.restore()
+        clock.now += registry.CACHE_BACKOFF.cap_s  # the backoff is over
+        await devices.forget()  # a new lookup, not the process cache
+        assert first in await devices.resolve([first])
+        assert await stores.redis.exists(stores.keys.device_ref("key", "sim-json-01"))  # cached again
+    finally:
+        await client.aclose()
+        await proxy.stop()

@@ -9,6 +9,11 @@ batch brings (`add_datapoints`), one script call writing the cache. A device Pos
 not know is remembered as unknown for `NEGATIVE_TTL_S`, so a chatty stranger costs
 one query per period, not one per message.
 
+Redis is only a cache here: when it fails (refused, or slower than `CACHE_TIMEOUT_S`),
+PostgreSQL answers alone, with one `registry.cache_unavailable` line, and Redis is
+tried again after a backoff (`registry.cache_restored` when it answers), so a Redis
+outage does not hold up ingest (docs/storage.md, "Redis is derived").
+
 Unknown devices are rejected (`reject`, the default) or inserted with their
 datapoints (`register`); a known device's unknown label follows the same policy,
 up to `pipeline.max_new_datapoints_per_hour` new datapoints per device and hour
@@ -17,19 +22,25 @@ up to `pipeline.max_new_datapoints_per_hour` new datapoints per device and hour
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+import structlog
 
 from worker.decode.parse import DeviceRef
 from worker.decode.ranges import ValueRange
+from worker.retry import Backoff, describe, is_transient
 from worker.stores.keys import RedisKeys
+
+log = structlog.get_logger("worker.decode.registry")
+T = TypeVar("T")
 
 CACHE_TTL_S = 3600
 NEGATIVE_TTL_S = 30.0
@@ -37,6 +48,10 @@ NEGATIVE_CACHE_MAX = 100_000  # strangers remembered at once; past it, expired o
 DEVICE_CACHE_SIZE = 100_000  # default of `pipeline.device_cache_size`: devices kept in the process
 BUDGET_WINDOW_S = 3600.0
 BUDGET_DEVICES_MAX = 100_000  # devices tracked at once; past it, those idle for an hour are dropped
+# A cache call slower than this counts as a failed one: a frozen Redis would otherwise hold
+# every batch for the client's socket timeout (10 s).
+CACHE_TIMEOUT_S = 1.0
+CACHE_BACKOFF = Backoff(first_s=1.0, cap_s=30.0)  # how long PostgreSQL answers alone after one
 
 
 def _remember_unknown(cache: dict[Any, float], key: Any, now: float) -> None:
@@ -133,6 +148,8 @@ class DeviceRegistry:
         self._devices: OrderedDict[DeviceRef, Device] = OrderedDict()  # least recently used first
         self._unknown: dict[DeviceRef, float] = {}  # ref → monotonic expiry
         self._fresh: set[int] = set()  # devices the last `resolve` read from PostgreSQL
+        self._cache_failures = 0  # Redis failures in a row
+        self._cache_retry_at = 0.0  # monotonic time before which Redis is not asked
 
     async def resolve(self, refs: Iterable[DeviceRef]) -> dict[DeviceRef, Device]:
         """Known devices among `refs` (registering strangers when the policy says so)."""
@@ -267,11 +284,36 @@ class DeviceRegistry:
     def _ref_key(self, ref: DeviceRef) -> str:
         return self._keys.device_ref(ref.kind, ref.value)
 
+    async def _cached(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`call` on Redis; None when Redis is away (then PostgreSQL answers alone until the
+        backoff ends). A non-transient error is a bug and propagates."""
+        if self._clock() < self._cache_retry_at:
+            return None
+        try:
+            async with asyncio.timeout(CACHE_TIMEOUT_S):
+                result = await call()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._cache_failures += 1
+            delay = CACHE_BACKOFF.delay(self._cache_failures)
+            self._cache_retry_at = self._clock() + delay
+            if self._cache_failures == 1:
+                log.warning("registry.cache_unavailable", error=describe(exc), retry_in_s=round(delay, 1))
+            return None
+        if self._cache_failures:
+            log.info("registry.cache_restored", failures=self._cache_failures)
+            self._cache_failures = 0
+        return result
+
     async def _load_from_redis(self, refs: set[DeviceRef]) -> dict[DeviceRef, Device]:
-        if self._redis is None:
+        redis = self._redis
+        if redis is None:
             return {}
         ordered = list(refs)
-        entries = await self._redis.mget([self._ref_key(ref) for ref in ordered])
+        entries = await self._cached(lambda: redis.mget([self._ref_key(ref) for ref in ordered]))
+        if entries is None:
+            return {}
         devices = {}
         for ref, entry in zip(ordered, entries, strict=True):
             if not entry or entry[:1] != b"{":
@@ -329,7 +371,8 @@ class DeviceRegistry:
     async def _store_in_redis(self, devices: Iterable[Device]) -> None:
         """Write the cache entries of `devices` (each one JSON string per ref, replaced whole,
         so a range removed in PostgreSQL goes from the cache too) in one script call."""
-        if self._set_entries is None:
+        script = self._set_entries
+        if script is None:
             return
         keys: list[str] = []
         entries: list[bytes] = []
@@ -347,7 +390,7 @@ class DeviceRegistry:
                 keys.append(self._ref_key(ref))
                 entries.append(entry)
         if keys:
-            await self._set_entries(keys=keys, args=[CACHE_TTL_S, *entries])
+            await self._cached(lambda: script(keys=keys, args=[CACHE_TTL_S, *entries]))
 
 
 # SET with a TTL for many keys at once: MSET has no TTL, and a pipeline costs redis-py a
