@@ -30,7 +30,6 @@ async def kafka_settings(settings: Settings, bootstrap: str, **changes: object) 
         group=f"iotflow-{tag}",
         partitions=4,
         idempotence=False,
-        linger_ms=5,
         request_timeout_ms=3000,
         session_timeout_ms=6000,
         heartbeat_interval_ms=500,
