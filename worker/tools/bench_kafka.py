@@ -3,6 +3,8 @@
 1. the bridge's cost: MQTT floods (rules off) with `kafka.bridge` on, every message to
    a raw topic and every reading to a processed topic, alternated with floods with the
    bridge off: rates, the worker's CPU-seconds per 100k messages and peak RSS of both;
+   then one of each paced at half the bridge-off flood rate (half the messages), where
+   peak RSS is the worker's own and not the MQTT backlog a flood builds up;
 2. Kafka intake: the same messages, as raw envelopes (schemas/envelope.py), produced
    into a raw topic beforehand; a worker with `intake.source = kafka` drains them:
    records/s, readings/s and CPU-seconds per 100k records from the first commit to the last;
@@ -118,6 +120,22 @@ def kafka_bench(
                         env,
                     )
                 )
+        # Peak RSS under a flood grows with the MQTT backlog (the publisher outruns the
+        # worker); paced below the worker's rate it is the worker's own, comparable across
+        # run lengths. Both at half the bridge-off flood rate, like the MQTT bench's paced run.
+        rate = _mean_rate(unbridged) / 2
+        paced = [
+            _measure_worker(
+                settings,
+                args.messages // 2,
+                args.devices,
+                args.publishers,
+                f"bridge {label}, {rate:,.0f}/s paced",
+                env,
+                rate,
+            )
+            for env, label in ((common, "off"), (bridge_env, "on"))
+        ]
         produced = asyncio.run(_produce(bootstrap, topics["raw"], args.messages, args.devices))
         print(
             f"kafka: {args.messages} envelopes produced into {topics['raw']} at {produced:,.0f}/s", flush=True
@@ -136,8 +154,8 @@ def kafka_bench(
             _measure_intake(settings, args.messages, intake_env, 2, f"Kafka intake, 2 processes #{n}")
             for n in range(1, args.repeat + 1)
         ]
-    _report([*floods_off, *unbridged], unbridged, bridged, ones, twos)
-    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in [*unbridged, *bridged])
+    _report(floods_off, unbridged, bridged, paced, ones, twos)
+    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in [*unbridged, *bridged, *paced])
     return whole and all(i.rows == i.expected_rows for i in [*ones, *twos])
 
 
@@ -261,6 +279,7 @@ def _report(
     floods_off: list[RunResult],
     unbridged: list[RunResult],
     bridged: list[RunResult],
+    paced: list[RunResult],
     ones: list[IntakeResult],
     twos: list[IntakeResult],
 ) -> None:
@@ -269,7 +288,7 @@ def _report(
         f"\n{'kafka run':<30} {'msg/s':>9} {'readings/s':>11} {'of MQTT flood':>14} "
         f"{'CPU s/100k':>11} {'peak RSS MB':>12} {'loss':>6}"
     )
-    for r in [*unbridged, *bridged]:
+    for r in [*unbridged, *bridged, *paced]:
         print(
             f"{r.label:<30} {r.rate:>9,.0f} {r.rate * READINGS_PER_MESSAGE:>11,.0f} {r.rate / mqtt:>14.0%} "
             f"{r.cpu_per_100k:>11.1f} {r.peak_rss_mb:>12.1f} {r.messages * READINGS_PER_MESSAGE - r.rows:>6}"
@@ -288,13 +307,19 @@ def _report(
         f"(bridge-on floods against the bridge-off floods between them; target ≤ 20%)"
     )
     print(
-        f"bridge cost, worker CPU: {on_cpu:.1f} against {off_cpu:.1f} CPU-s per 100k messages "
+        f"bridge cost, worker CPU in the floods: {on_cpu:.1f} against {off_cpu:.1f} CPU-s per 100k messages "
         f"({on_cpu / off_cpu - 1:+.1%})"
+    )
+    paced_off, paced_on = paced
+    print(
+        f"bridge cost, worker CPU paced: {paced_on.cpu_per_100k:.1f} against {paced_off.cpu_per_100k:.1f} "
+        f"CPU-s per 100k messages ({paced_on.cpu_per_100k / paced_off.cpu_per_100k - 1:+.1%}); "
+        f"peak RSS {paced_on.peak_rss_mb:.0f} against {paced_off.peak_rss_mb:.0f} MB"
     )
     print(f"Kafka intake, 1 process / MQTT flood: {one / mqtt:.0%} (target ≥ 100%)")
     print(f"Kafka intake, 2 processes / 1 process: {two / one:.2f}× (target ≥ 1.5× where the cores allow)")
     print(f"cores: {os.cpu_count()} (shared by the broker, PostgreSQL, Redis, the publisher and the workers)")
-    runs: list[RunResult | IntakeResult] = [*unbridged, *bridged, *ones, *twos]
+    runs: list[RunResult | IntakeResult] = [*unbridged, *bridged, *paced, *ones, *twos]
     print(
         "\n"
         + orjson.dumps(
