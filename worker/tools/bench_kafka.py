@@ -27,16 +27,17 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaProducer
 
 from schemas.envelope import device_key, raw_envelope
-from schemas.records import AckToken, RawMessage
-from worker.config import Settings
+from schemas.records import AckToken, DecodedBatch, RawMessage, Reading
+from worker.config import KafkaSettings, Settings
 from worker.decode.codecs import load_codecs
-from worker.stores.kafka import create_topics
+from worker.stores.kafka import create_producer, create_topics
 from worker.tools.bench import (
     READINGS_PER_MESSAGE,
     RunResult,
@@ -48,7 +49,7 @@ from worker.tools.bench import (
     cpu_seconds,
 )
 from worker.tools.embedded import free_port
-from worker.tools.simulate import message_stream
+from worker.tools.simulate import build_fleet, message_stream
 
 
 @dataclass
@@ -84,14 +85,25 @@ def kafka_bench(
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotflow-tansu-")))
             bootstrap = stack.enter_context(Tansu(directory)).bootstrap
             idempotence = "false"  # tansu answers InitProducerId with an error
-        kafka = replace(settings.kafka, bootstrap=bootstrap, partitions=args.kafka_partitions)
-        topics = {
-            name: f"bench-{name}-{stamp}" for name in ("bridge-raw", "bridge-processed", "raw", "processed")
-        }
+        kafka = replace(
+            settings.kafka,
+            bootstrap=bootstrap,
+            partitions=args.kafka_partitions,
+            idempotence=idempotence == "true",
+        )
+        names = ("bridge-raw", "bridge-processed", "raw", "processed", "sink-raw", "sink-processed")
+        topics = {name: f"bench-{name}-{stamp}" for name in names}
         asyncio.run(create_topics(kafka, list(topics.values())))
         print(
             f"\nkafka: broker {bootstrap} ({'tansu, in memory' if not args.kafka_bootstrap else 'given'}), "
             f"{kafka.partitions} partitions per topic",
+            flush=True,
+        )
+        sink_kafka = replace(kafka, raw_topic=topics["sink-raw"], processed_topic=topics["sink-processed"])
+        sink_cpu = asyncio.run(_measure_sink(sink_kafka, args.messages, args.devices))
+        print(
+            f"kafka: the bridge alone, in-process: {sink_cpu * 1e6:.1f} µs CPU per message "
+            f"(1 raw record + {READINGS_PER_MESSAGE} readings), {sink_cpu * 100_000:.2f} CPU-s per 100k",
             flush=True,
         )
         common = {
@@ -161,8 +173,6 @@ def kafka_bench(
 
 def _envelopes(messages: int, devices: int) -> list[tuple[bytes, bytes]]:
     """The bench publisher's messages (one stream over the whole fleet), as raw envelopes."""
-    from worker.tools.simulate import build_fleet
-
     stream = message_stream(build_fleet(devices, "climate"), load_codecs(), "climate")
     now = time.time()
     records = []
@@ -172,6 +182,37 @@ def _envelopes(messages: int, devices: int) -> list[tuple[bytes, bytes]]:
             (device_key(topic).encode(), raw_envelope(RawMessage(topic, payload, now, AckToken(0, 0))))
         )
     return records
+
+
+async def _measure_sink(kafka: KafkaSettings, messages: int, devices: int) -> float:
+    """The bridge alone, in this process: the bench publisher's messages and three
+    readings each through `KafkaBridgeSink.write` in batches of 2,000 messages (the
+    decoder's), against the broker. The process's CPU time per message (the broker's
+    is its own process's, not counted), encoding and compression included."""
+    from worker.sinks.kafka import KafkaBridgeSink
+
+    stream = message_stream(build_fleet(devices, "climate"), load_codecs(), "climate")
+    now, stamp = time.time(), datetime.now(UTC)
+    batches = []
+    for first in range(0, messages, 2000):
+        batch = DecodedBatch()
+        for n in range(first, min(first + 2000, messages)):
+            topic, payload = next(stream)
+            batch.raw.append(RawMessage(topic, payload, now, AckToken(0, n)))
+            device = n % devices + 1
+            batch.readings.extend(Reading(stamp, device, point, 21.5, "x") for point in (1, 2, 3))
+        batch.messages = len(batch.raw)
+        batches.append(batch)
+    producer = create_producer(kafka)
+    await producer.start()
+    try:
+        sink = KafkaBridgeSink(producer, kafka, raw=True)
+        started = time.process_time()
+        for batch in batches:
+            await sink.write(batch)
+        return (time.process_time() - started) / messages
+    finally:
+        await producer.stop()
 
 
 async def _produce(bootstrap: str, topic: str, messages: int, devices: int) -> float:
