@@ -209,7 +209,7 @@ def _measure_worker(
             _drain(worker)
         started, cpu_started = time.monotonic(), cpu_seconds(worker.pid)
         procs = _publishers(settings, messages, devices, publishers, rate)
-        deadline = started + max(120.0, messages / 1000)
+        deadline = started + max(120.0, messages / 1000, 2 * messages / rate if rate else 0.0)
         metrics = _metrics(port)
         while metrics.get("iotflow_messages_committed_total", 0) < messages:
             if time.monotonic() > deadline or worker.poll() is not None:
