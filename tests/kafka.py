@@ -30,7 +30,6 @@ async def kafka_settings(settings: Settings, bootstrap: str, **changes: object) 
         group=f"iotflow-{tag}",
         partitions=4,
         idempotence=False,
-        linger_ms=5,
         request_timeout_ms=3000,
         session_timeout_ms=6000,
         heartbeat_interval_ms=500,
@@ -41,14 +40,15 @@ async def kafka_settings(settings: Settings, bootstrap: str, **changes: object) 
 
 
 async def read_topic(
-    bootstrap: str, topic: str, expected: int, partitions: int = 4, timeout: float = 30.0
+    bootstrap: str, topic: str, expected: int, timeout: float = 30.0
 ) -> list[ConsumerRecord]:
     """Every record of `topic` (all partitions, from the start) once there are at least
     `expected` and the end of every partition is reached."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, number) for number in range(partitions)]
+        await consumer.topics()  # the metadata of every topic, partitions included
+        tps = [TopicPartition(topic, number) for number in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         records: list[ConsumerRecord] = []

@@ -9,7 +9,7 @@ import sys
 import orjson
 
 from worker.config import Settings
-from worker.tools.bench import Publishers, _children, _cpu_seconds
+from worker.tools.bench import Publishers, _children, cpu_seconds
 
 
 def test_the_ceiling_takes_and_acknowledges_every_message_two_publishers_send(settings: Settings) -> None:
@@ -27,7 +27,7 @@ def test_the_ceiling_takes_and_acknowledges_every_message_two_publishers_send(se
         assert publishers.wait(started) > 0  # each waited for the broker's PUBACK of all it sent
         result = orjson.loads(ceiling.stdout.readline())
         assert result["received"] == total and result["last"] > started
-        assert _cpu_seconds([ceiling.pid]) > 0  # read while it waits for its stdin to end
+        assert cpu_seconds([ceiling.pid]) > 0  # read while it waits for its stdin to end
         ceiling.stdin.close()
         assert ceiling.wait(30) == 0
     finally:
@@ -42,7 +42,7 @@ def test_the_cpu_of_a_process_tree_comes_from_proc() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         assert child.pid in _children(os.getpid())
-        assert _cpu_seconds([os.getpid()]) > 0
+        assert cpu_seconds([os.getpid()]) > 0
     finally:
         assert child.stdin is not None
         child.stdin.close()

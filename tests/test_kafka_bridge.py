@@ -4,6 +4,8 @@ records in raw-iot-data / processed-iot-data; Kafka away → nothing acknowledge
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime
@@ -17,6 +19,7 @@ from schemas.envelope import BadEnvelope, device_key, raw_envelope, read_envelop
 from schemas.records import AckToken, RawMessage
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
+from worker.stores.kafka import create_topics
 from worker.tools.simulate import readings_per_message
 
 from .helpers import publish, running_daemon, wait_for, wait_for_count
@@ -103,6 +106,91 @@ async def test_kafka_outage_holds_messages_and_recovers(
     got = Counter(read_envelope(r.value)[:2] for r in raw)
     assert set(got) == set(json_messages(0, 200))  # none lost
     assert sum(got.values()) == 200  # and a retry resent only what Kafka had not taken
+
+
+async def test_broker_killed_mid_stream_and_restarted(
+    settings: Settings, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """tansu stopped (SIGSTOP) while the bridge sends, then SIGKILLed and started again on
+    the same port while MQTT keeps publishing. Its log was in memory, so the new broker
+    starts empty (the wheel's tansu has no persistent storage engine): the messages the
+    old one acknowledged went with it; every other one must reach the new one, none is
+    acknowledged to MQTT before, and the worker recovers by itself."""
+    with Tansu(tmp_path) as broker:
+        settings = await kafka_settings(settings, broker.bootstrap, bridge=True)
+        settings.kafka = replace(settings.kafka, request_timeout_ms=1500)
+        async with running_daemon(settings) as daemon:
+            assert daemon.pipeline is not None
+            writer, counters = daemon.pipeline.writer, daemon.metrics.counters
+            await publish(settings.mqtt.url, json_messages(0, 50))
+            await wait_for(lambda: _true(counters["messages_committed"] == 50))
+
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGSTOP)  # hangs: the next batch is sent and never answered
+            await publish(settings.mqtt.url, json_messages(50, 100))
+            await wait_for(lambda: _true(counters["messages_received"] == 150))
+            broker.kill()  # with that batch in flight
+            await publish(settings.mqtt.url, json_messages(150, 50))
+            await wait_for(lambda: _true("kafka" in writer.down), timeout=20)
+            assert counters["messages_committed"] == 50  # nothing acknowledged without Kafka
+
+            broker.start()  # the same port, empty
+            await create_topics(settings.kafka, [settings.kafka.raw_topic, settings.kafka.processed_topic])
+            await wait_for(lambda: _true(counters["messages_committed"] == 200), timeout=60)
+            await wait_for(lambda: _true(not writer.down))
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200)
+        raw = await read_topic(broker.bootstrap, settings.kafka.raw_topic, 150)
+        processed = await read_topic(broker.bootstrap, settings.kafka.processed_topic, 150)
+    # Every message the old broker had not acknowledged is in the new one (a batch it took
+    # before the stop but never answered may be there twice: at least once).
+    assert {read_envelope(r.value)[:2] for r in raw} == set(json_messages(50, 150))
+    temperatures = {orjson.loads(r.value)["value"] for r in processed}
+    assert temperatures == {float(n) for n in range(50, 200)}
+
+
+async def test_the_send_buffer_stays_bounded_while_kafka_hangs(settings: Settings, tmp_path: Path) -> None:
+    """A broker that takes the connection and answers nothing (frozen): the bridge hands
+    the producer no more than `kafka.buffer_bytes` of record batches, the write fails
+    after the request timeout, and the same batch goes through once Kafka answers."""
+    from aiokafka.errors import KafkaError
+
+    from schemas.records import DecodedBatch, Reading
+    from worker.sinks.kafka import KafkaBridgeSink
+    from worker.stores.kafka import create_producer
+
+    proxy_port = free_port()
+    with Tansu(tmp_path, advertised_port=proxy_port) as broker:
+        proxy = TcpProxy("127.0.0.1", broker.port)
+        proxy.port = proxy_port
+        await proxy.restore()
+        try:
+            settings = await kafka_settings(settings, broker.bootstrap)
+            # Batches of ~4 KiB (~40 readings), room for two of them.
+            kafka = replace(settings.kafka, max_batch_bytes=4096, buffer_bytes=8192, request_timeout_ms=1500)
+            stamp = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
+            readings = [Reading(stamp, device, n, float(n), "t") for device in range(8) for n in range(100)]
+            batch = DecodedBatch(readings=readings, messages=len(readings))
+            producer = create_producer(kafka)
+            await producer.start()
+            try:
+                sink = KafkaBridgeSink(producer, kafka, raw=False)
+                proxy.freeze()
+                with pytest.raises(KafkaError):
+                    await sink.write(batch)
+                # It filled the buffer (more than one batch) and went no further.
+                assert kafka.max_batch_bytes < sink.buffer.peak <= kafka.buffer_bytes
+                assert sink.buffer.bytes == 0  # every batch handed over was answered (failed)
+                proxy.thaw()
+                await sink.write(batch)  # the retry: only what Kafka does not have
+                assert sink.buffer.peak <= kafka.buffer_bytes and sink.buffer.bytes == 0
+            finally:
+                await producer.stop()
+            processed = await read_topic(broker.bootstrap, kafka.processed_topic, len(readings))
+        finally:
+            await proxy.stop()
+    got = Counter((r.key, orjson.loads(r.value)["datapoint_id"]) for r in processed)
+    # Every reading at least once (bytes a frozen link held may still arrive after the thaw).
+    assert set(got) == {(str(r.device_id).encode(), r.datapoint_id) for r in readings}
 
 
 async def test_missing_topics_stop_the_daemon_with_exit_2(settings: Settings, kafka_bootstrap: str) -> None:

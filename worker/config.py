@@ -428,11 +428,14 @@ class KafkaSettings:
     compression: Literal["zstd", "lz4", "gzip", "none"] = field(
         default="zstd", metadata=_meta("lz4", doc="producer batch compression")
     )
-    linger_ms: int = field(
-        default=20, metadata=_meta("20", _non_negative, doc="how long the producer waits to fill a batch")
-    )
     max_batch_bytes: int = field(
-        default=262144, metadata=_meta("262144", _positive, doc="producer batch size per partition")
+        default=262144, metadata=_meta("262144", _positive, doc="largest record batch (one partition's)")
+    )
+    buffer_bytes: int = field(
+        default=4194304,
+        metadata=_meta(
+            "4194304", _positive, doc="record batches handed to the producer and not yet acknowledged"
+        ),
     )
     max_request_bytes: int = field(
         default=1048576,

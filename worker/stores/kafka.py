@@ -39,16 +39,15 @@ def needed_topics(settings: Settings) -> list[str]:
 
 
 def create_producer(settings: KafkaSettings) -> AIOKafkaProducer:
-    """The bridge's producer: acks from every in-sync replica, idempotent, compressed,
-    batched. Its buffer is bounded: one open batch of `max_batch_bytes` per partition,
-    a `send` waits for room, and the writer awaits each batch before taking the next."""
+    """The bridge's producer: acks from every in-sync replica, idempotent, compressed.
+    The bridge hands it whole record batches of up to `max_batch_bytes` (no linger: the
+    writer batched already) and keeps what is not yet acknowledged under `buffer_bytes`."""
     return AIOKafkaProducer(
         bootstrap_servers=servers(settings),
         client_id=settings.client_id,
         acks="all",
         enable_idempotence=settings.idempotence,
         compression_type=None if settings.compression == "none" else settings.compression,
-        linger_ms=settings.linger_ms,
         max_batch_size=settings.max_batch_bytes,
         max_request_size=settings.max_request_bytes,
         request_timeout_ms=settings.request_timeout_ms,

