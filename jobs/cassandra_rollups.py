@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from jobs.periods import DAY, HOUR, floor_day, floor_hour, steps
+from jobs.rollups import ADVANCE_WATERMARK
 from worker.config import Settings
 from worker.stores.cassandra import CassandraStore
 
@@ -202,9 +203,7 @@ class CassandraRollups:
         start = floor_hour((watermark or until) - late_window)
         counts = await self.run_range(start, until)
         await self._pool.execute(
-            "INSERT INTO rollup_watermarks (name, watermark) VALUES ($1, $2) ON CONFLICT (name) "
-            "DO UPDATE SET watermark = greatest(rollup_watermarks.watermark, excluded.watermark), "
-            "updated_at = now()",
+            ADVANCE_WATERMARK,
             WATERMARK,
             until,
         )

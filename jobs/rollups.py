@@ -36,6 +36,12 @@ from worker.stores.postgres import Connection
 log = structlog.get_logger("jobs.rollups")
 
 WATERMARK = "hourly"
+# A watermark only moves forward: two runners (or a retried job) never set it back.
+ADVANCE_WATERMARK = (
+    "INSERT INTO rollup_watermarks (name, watermark) VALUES ($1, $2) ON CONFLICT (name) "
+    "DO UPDATE SET watermark = greatest(rollup_watermarks.watermark, excluded.watermark), "
+    "updated_at = now()"
+)
 RAW_HORIZON = "raw_retention"  # rollup_watermarks row: raw readings before it were removed
 _LOCK_HOURLY = 7_001  # advisory lock class ids: (class, bucket epoch hours/days)
 _LOCK_DAILY = 7_002
@@ -212,9 +218,7 @@ async def rollup_incremental(pool: asyncpg.Pool, until: datetime, late_window: t
         start = floor_hour(watermark - late_window)
     counts = await rollup_range(pool, start, until)
     await pool.execute(
-        "INSERT INTO rollup_watermarks (name, watermark) VALUES ($1, $2) ON CONFLICT (name) "
-        "DO UPDATE SET watermark = greatest(rollup_watermarks.watermark, excluded.watermark), "
-        "updated_at = now()",
+        ADVANCE_WATERMARK,
         WATERMARK,
         until,
     )
