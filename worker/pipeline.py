@@ -24,7 +24,7 @@ from worker.decode.parse import Limits
 from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
-from worker.http import HealthServer
+from worker.http import HealthServer, Readiness
 from worker.intake.mqtt import MqttIntake
 from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, Refused, describe, is_transient, refusal
@@ -176,6 +176,14 @@ class Pipeline:
         checks.update(await self.stores.health())
         return checks
 
+    @property
+    def tolerated(self) -> frozenset[str]:
+        """Checks that may fail while ingest goes on and is acknowledged: in both mode,
+        Cassandra (its batches wait in the `outbox` table). Not PostgreSQL, though its
+        readings would go to the journal: the registry, the dead letters' and alerts'
+        documents live there, so new devices and alerting batches would stall."""
+        return frozenset({"cassandra"}) if self.settings.timeseries.backend == "both" else frozenset()
+
     async def _report(self) -> None:
         """One progress line per interval, never one per message; every figure is the interval's."""
         interval = self.settings.runtime.report_interval_s
@@ -245,12 +253,12 @@ class Daemon:
         await self.pipeline.wait_ready()
         self.ready.set()
 
-    async def _readiness(self) -> dict[str, bool]:
+    async def _readiness(self) -> Readiness:
         if self.pipeline is not None:
-            return await self.pipeline.readiness()
+            return Readiness(await self.pipeline.readiness(), self.pipeline.tolerated)
         if self._stores is not None:
-            return {"pipeline": False, **await self._stores.health()}
-        return {"pipeline": False, "stores": False}
+            return Readiness({"pipeline": False, **await self._stores.health()})
+        return Readiness({"pipeline": False, "stores": False})
 
     def request_stop(self) -> None:
         self.supervisor.request_stop()
