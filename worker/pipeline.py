@@ -35,7 +35,7 @@ from worker.runtime.signals import held_stop_signal
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
-from worker.sinks.hot_state import RebuildableHotState
+from worker.sinks.hot_state import RebuildableHotState, latest_through_reads
 from worker.sinks.mirror import mirrored_readings
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
@@ -107,20 +107,18 @@ class Pipeline:
         )
         sinks: list[Sink] = readings_sinks(stores, self.metrics)
         hot_state = RedisHotStateWriter(stores.redis, stores.keys)
-        derived: list[Sink] = []
-        if settings.timeseries.uses_postgres:
-            # Derived: rebuilt from decoded_data after a Redis outage, so never waited for.
-            derived.append(
-                RebuildableHotState(
-                    hot_state,
-                    stores.redis.ping,
-                    stores.postgres,
-                    self.metrics,
-                    settings.storage.write_timeout_s,
-                )
+        # Derived: rebuilt from the readings store after a Redis outage, so never waited for.
+        latest = None if settings.timeseries.uses_postgres else latest_through_reads(stores, "cassandra")
+        derived: list[Sink] = [
+            RebuildableHotState(
+                hot_state,
+                stores.redis.ping,
+                stores.postgres,
+                self.metrics,
+                settings.storage.write_timeout_s,
+                latest,
             )
-        else:  # Cassandra alone: no rebuild from it yet, so the ack waits for hot state
-            sinks.append(hot_state)
+        ]
         # The bridge: behind MQTT intake it publishes the messages and the readings (the
         # connector); behind Kafka intake only the readings (the stream processor).
         bridge_raw = stores.kafka is not None and settings.intake.source == "mqtt"
