@@ -1,5 +1,5 @@
 """The Cassandra backend against a real Cassandra: migrate, write, read back, TTL, redelivery,
-paging, rollups into aggregated_data, device reports read from Cassandra.
+paging, rollups into aggregated_data, device reports and the hot-state rebuild read from Cassandra.
 
 Run when IOTFLOW_TEST_CASSANDRA_HOSTS names one (`docker compose --profile full up -d
 cassandra`, then IOTFLOW_TEST_CASSANDRA_HOSTS=127.0.0.1; docs/storage.md); skipped
@@ -24,6 +24,7 @@ from jobs.reports import build_reports, metric_name
 from schemas.records import DecodedBatch, Reading, TextReading
 from worker.config import Settings
 from worker.sinks.cassandra import CassandraTimeseriesWriter
+from worker.sinks.hot_state import latest_through_reads
 from worker.stores import Stores, open_stores
 from worker.stores.cassandra import CassandraStore
 from worker.stores.cassandra_schema import TABLES, migrate_cassandra, schema_problem
@@ -209,3 +210,16 @@ async def test_a_device_report_reads_the_readings_from_cassandra(
     assert metrics["total_data_points"] == 60 * len(datapoints)
     for label in datapoints:
         assert metrics[metric_name(label)] == pytest.approx(29.5)
+
+
+async def test_hot_state_is_rebuilt_from_cassandra_newest_values(
+    cstores: Stores, pg: asyncpg.Connection
+) -> None:
+    store = _store(cstores)
+    device_id, user_id, datapoints = await _device(pg)
+    await CassandraTimeseriesWriter(store).write(_batch(device_id, user_id, datapoints, 30))
+    found = await latest_through_reads(cstores, "cassandra")({device_id}, T0 + timedelta(seconds=10))
+    # The newest value of each datapoint; the text reading ("door") is no hot state.
+    assert sorted((r.label, r.datapoint_id, r.value, r.timestamp) for r in found) == sorted(
+        (label, point, 29.0, T0 + timedelta(seconds=29)) for label, point in datapoints.items()
+    )
