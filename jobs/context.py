@@ -37,6 +37,11 @@ class JobResources:
     clock: Callable[[], datetime] = utc_now  # tests pin it to make periods deterministic
     cassandra: CassandraStore | None = None  # when timeseries.backend uses Cassandra
 
+    @property
+    def postgres(self) -> asyncpg.Pool:
+        """The pool under the name `Stores` gives it (worker.stores.timeseries reads either)."""
+        return self.pool
+
     @classmethod
     def of(cls, stores: Stores, clock: Callable[[], datetime] | None = None) -> JobResources:
         return cls(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 
+import asyncpg
 import orjson
 
 from worker.config import Settings
@@ -47,3 +49,64 @@ def test_the_cpu_of_a_process_tree_comes_from_proc() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait()
+
+
+def _bench_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOTFLOW_")}
+    env.update(IOTFLOW_POSTGRES_URL=settings.postgres.url, IOTFLOW_POSTGRES_SCHEMA=settings.postgres.schema)
+    return env
+
+
+def test_bench_timeseries_both_without_cassandra_measures_the_outbox_beside_postgres(
+    settings: Settings,
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "bench",
+            "--timeseries",
+            "both",
+            "--messages",
+            "3000",
+            "--repeat",
+            "1",
+        ],
+        env=_bench_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "no Cassandra: it is down" in out
+    for label in ("postgres #1", "both, cassandra down #1", "both, postgres down #1"):
+        assert label in out
+    assert "cost of 'both, cassandra down' (its outbox)" in out
+    assert "cassandra #1" not in out.replace("both, cassandra down #1", "")  # no live Cassandra run
+    assert "CPU-s/100k" in out
+    assert asyncio.run(_bench_schemas(settings)) == 0  # dropped
+
+
+async def _bench_schemas(settings: Settings) -> int:
+    conn = await asyncpg.connect(settings.postgres.url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench_outbox_%'"
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+def test_bench_timeseries_cassandra_needs_a_cassandra(settings: Settings) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "bench", "--timeseries", "cassandra"],
+        env=_bench_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "needs a Cassandra: set IOTFLOW_CASSANDRA_HOSTS" in result.stdout

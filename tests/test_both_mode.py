@@ -3,15 +3,20 @@ outbox holds exactly what Cassandra missed, also across a kill -9 (docs/storage.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from worker.config import Settings
+from worker.http import Readiness
 from worker.sinks.outbox import decode_batch
 
 from .helpers import running_daemon, wait_for, wait_for_committed, wait_for_count, worker_process
@@ -95,3 +100,45 @@ async def test_kill_9_of_the_daemon_during_a_cassandra_outage_loses_nothing_from
             assert record["left_by"] == "an earlier run" and record["backlog"] >= 1
             assert await worker.terminate() == 0
         assert sorted(set(await _in_outbox(pg, "cassandra"))) == stored  # still held: Cassandra is away
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+async def test_with_cassandra_away_the_worker_is_ready_and_says_it_is_degraded(
+    settings: Settings, pg: asyncpg.Connection, private_dir: Path
+) -> None:
+    """Ready means ingest flows and is acknowledged: in both mode a Cassandra outage is
+    absorbed by the outbox, so /readyz says 200 with Cassandra degraded, not 503."""
+    with refusing_port() as port:
+        both = _both(settings, port, private_dir)
+        both.http = replace(both.http, enabled=True, port=0)
+        async with running_daemon(both) as daemon:
+            await publish(settings.mqtt.url, json_messages(0, 30))
+            await wait_for_committed(daemon, 30, timeout=60)
+            assert daemon.health is not None
+            status, body = await asyncio.to_thread(_get, daemon.health.port, "/readyz")
+            _, metrics = await asyncio.to_thread(_get, daemon.health.port, "/metrics")
+            stored = await pg.fetchval("SELECT count(*) FROM decoded_data")
+    readiness = orjson.loads(body)
+    assert status == 200, readiness
+    assert readiness["ready"] is True and readiness["degraded"] == ["cassandra"]
+    assert readiness["checks"]["cassandra"] is False and readiness["checks"]["postgres"] is True
+    assert b"iotflow_readings_stores_behind 1.0" in metrics
+    assert stored == 30
+
+
+def test_in_both_mode_postgres_down_is_not_ready() -> None:
+    """The tolerated check is Cassandra's alone: PostgreSQL down still makes /readyz 503."""
+    readiness = Readiness(
+        {"mqtt": True, "sinks": True, "postgres": False, "cassandra": True, "redis": True},
+        frozenset({"cassandra"}),
+    )
+    assert not readiness.ready and readiness.degraded == []
+    both_down = Readiness({"postgres": False, "cassandra": False}, frozenset({"cassandra"}))
+    assert not both_down.ready and both_down.degraded == ["cassandra"]

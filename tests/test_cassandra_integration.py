@@ -1,5 +1,5 @@
 """The Cassandra backend against a real Cassandra: migrate, write, read back, TTL, redelivery,
-paging, rollups into aggregated_data.
+paging, rollups into aggregated_data, device reports and the hot-state rebuild read from Cassandra.
 
 Run when IOTFLOW_TEST_CASSANDRA_HOSTS names one (`docker compose --profile full up -d
 cassandra`, then IOTFLOW_TEST_CASSANDRA_HOSTS=127.0.0.1; docs/storage.md); skipped
@@ -19,9 +19,12 @@ import asyncpg
 import pytest
 
 from jobs.cassandra_rollups import CassandraRollups
+from jobs.context import JobResources
+from jobs.reports import build_reports, metric_name
 from schemas.records import DecodedBatch, Reading, TextReading
 from worker.config import Settings
 from worker.sinks.cassandra import CassandraTimeseriesWriter
+from worker.sinks.hot_state import latest_through_reads
 from worker.stores import Stores, open_stores
 from worker.stores.cassandra import CassandraStore
 from worker.stores.cassandra_schema import TABLES, migrate_cassandra, schema_problem
@@ -189,3 +192,34 @@ async def test_a_rollup_writes_aggregated_data(cstores: Stores, pg: asyncpg.Conn
     daily = {r.aggregation_type: r.value for r in rows if r.aggregation_type.endswith("_1d")}
     assert daily["sum_1d"] == 1770.0 and daily["last_1d"] == 59.0
     assert all(r.ttl and r.ttl > 0 for r in rows)
+
+
+async def test_a_device_report_reads_the_readings_from_cassandra(
+    cstores: Stores, pg: asyncpg.Connection
+) -> None:
+    store = _store(cstores)
+    device_id, user_id, datapoints = await _device(pg)
+    await pg.execute("UPDATE devices SET created_at = $1, max_silence_s = 10 WHERE id = $2", T0, device_id)
+    await CassandraTimeseriesWriter(store).write(_batch(device_id, user_id, datapoints, 60))
+    res = JobResources.of(cstores, clock=lambda: T0 + timedelta(days=1))
+    built = await build_reports(res, T0, T0 + timedelta(minutes=2), [device_id])
+    assert len(built) == 1 and built[0]["store"] == "cassandra"
+    metrics = built[0]["metrics"]
+    # Readings each second for 60 s, each up for 10 s: 69 s of 120. The text reading is no data point.
+    assert metrics["uptime_percentage"] == round(100 * 69 / 120, 2)
+    assert metrics["total_data_points"] == 60 * len(datapoints)
+    for label in datapoints:
+        assert metrics[metric_name(label)] == pytest.approx(29.5)
+
+
+async def test_hot_state_is_rebuilt_from_cassandra_newest_values(
+    cstores: Stores, pg: asyncpg.Connection
+) -> None:
+    store = _store(cstores)
+    device_id, user_id, datapoints = await _device(pg)
+    await CassandraTimeseriesWriter(store).write(_batch(device_id, user_id, datapoints, 30))
+    found = await latest_through_reads(cstores, "cassandra")({device_id}, T0 + timedelta(seconds=10))
+    # The newest value of each datapoint; the text reading ("door") is no hot state.
+    assert sorted((r.label, r.datapoint_id, r.value, r.timestamp) for r in found) == sorted(
+        (label, point, 29.0, T0 + timedelta(seconds=29)) for label, point in datapoints.items()
+    )

@@ -104,3 +104,20 @@ def test_a_migrate_for_mongodb_waits_for_a_healthy_mongodb() -> None:
     assert "IOTFLOW_DOCUMENTS_BACKEND: postgres" in str(services["migrate"]["text"])
     for name in ("worker", "jobs"):  # full: the documents are in MongoDB
         assert "mongodb-migrate" in services[name]["depends_on"], name  # type: ignore[operator]
+
+
+def test_the_workers_that_may_run_both_mode_keep_their_data_dir_in_a_named_volume() -> None:
+    """storage.data_dir (the image's /var/lib/iotflow) holds the outbox journal in both
+    mode: a container restart must not take it along, and no two services share one."""
+    services = _services(_config())
+    volumes = {}
+    for name in ("worker", "connector", "processor"):
+        text = str(services[name]["text"])
+        assert "IOTFLOW_CASSANDRA_HOSTS" in text, name  # could run both mode
+        mount = re.search(r"\n\s+- ([\w-]+):/var/lib/iotflow(?::rw)?\n", text + "\n")  # a named volume
+        assert mount is not None, text
+        volumes[name] = mount.group(1)
+    assert len(set(volumes.values())) == 3, volumes
+    top = _config().split("\nvolumes:\n", 1)[1]
+    for volume in volumes.values():
+        assert re.search(rf"(?m)^  {re.escape(volume)}:", top), volume

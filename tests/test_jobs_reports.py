@@ -9,7 +9,7 @@ import asyncpg
 import orjson
 import pytest
 
-from jobs import tasks
+from jobs import reports, tasks
 from jobs.commands import report_device
 from jobs.context import JobResources
 from jobs.periods import parse_report_period
@@ -177,3 +177,70 @@ async def test_a_period_reaching_into_the_future_is_measured_up_to_now(
     start = utc("2026-03-09 00:00")
     report = await res.docs.get("analytics", report_key(fleet["gappy"], start, start + timedelta(days=1)))
     assert report is not None and report["metrics"]["uptime_percentage"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [("2026-03-09 00:00", "2026-03-10 00:00"), ("2026-03-09 05:00", "2026-03-09 18:05")],
+)
+async def test_the_read_through_figures_equal_postgres_own(
+    res: JobResources, fleet: dict[str, int], first: str, last: str
+) -> None:
+    """The path the reports take on Cassandra (range reads through worker/stores/timeseries.py,
+    aggregated in Python), run here against PostgreSQL's rows: the same figures as the SQL."""
+    silences = {fleet["gappy"]: 600, fleet["silent"]: 300, fleet["steady"]: 300}
+    start, end = utc(first), utc(last)
+    by_sql = await reports.figures_from_sql(res, silences, start, end)
+    by_reads = await reports.figures_from_reads(res, "postgres", silences, start, end)
+    assert by_reads.up_s == {**{d: 0.0 for d in silences}, **by_sql.up_s}
+    assert by_reads.up_s[fleet["gappy"]] > 0 and by_reads.up_s[fleet["silent"]] == 0.0
+
+    def approx(figures: reports.Figures) -> dict[int, object]:
+        return {
+            d: sorted((label, n, pytest.approx(mean)) for label, n, mean in rows)
+            for d, rows in figures.series.items()
+        }
+
+    assert approx(by_reads) == approx(by_sql) and by_sql.series
+
+
+async def test_the_read_through_pages_and_counts_readings_without_values(
+    res: JobResources, pg: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device, points = await add_device(pg, "paged", max_silence_s=60, labels=("t",), created_at=utc(DAY))
+    moments = every("2026-03-09 01:00", "2026-03-09 01:30", 1)
+    await insert_readings(
+        pg,
+        settings,
+        [(m, device, points["t"], None if n % 4 == 0 else float(n)) for n, m in enumerate(moments)],
+    )
+    monkeypatch.setattr(reports, "READ_PAGE", 7)  # several pages
+    start, end = utc("2026-03-09 00:00"), utc("2026-03-10 00:00")
+    by_reads = await reports.figures_from_reads(res, "postgres", {device: 60}, start, end)
+    by_sql = await reports.figures_from_sql(res, {device: 60}, start, end)
+    assert by_reads.up_s == by_sql.up_s == {device: 31 * 60.0}
+    assert by_reads.series == by_sql.series
+    assert by_reads.series[device][0][1] == len(moments)  # readings without a value count too
+
+
+def test_uptime_follows_the_allowed_silence_and_the_period() -> None:
+    allowed, start, end = timedelta(minutes=10), utc("2026-03-09 00:00"), utc("2026-03-09 01:00")
+    times = [
+        utc("2026-03-08 23:55"),
+        utc("2026-03-09 00:20"),
+        utc("2026-03-09 00:25"),
+        utc("2026-03-09 00:58"),
+    ]
+    # 00:00–00:05 (from 23:55), 00:20–00:25, 00:25–00:35, 00:58–01:00 (the end)
+    assert reports.uptime_s(times, allowed, start, end) == (5 + 5 + 10 + 2) * 60.0
+    assert reports.uptime_s([], allowed, start, end) == 0.0
+
+
+async def test_a_report_says_which_store_answered(
+    res: JobResources, clock: Clock, fleet: dict[str, int]
+) -> None:
+    clock.now = utc("2026-03-10 01:20")
+    built = await reports.build_reports(
+        res, utc("2026-03-09 00:00"), utc("2026-03-10 00:00"), [fleet["gappy"]]
+    )
+    assert [r["store"] for r in built] == ["postgres"]

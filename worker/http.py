@@ -1,10 +1,11 @@
-"""A tiny HTTP server for probes: /healthz (alive), /readyz (stores reachable), /metrics."""
+"""A tiny HTTP server for probes: /healthz (alive), /readyz (ingest flows and acknowledges), /metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import orjson
 import structlog
@@ -16,12 +17,31 @@ from worker.metrics import Metrics
 log = structlog.get_logger("worker.http")
 
 
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What /readyz says. Ready means ingest flows and is acknowledged: a check in `tolerated`
+    may fail (a store the pipeline goes on without, its batches kept in an outbox) and the
+    worker is still ready, only degraded, so an orchestrator neither stops a rollout nor
+    takes a working worker out of service for it."""
+
+    checks: dict[str, bool]
+    tolerated: frozenset[str] = frozenset()
+
+    @property
+    def degraded(self) -> list[str]:
+        return sorted(name for name in self.tolerated if self.checks.get(name) is False)
+
+    @property
+    def ready(self) -> bool:
+        return all(ok for name, ok in self.checks.items() if name not in self.tolerated)
+
+
 class HealthServer:
     def __init__(
         self,
         settings: HttpSettings,
         metrics: Metrics,
-        readiness: Callable[[], Awaitable[dict[str, bool]]],
+        readiness: Callable[[], Awaitable[Readiness]],
     ) -> None:
         self._settings = settings
         self._metrics = metrics
@@ -66,9 +86,9 @@ class HealthServer:
         if path == "/healthz":
             return "200 OK", "application/json", b'{"status":"alive"}'
         if path == "/readyz":
-            checks = await self._readiness()
-            ok = all(checks.values())
-            body = orjson.dumps({"ready": ok, "checks": checks})
+            readiness = await self._readiness()
+            ok = readiness.ready
+            body = orjson.dumps({"ready": ok, "degraded": readiness.degraded, "checks": readiness.checks})
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, self._metrics.render_prometheus()

@@ -206,6 +206,7 @@ GAUGES = {
     "mqtt_buffered": "messages the MQTT client received that intake has not taken yet",
     "intake_unacknowledged": "messages received and not yet acknowledged (MQTT: ≤ receive_maximum)",
     "outbox_backlog": "batches waiting in the outboxes of readings stores that are down (both mode)",
+    "readings_stores_behind": "readings stores down or behind, batches in their outbox (both mode: degraded)",
     "hot_state_stale": "1 while Redis hot state misses batches, until it is rebuilt from PostgreSQL",
     "pipeline_restarts": "pipeline restarts after a crash since start",
     "rules_loaded": "alert rules in force",

@@ -24,7 +24,7 @@ from worker.decode.parse import Limits
 from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
-from worker.http import HealthServer
+from worker.http import HealthServer, Readiness
 from worker.intake.mqtt import MqttIntake
 from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, Refused, describe, is_transient, refusal
@@ -35,7 +35,7 @@ from worker.runtime.signals import held_stop_signal
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
-from worker.sinks.hot_state import RebuildableHotState
+from worker.sinks.hot_state import RebuildableHotState, latest_through_reads
 from worker.sinks.mirror import mirrored_readings
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
@@ -107,20 +107,18 @@ class Pipeline:
         )
         sinks: list[Sink] = readings_sinks(stores, self.metrics)
         hot_state = RedisHotStateWriter(stores.redis, stores.keys)
-        derived: list[Sink] = []
-        if settings.timeseries.uses_postgres:
-            # Derived: rebuilt from decoded_data after a Redis outage, so never waited for.
-            derived.append(
-                RebuildableHotState(
-                    hot_state,
-                    stores.redis.ping,
-                    stores.postgres,
-                    self.metrics,
-                    settings.storage.write_timeout_s,
-                )
+        # Derived: rebuilt from the readings store after a Redis outage, so never waited for.
+        latest = None if settings.timeseries.uses_postgres else latest_through_reads(stores, "cassandra")
+        derived: list[Sink] = [
+            RebuildableHotState(
+                hot_state,
+                stores.redis.ping,
+                stores.postgres,
+                self.metrics,
+                settings.storage.write_timeout_s,
+                latest,
             )
-        else:  # Cassandra alone: no rebuild from it yet, so the ack waits for hot state
-            sinks.append(hot_state)
+        ]
         # The bridge: behind MQTT intake it publishes the messages and the readings (the
         # connector); behind Kafka intake only the readings (the stream processor).
         bridge_raw = stores.kafka is not None and settings.intake.source == "mqtt"
@@ -175,6 +173,14 @@ class Pipeline:
         checks = {source: self.intake.connected, "sinks": not self.writer.down}
         checks.update(await self.stores.health())
         return checks
+
+    @property
+    def tolerated(self) -> frozenset[str]:
+        """Checks that may fail while ingest goes on and is acknowledged: in both mode,
+        Cassandra (its batches wait in the `outbox` table). Not PostgreSQL, though its
+        readings would go to the journal: the registry, the dead letters' and alerts'
+        documents live there, so new devices and alerting batches would stall."""
+        return frozenset({"cassandra"}) if self.settings.timeseries.backend == "both" else frozenset()
 
     async def _report(self) -> None:
         """One progress line per interval, never one per message; every figure is the interval's."""
@@ -245,12 +251,12 @@ class Daemon:
         await self.pipeline.wait_ready()
         self.ready.set()
 
-    async def _readiness(self) -> dict[str, bool]:
+    async def _readiness(self) -> Readiness:
         if self.pipeline is not None:
-            return await self.pipeline.readiness()
+            return Readiness(await self.pipeline.readiness(), self.pipeline.tolerated)
         if self._stores is not None:
-            return {"pipeline": False, **await self._stores.health()}
-        return {"pipeline": False, "stores": False}
+            return Readiness({"pipeline": False, **await self._stores.health()})
+        return Readiness({"pipeline": False, "stores": False})
 
     def request_stop(self) -> None:
         self.supervisor.request_stop()

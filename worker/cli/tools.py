@@ -61,6 +61,14 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--kafka-bootstrap", default="", help="a Kafka to use (default: a tansu broker of the bench's own)"
     )
     bench.add_argument("--kafka-partitions", type=int, default=6, help="partitions of the bench's topics")
+    bench.add_argument(
+        "--timeseries",
+        choices=("postgres", "cassandra", "both"),
+        default="postgres",
+        help="cassandra|both: the storage step of that backend beside PostgreSQL alone, in one run "
+        "(worker.tools.outbox_bench; the configured Cassandra when IOTFLOW_CASSANDRA_HOSTS is set, "
+        "else both mode with Cassandra down: the outbox)",
+    )
     bench.set_defaults(handler=_bench)
 
 
@@ -81,6 +89,10 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.timeseries != "postgres":
+        from worker.tools.outbox_bench import run_timeseries_bench
+
+        return run_timeseries_bench(settings, args)
     from worker.tools.bench import run_bench
 
     return run_bench(settings, args)

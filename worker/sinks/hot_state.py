@@ -7,10 +7,12 @@ or no answer within `storage.write_timeout_s`), the wrapper marks hot state stal
 which devices missed values, and the oldest reading they missed — logs once, counts
 every skipped batch and stops writing to Redis. A background task pings Redis with
 backoff; once it answers, writes go live again and the latest value of every
-datapoint of those devices since that oldest reading is read from `decoded_data` and
-fed through the same newest-wins script, so a value written live meanwhile is never
-replaced by an older one. Every skipped batch is in PostgreSQL before the rebuild
-reads it: the writer called this sink only after committing it.
+datapoint of those devices since that oldest reading is read from the readings store
+(`decoded_data`; with Cassandra alone, `device_data` through the range reads of
+worker/stores/timeseries.py) and fed through the same newest-wins script, so a value
+written live meanwhile is never replaced by an older one. Every skipped batch is in the
+readings store before the rebuild reads it: the writer called this sink only after
+committing it.
 
 The oldest reading missed is also marked in PostgreSQL (`hot_state_stale`), so a
 process stopped before Redis returns leaves it for the next start, which rebuilds every
@@ -25,7 +27,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import structlog
@@ -34,6 +36,7 @@ from schemas.records import DecodedBatch, Reading
 from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, describe, is_transient
 from worker.sinks.base import Abandoned, Sink
+from worker.stores.timeseries import Source, Store, read_device
 
 log = structlog.get_logger("worker.sinks.hot_state")
 
@@ -48,6 +51,61 @@ ORDER BY d.device_id, d.datapoint_id, d.timestamp DESC
 """
 # The same for every device: a mark left by an earlier run does not say which ones.
 _LATEST_ALL = _LATEST.replace("d.device_id = ANY($1::int[]) AND d.timestamp >= $2", "d.timestamp >= $1")
+# The newest reading of each datapoint of `devices` (None: every device) since a moment.
+Latest = Callable[[set[int] | None, datetime], Awaitable[list[Reading]]]
+_FOREVER = datetime(9999, 12, 31, tzinfo=UTC)  # the end of a range read "since a moment"
+READ_PAGE = 500  # rows per range read; newest first, so the first page usually has them all
+
+
+def latest_from_postgres(pool: asyncpg.Pool) -> Latest:
+    """One query over `decoded_data`."""
+
+    async def latest(devices: set[int] | None, since: datetime) -> list[Reading]:
+        async with pool.acquire() as conn:
+            if devices is None:
+                rows = await conn.fetch(_LATEST_ALL, since)
+            else:
+                rows = await conn.fetch(_LATEST, sorted(devices), since)
+        return [Reading(*row) for row in rows]
+
+    return latest
+
+
+def latest_through_reads(source: Source, store: Store) -> Latest:
+    """Any store, a device at a time through the range reads (newest first), stopping once
+    every datapoint of the device (PostgreSQL's `datapoints`) has its newest reading; text
+    readings (and readings without a value) are no hot state. For Cassandra, which cannot
+    pick the newest row per measurement on the server."""
+
+    async def latest(devices: set[int] | None, since: datetime) -> list[Reading]:
+        async with source.postgres.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT device_id, id, label FROM datapoints WHERE $1::int[] IS NULL OR device_id = ANY($1)",
+                None if devices is None else sorted(devices),
+            )
+        points: dict[int, dict[str, int]] = {}
+        for row in rows:
+            points.setdefault(row["device_id"], {})[row["label"]] = row["id"]
+        found: list[Reading] = []
+        for device_id, labels in sorted(points.items()):
+            missing, page = set(labels), None
+            while missing:
+                got = await read_device(
+                    source, device_id, since, _FOREVER, page_size=READ_PAGE, page=page, store=store
+                )
+                for r in got.rows:
+                    if r.value is not None and r.measurement in missing:
+                        missing.discard(r.measurement)
+                        point = labels[r.measurement]
+                        found.append(Reading(r.timestamp, device_id, point, r.value, r.measurement))
+                if got.next is None:
+                    break
+                page = got.next
+        return found
+
+    return latest
+
+
 _MARK = """
 INSERT INTO hot_state_stale (store, since) VALUES ($1, $2)
 ON CONFLICT (store) DO UPDATE SET since = least(hot_state_stale.since, excluded.since), marked_at = now()
@@ -98,11 +156,15 @@ class RebuildableHotState:
         pool: asyncpg.Pool,
         metrics: Metrics,
         timeout_s: float,
+        latest: Latest | None = None,
     ) -> None:
+        """`pool`: PostgreSQL, which keeps the stale mark; `latest`: where the rebuild reads
+        the newest values (default: PostgreSQL's `decoded_data`)."""
         self.name = inner.name
         self._inner = inner
         self._ping = ping
         self._pool = pool
+        self._latest = latest or latest_from_postgres(pool)
         self._metrics = metrics
         self._timeout = timeout_s
         self._abandoned = Abandoned()
@@ -130,7 +192,7 @@ class RebuildableHotState:
                     "hot_state.stale",
                     sink=self.name,
                     error=describe(exc),
-                    hint="durable ingest goes on; hot state is rebuilt from PostgreSQL when Redis returns",
+                    hint="durable ingest goes on; hot state is rebuilt from the readings store afterwards",
                 )
                 await self._inner.reset()
         self._stale.absorb(batch)
@@ -217,12 +279,7 @@ class RebuildableHotState:
     async def _rebuild(self, missed: _Stale) -> int:
         if missed.oldest is None:
             return 0
-        async with self._pool.acquire() as conn:
-            if missed.devices is None:
-                rows = await conn.fetch(_LATEST_ALL, missed.oldest)
-            else:
-                rows = await conn.fetch(_LATEST, sorted(missed.devices), missed.oldest)
-        readings = [Reading(*row) for row in rows]
+        readings = await self._latest(missed.devices, missed.oldest)
         for start in range(0, len(readings), REBUILD_CHUNK):
             chunk = DecodedBatch(readings=readings[start : start + REBUILD_CHUNK])
             await self._abandoned.within(self._inner.write(chunk), self._timeout)

@@ -72,6 +72,7 @@ class MirroredReadings:
         self._timeout = timeout_s
         self._abandoned = Abandoned()
         metrics.gauges["outbox_backlog"] = lambda: float(sum(lane.held for lane in self._lanes))
+        metrics.gauges["readings_stores_behind"] = lambda: float(sum(bool(lane.held) for lane in self._lanes))
 
     async def start(self) -> None:
         """Replay what an earlier run left in the outboxes (a kill during an outage)."""

@@ -167,6 +167,9 @@ class PostgresOutbox:
 # --- the local journal ---------------------------------------------------------------------------------
 
 _HEADER = struct.Struct(">II")  # body length, CRC-32 of the body
+# The replay position file next to the journal: the offset of the oldest record not yet
+# delivered, and the CRC-32 of its 8 bytes (a torn or damaged position is ignored).
+_POSITION = struct.Struct(">QI")
 MAX_RECORD_BYTES = 1 << 30  # a longer length field is damage, not a record
 
 
@@ -196,18 +199,47 @@ class Journal:
         except BlockingIOError:
             os.close(self._fd)
             raise JournalBusy(f"{path} is held by another process: one storage.data_dir per worker") from None
-        self.records, self.end = self._scan()
+        position_path = path.with_name(path.name + ".pos")
+        try:
+            self._position_fd = os.open(position_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            os.close(self._fd)
+            raise JournalUnusable(f"{position_path}: {exc.strerror or exc}") from None
+        wanted = self._read_position()  # None: damaged
+        self.records, self.end, skipped = self._scan(wanted or 0)
+        if wanted is None or skipped is None:  # damage, or not where a record starts
+            log.warning(
+                "outbox.journal_position_ignored",
+                path=str(position_path),
+                position=wanted,
+                hint="the journal is replayed from its start; repeated batches are harmless",
+            )
+        # Where the replay begins: after the records an earlier run delivered.
+        self.start, self.skipped = (wanted or 0, skipped) if skipped is not None else (0, 0)
 
-    def _scan(self) -> tuple[int, int]:
-        """Count the whole records; drop a torn or damaged tail. (records, end offset)"""
+    def _read_position(self) -> int | None:
+        data = os.pread(self._position_fd, _POSITION.size, 0)
+        if not data:
+            return 0  # a new journal
+        if len(data) < _POSITION.size:
+            return None
+        offset, checksum = _POSITION.unpack(data)
+        return offset if zlib.crc32(data[:8]) == checksum else None
+
+    def _scan(self, wanted: int) -> tuple[int, int, int | None]:
+        """Count the whole records; drop a torn or damaged tail. (records, end offset, records
+        before offset `wanted`, None when `wanted` is not where a record starts)"""
         size = os.fstat(self._fd).st_size
         offset = records = 0
+        skipped = 0 if wanted == 0 else None
         while offset < size:
             found = self.read_at(offset, size)
             if found is None:
                 break
             offset = found[1]
             records += 1
+            if offset == wanted:
+                skipped = records
         if offset < size:
             log.warning(
                 "outbox.journal_tail_dropped",
@@ -218,7 +250,7 @@ class Journal:
             )
             os.ftruncate(self._fd, offset)
             os.fsync(self._fd)
-        return records, offset
+        return records, offset, skipped
 
     def read_at(self, offset: int, end: int) -> tuple[bytes, int] | None:
         return _read_record(self._fd, offset, end)
@@ -232,12 +264,23 @@ class Journal:
         self.records += 1
         self.end += len(record)
 
+    def mark(self, offset: int) -> None:
+        """The replay has delivered every record before `offset`. Not fsynced: a position
+        lost to a power cut is an older one, and only repeats batches (idempotent writes)."""
+        packed = offset.to_bytes(8, "big")
+        os.pwrite(self._position_fd, _POSITION.pack(offset, zlib.crc32(packed)), 0)
+
     def clear(self) -> None:
+        # The position goes back to 0 durably before the records go: a crash in between
+        # replays them again, never skips records appended after the truncation.
+        self.mark(0)
+        os.fsync(self._position_fd)
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
         self.records = self.end = 0
 
     def close(self) -> None:
+        os.close(self._position_fd)
         os.close(self._fd)  # releases the lock
 
 
@@ -283,7 +326,8 @@ class JournalOutbox:
 
     async def _opened(self) -> Journal:
         if self._journal is None:
-            self._journal = await asyncio.to_thread(Journal, self.path)
+            self._journal = journal = await asyncio.to_thread(Journal, self.path)
+            self._cursor, self._delivered = journal.start, journal.skipped  # where a replay stopped
         return self._journal
 
     async def append(self, body: bytes, readings: int) -> None:
@@ -300,6 +344,7 @@ class JournalOutbox:
             raise RuntimeError(f"{self.path}: record at {self._cursor} unreadable after it was checked")
         body, following = found
         await deliver(body)
+        await asyncio.to_thread(journal.mark, following)  # a restart resumes after it
         self._cursor = following
         self._delivered += 1
         return True

@@ -11,12 +11,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
+import asyncpg
+
+from worker.config import Settings
 from worker.retry import is_transient
-from worker.stores import Stores
+from worker.stores.cassandra import CassandraStore
 
 Store = Literal["postgres", "cassandra"]
+
+
+class Source(Protocol):
+    """Where readings are read from: `Stores`, or the jobs' `JobResources`."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def postgres(self) -> asyncpg.Pool: ...
+
+    @property
+    def cassandra(self) -> CassandraStore | None: ...
 
 
 class BadPageToken(ValueError):
@@ -43,7 +59,7 @@ class Page:
 
 
 async def read_device(
-    stores: Stores,
+    stores: Source,
     device_id: int,
     start: datetime,
     end: datetime,
@@ -96,7 +112,7 @@ LIMIT $7
 
 
 async def _read_postgres(
-    stores: Stores,
+    stores: Source,
     device_id: int,
     start: datetime,
     end: datetime,
@@ -139,7 +155,7 @@ def cassandra_range_query(keyspace: str, by_measurement: bool) -> str:
 
 
 async def _read_cassandra(
-    stores: Stores,
+    stores: Source,
     device_id: int,
     start: datetime,
     end: datetime,

@@ -1,20 +1,23 @@
-"""`python -m worker.tools.outbox_bench`: what both mode's outbox costs, beside PostgreSQL alone.
+"""`iotflow bench --timeseries cassandra|both`: a time-series backend's storage step beside PostgreSQL.
 
 The writer's storage step, in one process, with the same batches (climate messages of
-three readings, 5,000 readings a batch, new timestamps every run) in three configurations,
-alternated run by run:
+three readings, 5,000 readings a batch, new timestamps every run), the configurations
+alternated run by run, each built as the daemon builds it (`mirrored_readings`, the
+Cassandra sink):
 
 - `postgres`: the PostgreSQL sink alone (what `timeseries.backend = "postgres"` writes);
-- `outbox, other down`: both mode with the second store down: every batch goes to
-  PostgreSQL and, encoded, into the `outbox` table (Cassandra's place is taken by a store
-  at a port that refuses connections: after its first failure it is not tried again
-  until the replay, so how it fails does not change the cost);
-- `journal, postgres down`: both mode with PostgreSQL down: every batch goes to the second
-  store (PostgreSQL in a schema of its own) and into the fsynced local journal.
+- `cassandra`, `both` (only with a Cassandra, named by IOTFLOW_CASSANDRA_HOSTS): the
+  Cassandra sink beside PostgreSQL's core writer; both stores at once;
+- `both, cassandra down`: both mode with Cassandra at a port that refuses connections
+  (the daemon's Cassandra sink and driver): every batch goes to PostgreSQL and, encoded,
+  into the `outbox` table; after the first failure Cassandra is not tried per batch,
+  only by the replay, so how it fails does not change the cost;
+- `both, postgres down`: PostgreSQL refusing: every batch goes to the other store
+  (Cassandra, or without one a PostgreSQL schema of its own) and into the fsynced journal.
 
 For each: messages/s, and CPU-seconds per 100,000 messages of this process and of the
 PostgreSQL server (its processes listed by pg_stat_activity, read from /proc when the
-server is local), from /proc. The ratios compare each outbox path with `postgres` in the
+server is local), from /proc. The ratios compare each path with `postgres` in the
 same run. It isolates the storage step, so the ratio is the outbox's whole cost relative
 to storage alone; end to end (MQTT, decoding) the same cost weighs less.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
@@ -32,24 +36,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 
 from schemas.records import DecodedBatch, Reading
 from worker.config import Settings, load_settings
+from worker.exit_codes import ExitCode
 from worker.logging import configure_logging
 from worker.metrics import Metrics
 from worker.sinks.base import Sink
-from worker.sinks.mirror import MirroredReadings
+from worker.sinks.cassandra import CassandraTimeseriesWriter
+from worker.sinks.mirror import MirroredReadings, mirrored_readings
 from worker.sinks.outbox import JournalOutbox, PostgresOutbox
 from worker.sinks.postgres import PostgresTimeseriesWriter
+from worker.sinks.postgres_core import PostgresCoreWriter
 from worker.stores import Stores, open_stores
+from worker.stores.cassandra import CassandraStore
+from worker.stores.cassandra_schema import migrate_cassandra
 from worker.stores.migrate import migrate
 from worker.tools.embedded import free_port
 
 READINGS_PER_MESSAGE = 3
 BATCH_READINGS = 5000
 _TICK = os.sysconf("SC_CLK_TCK")
+Timeseries = Literal["cassandra", "both"]
 
 
 class RefusingStore:
@@ -136,36 +147,76 @@ async def _measure(label: str, sink: Sink, batches: list[DecodedBatch], pool: as
     return Run(label, sum(b.messages for b in batches), wall, cpu, server)
 
 
-async def _bench(settings: Settings, messages: int, repeat: int, data_dir: Path) -> list[Run]:
+def cassandra_configured() -> bool:
+    """A Cassandra to measure is one named by IOTFLOW_CASSANDRA_HOSTS (the default contact
+    point, 127.0.0.1, is no sign that one runs)."""
+    return bool(os.environ.get("IOTFLOW_CASSANDRA_HOSTS"))
+
+
+def labels(timeseries: Timeseries, live: bool) -> list[str]:
+    """The configurations a run measures, `postgres` first (the ratios' base)."""
+    if timeseries == "cassandra":
+        return ["postgres", "cassandra"]
+    return ["postgres", *(["both"] if live else []), "both, cassandra down", "both, postgres down"]
+
+
+async def _bench(
+    settings: Settings,
+    messages: int,
+    repeat: int,
+    data_dir: Path,
+    timeseries: Timeseries = "both",
+    live: bool = False,
+) -> list[Run]:
+    """`live`: measure the configured Cassandra too; without it, Cassandra's place in the
+    outbox paths is taken by a port that refuses connections (and by a second PostgreSQL
+    schema where both mode needs a store that is up)."""
     tag = uuid.uuid4().hex[:8]
-    main = replace(settings, postgres=replace(settings.postgres, schema=f"bench_outbox_{tag}"))
+    storage = replace(settings.storage, data_dir=str(data_dir))
+    main = replace(
+        settings, postgres=replace(settings.postgres, schema=f"bench_outbox_{tag}"), storage=storage
+    )
     other = replace(settings, postgres=replace(settings.postgres, schema=f"bench_outbox_{tag}_other"))
     for target in (main, other):
         await migrate(target.postgres)
+    # Cassandra at a port nobody listens on: the daemon's own Cassandra sink, refused by the OS.
+    down = CassandraStore(replace(settings.cassandra, hosts=["127.0.0.1"], port=free_port()))
+    cassandra = CassandraStore(replace(settings.cassandra, keyspace=f"bench_{tag}")) if live else None
     try:
+        if cassandra is not None:
+            await migrate_cassandra(cassandra)
         async with open_stores(main) as stores, open_stores(other) as other_stores:
             devices = await _devices(stores.postgres, 100)
-            configs: list[tuple[str, Callable[[], Sink]]] = [
-                ("postgres", lambda: PostgresTimeseriesWriter(stores)),
-                (
-                    "outbox, other down",
-                    lambda: _mirror(
-                        PostgresTimeseriesWriter(stores), RefusingStore("other"), stores, data_dir
-                    ),
+
+            def postgres() -> Sink:
+                return PostgresTimeseriesWriter(stores)
+
+            def up() -> Sink:  # the second store, up
+                if cassandra is not None:
+                    return CassandraTimeseriesWriter(cassandra)
+                return OtherPostgres(other_stores)
+
+            makers: dict[str, Callable[[], Sink]] = {
+                "postgres": postgres,
+                "both, cassandra down": lambda: mirrored_readings(
+                    postgres(), CassandraTimeseriesWriter(down), stores, Metrics()
                 ),
-                (
-                    "journal, postgres down",
-                    lambda: _mirror(RefusingStore("postgres"), OtherPostgres(other_stores), stores, data_dir),
-                ),
-            ]
+                "both, postgres down": lambda: _mirror(RefusingStore("postgres"), up(), stores),
+            }
+            if cassandra is not None:
+                store = cassandra
+                makers["cassandra"] = lambda: Together(
+                    [CassandraTimeseriesWriter(store), PostgresCoreWriter(stores)]
+                )
+                makers["both"] = lambda: mirrored_readings(postgres(), up(), stores, Metrics())
             runs = []
             start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
             for number in range(repeat):
-                for label, make in configs:
+                for label in labels(timeseries, cassandra is not None):
                     await _empty(stores, other_stores, data_dir)
                     batches = _batches(messages, devices, start)
                     start += timedelta(milliseconds=messages)  # new rows every run
-                    sink = make()
+                    sink = makers[label]()
                     try:
                         run = await _measure(f"{label} #{number + 1}", sink, batches, stores.postgres)
                     finally:
@@ -176,10 +227,39 @@ async def _bench(settings: Settings, messages: int, repeat: int, data_dir: Path)
     finally:
         for target in (main, other):
             await _drop_schema(target)
+        if cassandra is not None:
+            with contextlib.suppress(Exception):
+                await cassandra.execute(f"DROP KEYSPACE IF EXISTS {cassandra.settings.keyspace}")
+            await cassandra.close()
+        await down.close()
 
 
-def _mirror(primary: Sink, secondary: Sink, stores: Stores, data_dir: Path) -> Sink:
-    outboxes = (JournalOutbox(data_dir / "outbox-postgres.journal"), PostgresOutbox(stores.postgres, "other"))
+class Together:
+    """Sinks written at once, as the writer writes them (`timeseries.backend = "cassandra"`:
+    Cassandra's readings and PostgreSQL's dead letters and last-seen times)."""
+
+    name = "together"
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self._sinks = sinks
+
+    async def write(self, batch: DecodedBatch) -> int:
+        counts = await asyncio.gather(*(sink.write(batch) for sink in self._sinks))
+        return max(count or 0 for count in counts)
+
+    async def reset(self) -> None:
+        for sink in self._sinks:
+            await sink.reset()
+
+    async def close(self) -> None:
+        for sink in self._sinks:
+            await sink.close()
+
+
+def _mirror(primary: Sink, secondary: Sink, stores: Stores) -> Sink:
+    """Both mode with `secondary` in Cassandra's place (whatever its name)."""
+    journal = JournalOutbox(Path(stores.settings.storage.data_dir) / "outbox-postgres.journal")
+    outboxes = (journal, PostgresOutbox(stores.postgres, secondary.name))
     return MirroredReadings(primary, secondary, outboxes, Metrics(), stores.settings.storage.write_timeout_s)
 
 
@@ -224,7 +304,7 @@ def _line(run: Run) -> str:
     )
 
 
-def report(runs: list[Run]) -> None:
+def report(runs: list[Run], timeseries: Timeseries = "both", live: bool = False) -> None:
     def by(label: str) -> list[Run]:
         return [run for run in runs if run.label.startswith(label + " #")]
 
@@ -232,7 +312,7 @@ def report(runs: list[Run]) -> None:
     base_rate = statistics.mean(r.rate for r in base)
     base_cpu = statistics.mean(r.per_100k(r.cpu_s) for r in base)
     print("\nmeans over the runs (ratios against `postgres` of the same run set):")
-    for label in ("postgres", "outbox, other down", "journal, postgres down"):
+    for label in labels(timeseries, live):
         group = by(label)
         rate = statistics.mean(r.rate for r in group)
         cpu = statistics.mean(r.per_100k(r.cpu_s) for r in group)
@@ -244,9 +324,40 @@ def report(runs: list[Run]) -> None:
         if servers:
             line += f"  PostgreSQL {statistics.mean(servers):5.2f} CPU-s/100k"
         print(line)
-    for label in ("outbox, other down", "journal, postgres down"):
-        cost = 1 - statistics.mean(r.rate for r in by(label)) / base_rate
-        print(f"cost of '{label}': {cost:.1%} of the PostgreSQL-only rate (target ≤ 25%)")
+    for label in ("both, cassandra down", "both, postgres down"):
+        if by(label):
+            cost = 1 - statistics.mean(r.rate for r in by(label)) / base_rate
+            print(f"cost of '{label}' (its outbox): {cost:.1%} of the PostgreSQL-only rate (target ≤ 25%)")
+
+
+def run_timeseries_bench(settings: Settings, args: argparse.Namespace) -> int:
+    """`iotflow bench --timeseries cassandra|both` (and `python -m worker.tools.outbox_bench`)."""
+    timeseries: Timeseries = args.timeseries
+    live = cassandra_configured()
+    if timeseries == "cassandra" and not live:
+        print("iotflow bench --timeseries cassandra needs a Cassandra: set IOTFLOW_CASSANDRA_HOSTS")
+        return ExitCode.CONFIG
+    configure_logging("error", "console")
+    print(
+        f"timeseries bench ({timeseries}): the storage step alone, {args.messages:,} messages × "
+        f"{READINGS_PER_MESSAGE} readings per run, {BATCH_READINGS} readings a batch, "
+        f"{args.repeat} runs per configuration, "
+        + (f"Cassandra at {','.join(settings.cassandra.hosts)}" if live else "no Cassandra: it is down"),
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="iotflow-outbox-bench-") as root:
+        data_dir = Path(root) / "data"
+        data_dir.mkdir()
+        if args.embedded:
+            from worker.tools.embedded import EmbeddedServices
+
+            with EmbeddedServices(Path(root) / "services", redis=False, mqtt=False) as services:
+                settings.postgres = replace(settings.postgres, url=services.start().postgres_url)
+                runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir, timeseries, live))
+        else:
+            runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir, timeseries, live))
+    report(runs, timeseries, live)
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,28 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=100_000, help="messages per run (3 readings each)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration, alternated")
     parser.add_argument("--embedded", action="store_true", help="start an embedded PostgreSQL")
+    parser.add_argument("--timeseries", choices=("cassandra", "both"), default="both")
     parser.add_argument(
         "--config", type=Path, default=None, help="settings file (else IOTFLOW_* and defaults)"
     )
     args = parser.parse_args(argv)
-    configure_logging("error", "console")
-    settings = load_settings(args.config)
-    with tempfile.TemporaryDirectory(prefix="iotflow-outbox-bench-") as root:
-        data_dir = Path(root) / "data"
-        if args.embedded:
-            from worker.tools.embedded import EmbeddedServices
-
-            with EmbeddedServices(Path(root) / "services", redis=False, mqtt=False) as services:
-                settings.postgres = replace(settings.postgres, url=services.start().postgres_url)
-                runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir))
-        else:
-            runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir))
-    print(
-        f"\n{args.messages:,} messages × {READINGS_PER_MESSAGE} readings per run, "
-        f"{BATCH_READINGS} readings a batch"
-    )
-    report(runs)
-    return 0
+    return run_timeseries_bench(load_settings(args.config), args)
 
 
 if __name__ == "__main__":
