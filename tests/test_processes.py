@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from worker.config import Settings, load_settings
-from worker.runtime.processes import child_env, group_problem, process_count, usable_cores
+from worker.runtime.processes import child_env, group_problem, left_behind, process_count, usable_cores
 
 from .conftest import worker_env
 from .helpers import IotflowProcess, iotflow_process, notify_socket, simulator, wait_for_count, worker_process
@@ -176,3 +176,24 @@ def test_each_child_gets_its_own_client_id_port_and_notify_socket(settings: Sett
     assert group_problem(settings, 1) is None and group_problem(settings, 2) is not None
     settings.mqtt.shared_group = "iotflow"
     assert group_problem(settings, 2) is None
+
+
+def test_each_child_has_a_data_dir_of_its_own_and_journals_left_behind_are_named(tmp_path: Path) -> None:
+    """Both mode's journal takes a lock (one writer per file), so children must not share
+    storage.data_dir; a journal a run with another process count wrote is not replayed
+    by this one, and is named at start."""
+    settings = load_settings(environ={"IOTFLOW_STORAGE_DATA_DIR": str(tmp_path)})
+    assert child_env(settings, 0, "@n")["IOTFLOW_STORAGE_DATA_DIR"] == str(tmp_path / "process-0")
+    assert child_env(settings, 1, "@n")["IOTFLOW_STORAGE_DATA_DIR"] == str(tmp_path / "process-1")
+
+    single = tmp_path / "outbox-postgres.journal"
+    third = tmp_path / "process-2" / "outbox-postgres.journal"
+    first = tmp_path / "process-0" / "outbox-postgres.journal"
+    for journal in (single, third, first):
+        journal.parent.mkdir(exist_ok=True)
+        journal.write_bytes(b"x")
+    (tmp_path / "process-1").mkdir()
+    (tmp_path / "process-1" / "outbox-postgres.journal").write_bytes(b"")  # drained: nothing left
+    assert left_behind(settings, 2) == [single, third]
+    assert left_behind(settings, 3) == [single]
+    assert left_behind(settings, 1) == [first, third]

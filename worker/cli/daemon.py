@@ -62,6 +62,7 @@ def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
     problem = processes.group_problem(settings, count)
     if problem:
         return config_error(f"runtime.processes: {problem}")
+    processes.warn_left_behind(settings, count)
     if count > 1:
         supervisor = processes.ProcessSupervisor(settings, count, processes.child_argv(args.config))
         return asyncio.run(supervisor.run())

@@ -2,8 +2,9 @@
 
 The parent opens no connection of its own. It starts N children (`iotflow run` with
 one process each) that share the MQTT stream through `mqtt.shared_group`, each with
-its own client id (`{mqtt.client_id}-{i}`), its own stores and its own HTTP port
-(`http.port + i`). Towards systemd the parent is the service: each child notifies
+its own client id (`{mqtt.client_id}-{i}`), its own stores, its own HTTP port
+(`http.port + i`) and its own `storage.data_dir` (`{data_dir}/process-{i}`: both mode's
+journal takes a lock, one writer per file). Towards systemd the parent is the service: each child notifies
 the parent over a socket of its own (its $NOTIFY_SOCKET), and the parent says
 READY=1 once every child has, pings the watchdog only while no ready child has
 gone silent, and says STOPPING=1 when it forwards SIGTERM. So `NotifyAccess=main`
@@ -30,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -80,9 +82,39 @@ def child_env(settings: Settings, index: int, notify_socket: str) -> dict[str, s
             "IOTFLOW_MQTT_CLIENT_ID": f"{settings.mqtt.client_id}-{index}",
             "IOTFLOW_KAFKA_CLIENT_ID": f"{settings.kafka.client_id}-{index}",
             "IOTFLOW_HTTP_PORT": str(port + index if port else 0),  # 0: each takes a free port
+            "IOTFLOW_STORAGE_DATA_DIR": str(child_data_dir(settings, index)),
         }
     )
     return env
+
+
+def child_data_dir(settings: Settings, index: int) -> Path:
+    return Path(settings.storage.data_dir) / f"process-{index}"
+
+
+def left_behind(settings: Settings, count: int) -> list[Path]:
+    """Both mode's journals that `count` processes will not read: a single process's
+    (`{data_dir}/outbox-*.journal`) under a group, or those of children `count` and up.
+    Their batches reach PostgreSQL only when a process of that index runs again."""
+    data_dir = Path(settings.storage.data_dir)
+    if not data_dir.is_dir():
+        return []
+    homes = [data_dir] if count > 1 else []
+    homes += [d for d in data_dir.glob("process-*") if d.name.removeprefix("process-").isdigit()]
+    if count > 1:
+        homes = [d for d in homes if d == data_dir or int(d.name.removeprefix("process-")) >= count]
+    return sorted(j for home in homes for j in home.glob("outbox-*.journal") if j.stat().st_size > 0)
+
+
+def warn_left_behind(settings: Settings, count: int) -> None:
+    """One line per journal this run will not replay (see `left_behind`)."""
+    for journal in left_behind(settings, count):
+        log.warning(
+            "outbox.journal_left_behind",
+            path=str(journal),
+            processes=count,
+            hint="written by a run with another --processes: run with that many once to replay it",
+        )
 
 
 @dataclass
