@@ -121,3 +121,15 @@ def test_the_workers_that_may_run_both_mode_keep_their_data_dir_in_a_named_volum
     top = _config().split("\nvolumes:\n", 1)[1]
     for volume in volumes.values():
         assert re.search(rf"(?m)^  {re.escape(volume)}:", top), volume
+
+
+def test_the_full_profile_keeps_readings_in_both_stores_and_migrates_cassandra_first() -> None:
+    """The full stack lays the stores out as the seeds do: readings in PostgreSQL and
+    Cassandra (both mode), so its migrate makes Cassandra's keyspace once Cassandra is healthy."""
+    services = _services(_config())
+    for name in ("mongodb-migrate", "worker", "jobs"):
+        assert "IOTFLOW_TIMESERIES_BACKEND: both" in str(services[name]["text"]), name
+    migrate = str(services["mongodb-migrate"]["text"])
+    assert re.search(r"cassandra:\n\s+condition: service_healthy", migrate), migrate
+    for name in ("migrate", "edge-worker", "connector", "processor"):
+        assert "IOTFLOW_TIMESERIES_BACKEND" not in str(services[name]["text"]), name
