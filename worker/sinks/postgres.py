@@ -15,6 +15,7 @@ row, and was half of the COPY's client CPU (1.65 against 0.77 µs a row, measure
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 
@@ -69,13 +70,20 @@ def _time_span(batch: DecodedBatch) -> tuple[datetime, dict[int, datetime]]:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _timestamp = attrgetter("timestamp")
+_device = attrgetter("device_id")
+_datapoint = attrgetter("datapoint_id")
+_value = attrgetter("value")
 
 
-def _rows(readings: list[Reading]) -> list[tuple[int, int, int, float]]:
-    """The COPY rows; each distinct timestamp converted once (as asyncpg would: a naive one is
-    local time), the readings of a message share it."""
-    micros = {t: (t.astimezone(UTC) - _EPOCH) // _MICROSECOND for t in set(map(_timestamp, readings))}
-    return [(micros[r.timestamp], r.device_id, r.datapoint_id, r.value) for r in readings]
+def _rows(readings: list[Reading]) -> Iterable[tuple[int, int, int, float]]:
+    """The COPY rows, built by C iterators (`zip` of `attrgetter` maps): a Python step per
+    reading was as costly as the COPY itself. Each distinct timestamp is converted once
+    (the readings of a message share one); exact, as integer arithmetic on `timedelta`.
+    Timestamps are timezone-aware (the parser makes them so; a naive one raises here)."""
+    stamps = list(map(_timestamp, readings))
+    micros = {t: (t - _EPOCH) // _MICROSECOND for t in set(stamps)}
+    columns = map(_device, readings), map(_datapoint, readings), map(_value, readings)
+    return zip(map(micros.__getitem__, stamps), *columns, strict=True)
 
 
 def _days(earliest: datetime, newest: datetime) -> list[datetime]:
