@@ -162,7 +162,7 @@ class MqttIntake(Actor):
             batch = await connection.take()
             received_at = time.time()
             # One list and a mailbox call per socket read (more only while the mailbox is
-            # full): an `await put` per message was a tenth of the worker's CPU.
+            # full): an `await put` per message cost several per cent of the worker's CPU.
             messages = [
                 RawMessage(p.topic, p.payload, received_at, AckToken(generation, p.packet_id or 0))
                 for p in batch
