@@ -104,7 +104,7 @@ class Decoder(MailboxActor[RawMessage]):
                 allowance[device.id] -= 1
             known = device.datapoints
             try:
-                ids: list[int] | None = [known[label] for label in result.labels]
+                ids: list[int] | None = list(map(known.__getitem__, result.labels))  # no frame per call
             except KeyError:
                 ids = None  # the rare case: a label this process has not seen on the device
                 units = result.units or [None] * len(result.labels)

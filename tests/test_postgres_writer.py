@@ -1,0 +1,40 @@
+"""The PostgreSQL writer copies timestamps as integer microseconds: they must come back exact."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import asyncpg
+
+from schemas.records import DecodedBatch, Reading
+from worker.sinks.postgres import PostgresTimeseriesWriter
+from worker.stores import Stores
+
+
+async def test_timestamps_are_stored_to_the_microsecond_whatever_their_zone(
+    stores: Stores, pg: asyncpg.Connection
+) -> None:
+    device = await pg.fetchval("SELECT id FROM devices WHERE device_key = 'sim-json-01'")
+    point = await pg.fetchval(
+        "SELECT id FROM datapoints WHERE device_id = $1 AND label = 'temperature'", device
+    )
+    now = datetime.now(UTC).replace(microsecond=0)
+    stamps = [
+        now - timedelta(minutes=3, microseconds=1),  # one microsecond off a whole second
+        now - timedelta(minutes=2) + timedelta(microseconds=999_999),
+        (now - timedelta(minutes=1, microseconds=456_789)).astimezone(timezone(timedelta(hours=-7))),
+    ]
+    batch = DecodedBatch(
+        readings=[Reading(at, device, point, float(n), "temperature") for n, at in enumerate(stamps)]
+    )
+    writer = PostgresTimeseriesWriter(stores)
+    assert await writer.write(batch) == 3
+    assert await writer.write(batch) == 0  # the same instants again: duplicates, nothing added
+    stored = await pg.fetch(
+        "SELECT timestamp, value FROM decoded_data WHERE device_id = $1 AND datapoint_id = $2 ORDER BY value",
+        device,
+        point,
+    )
+    assert [(row["timestamp"], row["value"]) for row in stored] == [
+        (at, float(n)) for n, at in enumerate(stamps)
+    ]
