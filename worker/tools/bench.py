@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import math
 import os
 import signal
@@ -112,9 +111,6 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     is always a Mosquitto of our own with the at-least-once settings of deploy/mosquitto.conf,
     since a stock one (max_queued_messages 1000) drops what a busy subscriber cannot take."""
     configure_logging("warning", "json")
-    if importlib.util.find_spec("mqtt5") is None:
-        print("iotflow bench: the ceiling needs the bench extra: pip install 'iotflow-worker[bench]'")
-        return 1
     from worker.tools.embedded import EmbeddedServices
 
     with (
