@@ -47,6 +47,12 @@ class _Lane:
     task: asyncio.Task[None] | None = None  # the replayer
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # appends vs. "the outbox is empty"
 
+    def start_holding(self, **fields: object) -> None:
+        """The outbox goes from empty to holding: one line for the whole backlog."""
+        if not self.held:
+            self.since, self.replayed = time.monotonic(), 0
+            log.warning("outbox.holding", store=self.sink.name, outbox=self.outbox.kind, **fields)
+
 
 @dataclass(frozen=True, slots=True)
 class _Missed:
@@ -123,15 +129,10 @@ class MirroredReadings:
     async def _hold(self, lane: _Lane, body: bytes, readings: int, cause: BaseException | None) -> None:
         async with lane.lock:
             await lane.outbox.append(body, readings)  # raises: not held, so not acknowledged
-            if not lane.held:
-                lane.since, lane.replayed = time.monotonic(), 0
-                log.warning(
-                    "outbox.holding",
-                    store=lane.sink.name,
-                    outbox=lane.outbox.kind,
-                    error=describe(cause) if cause else None,
-                    hint="the store is down; its batches wait in the outbox and are replayed when it returns",
-                )
+            lane.start_holding(
+                error=describe(cause) if cause else None,
+                hint="the store is down; its batches wait in the outbox and are replayed when it returns",
+            )
             lane.held += 1
         self._metrics.inc("outbox_appended", sink=lane.sink.name)
         self._replay_in_background(lane)
@@ -148,15 +149,7 @@ class MirroredReadings:
             if not left:
                 return
             async with lane.lock:
-                if not lane.held:
-                    lane.since, lane.replayed = time.monotonic(), 0
-                    log.warning(
-                        "outbox.holding",
-                        store=lane.sink.name,
-                        outbox=lane.outbox.kind,
-                        backlog=left,
-                        left_by="an earlier run",
-                    )
+                lane.start_holding(backlog=left, left_by="an earlier run")
                 lane.held = max(lane.held, left)
         while True:
             try:

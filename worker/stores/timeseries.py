@@ -97,7 +97,11 @@ def _token_store(token: str) -> Store:
         return "postgres"
     if prefix == "cs":
         return "cassandra"
-    raise BadPageToken(f"{token[:40]!r} is not a page token of this command")
+    raise _bad_token(token)
+
+
+def _bad_token(token: str) -> BadPageToken:
+    return BadPageToken(f"{token[:40]!r} is not a page token of this command")
 
 
 _PG_QUERY = """
@@ -126,7 +130,7 @@ async def _read_postgres(
             moment, _, datapoint = page.removeprefix("pg:").partition("|")
             after = (datetime.fromisoformat(moment), int(datapoint))
         except ValueError:
-            raise BadPageToken(f"{page[:40]!r} is not a page token of this command") from None
+            raise _bad_token(page) from None
     async with stores.postgres.acquire() as conn:
         datapoint_id = None
         if measurement is not None:
@@ -171,7 +175,7 @@ async def _read_cassandra(
         try:
             state = bytes.fromhex(page.removeprefix("cs:"))
         except ValueError:
-            raise BadPageToken(f"{page[:40]!r} is not a page token of this command") from None
+            raise _bad_token(page) from None
     prepared = await store.prepare(cassandra_range_query(store.settings.keyspace, measurement is not None))
     values: list[object] = [device_id, start, end] + ([measurement] if measurement is not None else [])
     bound = prepared.bind(values)
