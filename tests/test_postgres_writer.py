@@ -38,3 +38,24 @@ async def test_timestamps_are_stored_to_the_microsecond_whatever_their_zone(
     assert [(row["timestamp"], row["value"]) for row in stored] == [
         (at, float(n)) for n, at in enumerate(stamps)
     ]
+
+
+async def test_last_seen_is_each_devices_newest_reading_to_the_microsecond(
+    stores: Stores, pg: asyncpg.Connection
+) -> None:
+    """`devices.last_seen` also travels as microseconds; it never moves back."""
+    rows = await pg.fetch(
+        "SELECT d.id, p.id AS point FROM devices d JOIN datapoints p ON p.device_id = d.id "
+        "WHERE d.device_key IN ('sim-json-01', 'sim-json-02') AND p.label = 'temperature' ORDER BY d.id"
+    )
+    (one, one_point), (two, two_point) = [(row["id"], row["point"]) for row in rows]
+    newest = datetime.now(UTC).replace(microsecond=123_457) - timedelta(minutes=1)
+    older = newest - timedelta(seconds=30, microseconds=1)
+    zoned = newest.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    writer = PostgresTimeseriesWriter(stores)
+    batch = [Reading(older, one, one_point, 1.0, "t"), Reading(newest, one, one_point, 2.0, "t")]
+    await writer.write(DecodedBatch(readings=[*batch, Reading(zoned, two, two_point, 3.0, "t")]))
+    seen = dict(await pg.fetch("SELECT id, last_seen FROM devices WHERE id = ANY($1)", [one, two]))
+    assert seen == {one: newest, two: newest}
+    await writer.write(DecodedBatch(readings=[Reading(older, two, two_point, 4.0, "t")]))  # a backlog
+    assert await pg.fetchval("SELECT last_seen FROM devices WHERE id = $1", two) == newest

@@ -46,9 +46,11 @@ ON CONFLICT (fingerprint) DO UPDATE
 SET occurrences = dead_letters.occurrences + excluded.occurrences,
     last_received_at = greatest(dead_letters.last_received_at, excluded.last_received_at)
 """
+# The times as microseconds too: one a device, so with a large fleet one per message.
 _LAST_SEEN = """
 UPDATE devices SET last_seen = greatest(devices.last_seen, s.seen), is_online = true
-FROM unnest($1::int[], $2::timestamptz[]) AS s(id, seen)
+FROM (SELECT id, timestamptz 'epoch' + micros * interval '1 microsecond' AS seen
+      FROM unnest($1::int[], $2::bigint[]) AS u(id, micros)) AS s
 WHERE devices.id = s.id
 """
 
@@ -75,15 +77,18 @@ _datapoint = attrgetter("datapoint_id")
 _value = attrgetter("value")
 
 
-def _rows(readings: list[Reading]) -> Iterable[tuple[int, int, int, float]]:
+def _rows(readings: list[Reading], micros: dict[datetime, int]) -> Iterable[tuple[int, int, int, float]]:
     """The COPY rows, built by C iterators (`zip` of `attrgetter` maps): a Python step per
-    reading was as costly as the COPY itself. Each distinct timestamp is converted once
-    (the readings of a message share one); exact, as integer arithmetic on `timedelta`.
-    Timestamps are timezone-aware (the parser makes them so; a naive one raises here)."""
-    stamps = list(map(_timestamp, readings))
-    micros = {t: (t - _EPOCH) // _MICROSECOND for t in set(stamps)}
+    reading was as costly as the COPY itself."""
     columns = map(_device, readings), map(_datapoint, readings), map(_value, readings)
-    return zip(map(micros.__getitem__, stamps), *columns, strict=True)
+    return zip(map(micros.__getitem__, map(_timestamp, readings)), *columns, strict=True)
+
+
+def _micros(readings: list[Reading]) -> dict[datetime, int]:
+    """Microseconds since the epoch of each distinct timestamp, converted once (the readings
+    of a message share one); exact, as integer arithmetic on `timedelta`. Timestamps are
+    timezone-aware (the parser makes them so; a naive one raises here)."""
+    return {t: (t - _EPOCH) // _MICROSECOND for t in set(map(_timestamp, readings))}
 
 
 def _days(earliest: datetime, newest: datetime) -> list[datetime]:
@@ -108,7 +113,7 @@ class PostgresTimeseriesWriter:
         readings = batch.readings
         if readings:
             earliest, last_seen = _time_span(batch)
-            rows = _rows(readings)
+            micros = _micros(readings)
         async with self._pool.acquire() as conn:
             await conn.execute(_STAGE_DDL)
             if not self._checked_partitioning:
@@ -121,10 +126,10 @@ class PostgresTimeseriesWriter:
                     await self._partitions.ensure(conn, missing)
             async with conn.transaction():
                 if readings:
-                    await conn.copy_records_to_table("decoded_data_stage", records=rows)
+                    await conn.copy_records_to_table("decoded_data_stage", records=_rows(readings, micros))
                     inserted = int((await conn.execute(_MOVE)).split()[-1])  # "INSERT 0 n"
                     ids = sorted(last_seen)  # one lock order for every worker: no deadlock between them
-                    await conn.execute(_LAST_SEEN, ids, [last_seen[i] for i in ids])
+                    await conn.execute(_LAST_SEEN, ids, [micros[last_seen[i]] for i in ids])
                 if batch.dead_letters:
                     await conn.execute(_DEAD_LETTERS, *self._dead_letter_columns(batch))
         return inserted

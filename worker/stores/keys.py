@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 # Lifetimes of the hot-state keys (SPEC §6).
 LATEST_TTL_S = 600  # device:latest:{id}
 STATUS_TTL_S = 300  # device:status:{id}
 RECENT_ALERTS_TTL_S = 86400  # alerts:{device_id}
 
 
+_MARK = 918273645546372819  # a device id no prefix or name contains
+
+
 class RedisKeys:
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
+
+    @staticmethod
+    def around_device_id(key_of: Callable[[int], str]) -> tuple[str, str]:
+        """(head, tail) with `key_of(id) == head + str(id) + tail`: for a script that builds
+        the keys of many devices itself, with the names still made here."""
+        head, _, tail = key_of(_MARK).partition(str(_MARK))
+        return head, tail
 
     def device_latest(self, device_id: int) -> str:
         return f"{self.prefix}device:latest:{device_id}"
