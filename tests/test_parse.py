@@ -30,6 +30,26 @@ def test_mac_forms_normalise_to_colon_lower_case(mac: str) -> None:
     assert normalise_mac(mac) == "aa:bb:cc:dd:ee:01"
 
 
+@pytest.mark.parametrize("mac", ["aabbccddee0", "aabbccddee011", "aabbccddee0g", "aa:bb:cc:dd:ee:0 1", ""])
+def test_what_is_no_mac_is_rejected(mac: str) -> None:
+    with pytest.raises(Rejected, match="is not a MAC address"):
+        normalise_mac(mac)
+
+
+def test_the_topics_of_a_fleet_share_their_labels() -> None:
+    """A topic's labels are worked out once per sensor mode and label, not once per device."""
+    parser = MessageParser(CODECS, LIMITS)
+    frame = CODECS["climate"].encode({"temperature": 21.5, "humidity": 40, "pressure": 990}).hex()
+    payload = orjson.dumps({"timestamp": "2026-11-22T11:59:00Z", "data": frame})
+    first, second, other = (
+        parser.parse(f"tele/f2-{mac}/sensor-mode/climate/sensor-{label}", payload, NOW)
+        for mac, label in [("aabbccddee01", "room1"), ("aabbccddee02", "room1"), ("aabbccddee03", "hall")]
+    )
+    assert first.device != second.device
+    assert first.labels is second.labels
+    assert other.labels == ("hall.temperature", "hall.humidity", "hall.pressure")
+
+
 def test_f2_frame_becomes_labelled_readings() -> None:
     frame = CODECS["climate"].encode({"temperature": 21.5, "humidity": 40, "pressure": 990})
     message = parse(

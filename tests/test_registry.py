@@ -122,6 +122,21 @@ async def test_registration_beyond_the_budget_raises_and_inserts_nothing(
     assert "temprature" in await registry.datapoints(device, {"temprature": None})
 
 
+async def test_only_a_device_with_refused_labels_holds_a_dict_of_them(stores: Stores) -> None:
+    """A cached device costs memory: the expiring labels most devices never have are one
+    shared empty mapping, which nothing writes to."""
+    registry = DeviceRegistry(
+        stores.postgres, stores.redis, stores.keys, register_unknown=True, budget=DatapointBudget(1)
+    )
+    refs = [DeviceRef("key", "sim-json-01"), DeviceRef("key", "sim-json-02")]
+    first, second = (await registry.resolve(refs))[refs[0]], (await registry.resolve(refs))[refs[1]]
+    assert first.refused_labels is second.refused_labels and not first.refused_labels
+    with pytest.raises(DatapointLimit):
+        await registry.datapoints(first, {"typo1": None, "typo2": None})
+    assert set(first.refused_labels) == {"typo1", "typo2"}
+    assert not second.refused_labels and not second.unknown_labels and not first.unknown_labels
+
+
 async def test_a_batch_of_strangers_and_their_datapoints_is_registered_at_once(
     stores: Stores, pg: asyncpg.Connection
 ) -> None:

@@ -23,10 +23,13 @@ up to `pipeline.max_new_datapoints_per_hour` new datapoints per device and hour
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from collections import OrderedDict, deque
+from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import asyncpg
@@ -54,6 +57,11 @@ CACHE_TIMEOUT_S = 1.0
 CACHE_BACKOFF = Backoff(first_s=1.0, cap_s=30.0)  # how long PostgreSQL answers alone after one
 
 
+def _own(labels: Mapping[str, float]) -> dict[str, float]:
+    """A device's own dict of expiring labels, to write to (never the shared empty one)."""
+    return labels if isinstance(labels, dict) else {}
+
+
 def _remember_unknown(cache: dict[Any, float], key: Any, now: float) -> None:
     """Remember `key` as unknown until now + NEGATIVE_TTL_S, keeping the cache bounded."""
     if len(cache) >= NEGATIVE_CACHE_MAX:
@@ -64,6 +72,11 @@ def _remember_unknown(cache: dict[Any, float], key: Any, now: float) -> None:
     cache[key] = now + NEGATIVE_TTL_S
 
 
+# What almost every device has of expiring labels; a device gets a dict of its own when it
+# has some. A process keeps up to `pipeline.device_cache_size` devices: per device, objects count.
+_NO_LABELS: Mapping[str, float] = MappingProxyType({})
+
+
 @dataclass(slots=True)
 class Device:
     id: int
@@ -71,9 +84,9 @@ class Device:
     status: str
     datapoints: dict[str, int] = field(default_factory=dict)
     ranges: dict[str, ValueRange] = field(default_factory=dict)  # only labels with a bound
-    unknown_labels: dict[str, float] = field(default_factory=dict)  # label → monotonic expiry
-    refused_labels: dict[str, float] = field(default_factory=dict)  # over the budget, until expiry
-    refs: set[DeviceRef] = field(default_factory=set)  # how topics named it: its Redis cache entries
+    unknown_labels: Mapping[str, float] = field(default_factory=lambda: _NO_LABELS)  # label → expiry
+    refused_labels: Mapping[str, float] = field(default_factory=lambda: _NO_LABELS)  # over the budget
+    refs: tuple[DeviceRef, ...] = ()  # how topics named it: its Redis cache entries
 
     def absorb(self, rows: Iterable[asyncpg.Record]) -> None:
         """Take datapoint rows (label, id, min_value, max_value) from PostgreSQL."""
@@ -107,7 +120,9 @@ class DatapointBudget:
     def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self._clock = clock
-        self._spent: dict[int, deque[float]] = {}  # device id → when each datapoint was registered
+        # device id → when each datapoint was registered, oldest first (a list: a deque is
+        # 600 bytes, and first contact with a fleet puts every device here)
+        self._spent: dict[int, list[float]] = {}
 
     def fits(self, device_id: int, count: int) -> bool:
         return len(self._recent(device_id, self._clock())) + count <= self.limit
@@ -117,12 +132,13 @@ class DatapointBudget:
         if device_id not in self._spent and len(self._spent) >= BUDGET_DEVICES_MAX:
             for idle in [d for d, times in self._spent.items() if not self._recent(d, now)]:
                 del self._spent[idle]
-        self._spent.setdefault(device_id, deque()).extend([now] * count)
+        self._spent.setdefault(device_id, []).extend([now] * count)
 
-    def _recent(self, device_id: int, now: float) -> deque[float]:
-        times = self._spent.get(device_id, deque())
-        while times and times[0] <= now - BUDGET_WINDOW_S:
-            times.popleft()
+    def _recent(self, device_id: int, now: float) -> list[float]:
+        times = self._spent.get(device_id)
+        if not times:
+            return []
+        del times[: bisect_right(times, now - BUDGET_WINDOW_S)]
         return times
 
 
@@ -225,8 +241,9 @@ class DeviceRegistry:
             plan = planned.setdefault(device.id, {})
             new = {label: unit for label, unit in _absent(device, labels, now).items() if label not in plan}
             if new and not self._budget.fits(device.id, len(plan) + len(new)):
+                device.refused_labels = over = _own(device.refused_labels)
                 for label in new:
-                    _remember_unknown(device.refused_labels, label, now)
+                    _remember_unknown(over, label, now)
                 results.append(DatapointLimit(sorted(new), self._budget.limit))
                 continue
             plan.update(new)
@@ -235,8 +252,9 @@ class DeviceRegistry:
             await self._insert_datapoints(planned, stale)
         for device, labels in requests:
             if labels.keys() - device.datapoints.keys():  # rare: a label still unknown
+                device.unknown_labels = unknown = _own(device.unknown_labels)
                 for label in _absent(device, labels, now):
-                    _remember_unknown(device.unknown_labels, label, now)
+                    _remember_unknown(unknown, label, now)
         await self._store_in_redis(stale.values())
         return results
 
@@ -319,13 +337,16 @@ class DeviceRegistry:
             if not entry or entry[:1] != b"{":
                 continue  # absent, or a hash a worker before 2026-12-02 wrote: PostgreSQL has it
             cached = orjson.loads(entry)
+            ranges = cached["ranges"]  # mostly empty: then the dict orjson made is the device's
+            if ranges:
+                ranges = {label: ValueRange(*bounds) for label, bounds in ranges.items()}
             devices[ref] = Device(
-                id=cached["device_id"],
-                user_id=cached["user_id"],
-                status=cached["status"],
-                datapoints=cached["datapoints"],
-                ranges={label: ValueRange(*bounds) for label, bounds in cached["ranges"].items()},
-                refs={ref},
+                cached["device_id"],
+                cached["user_id"],
+                sys.intern(cached["status"]),  # one "active" for the fleet, not one each
+                cached["datapoints"],
+                ranges,
+                refs=(ref,),
             )
         return devices
 
@@ -440,13 +461,15 @@ def _devices_from_rows(
     for row in rows:
         device = by_id.get(row["device_id"])
         if device is None:
-            device = by_id[row["device_id"]] = Device(row["device_id"], row["user_id"], row["status"])
+            device = by_id[row["device_id"]] = Device(
+                row["device_id"], row["user_id"], sys.intern(row["status"])
+            )
             if row["mac"] in macs:
                 devices[DeviceRef("mac", row["mac"])] = device
-                device.refs.add(DeviceRef("mac", row["mac"]))
+                device.refs += (DeviceRef("mac", row["mac"]),)
             if row["device_key"] in keys:
                 devices[DeviceRef("key", row["device_key"])] = device
-                device.refs.add(DeviceRef("key", row["device_key"]))
+                device.refs += (DeviceRef("key", row["device_key"]),)
         if row["id"] is not None:
             device.absorb([row])
     return devices
