@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -140,6 +141,9 @@ class DecodedBatch:
     device_users: dict[int, int | None] = field(default_factory=dict)
     alerts: list[AlertEvent] = field(default_factory=list)  # raised by the rules actor
     raw: list[RawMessage] = field(default_factory=list)  # the messages themselves, for the Kafka bridge
+    # When decoding began (monotonic): the writer's flush deadline counts from its oldest
+    # batch's, so time spent queued behind the previous commit counts as waiting.
+    created: float = field(default_factory=time.monotonic)
 
     def extend(self, other: DecodedBatch) -> None:
         self.readings.extend(other.readings)

@@ -113,7 +113,7 @@ def test_cli_exits_2_with_the_message_on_a_bad_setting() -> None:
     result = run_cli("run", env={"IOTFLOW_PIPELINE_FLUSH_INTERVAL_MS": "-5"})
     assert result.returncode == 2
     assert "pipeline.flush_interval_ms (IOTFLOW_PIPELINE_FLUSH_INTERVAL_MS)" in result.stderr
-    assert "example: 200" in result.stderr
+    assert "example: 100" in result.stderr
 
 
 def test_cli_exits_2_on_a_missing_config_file(tmp_path: Path) -> None:

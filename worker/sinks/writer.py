@@ -1,9 +1,10 @@
 """The writer actor: gathers decoded batches, commits them to every sink, then acknowledges.
 
-A batch commits when it holds `batch_size` rows or its oldest message has waited
-`flush_interval`. A durable sink that fails is retried with backoff, forever: while
-it is down the mailboxes fill, intake stops, and the broker keeps the rest. Nothing is
-acknowledged until every durable sink has the batch.
+A batch commits when it holds `batch_size` rows or its oldest message was decoded
+`flush_interval` ago (time queued behind the previous commit counts). A durable sink
+that fails is retried with backoff, forever: while it is down the mailboxes fill,
+intake stops, and the broker keeps the rest. Nothing is acknowledged until every
+durable sink has the batch.
 
 Derived sinks (hot state: content that can be rebuilt from the durable stores) get a
 batch only after the durable sinks committed it, and the ack does not wait for them:
@@ -76,7 +77,7 @@ class BatchWriter(MailboxActor[DecodedBatch]):
 
     async def handle(self, items: list[DecodedBatch]) -> None:
         if not self._pending.messages:
-            self._pending_since = time.monotonic()
+            self._pending_since = items[0].created
         for batch in items:
             self._pending.extend(batch)
         if len(self._pending.readings) + len(self._pending.dead_letters) >= self._batch_size:

@@ -304,6 +304,11 @@ def _line(run: Run) -> str:
     )
 
 
+def _ratio(value: float, base: float) -> str:
+    # A short run can take less than one 10 ms clock tick of CPU: no ratio then.
+    return f"{value / base:6.1%}" if base else "   n/a"
+
+
 def report(runs: list[Run], timeseries: Timeseries = "both", live: bool = False) -> None:
     def by(label: str) -> list[Run]:
         return [run for run in runs if run.label.startswith(label + " #")]
@@ -318,7 +323,7 @@ def report(runs: list[Run], timeseries: Timeseries = "both", live: bool = False)
         cpu = statistics.mean(r.per_100k(r.cpu_s) for r in group)
         line = (
             f"{label:<24} {rate:>9,.0f} msg/s ({rate / base_rate:6.1%})  "
-            f"worker {cpu:5.2f} CPU-s/100k ({cpu / base_cpu:6.1%})"
+            f"worker {cpu:5.2f} CPU-s/100k ({_ratio(cpu, base_cpu)})"
         )
         servers = [r.per_100k(r.server_cpu_s) for r in group if r.server_cpu_s is not None]
         if servers:
