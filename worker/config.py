@@ -278,7 +278,10 @@ class CassandraSettings:
 @dataclass
 class PipelineSettings:
     batch_size: int = field(
-        default=5000, metadata=_meta("5000", _positive, doc="readings per database commit")
+        default=5000,
+        metadata=_meta(
+            "5000", _positive, doc="readings that start a database commit (a backlog commits all that waits)"
+        ),
     )
     flush_interval_ms: int = field(
         default=100,
