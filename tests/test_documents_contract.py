@@ -153,6 +153,16 @@ async def test_update_upsert_and_find(docs_stores: Stores) -> None:
     assert (await docs.get("event_logs", "e1") or {}).get("seen") is None  # replaced whole
 
 
+async def test_scan_reads_the_whole_collection_in_key_order_a_page_at_a_time(docs_stores: Stores) -> None:
+    docs = docs_stores.documents
+    await docs.upsert_many("device_configs", {f"device:{n}": {"device_id": n} for n in (3, 10, 1, 2, 20)})
+    await docs.upsert("event_logs", "other", {"n": 0})
+    scanned = [doc async for doc in docs.scan("device_configs", page=2)]
+    assert [doc["_id"] for doc in scanned] == ["device:1", "device:10", "device:2", "device:20", "device:3"]
+    assert scanned[0] == {"_id": "device:1", "device_id": 1}
+    assert [doc async for doc in docs.scan("alerts")] == []
+
+
 async def test_newest_first_goes_by_the_documents_created_at(docs_stores: Stores) -> None:
     docs = docs_stores.documents
     base = datetime(2026, 11, 20, tzinfo=UTC)

@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from schemas.records import AlertEvent, DecodedBatch, Reading
 from worker.config import Settings
@@ -26,11 +27,12 @@ from worker.rules.ruleset import RuleSet
 from worker.rules.source import rules_channel
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.alerts import AlertSink
-from worker.stores import Stores
+from worker.stores import Stores, open_stores
 from worker.stores.documents import PostgresDocumentStore
 from worker.stores.keys import RedisKeys
 
 from .helpers import background, wait_for, wait_for_count
+from .test_outages import proxied
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 ALERTS = "SELECT count(*) FROM documents WHERE collection = 'alerts'"
@@ -431,3 +433,34 @@ async def _subscribed(client: aioredis.Redis, channel: str) -> bool:
 
 async def _has_rules(actor: RulesActor) -> bool:
     return actor.evaluator is not None and len(actor.evaluator.rules) > 0
+
+
+async def test_a_store_away_at_start_is_waited_for_and_what_came_meanwhile_is_judged(
+    settings: Settings, admin: RuleAdmin, device: tuple[int, int]
+) -> None:
+    device_id, user_id = device
+    hot = {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30}
+    await admin.set_rule(Scope("device", device_id), hot)
+    proxy, url = await proxied(settings.postgres.url)
+    try:
+        async with open_stores(replace(settings, postgres=replace(settings.postgres, url=url))) as stores:
+            proxy.cut()
+            with capture_logs() as logs:
+                harness = Harness(stores, Clock(T0))
+                try:
+                    batch = DecodedBatch(
+                        readings=[Reading(T0, device_id, 1, 35.0, "temperature")],
+                        messages=1,
+                        device_users={device_id: user_id},
+                    )
+                    await harness.inbox.put(batch)
+                    await wait_for(lambda: _true(any(e["event"] == "rules.load.unavailable" for e in logs)))
+                    assert not harness.actor.loaded.is_set() and harness.inbox.qsize() == 1
+                    await proxy.restore()
+                    (out,) = await harness.outbox.get_batch(1, 30)
+                    assert harness.actor.loaded.is_set()
+                    assert [(e.kind, e.rule_id) for e in out.alerts] == [("fired", f"device:{device_id}/hot")]
+                finally:
+                    await harness.stop()
+    finally:
+        await proxy.stop()

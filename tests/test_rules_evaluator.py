@@ -292,7 +292,7 @@ def test_lookup_cost_does_not_depend_on_rules_elsewhere() -> None:
     ]
     mine = rule(type="threshold", field="temperature", condition=">", value=30)
     rules = RuleSet([*many, mine])
-    assert rules.for_measurement(1, "temperature") == (mine,)
+    assert [applied.rule for applied in rules.for_measurement(1, "temperature")] == [mine]
     assert rules.for_measurement(1, "m3") == ()
 
 
@@ -364,3 +364,44 @@ def test_a_rule_that_raises_is_skipped_and_the_others_still_fire() -> None:
     object.__setattr__(broken, "breach", boom)
     ev = evaluator(broken, rule(id="fine", type="threshold", field="temperature", condition=">", value=30))
     assert [e.rule_id for e in ev.evaluate(readings([35, 36]))] == ["device:1/fine"]
+
+
+def test_a_narrower_rule_taking_over_an_id_withdraws_the_wider_ones_alert() -> None:
+    clock = Clock(50)
+    fleet = rule(Scope("global"), id="hot", type="threshold", field="temperature", condition=">", value=30)
+    ev = evaluator(fleet, clock=clock)
+    (fired,) = ev.evaluate(readings([35]))
+    assert fired.rule_id == "global/hot"
+    mine = rule(id="hot", type="threshold", field="temperature", condition=">", value=40)
+    (withdrawn,) = ev.replace_rules(RuleSet([fleet, mine]))
+    assert (withdrawn.alert_id, withdrawn.details) == (fired.alert_id, {"reason": "rule_withdrawn"})
+    assert ev.active_alerts() == {}
+    assert [e.rule_id for e in ev.evaluate(readings([35, 45], start=1))] == ["device:1/hot"]
+
+
+def test_a_rule_benched_for_raising_keeps_its_alert_until_the_next_rules() -> None:
+    flaky = rule(id="flaky", type="threshold", field="temperature", condition=">", value=30)
+    ev = evaluator(flaky)
+    (fired,) = ev.evaluate(readings([35]))
+
+    def boom(_: float) -> bool:
+        raise ArithmeticError("boom")
+
+    object.__setattr__(flaky, "cleared", boom)
+    assert ev.evaluate(readings([20, 21], start=1)) == []  # raised once, then skipped
+    assert ev.active_count == 1
+    fixed = rule(id="flaky", type="threshold", field="temperature", condition=">", value=30)
+    assert ev.replace_rules(RuleSet([fixed])) == []
+    (resolved,) = ev.evaluate(readings([22], start=3))
+    assert (resolved.kind, resolved.alert_id) == ("resolved", fired.alert_id)
+    assert ev.active_count == 0
+
+
+def test_the_active_count_follows_fires_resolutions_and_withdrawals() -> None:
+    fleet = rule(Scope("global"), id="hot", type="threshold", field="temperature", condition=">", value=30)
+    ev = evaluator(fleet)
+    ev.evaluate([*readings([35]), *readings([35], device=2), *readings([35], device=3)])
+    assert ev.active_count == len(ev.active_alerts()) == 3
+    ev.evaluate(readings([20], device=2, start=1))
+    assert ev.active_count == len(ev.active_alerts()) == 2
+    assert len(ev.replace_rules(RuleSet([]))) == 2 and ev.active_count == 0

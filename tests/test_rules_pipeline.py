@@ -7,9 +7,10 @@ a shared broker may carry other publishers' simulated fleets at the same time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -308,3 +309,93 @@ async def test_group_and_global_rules_reach_their_devices(
         await wait_for_count(pg, device.alerts_query, 2)
     found = {a["rule_id"]: a["severity"] for a in await alerts(pg, device)}
     assert found == {f"group:{group_id}/group-hot": "warning", "global/fleet-hot": "critical"}
+
+
+@contextlib.asynccontextmanager
+async def rules_load_held(pg: asyncpg.Connection) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Hold the rules' load: the config documents locked until the yielded release is awaited."""
+    lock = pg.transaction()
+    await lock.start()
+    await pg.execute("LOCK TABLE documents IN ACCESS EXCLUSIVE MODE")
+    released = False
+
+    async def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            await lock.rollback()
+
+    try:
+        yield release
+    finally:
+        await release()
+
+
+def judging(daemon: Daemon, waiting: int) -> Callable[[], Awaitable[bool]]:
+    """Subscribed, and `waiting` decoded batches in the rules actor's mailbox."""
+
+    async def probe() -> bool:
+        pipeline = daemon.pipeline
+        return (
+            pipeline is not None
+            and pipeline.intake.subscribed.is_set()
+            and pipeline.rules is not None
+            and pipeline.rules.mailbox.qsize() >= waiting
+        )
+
+    return probe
+
+
+async def test_ready_waits_for_the_rules_and_what_came_before_is_judged_by_them(
+    settings: Settings, pg: asyncpg.Connection, admin: RuleAdmin, device: Device
+) -> None:
+    await admin.set_rule(device.scope, HOT)
+    daemon = Daemon(settings)
+    async with rules_load_held(pg) as release:
+        task = asyncio.create_task(daemon.run(handle_signals=False))
+        try:
+            await wait_for(judging(daemon, 0))  # subscribed: what is published now reaches us
+            await publish(settings.mqtt.url, device.telemetry([35]))
+            await wait_for(judging(daemon, 1))  # decoded, and waiting for the rules
+            assert daemon.pipeline is not None and not daemon.ready.is_set()
+            assert (await daemon.pipeline.readiness())["rules"] is False
+            await release()
+            await asyncio.wait_for(daemon.ready.wait(), 20)
+            assert (await daemon.pipeline.readiness())["rules"] is True
+            await wait_for_count(pg, device.alerts_query, 1)
+        finally:
+            await release()  # first: a stop waits for the load
+            daemon.request_stop()
+            assert await asyncio.wait_for(task, 30) == 0
+    (alert,) = await alerts(pg, device)
+    assert alert["rule_id"] == f"device:{device.id}/hot" and alert["details"]["value"] == 35.0
+
+
+async def test_a_stop_during_the_rules_load_lets_it_finish_and_drains_what_waited(
+    settings: Settings, pg: asyncpg.Connection, admin: RuleAdmin, device: Device
+) -> None:
+    await admin.set_rule(device.scope, HOT)
+    daemon = Daemon(settings)
+    async with rules_load_held(pg) as release:
+        task = asyncio.create_task(daemon.run(handle_signals=False))
+        try:
+            await wait_for(judging(daemon, 0))
+            await publish(settings.mqtt.url, device.telemetry([35]))
+            await wait_for(judging(daemon, 1))
+            daemon.request_stop()
+            rules = daemon.pipeline.rules if daemon.pipeline is not None else None
+            assert rules is not None
+
+            async def stopping() -> bool:  # upstream stopped, the stop now waits on the load
+                return rules.stopping
+
+            await wait_for(stopping)
+            await release()
+            code = await asyncio.wait_for(task, 30)
+        finally:
+            await release()
+            task.cancel()
+    assert code == 0 and not daemon.ready.is_set()
+    assert daemon.metrics.counters["messages_committed"] == 1
+    assert await pg.fetchval(device.readings_query) == 1
+    assert await pg.fetchval(device.alerts_query) == 1

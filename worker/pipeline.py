@@ -88,6 +88,7 @@ class Pipeline:
         else:
             self.intake = MqttIntake(settings.mqtt, self.raw, metrics)
         self.codecs = load_codecs(Path(pipeline.codecs) if pipeline.codecs else None)
+        self.rules: RulesActor | None = None
 
     def build(self) -> ActorGroup:
         stores, settings = self.stores, self.settings
@@ -131,7 +132,7 @@ class Pipeline:
         stages: list[Actor] = []
         decoder_out = self.decoded
         if settings.rules.enabled:
-            rules = RulesActor(stores, self.decoded, self.metrics)
+            self.rules = rules = RulesActor(stores, self.decoded, self.metrics)
             decoder_out = rules.mailbox
             stages.append(rules)
             sinks.append(AlertSink(stores))
@@ -166,11 +167,16 @@ class Pipeline:
         return ActorGroup(actors, helpers=[self._report])
 
     async def wait_ready(self) -> None:
+        """Subscribed, and with rules on, the rules loaded: ready means messages are judged."""
         await self.intake.subscribed.wait()
+        if self.rules is not None:
+            await self.rules.loaded.wait()
 
     async def readiness(self) -> dict[str, bool]:
         source = "kafka_intake" if self.settings.intake.source == "kafka" else "mqtt"
         checks = {source: self.intake.connected, "sinks": not self.writer.down}
+        if self.rules is not None:
+            checks["rules"] = self.rules.loaded.is_set()
         checks.update(await self.stores.health())
         return checks
 

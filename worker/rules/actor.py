@@ -7,8 +7,11 @@ closed because their rule was withdrawn — are written here directly, with the
 writer's retry policy; the actor waits for them, so while the store is away
 backpressure builds exactly as it does behind the writer.
 
-Rules are loaded before the first batch is judged (batches wait in the mailbox
-meanwhile) and reloaded in a background task — at once when `iotflow rules`
+Rules (and the saved state) are loaded as the actor starts, before it takes any
+mail: batches decoded meanwhile wait in its mailbox, and `loaded` is what the daemon's
+readiness waits for (`Pipeline.wait_ready`, so no `READY=1` while the rules are not in
+force). A store away at start is waited out as everywhere (`rules.load.unavailable`).
+They are reloaded in a background task — at once when `iotflow rules`
 announces a change on Redis, otherwise every `rules.refresh_s`. The new rule set is
 swapped in between batches, so evaluation never sees half a reload.
 """
@@ -70,18 +73,24 @@ class RulesActor(MailboxActor[DecodedBatch]):
         self._next_offline = 0.0
         self._last_tick = 0.0
         self._problems = 0
+        self.loaded = asyncio.Event()
         metrics.gauges["rules_loaded"] = lambda: float(len(self._evaluator.rules) if self._evaluator else 0)
         metrics.gauges["rules_invalid"] = lambda: float(self._problems)
         metrics.gauges["alerts_active"] = lambda: float(
-            len(self._evaluator.active_alerts()) if self._evaluator else 0
+            self._evaluator.active_count if self._evaluator else 0
         )
 
     @property
     def evaluator(self) -> Evaluator | None:
         return self._evaluator
 
+    async def prepare(self) -> None:
+        self._evaluator = await self._start()
+        self.loaded.set()
+
     async def handle(self, items: list[DecodedBatch]) -> None:
-        evaluator = await self._started()
+        evaluator = self._evaluator
+        assert evaluator is not None  # `prepare` ran before any mail
         for batch in items:
             if batch.readings:
                 events = evaluator.evaluate(batch.readings, batch.device_users)
@@ -91,7 +100,8 @@ class RulesActor(MailboxActor[DecodedBatch]):
             await self._downstream.put(batch)
 
     async def tick(self) -> None:
-        evaluator = await self._started()
+        evaluator = self._evaluator
+        assert evaluator is not None
         now = time.monotonic()
         if now - self._last_tick > self.stall_s:
             # The actor was held up (blocked on a full writer mailbox while the store was away,
@@ -123,11 +133,6 @@ class RulesActor(MailboxActor[DecodedBatch]):
 
     # --- start -----------------------------------------------------------------------------------
 
-    async def _started(self) -> Evaluator:
-        if self._evaluator is None:
-            self._evaluator = await self._start()
-        return self._evaluator
-
     async def _start(self) -> Evaluator:
         """Load rules and saved state, retrying while a store is away (mail waits meanwhile)."""
         rules = self._settings
@@ -149,7 +154,7 @@ class RulesActor(MailboxActor[DecodedBatch]):
             "rules.started",
             rules=len(loaded.ruleset),
             invalid=len(loaded.problems),
-            active_alerts=len(evaluator.active_alerts()),
+            active_alerts=evaluator.active_count,
         )
         now = time.monotonic()
         self._next_refresh = now + rules.refresh_s

@@ -17,7 +17,7 @@ the device's next reading.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,8 +27,8 @@ import structlog
 from schemas.records import Reading
 from worker.rules import messages
 from worker.rules.events import AlertEvent, EventKind, alert_id, parse_time
-from worker.rules.model import Rule
-from worker.rules.ruleset import RuleSet
+from worker.rules.model import Definition, Scope
+from worker.rules.ruleset import Applied, RuleSet
 
 log = structlog.get_logger("worker.rules")
 
@@ -53,12 +53,14 @@ class Tracker:
         "prev_ts",
         "prev_value",
         "rule",
+        "scope",
         "since",
         "watch_from",
     )
 
-    def __init__(self, rule: Rule, device_id: int, since: datetime) -> None:
+    def __init__(self, rule: Definition, scope: Scope, device_id: int, since: datetime) -> None:
         self.rule = rule
+        self.scope = scope  # where the rule is defined: with `rule.id`, its uid
         self.plain = rule.kind != "rate"  # judged on the value itself, not on a derivative
         self.device_id = device_id
         self.last_ts: datetime | None = None  # watermark: newest reading judged
@@ -71,7 +73,11 @@ class Tracker:
         self.active_seen: datetime | None = None  # offline: last reading before the alert fired
         self.watch_from = since  # offline: silence is counted from here at the earliest
 
-    def change_rule(self, rule: Rule) -> None:
+    @property
+    def uid(self) -> str:
+        return f"{self.scope.key}/{self.rule.id}"
+
+    def change_rule(self, rule: Definition) -> None:
         """A new definition under the same id: keep the active alert, restart the debounce."""
         self.rule = rule
         self.plain = rule.kind != "rate"
@@ -118,10 +124,17 @@ class StoredAlert:
 
 @dataclass(slots=True)
 class _View:
-    """One device's trackers, by measurement (filled lazily) and for offline rules."""
+    """One device's trackers, by measurement (bound at the measurement's first reading) and
+    for offline rules: their only home, so a (rule, device) pair never judged costs nothing."""
 
-    offline: tuple[Tracker, ...]
+    own: Scope  # the device's own scope, where the rules of its own config are defined
+    offline: tuple[Tracker, ...] = ()
     by_measurement: dict[str, tuple[Tracker, ...]] = field(default_factory=dict)
+
+    def trackers(self) -> Iterator[Tracker]:
+        yield from self.offline
+        for trackers in self.by_measurement.values():
+            yield from trackers
 
 
 class Evaluator:
@@ -129,11 +142,12 @@ class Evaluator:
         self._rules = rules
         self._clock = clock
         self._rules_since = clock()  # when the rules in force began to apply, for offline baselines
-        self._trackers: dict[tuple[str, int], Tracker] = {}
         self._views: dict[int, _View] = {}
+        self._alerting: set[Tracker] = set()  # the trackers with an active alert
         self._users: dict[int, int | None] = {}
         self._last_seen: dict[int, datetime] = {}
         self._broken: set[str] = set()  # rules that raised once; logged once, skipped after
+        self._benched: list[Tracker] = []  # their trackers, out of the views until the next rules
 
     @property
     def rules(self) -> RuleSet:
@@ -141,7 +155,11 @@ class Evaluator:
 
     def active_alerts(self) -> dict[tuple[str, int], str]:
         """(rule uid, device id) → active alert id."""
-        return {key: t.active for key, t in self._trackers.items() if t.active is not None}
+        return {(t.uid, t.device_id): t.active for t in self._alerting if t.active is not None}
+
+    @property
+    def active_count(self) -> int:
+        return len(self._alerting)
 
     # --- the stream --------------------------------------------------------------------------------
 
@@ -256,9 +274,10 @@ class Evaluator:
         was stalled (backpressure) and the readings sent meanwhile have not reached it yet."""
         if now > self._rules_since:
             self._rules_since = now
-        for t in self._trackers.values():
-            if t.rule.kind == "offline" and now > t.watch_from:
-                t.watch_from = now
+        for view in self._views.values():
+            for t in view.offline:
+                if now > t.watch_from:
+                    t.watch_from = now
 
     # --- rule changes and restarts -----------------------------------------------------------------
 
@@ -272,18 +291,26 @@ class Evaluator:
         """
         self._rules = rules
         self._rules_since = self._clock()
-        self._views.clear()
         self._broken.clear()
+        views, self._views = self._views, {}
+        benched: dict[int, list[Tracker]] = {}
+        for t in self._benched:
+            benched.setdefault(t.device_id, []).append(t)
+        self._benched = []
         events: list[AlertEvent] = []
-        for key, t in list(self._trackers.items()):
-            uid, device_id = key
-            rule = rules.rules.get(uid)
-            if rule is None or not rules.applies(uid, device_id) or rule.kind != t.rule.kind:
+        for device_id in [*views, *(benched.keys() - views.keys())]:
+            view = views.get(device_id)
+            old = {t.rule.id: t for t in view.trackers()} if view is not None else {}
+            old.update((t.rule.id, t) for t in benched.get(device_id, ()))
+            # Rebuild the view: a tracker whose rule still applies under the same uid and kind
+            # moves to the new one (`_tracker` takes it out of `old`); what is left is withdrawn.
+            new = self._view(device_id, old)
+            for measurement in view.by_measurement if view is not None else ():
+                self._bind(new, device_id, measurement, old)
+            for t in old.values():
                 if t.active is not None:
-                    events.append(self._withdraw(uid, device_id, t.active, t.rule.kind, t.rule.severity))
-                del self._trackers[key]
-            elif rule != t.rule:
-                t.change_rule(rule)
+                    events.append(self._withdraw(t.uid, device_id, t.active, t.rule.kind, t.rule.severity))
+                    self._alerting.discard(t)
         return events
 
     def restore(
@@ -306,55 +333,90 @@ class Evaluator:
         events: list[AlertEvent] = []
         for alert in sorted(alerts, key=lambda a: a.fired_at):
             self._users.setdefault(alert.device_id, alert.user_id)
-            rule = self._rules.rules.get(alert.rule_id)
-            applies = rule is not None and self._rules.applies(alert.rule_id, alert.device_id)
+            t = self._restored(alert.rule_id, alert.device_id)
             if alert.status != "active":
-                if rule is not None and applies:
-                    t = self._tracker(rule, alert.device_id)
+                if t is not None:
                     _advance(t, alert.resolved_at or alert.fired_at)
                 continue
-            if rule is None or not applies:
+            if t is None:
                 events.append(
                     self._withdraw(
                         alert.rule_id, alert.device_id, alert.alert_id, alert.alert_type, alert.severity
                     )
                 )
                 continue
-            t = self._tracker(rule, alert.device_id)
             if t.active is not None and t.active != alert.alert_id:
                 # Two active alerts for one (rule, device) break the invariant: keep the newest.
-                events.append(self._withdraw(rule.uid, alert.device_id, t.active, rule.kind, rule.severity))
+                events.append(self._withdraw(t.uid, alert.device_id, t.active, t.rule.kind, t.rule.severity))
             t.active = alert.alert_id
+            self._alerting.add(t)
             t.active_seen = alert.last_seen or alert.fired_at
             _advance(t, alert.fired_at)
         return events
 
     # --- internals ---------------------------------------------------------------------------------
 
-    def _tracker(self, rule: Rule, device_id: int) -> Tracker:
-        key = (rule.uid, device_id)
-        t = self._trackers.get(key)
-        if t is None:
-            t = self._trackers[key] = Tracker(rule, device_id, self._rules_since)
-        return t
+    def _restored(self, uid: str, device_id: int) -> Tracker | None:
+        """The tracker of a stored alert's rule on its device; None if the rule no longer applies."""
+        rule = self._rules.lookup(uid, device_id)
+        if rule is None:
+            return None
+        view = self._views.get(device_id) or self._view(device_id)
+        if rule.kind == "offline":
+            trackers = view.offline
+        else:
+            assert rule.measurement is not None  # value rules always name one
+            trackers = view.by_measurement.get(rule.measurement) or self._bind(
+                view, device_id, rule.measurement
+            )
+        return next((t for t in trackers if t.rule.id == rule.id), None)
 
-    def _view(self, device_id: int) -> _View:
-        view = _View(tuple(self._tracker(r, device_id) for r in self._rules.offline(device_id)))
+    def _view(self, device_id: int, old: dict[str, Tracker] | None = None) -> _View:
+        """The device's view, its offline trackers made (or taken from `old`, after a rule change)."""
+        old = {} if old is None else old
+        view = _View(Scope("device", device_id))
+        view.offline = tuple(self._tracker(view, a, device_id, old) for a in self._rules.offline(device_id))
         self._views[device_id] = view
         return view
 
-    def _bind(self, view: _View, device_id: int, measurement: str) -> tuple[Tracker, ...]:
-        rules = self._rules.for_measurement(device_id, measurement)
-        trackers = tuple(self._tracker(r, device_id) for r in rules if r.uid not in self._broken)
+    def _bind(
+        self, view: _View, device_id: int, measurement: str, old: dict[str, Tracker] | None = None
+    ) -> tuple[Tracker, ...]:
+        old = {} if old is None else old
+        trackers = tuple(
+            self._tracker(view, a, device_id, old)
+            for a in self._rules.for_measurement(device_id, measurement)
+            if not self._broken or f"{(a.scope or view.own).key}/{a.rule.id}" not in self._broken
+        )
         view.by_measurement[measurement] = trackers
         return trackers
 
+    def _tracker(self, view: _View, applied: Applied, device_id: int, old: dict[str, Tracker]) -> Tracker:
+        """A new tracker, or after a rule change the device's old one for the same uid and kind."""
+        rule, scope = applied.rule, applied.scope or view.own
+        t = old.pop(rule.id, None)
+        if t is not None:
+            if t.scope == scope and t.rule.kind == rule.kind:
+                if rule != t.rule:
+                    t.change_rule(rule)
+                else:
+                    t.rule = rule  # the same definition: let the old rule set go
+                return t
+            old[rule.id] = t  # another rule under that id now: the old one's alert is withdrawn
+        return Tracker(rule, scope, device_id, self._rules_since)
+
     def _quarantine(self, tracker: Tracker, exc: Exception) -> None:
-        uid = tracker.rule.uid
-        if uid not in self._broken:
-            log.error("rules.evaluation_failed", rule=uid, device_id=tracker.device_id, error=repr(exc))
-            self._broken.add(uid)
-            self._views.clear()  # rebind without it
+        """Bench a rule that raised: logged once, its trackers set aside until the next rules."""
+        uid = tracker.uid
+        if uid in self._broken:
+            return
+        log.error("rules.evaluation_failed", rule=uid, device_id=tracker.device_id, error=repr(exc))
+        self._broken.add(uid)
+        for view in self._views.values():
+            for measurement, trackers in view.by_measurement.items():
+                if any(t.uid == uid for t in trackers):
+                    self._benched += [t for t in trackers if t.uid == uid]
+                    view.by_measurement[measurement] = tuple(t for t in trackers if t.uid != uid)
 
     def _event(
         self, kind: EventKind, t: Tracker, alert: str, at: datetime, message: str, details: dict[str, Any]
@@ -363,7 +425,7 @@ class Evaluator:
         return AlertEvent(
             kind,
             alert,
-            rule.uid,
+            t.uid,
             t.device_id,
             self._users.get(t.device_id),
             rule.kind,
@@ -378,7 +440,8 @@ class Evaluator:
         rule = t.rule
         threshold = _bound(rule, value)
         unit = self._rules.unit(rule, t.device_id)
-        t.active = alert_id(rule.uid, t.device_id, ts)
+        t.active = alert_id(t.uid, t.device_id, ts)
+        self._alerting.add(t)
         t.active_bound = threshold
         t.count = 0
         t.since = None
@@ -406,10 +469,12 @@ class Evaluator:
         )
         t.active = None
         t.active_bound = None
+        self._alerting.discard(t)
         return event
 
     def _fire_offline(self, t: Tracker, seen: datetime, fired_at: datetime) -> AlertEvent:
-        t.active = alert_id(t.rule.uid, t.device_id, fired_at)
+        t.active = alert_id(t.uid, t.device_id, fired_at)
+        self._alerting.add(t)
         t.active_seen = seen
         return self._event(
             "fired",
@@ -438,6 +503,7 @@ class Evaluator:
         )
         t.active = None
         t.active_seen = None
+        self._alerting.discard(t)
         return event
 
     def _withdraw(self, uid: str, device_id: int, alert: str, alert_type: str, severity: str) -> AlertEvent:
@@ -462,7 +528,7 @@ def _advance(t: Tracker, ts: datetime) -> None:
         t.last_ts = ts
 
 
-def _bound(rule: Rule, value: float) -> float:
+def _bound(rule: Definition, value: float) -> float:
     """The level the value is measured against: the threshold, or the range bound it crossed."""
     if rule.kind == "range":
         if rule.minimum is not None and (rule.maximum is None or value < rule.minimum):
@@ -473,7 +539,7 @@ def _bound(rule: Rule, value: float) -> float:
     return rule.value
 
 
-def _details(rule: Rule, value: float, threshold: float, unit: str | None) -> dict[str, Any]:
+def _details(rule: Definition, value: float, threshold: float, unit: str | None) -> dict[str, Any]:
     details: dict[str, Any] = {
         "measurement": rule.measurement,
         "value": value,

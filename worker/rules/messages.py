@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from worker.rules.model import CONDITION_WORDS, Rule
+from worker.rules.model import CONDITION_WORDS, Definition
 
 
 def quantity(value: float, unit: str | None) -> str:
@@ -19,7 +19,7 @@ def duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
-def fired(rule: Rule, device_id: int, value: float, threshold: float, unit: str | None) -> str:
+def fired(rule: Definition, device_id: int, value: float, threshold: float, unit: str | None) -> str:
     where = f"{rule.measurement} on device {device_id}"
     if rule.kind == "range":
         side = (
@@ -34,7 +34,7 @@ def fired(rule: Rule, device_id: int, value: float, threshold: float, unit: str 
     return f"{where} is {quantity(value, unit)}, {word} the threshold of {quantity(threshold, unit)}"
 
 
-def resolved(rule: Rule, device_id: int, value: float, threshold: float, unit: str | None) -> str:
+def resolved(rule: Definition, device_id: int, value: float, threshold: float, unit: str | None) -> str:
     where = f"{rule.measurement} on device {device_id}"
     if rule.kind == "rate":
         per = f"{unit or 'units'}/{rule.rate_unit}"
@@ -44,7 +44,7 @@ def resolved(rule: Rule, device_id: int, value: float, threshold: float, unit: s
     return f"{where} is back to {quantity(value, unit)} (threshold {quantity(threshold, unit)})"
 
 
-def offline(rule: Rule, device_id: int, last_seen: datetime) -> str:
+def offline(rule: Definition, device_id: int, last_seen: datetime) -> str:
     return (
         f"device {device_id} has sent no data for {duration(rule.duration_s)} "
         f"(last seen {last_seen.isoformat(timespec='seconds')})"
@@ -59,7 +59,7 @@ def withdrawn(rule_uid: str, device_id: int) -> str:
     return f"alert closed: rule {rule_uid} was removed, disabled or no longer applies to device {device_id}"
 
 
-def describe(rule: Rule) -> str:
+def describe(rule: Definition) -> str:
     """A one-line summary for `iotflow rules list`."""
     if rule.kind == "offline":
         text = f"no data for {duration(rule.duration_s)}"

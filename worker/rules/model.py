@@ -7,7 +7,8 @@ the id `thresholds.{name}`). Parsing is strict — an unknown key is an error, s
 typo (`treshold`) is reported instead of silently ignored — and every error names
 the faulty field by its path, e.g. `settings.alerts[2].condition`.
 
-Each parsed rule carries its compiled predicates (`breach`, `cleared`) so the
+A `Definition` is what a rule says; a `Rule` is a definition in its scope (device,
+group, global). Each carries its compiled predicates (`breach`, `cleared`) so the
 evaluator's inner loop is two plain calls, not a dispatch on the rule kind.
 """
 
@@ -18,7 +19,8 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 KINDS = ("threshold", "range", "rate", "offline")
 SEVERITIES = ("info", "warning", "critical")
@@ -42,6 +44,7 @@ CONDITION_WORDS = {
 RATE_UNITS = {"s": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+D = TypeVar("D", bound="Definition")
 _RULE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 _COMMON_KEYS = {"id", "type", "severity", "enabled", "description", "unit"}
@@ -101,11 +104,15 @@ def _never(_: float) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
-    """One validated rule. Equal rules (field by field) mean an unchanged definition."""
+class Definition:
+    """What a rule says, apart from where it is defined: its validated fields and compiled tests.
+
+    A loaded rule set holds one `Definition` for every scope that defines the same rule
+    (ten rules on 20,000 devices are ten objects, not 200,000). Equal definitions (field
+    by field) mean an unchanged rule.
+    """
 
     id: str
-    scope: Scope
     kind: str
     measurement: str | None = None  # None for offline rules, which watch the whole device
     condition: str | None = None
@@ -122,8 +129,8 @@ class Rule:
     severity: str = "warning"
     unit: str | None = None
     enabled: bool = True
-    breach: Callable[[float], bool] = field(default=_never, compare=False, repr=False)
-    cleared: Callable[[float], bool] = field(default=_never, compare=False, repr=False)
+    breach: Callable[[float], bool] = field(default=_never, init=False, compare=False, repr=False)
+    cleared: Callable[[float], bool] = field(default=_never, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         breach, cleared = _compile(self)
@@ -131,16 +138,23 @@ class Rule:
         object.__setattr__(self, "cleared", cleared)
 
     @property
-    def uid(self) -> str:
-        """Unique across scopes: `device:5/high-temp`, `group:2/thresholds.humidity`, `global/offline`."""
-        return f"{self.scope.key}/{self.id}"
-
-    @property
     def rate_unit(self) -> str:
         return "min" if self.per_s == 60.0 else "s"
 
 
-def _compile(rule: Rule) -> tuple[Callable[[float], bool], Callable[[float], bool]]:
+@dataclass(frozen=True, slots=True)
+class Rule(Definition):
+    """A definition in its scope: what `iotflow rules` lists and edits."""
+
+    scope: Scope = field(kw_only=True)
+
+    @property
+    def uid(self) -> str:
+        """Unique across scopes: `device:5/high-temp`, `group:2/thresholds.humidity`, `global/offline`."""
+        return f"{self.scope.key}/{self.id}"
+
+
+def _compile(rule: Definition) -> tuple[Callable[[float], bool], Callable[[float], bool]]:
     """The breach test and the (hysteresis-aware) all-clear test, as closures.
 
     One specialised closure per comparison rather than `operator.gt(x, level)` inside a
@@ -185,6 +199,64 @@ _COMPARE: dict[str, Callable[[float], Callable[[float], bool]]] = {
 
 def parse_rule(raw: Any, scope: Scope, path: str = "rule") -> Rule:
     """One `settings.alerts` entry → a `Rule`, or `RuleError` naming the faulty field."""
+    return _parse_entry(raw, path, partial(Rule, scope=scope))
+
+
+def parse_settings(settings: Any, scope: Scope, path: str = "settings") -> tuple[list[Rule], list[RuleError]]:
+    """Every rule of one config's `settings`; malformed ones are returned as errors, not raised.
+
+    One bad rule must not hide the good ones next to it, so each is parsed on its own.
+    """
+    return _parse_settings(settings, scope.key, path, partial(Rule, scope=scope))
+
+
+def parse_definitions(
+    settings: Any, where: str, path: str = "settings"
+) -> tuple[list[Definition], list[RuleError]]:
+    """`parse_settings` without the scope, for a rule set that shares definitions between
+    scopes; `where` (the config's key) only names the config in error messages."""
+    return _parse_settings(settings, where, path, Definition)
+
+
+def _parse_settings(
+    settings: Any, where: str, path: str, build: Callable[..., D]
+) -> tuple[list[D], list[RuleError]]:
+    rules: list[D] = []
+    errors: list[RuleError] = []
+    if settings is None:
+        return rules, errors
+    if not isinstance(settings, Mapping):
+        return rules, [RuleError(path, "must be an object")]
+    thresholds = settings.get("thresholds") or {}
+    if not isinstance(thresholds, Mapping):
+        errors.append(RuleError(f"{path}.thresholds", "must be an object {name: {min, max, unit}}"))
+        thresholds = {}
+    for name, raw in thresholds.items():
+        try:
+            rules.append(_parse_threshold(name, raw, f"{path}.thresholds.{name}", build))
+        except RuleError as exc:
+            errors.append(exc)
+    alerts = settings.get("alerts") or []
+    if not isinstance(alerts, list):
+        errors.append(RuleError(f"{path}.alerts", "must be a list of rules"))
+        alerts = []
+    seen = {rule.id for rule in rules}
+    for index, raw in enumerate(alerts):
+        entry = f"{path}.alerts[{index}]"
+        try:
+            rule = _parse_entry(raw, entry, build)
+        except RuleError as exc:
+            errors.append(exc)
+            continue
+        if rule.id in seen:
+            errors.append(RuleError(f"{entry}.id", f"{rule.id!r} is used twice in {where}"))
+            continue
+        seen.add(rule.id)
+        rules.append(rule)
+    return rules, errors
+
+
+def _parse_entry(raw: Any, path: str, build: Callable[..., D]) -> D:
     if not isinstance(raw, Mapping):
         raise RuleError(path, f"must be an object, not {type(raw).__name__}")
     kind = raw.get("type")
@@ -201,14 +273,14 @@ def parse_rule(raw: Any, scope: Scope, path: str = "rule") -> Rule:
     if kind == "offline":
         duration = _duration(raw.get("duration"), f"{path}.duration")
         rule_id = common.pop("id") or f"offline-{duration:g}s"
-        return Rule(rule_id, scope, kind, duration_s=duration, **common)
+        return build(rule_id, kind, duration_s=duration, **common)
     measurement = _measurement(raw, path)
     debounce = _debounce(raw, path)
     if kind == "range":
         minimum, maximum, hysteresis = _bounds(raw, path)
         rule_id = common.pop("id") or f"range-{measurement}"
-        return Rule(
-            rule_id, scope, kind, measurement, minimum=minimum, maximum=maximum,
+        return build(
+            rule_id, kind, measurement, minimum=minimum, maximum=maximum,
             hysteresis=hysteresis, **debounce, **common,
         )  # fmt: skip
     condition = raw.get("condition")
@@ -221,7 +293,7 @@ def parse_rule(raw: Any, scope: Scope, path: str = "rule") -> Rule:
     clear = _clear(raw, condition, value, path)
     if kind == "threshold":
         rule_id = common.pop("id") or f"threshold-{measurement}-{_op_name(condition)}-{value:g}"
-        return Rule(rule_id, scope, kind, measurement, condition, value, clear=clear, **debounce, **common)
+        return build(rule_id, kind, measurement, condition, value, clear=clear, **debounce, **common)
     per = raw.get("per", "s")
     if per not in RATE_UNITS:
         raise RuleError(f"{path}.per", f"{per!r} is not one of {', '.join(RATE_UNITS)}")
@@ -229,13 +301,13 @@ def parse_rule(raw: Any, scope: Scope, path: str = "rule") -> Rule:
     if not isinstance(absolute, bool):
         raise RuleError(f"{path}.abs", f"{absolute!r} is not true or false")
     rule_id = common.pop("id") or f"rate-{measurement}-{_op_name(condition)}-{value:g}-per-{per}"
-    return Rule(
-        rule_id, scope, kind, measurement, condition, value, clear=clear,
+    return build(
+        rule_id, kind, measurement, condition, value, clear=clear,
         per_s=RATE_UNITS[per], absolute=absolute, **debounce, **common,
     )  # fmt: skip
 
 
-def parse_threshold(name: Any, raw: Any, scope: Scope, path: str) -> Rule:
+def _parse_threshold(name: Any, raw: Any, path: str, build: Callable[..., D]) -> D:
     """A `settings.thresholds.{name}` entry ({min, max, unit}) → a range rule `thresholds.{name}`."""
     if not isinstance(name, str) or not name:
         raise RuleError(path, "a threshold needs a measurement name as its key")
@@ -247,50 +319,10 @@ def parse_threshold(name: Any, raw: Any, scope: Scope, path: str) -> Rule:
     minimum, maximum, hysteresis = _bounds(raw, path)
     common = _common({**raw, "id": None}, path)
     common.pop("id")
-    return Rule(
-        f"thresholds.{name}", scope, "range", name, minimum=minimum, maximum=maximum,
+    return build(
+        f"thresholds.{name}", "range", name, minimum=minimum, maximum=maximum,
         hysteresis=hysteresis, **_debounce(raw, path), **common,
     )  # fmt: skip
-
-
-def parse_settings(settings: Any, scope: Scope, path: str = "settings") -> tuple[list[Rule], list[RuleError]]:
-    """Every rule of one config's `settings`; malformed ones are returned as errors, not raised.
-
-    One bad rule must not hide the good ones next to it, so each is parsed on its own.
-    """
-    rules: list[Rule] = []
-    errors: list[RuleError] = []
-    if settings is None:
-        return rules, errors
-    if not isinstance(settings, Mapping):
-        return rules, [RuleError(path, "must be an object")]
-    thresholds = settings.get("thresholds") or {}
-    if not isinstance(thresholds, Mapping):
-        errors.append(RuleError(f"{path}.thresholds", "must be an object {name: {min, max, unit}}"))
-        thresholds = {}
-    for name, raw in thresholds.items():
-        try:
-            rules.append(parse_threshold(name, raw, scope, f"{path}.thresholds.{name}"))
-        except RuleError as exc:
-            errors.append(exc)
-    alerts = settings.get("alerts") or []
-    if not isinstance(alerts, list):
-        errors.append(RuleError(f"{path}.alerts", "must be a list of rules"))
-        alerts = []
-    seen = {rule.id for rule in rules}
-    for index, raw in enumerate(alerts):
-        where = f"{path}.alerts[{index}]"
-        try:
-            rule = parse_rule(raw, scope, where)
-        except RuleError as exc:
-            errors.append(exc)
-            continue
-        if rule.id in seen:
-            errors.append(RuleError(f"{where}.id", f"{rule.id!r} is used twice in {scope.key}"))
-            continue
-        seen.add(rule.id)
-        rules.append(rule)
-    return rules, errors
 
 
 def scope_of(doc: Mapping[str, Any]) -> Scope:

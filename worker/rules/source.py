@@ -13,6 +13,7 @@ made behind the CLI's back (or a missed message while Redis was away).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from worker.rules.model import Rule, RuleError, parse_settings, scope_of
-from worker.rules.ruleset import RuleSet
+from worker.rules.model import Definition, Rule, RuleError, Scope, parse_definitions, parse_settings, scope_of
+from worker.rules.ruleset import RuleSet, Table, Units
 from worker.stores.documents import DocumentStore
 from worker.stores.keys import RedisKeys
 
@@ -32,6 +33,23 @@ _MARKER = """
 SELECT (SELECT count(*)::text || '/' || coalesce(sum(hashtext(group_id::text || ':' || device_id::text)), 0)
           FROM device_group_members),
        (SELECT count(*) FROM datapoints)
+"""
+
+
+# Units for messages: per label the unit most of its datapoints have (device_id NULL),
+# then the datapoints whose unit differs from it (NULL included).
+_UNITS = """
+WITH counted AS (
+    SELECT label, unit, count(*) AS n FROM datapoints
+     WHERE label = ANY($1) AND unit IS NOT NULL GROUP BY label, unit
+), common AS (
+    SELECT DISTINCT ON (label) label, unit FROM counted ORDER BY label, n DESC, unit
+)
+SELECT NULL::integer AS device_id, label, unit FROM common
+UNION ALL
+SELECT d.device_id, d.label, d.unit FROM datapoints d JOIN common c USING (label)
+ WHERE d.unit IS DISTINCT FROM c.unit
+ORDER BY 1 NULLS FIRST, 2
 """
 
 
@@ -82,9 +100,6 @@ class RuleSource:
         self._pool = pool
         self._marker: tuple[Any, ...] | None = None
 
-    async def configs(self) -> list[dict[str, Any]]:
-        return await self._documents.find(COLLECTION, limit=ALL)
-
     async def load(self, force: bool = False) -> LoadedRules | None:
         """The current rules, or None when the marker says nothing changed since the last load."""
         marker = None
@@ -95,25 +110,59 @@ class RuleSource:
             marker = (configs_marker, *row) if row is not None else None
             if not force and marker == self._marker:
                 return None
-        docs = await self.configs()
+        digest = hashlib.sha256()
+        tables, problems, wanted = await self._tables(digest)
         async with self._pool.acquire() as conn:
-            members = await conn.fetch("SELECT group_id, device_id FROM device_group_members")
-            rules, problems = parse_configs(docs)
-            wanted = sorted({r.measurement for r in rules if r.measurement and r.unit is None})
-            units = await conn.fetch(
-                "SELECT device_id, label, unit FROM datapoints WHERE unit IS NOT NULL AND label = ANY($1)",
-                wanted,
+            members = await conn.fetch(
+                "SELECT group_id, device_id FROM device_group_members ORDER BY group_id, device_id"
             )
+            unit_rows = await conn.fetch(_UNITS, sorted(wanted))
         groups: dict[int, list[int]] = {}
         for row in members:
             groups.setdefault(row["group_id"], []).append(row["device_id"])
-        signature = hashlib.sha256(
-            orjson.dumps(
-                [docs, sorted(groups.items()), [tuple(u) for u in units]],
-                option=orjson.OPT_SORT_KEYS,
-                default=str,
-            )
-        ).hexdigest()
+        units = Units({}, {})
+        for row in unit_rows:
+            if row["device_id"] is None:
+                units.common[row["label"]] = row["unit"]
+            else:
+                units.other[(row["device_id"], row["label"])] = row["unit"]
+        digest.update(orjson.dumps([sorted(groups.items()), [tuple(u) for u in unit_rows]]))
         self._marker = marker
-        ruleset = RuleSet(rules, groups, {(u["device_id"], u["label"]): u["unit"] for u in units})
-        return LoadedRules(ruleset, problems, signature)
+        return LoadedRules(RuleSet(members=groups, units=units, tables=tables), problems, digest.hexdigest())
+
+    async def _tables(self, digest: hashlib._Hash) -> tuple[dict[Scope, Table], list[RuleProblem], set[str]]:
+        """Every config's rules as a table per scope, read a page at a time, hashed as read.
+
+        A fleet's configs mostly repeat each other (the same rules on every device of a
+        kind): configs with the same settings share one table, parsed once, and equal
+        definitions one object, which is what keeps 200,000 device rules small.
+        Returns the tables, the problems and the measurements of rules without a unit.
+        """
+        tables: dict[Scope, Table] = {}
+        problems: list[RuleProblem] = []
+        parsed: dict[bytes, Table] = {}  # settings as JSON → its table (when it had no problem)
+        definitions: dict[Definition, Definition] = {}
+        async with contextlib.aclosing(self._documents.scan(COLLECTION)) as docs:
+            async for doc in docs:
+                key = str(doc.get("_id", "?"))
+                settings = doc.pop("settings", None)
+                text = orjson.dumps(settings, option=orjson.OPT_SORT_KEYS, default=str)
+                digest.update(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS, default=str))
+                digest.update(text)
+                try:
+                    scope = scope_of(doc)
+                except RuleError as exc:
+                    problems.append(RuleProblem(key, exc.path, exc.problem))
+                    continue
+                table = parsed.get(text)
+                if table is None:
+                    rules, errors = parse_definitions(settings, scope.key)
+                    table = {rule.id: definitions.setdefault(rule, rule) for rule in rules}
+                    if errors:  # not shared: each config reports its own
+                        problems.extend(RuleProblem(key, e.path, e.problem) for e in errors)
+                    else:
+                        parsed[text] = table
+                # Two configs for one scope: their rules merge, the later one's winning an id.
+                tables[scope] = {**tables[scope], **table} if scope in tables else table
+        wanted = {d.measurement for d in definitions if d.measurement and d.unit is None}
+        return tables, problems, wanted

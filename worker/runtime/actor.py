@@ -45,6 +45,7 @@ class MailboxActor(Actor, Generic[T]):
 
     async def run(self) -> None:
         try:
+            await self.prepare()
             while True:
                 items = await self.mailbox.get_batch(self.batch_max, self.next_timeout())
                 if items:
@@ -67,6 +68,9 @@ class MailboxActor(Actor, Generic[T]):
     def next_timeout(self) -> float:
         """How long to wait for mail before `tick` runs; short while stopping."""
         return 0.0 if self._stopping.is_set() else self.idle_timeout
+
+    async def prepare(self) -> None:
+        """Called once when the actor starts, before it takes any mail (which waits meanwhile)."""
 
     @abstractmethod
     async def handle(self, items: list[T]) -> None:

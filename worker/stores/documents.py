@@ -9,7 +9,9 @@ bulk write, whose duplicate-key errors are the redelivered documents).
 
 One contract, tested on both backends (tests/test_documents_contract.py):
 - filters are equality on top-level fields;
-- results come in key order (bytewise) unless `order_by` names a field;
+- results come in key order (bytewise) unless `order_by` names a field; `scan` reads a
+  whole collection in key order a page at a time, for readers that must not hold it all
+  at once (the rules' `device_configs`);
 - times are the documents' own: `delete_before` and `order_by="created_at"` go by the
   document's `created_at` field, so a document without one is never removed by age;
 - datetimes come back as datetimes from MongoDB (millisecond precision) and as ISO-8601
@@ -22,7 +24,7 @@ One contract, tested on both backends (tests/test_documents_contract.py):
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,6 +48,7 @@ EARTH_RADIUS_KM = 6378.1
 # Fields read as times when ordering on PostgreSQL (JSONB text would order by collation).
 TIME_FIELDS = frozenset({"created_at", "updated_at", "timestamp", "generated_at", "fired_at", "resolved_at"})
 DUPLICATE_KEY = 11000  # MongoDB's error code
+SCAN_PAGE = 500
 MONGODB_TIMEOUTS = {"serverSelectionTimeoutMS": 10_000, "socketTimeoutMS": 30_000}
 
 
@@ -80,6 +83,9 @@ class DocumentStore(Protocol):
         descending: bool = False,
         limit: int = 100,
     ) -> list[Document]: ...
+
+    def scan(self, collection: str, page: int = SCAN_PAGE) -> AsyncGenerator[Document, None]:
+        """Every document of `collection` in key order, `page` documents fetched at a time."""
 
     async def delete_before(self, collection: str, before: datetime, where: Document | None = None) -> int:
         """Remove documents whose `created_at` is before `before` (and that match `where`)."""
@@ -268,6 +274,18 @@ class PostgresDocumentStore:
         )
         return [{"_id": row["key"], **orjson.loads(row["doc"])} for row in rows]
 
+    async def scan(self, collection: str, page: int = SCAN_PAGE) -> AsyncGenerator[Document, None]:
+        # A cursor (it needs a transaction) rather than pages of LIMIT/OFFSET: one snapshot,
+        # one sort, and never more than `page` rows on the client.
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            rows = conn.cursor(
+                'SELECT key, doc FROM documents WHERE collection = $1 ORDER BY key COLLATE "C"',
+                collection,
+                prefetch=page,
+            )
+            async for row in rows:
+                yield {"_id": row["key"], **orjson.loads(row["doc"])}
+
     async def delete_before(self, collection: str, before: datetime, where: Document | None = None) -> int:
         status = await self._pool.execute(
             f"DELETE FROM documents WHERE collection = $1 AND {_time('created_at')} < $2 "
@@ -420,6 +438,10 @@ class MongoDocumentStore:
         order = [(order_by, direction)] if order_by and order_by != "_id" else []
         cursor = self._db[collection].find(where or {}).sort([*order, ("_id", direction)]).limit(limit)
         return [doc async for doc in cursor]
+
+    async def scan(self, collection: str, page: int = SCAN_PAGE) -> AsyncGenerator[Document, None]:
+        async for doc in self._db[collection].find({}).sort("_id", 1).batch_size(page):
+            yield doc
 
     async def delete_before(self, collection: str, before: datetime, where: Document | None = None) -> int:
         result = await self._db[collection].delete_many({**(where or {}), "created_at": {"$lt": before}})
