@@ -110,3 +110,18 @@ def test_bench_timeseries_cassandra_needs_a_cassandra(settings: Settings) -> Non
     )
     assert result.returncode == 2
     assert "needs a Cassandra: set IOTFLOW_CASSANDRA_HOSTS" in result.stdout
+
+
+async def test_the_bench_rules_are_on_the_labels_its_traffic_carries(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    from worker.tools.rules_bench import install_bench_rules
+    from worker.tools.simulate import build_fleet, register_fleet
+
+    await register_fleet(settings.postgres, build_fleet(2, "climate"))
+    ids = [row["id"] for row in await pg.fetch("SELECT id FROM devices ORDER BY id")]
+    labels = ["room1.temperature", "room1.humidity", "room1.pressure"]
+    assert await install_bench_rules(settings, ids, labels, per_device=10) == 10 * len(ids)
+    docs = await pg.fetch("SELECT doc FROM documents WHERE collection = 'device_configs'")
+    fields = {rule.get("field") for row in docs for rule in orjson.loads(row["doc"])["settings"]["alerts"]}
+    assert fields == {None, *labels}  # None: the offline rule, which watches the whole device

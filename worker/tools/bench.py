@@ -48,11 +48,13 @@ import orjson
 import redis.asyncio as aioredis
 
 from worker.config import Settings
+from worker.decode.codecs import load_codecs
 from worker.logging import configure_logging
 from worker.stores.migrate import migrate
 from worker.stores.postgres import connect
 from worker.stores.redis import delete_matching
 from worker.tools.embedded import free_port
+from worker.tools.fleet import F2_SENSORS
 from worker.tools.simulate import build_fleet, register_fleet
 
 READINGS_PER_MESSAGE = 3  # the climate codec: temperature, humidity, pressure
@@ -500,7 +502,11 @@ def _install_rules(settings: Settings) -> dict[str, str] | None:
             ids = [row["id"] for row in await conn.fetch("SELECT id FROM devices ORDER BY id")]
         finally:
             await conn.close()
-        await install_bench_rules(settings, ids, per_device=10)
+        # The labels of the bench's traffic (climate frames), not every label a device has:
+        # rules on labels that never report would cost nothing and measure nothing.
+        climate = load_codecs()["climate"].units()
+        labels = [f"{label}.{name}" for mode, label, _ in F2_SENSORS if mode == "climate" for name in climate]
+        await install_bench_rules(settings, ids, labels, per_device=10)
 
     asyncio.run(install())
     return {"IOTFLOW_RULES_ENABLED": "true"}
