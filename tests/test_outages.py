@@ -166,6 +166,32 @@ async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messa
         await proxy.stop()
 
 
+async def test_a_session_backlog_beyond_receive_maximum_does_not_hold_up_the_suback(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """A resumed session gets up to Receive Maximum of its waiting messages before the SUBACK,
+    which comes behind them: intake must read them meanwhile, or it never sees the SUBACK."""
+    settings.mqtt.reconnect_min_s = 0.1
+    settings.mqtt.receive_maximum = 20
+    proxy, url = await proxied(settings.mqtt.url)
+    broker_url = settings.mqtt.url
+    settings.mqtt = replace(settings.mqtt, url=url)
+    try:
+        async with running_daemon(settings) as daemon:
+            assert daemon.pipeline is not None
+            intake = daemon.pipeline.intake
+            await publish(broker_url, json_messages(0, 10))
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 10)
+            proxy.cut()
+            await wait_for(lambda: _true(not intake.connected))
+            await publish(broker_url, json_messages(10, 200))  # ten times Receive Maximum waits
+            await proxy.restore()
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 210, timeout=30)
+            await wait_for(lambda: _true(intake.connected))
+    finally:
+        await proxy.stop()
+
+
 async def test_a_device_first_seen_during_a_postgres_outage_waits_for_it(
     settings: Settings, pg: asyncpg.Connection
 ) -> None:

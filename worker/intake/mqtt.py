@@ -135,25 +135,38 @@ class MqttIntake(Actor):
             self._metrics.inc("mqtt_connects")
             self._connection = connection
             self._reading_stopped.clear()
-            filters = subscription_filters(self._settings)
-            codes = await connection.subscribe(filters, qos=1)
-            refused = {
-                topic: reason_name(mqtt5.SubAckReasonCode, code)
-                for topic, code in zip(filters, codes, strict=False)
-                if code >= 0x80
-            }
-            if refused:  # an ACL or a bad filter: idling "ready" on a dead subscription helps nobody
-                log.error("mqtt.subscribe_refused", refused=refused)
-                raise SubscriptionRefused(f"the broker refused {refused}")
-            log.info("mqtt.subscribed", url=_redact(self._settings.url), topics=filters)
-            self.subscribed.set()
-            await read_until_stopped(self._read(connection, self._generation), self._stop_reading)
+            # Read from the CONNACK on: a resumed session's waiting messages, up to Receive
+            # Maximum of them, come before the SUBACK, which is parsed only once they are taken.
+            reading = asyncio.create_task(
+                read_until_stopped(self._read(connection, self._generation), self._stop_reading)
+            )
+            try:
+                await self._subscribe(connection)
+                await reading
+            finally:
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, MqttError):
+                    await reading  # what ended it is raised above, or by the SUBSCRIBE
             self._reading_stopped.set()
             # Stay connected while the pipeline drains, so its acknowledgements reach the broker.
             await self._close.wait()
         finally:
             self._connection = None
             await connection.close()
+
+    async def _subscribe(self, connection: MqttConnection) -> None:
+        filters = subscription_filters(self._settings)
+        codes = await connection.subscribe(filters, qos=1)
+        refused = {
+            topic: reason_name(mqtt5.SubAckReasonCode, code)
+            for topic, code in zip(filters, codes, strict=False)
+            if code >= 0x80
+        }
+        if refused:  # an ACL or a bad filter: idling "ready" on a dead subscription helps nobody
+            log.error("mqtt.subscribe_refused", refused=refused)
+            raise SubscriptionRefused(f"the broker refused {refused}")
+        log.info("mqtt.subscribed", url=_redact(self._settings.url), topics=filters)
+        self.subscribed.set()
 
     async def _read(self, connection: MqttConnection, generation: int) -> None:
         put_some = self._mailbox.put_some
