@@ -21,3 +21,12 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
     echo "note: no mosquitto on PATH; install it (apt-get install mosquitto / brew install mosquitto)" >&2
   fi
 fi
+# The tests validate docker-compose.yml offline with `docker-compose config` (no engine needed).
+if [ "$extras" = test ] && ! command -v docker-compose >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing docker-compose (to validate docker-compose.yml) with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+  else
+    echo "note: no docker-compose on PATH; tests/test_compose.py will skip (apt-get install docker-compose)" >&2
+  fi
+fi
