@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from urllib.parse import urlparse
 
@@ -138,32 +139,39 @@ async def _received(daemon: Daemon, count: int) -> bool:
     return bool(daemon.metrics.counters["messages_received"] >= count)
 
 
-async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messages(
-    settings: Settings, pg: asyncpg.Connection
-) -> None:
+@contextlib.asynccontextmanager
+async def daemon_behind_proxy(settings: Settings) -> AsyncIterator[tuple[Daemon, TcpProxy]]:
+    """A running daemon that reaches the broker through a proxy the test can cut."""
     settings.mqtt.reconnect_min_s = 0.1
     proxy, url = await proxied(settings.mqtt.url)
-    broker_url = settings.mqtt.url
     settings.mqtt = replace(settings.mqtt, url=url)
     try:
         async with running_daemon(settings) as daemon:
-            assert daemon.pipeline is not None
-            intake = daemon.pipeline.intake
-            await publish(broker_url, json_messages(0, 50))
-            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 50)
-
-            proxy.cut()  # the worker loses the broker; publishers still reach it
-            await wait_for(lambda: _true(not intake.connected))
-            await publish(broker_url, json_messages(50, 150))
-            await asyncio.sleep(0.5)
-            assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 50
-
-            await proxy.restore()  # the persistent session hands over what waited
-            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200, timeout=30)
-            assert intake.connected
-        assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 200
+            yield daemon, proxy
     finally:
         await proxy.stop()
+
+
+async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messages(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    broker_url = settings.mqtt.url
+    async with daemon_behind_proxy(settings) as (daemon, proxy):
+        assert daemon.pipeline is not None
+        intake = daemon.pipeline.intake
+        await publish(broker_url, json_messages(0, 50))
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 50)
+
+        proxy.cut()  # the worker loses the broker; publishers still reach it
+        await wait_for(lambda: _true(not intake.connected))
+        await publish(broker_url, json_messages(50, 150))
+        await asyncio.sleep(0.5)
+        assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 50
+
+        await proxy.restore()  # the persistent session hands over what waited
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200, timeout=30)
+        assert intake.connected
+    assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 200
 
 
 async def test_a_session_backlog_beyond_receive_maximum_does_not_hold_up_the_suback(
@@ -171,25 +179,19 @@ async def test_a_session_backlog_beyond_receive_maximum_does_not_hold_up_the_sub
 ) -> None:
     """A resumed session gets up to Receive Maximum of its waiting messages before the SUBACK,
     which comes behind them: intake must read them meanwhile, or it never sees the SUBACK."""
-    settings.mqtt.reconnect_min_s = 0.1
     settings.mqtt.receive_maximum = 20
-    proxy, url = await proxied(settings.mqtt.url)
     broker_url = settings.mqtt.url
-    settings.mqtt = replace(settings.mqtt, url=url)
-    try:
-        async with running_daemon(settings) as daemon:
-            assert daemon.pipeline is not None
-            intake = daemon.pipeline.intake
-            await publish(broker_url, json_messages(0, 10))
-            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 10)
-            proxy.cut()
-            await wait_for(lambda: _true(not intake.connected))
-            await publish(broker_url, json_messages(10, 200))  # ten times Receive Maximum waits
-            await proxy.restore()
-            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 210, timeout=30)
-            await wait_for(lambda: _true(intake.connected))
-    finally:
-        await proxy.stop()
+    async with daemon_behind_proxy(settings) as (daemon, proxy):
+        assert daemon.pipeline is not None
+        intake = daemon.pipeline.intake
+        await publish(broker_url, json_messages(0, 10))
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 10)
+        proxy.cut()
+        await wait_for(lambda: _true(not intake.connected))
+        await publish(broker_url, json_messages(10, 200))  # ten times Receive Maximum waits
+        await proxy.restore()
+        await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 210, timeout=30)
+        await wait_for(lambda: _true(intake.connected))
 
 
 async def test_a_device_first_seen_during_a_postgres_outage_waits_for_it(
