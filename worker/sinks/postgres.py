@@ -15,11 +15,11 @@ row, and was half of the COPY's client CPU (1.65 against 0.77 µs a row, measure
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 
-from schemas.records import DecodedBatch, Reading
+from schemas.records import DecodedBatch, Reading, TextReading
 from worker.stores import Stores
 from worker.stores.partitions import PartitionKeeper, is_partitioned
 
@@ -47,7 +47,8 @@ SET occurrences = dead_letters.occurrences + excluded.occurrences,
     last_received_at = greatest(dead_letters.last_received_at, excluded.last_received_at)
 """
 # The times as microseconds too: one a device, so with a large fleet one per message.
-_LAST_SEEN = """
+# Also what PostgreSQL keeps of a batch whose readings go to Cassandra (postgres_core.py).
+LAST_SEEN = """
 UPDATE devices SET last_seen = greatest(devices.last_seen, s.seen), is_online = true
 FROM (SELECT id, timestamptz 'epoch' + micros * interval '1 microsecond' AS seen
       FROM unnest($1::int[], $2::bigint[]) AS u(id, micros)) AS s
@@ -55,11 +56,11 @@ WHERE devices.id = s.id
 """
 
 
-def _time_span(batch: DecodedBatch) -> tuple[datetime, dict[int, datetime]]:
-    """The batch's earliest reading and each device's newest (its last_seen), in one pass."""
+def time_span(readings: Sequence[Reading | TextReading]) -> tuple[datetime, dict[int, datetime]]:
+    """The earliest of `readings` (not empty) and each device's newest (its last_seen), in one pass."""
     latest: dict[int, datetime] = {}
-    earliest = batch.readings[0].timestamp
-    for reading in batch.readings:
+    earliest = readings[0].timestamp
+    for reading in readings:
         timestamp = reading.timestamp
         seen = latest.get(reading.device_id)
         if seen is None or timestamp > seen:
@@ -88,7 +89,11 @@ def _micros(readings: list[Reading]) -> dict[datetime, int]:
     """Microseconds since the epoch of each distinct timestamp, converted once (the readings
     of a message share one); exact, as integer arithmetic on `timedelta`. Timestamps are
     timezone-aware (the parser makes them so; a naive one raises here)."""
-    return {t: (t - _EPOCH) // _MICROSECOND for t in set(map(_timestamp, readings))}
+    return {t: to_micros(t) for t in set(map(_timestamp, readings))}
+
+
+def to_micros(timestamp: datetime) -> int:
+    return (timestamp - _EPOCH) // _MICROSECOND
 
 
 def _days(earliest: datetime, newest: datetime) -> list[datetime]:
@@ -112,7 +117,7 @@ class PostgresTimeseriesWriter:
         inserted = 0
         readings = batch.readings
         if readings:
-            earliest, last_seen = _time_span(batch)
+            earliest, last_seen = time_span(readings)
             micros = _micros(readings)
         async with self._pool.acquire() as conn:
             await conn.execute(_STAGE_DDL)
@@ -129,7 +134,7 @@ class PostgresTimeseriesWriter:
                     await conn.copy_records_to_table("decoded_data_stage", records=_rows(readings, micros))
                     inserted = int((await conn.execute(_MOVE)).split()[-1])  # "INSERT 0 n"
                     ids = sorted(last_seen)  # one lock order for every worker: no deadlock between them
-                    await conn.execute(_LAST_SEEN, ids, [micros[last_seen[i]] for i in ids])
+                    await conn.execute(LAST_SEEN, ids, [micros[last_seen[i]] for i in ids])
                 if batch.dead_letters:
                     await conn.execute(_DEAD_LETTERS, *self._dead_letter_columns(batch))
         return inserted

@@ -9,17 +9,10 @@ would have made from the readings is made here, from the numbers and the texts.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
 
 from schemas.records import DecodedBatch, Reading, TextReading
-from worker.sinks.postgres import PostgresTimeseriesWriter
+from worker.sinks.postgres import LAST_SEEN, PostgresTimeseriesWriter, time_span, to_micros
 from worker.stores import Stores
-
-_LAST_SEEN = """
-UPDATE devices SET last_seen = greatest(devices.last_seen, s.seen), is_online = true
-FROM unnest($1::int[], $2::timestamptz[]) AS s(id, seen)
-WHERE devices.id = s.id
-"""
 
 
 class PostgresCoreWriter:
@@ -32,15 +25,11 @@ class PostgresCoreWriter:
     async def write(self, batch: DecodedBatch) -> None:
         if batch.dead_letters:
             await self._dead_letters.write(replace(batch, readings=[], texts=[]))
-        latest: dict[int, datetime] = {}
         readings: list[Reading | TextReading] = [*batch.readings, *batch.texts]
-        for reading in readings:
-            seen = latest.get(reading.device_id)
-            if seen is None or reading.timestamp > seen:
-                latest[reading.device_id] = reading.timestamp
-        if latest:
+        if readings:
+            _, latest = time_span(readings)
             ids = sorted(latest)  # one lock order for every worker: no deadlock between them
-            await self._pool.execute(_LAST_SEEN, ids, [latest[i] for i in ids])
+            await self._pool.execute(LAST_SEEN, ids, [to_micros(latest[i]) for i in ids])
 
     async def reset(self) -> None:
         await self._dead_letters.reset()
