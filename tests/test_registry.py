@@ -61,6 +61,24 @@ async def test_datapoint_ranges_load_from_postgres_and_ride_the_redis_cache(
     assert (await fresh().resolve([ref]))[ref].ranges == {}
 
 
+async def test_a_device_loads_from_postgres_with_every_datapoint_or_none(
+    stores: Stores, pg: asyncpg.Connection
+) -> None:
+    await pg.execute("INSERT INTO devices (device_key, name) VALUES ('bare-01', 'no datapoints')")
+    known = await pg.fetch(
+        "SELECT p.label, p.id FROM datapoints p JOIN devices d ON d.id = p.device_id "
+        "WHERE d.device_key = 'sim-json-01'"
+    )
+    assert len(known) > 1
+    full, bare, stranger = DeviceRef("key", "sim-json-01"), DeviceRef("key", "bare-01"), DeviceRef("key", "x")
+    devices = await DeviceRegistry(
+        stores.postgres, None, stores.keys, register_unknown=False, budget=DatapointBudget(20)
+    ).resolve([full, bare, stranger])
+    assert devices.keys() == {full, bare}
+    assert devices[full].datapoints == {row["label"]: row["id"] for row in known}
+    assert (devices[bare].datapoints, devices[bare].ranges, devices[bare].refs) == ({}, {}, (bare,))
+
+
 @pytest.mark.parametrize(
     ("low", "high"), [(float("nan"), None), (None, float("inf")), (5.0, 1.0), (float("-inf"), 0.0)]
 )

@@ -44,6 +44,12 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="register no device beforehand: time the fleet's first contact (unknown_devices = register)",
     )
     bench.add_argument(
+        "--cold",
+        action="store_true",
+        help="each run's worker meets its fleet during the run, as after a restart "
+        "(default: a message per device first, unmeasured, as a long-running daemon has met it)",
+    )
+    bench.add_argument(
         "--rules",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -29,6 +29,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -55,6 +56,9 @@ BUDGET_DEVICES_MAX = 100_000  # devices tracked at once; past it, those idle for
 # every batch for the client's socket timeout (10 s).
 CACHE_TIMEOUT_S = 1.0
 CACHE_BACKOFF = Backoff(first_s=1.0, cap_s=30.0)  # how long PostgreSQL answers alone after one
+# Devices per query, MGET or cache write: a batch meeting a whole fleet would otherwise hold
+# every device's rows (or entries) in memory at once, tens of MB for 20,000 devices.
+LOAD_CHUNK = 2000
 
 
 def _own(labels: Mapping[str, float]) -> dict[str, float]:
@@ -328,42 +332,26 @@ class DeviceRegistry:
         redis = self._redis
         if redis is None:
             return {}
+        devices: dict[DeviceRef, Device] = {}
         ordered = list(refs)
-        entries = await self._cached(lambda: redis.mget([self._ref_key(ref) for ref in ordered]))
-        if entries is None:
-            return {}
-        devices = {}
-        for ref, entry in zip(ordered, entries, strict=True):
-            if not entry or entry[:1] != b"{":
-                continue  # absent, or a hash a worker before 2026-12-02 wrote: PostgreSQL has it
-            cached = orjson.loads(entry)
-            ranges = cached["ranges"]  # mostly empty: then the dict orjson made is the device's
-            if ranges:
-                ranges = {label: ValueRange(*bounds) for label, bounds in ranges.items()}
-            devices[ref] = Device(
-                cached["device_id"],
-                cached["user_id"],
-                sys.intern(cached["status"]),  # one "active" for the fleet, not one each
-                cached["datapoints"],
-                ranges,
-                refs=(ref,),
-            )
+        for start in range(0, len(ordered), LOAD_CHUNK):
+            chunk = ordered[start : start + LOAD_CHUNK]
+            entries = await self._cached(partial(redis.mget, [self._ref_key(ref) for ref in chunk]))
+            if entries is None:
+                break  # Redis is away: PostgreSQL answers for the rest
+            devices.update(_devices_from_entries(chunk, entries))
         return devices
 
     async def _load_from_postgres(self, refs: set[DeviceRef]) -> dict[DeviceRef, Device]:
         macs = [ref.value for ref in refs if ref.kind == "mac"]
         keys = [ref.value for ref in refs if ref.kind == "key"]
+        devices, wanted_macs, wanted_keys = {}, set(macs), set(keys)
         async with self._pool.acquire() as conn:
-            # One row per datapoint (one with NULLs for a device without any).
-            rows = await conn.fetch(
-                "SELECT d.id AS device_id, d.mac, d.device_key, d.user_id, d.status, "
-                "p.label, p.id, p.min_value, p.max_value "
-                "FROM devices d LEFT JOIN datapoints p ON p.device_id = d.id "
-                "WHERE d.mac = ANY($1::text[]) OR d.device_key = ANY($2::text[])",
-                macs,
-                keys,
-            )
-        return _devices_from_rows(rows, set(macs), set(keys))
+            for start in range(0, max(len(macs), len(keys)), LOAD_CHUNK):
+                end = start + LOAD_CHUNK
+                rows = await conn.fetch(_SELECT_DEVICES, macs[start:end], keys[start:end])
+                devices.update(_devices_from_rows(rows, wanted_macs, wanted_keys))
+        return devices
 
     async def _insert_devices(self, refs: set[DeviceRef]) -> dict[DeviceRef, Device]:
         """Insert the strangers in one statement; those another worker inserted first are read."""
@@ -391,27 +379,21 @@ class DeviceRegistry:
 
     async def _store_in_redis(self, devices: Iterable[Device]) -> None:
         """Write the cache entries of `devices` (each one JSON string per ref, replaced whole,
-        so a range removed in PostgreSQL goes from the cache too) in one script call."""
+        so a range removed in PostgreSQL goes from the cache too), a script call per chunk."""
         script = self._set_entries
         if script is None:
             return
-        keys: list[str] = []
-        entries: list[bytes] = []
-        for device in devices:
-            entry = orjson.dumps(
-                {
-                    "device_id": device.id,
-                    "user_id": device.user_id,
-                    "status": device.status,
-                    "datapoints": device.datapoints,
-                    "ranges": {label: list(bounds) for label, bounds in device.ranges.items()},
-                }
-            )
-            for ref in device.refs:
-                keys.append(self._ref_key(ref))
-                entries.append(entry)
-        if keys:
-            await self._cached(lambda: script(keys=keys, args=[CACHE_TTL_S, *entries]))
+        ordered = list(devices)
+        for start in range(0, len(ordered), LOAD_CHUNK):
+            keys: list[str] = []
+            entries: list[bytes] = []
+            for device in ordered[start : start + LOAD_CHUNK]:
+                entry = _cache_entry(device)
+                for ref in device.refs:
+                    keys.append(self._ref_key(ref))
+                    entries.append(entry)
+            if keys and await self._cached(partial(script, keys=keys, args=[CACHE_TTL_S, *entries])) is None:
+                return  # Redis is away
 
 
 # SET with a TTL for many keys at once: MSET has no TTL, and a pipeline costs redis-py a
@@ -422,12 +404,29 @@ for i, key in ipairs(KEYS) do
 end
 return #KEYS
 """
+# One row per device, its datapoints as arrays: PostgreSQL aggregates them in C, and the
+# process builds a device's labels with one dict(zip()) instead of a Python step per row.
+# Aggregates of one query level read the rows in one order, so the arrays line up.
+_SELECT_DEVICES = """
+SELECT d.id AS device_id, d.mac, d.device_key, d.user_id, d.status,
+       coalesce(array_agg(p.label) FILTER (WHERE p.id IS NOT NULL), '{}') AS labels,
+       coalesce(array_agg(p.id) FILTER (WHERE p.id IS NOT NULL), '{}') AS ids,
+       coalesce(array_agg(p.label) FILTER (WHERE p.bounded), '{}') AS bounded,
+       coalesce(array_agg(p.min_value) FILTER (WHERE p.bounded), '{}') AS mins,
+       coalesce(array_agg(p.max_value) FILTER (WHERE p.bounded), '{}') AS maxs
+FROM devices d
+LEFT JOIN (SELECT *, min_value IS NOT NULL OR max_value IS NOT NULL AS bounded FROM datapoints) p
+       ON p.device_id = d.id
+WHERE d.mac = ANY($1::text[]) OR d.device_key = ANY($2::text[])
+GROUP BY d.id
+"""
 _INSERT_DEVICES = """
 INSERT INTO devices (mac, device_key, name)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
 ON CONFLICT DO NOTHING
 RETURNING id AS device_id, mac, device_key, user_id, status,
-          NULL::text AS label, NULL::int AS id, NULL::float8 AS min_value, NULL::float8 AS max_value
+          '{}'::text[] AS labels, '{}'::int[] AS ids,
+          '{}'::text[] AS bounded, '{}'::float8[] AS mins, '{}'::float8[] AS maxs
 """
 _INSERT_DATAPOINTS = """
 INSERT INTO datapoints (device_id, label, unit)
@@ -451,25 +450,56 @@ def _absent(
     }
 
 
+def _cache_entry(device: Device) -> bytes:
+    """What `_devices_from_entries` reads back."""
+    return orjson.dumps(
+        {
+            "device_id": device.id,
+            "user_id": device.user_id,
+            "status": device.status,
+            "datapoints": device.datapoints,
+            "ranges": {label: list(bounds) for label, bounds in device.ranges.items()},
+        }
+    )
+
+
+def _devices_from_entries(refs: list[DeviceRef], entries: list[bytes | None]) -> dict[DeviceRef, Device]:
+    """Devices from their Redis cache entries (`refs[i]`'s entry is `entries[i]`)."""
+    devices = {}
+    for ref, entry in zip(refs, entries, strict=True):
+        if not entry or entry[:1] != b"{":
+            continue  # absent, or a hash a worker before 2026-12-02 wrote: PostgreSQL has it
+        cached = orjson.loads(entry)
+        ranges = cached["ranges"]  # mostly empty: then the dict orjson made is the device's
+        if ranges:
+            ranges = {label: ValueRange(*bounds) for label, bounds in ranges.items()}
+        devices[ref] = Device(
+            cached["device_id"],
+            cached["user_id"],
+            sys.intern(cached["status"]),  # one "active" for the fleet, not one each
+            cached["datapoints"],
+            ranges,
+            refs=(ref,),
+        )
+    return devices
+
+
 def _devices_from_rows(
     rows: Iterable[asyncpg.Record], macs: set[str], keys: set[str]
 ) -> dict[DeviceRef, Device]:
-    """Devices from rows of (device_id, mac, device_key, user_id, status, label, id, min, max),
-    under each of the refs asked for (`macs`, `keys`) that names them."""
-    by_id: dict[int, Device] = {}
+    """Devices from rows of `_SELECT_DEVICES`, under each of the refs asked for (`macs`,
+    `keys`) that names them."""
     devices = {}
-    for row in rows:
-        device = by_id.get(row["device_id"])
-        if device is None:
-            device = by_id[row["device_id"]] = Device(
-                row["device_id"], row["user_id"], sys.intern(row["status"])
-            )
-            if row["mac"] in macs:
-                devices[DeviceRef("mac", row["mac"])] = device
-                device.refs += (DeviceRef("mac", row["mac"]),)
-            if row["device_key"] in keys:
-                devices[DeviceRef("key", row["device_key"])] = device
-                device.refs += (DeviceRef("key", row["device_key"]),)
-        if row["id"] is not None:
-            device.absorb([row])
+    for device_id, mac, key, user_id, status, labels, ids, bounded, mins, maxs in rows:
+        ranges = {label: ValueRange(low, high) for label, low, high in zip(bounded, mins, maxs, strict=True)}
+        # Interned: asyncpg makes each device's label strings anew, 20,000 devices' "temperature"
+        # 20,000 strings (orjson, reading the Redis entries, shares them by itself).
+        datapoints = dict(zip(map(sys.intern, labels), ids, strict=True))
+        device = Device(device_id, user_id, sys.intern(status), datapoints, ranges)
+        if mac in macs:
+            devices[DeviceRef("mac", mac)] = device
+            device.refs += (DeviceRef("mac", mac),)
+        if key in keys:
+            devices[DeviceRef("key", key)] = device
+            device.refs += (DeviceRef("key", key),)
     return devices

@@ -161,28 +161,40 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
             results.append(first)
             print(f"first contact: {devices} new devices registered at {first.rate:,.0f}/s", flush=True)
         off = {**base_env, "IOTFLOW_RULES_ENABLED": "false"}
+        warm = not args.cold
         rules_env = _install_rules(settings) if args.rules else None
         on = {**base_env, **rules_env} if rules_env is not None else None
         # Runs on this kind of machine vary by several percent: alternate the configurations.
         floods_off, floods_on, floods_n = [], [], []
         for n in range(1, args.repeat + 1):
             floods_off.append(
-                _measure_worker(settings, messages, devices, publishers, f"flood, rules off #{n}", off)
+                _measure_worker(
+                    settings, messages, devices, publishers, f"flood, rules off #{n}", off, warm=warm
+                )
             )
             if on is not None:
                 label = f"flood, 10 rules #{n}"
-                floods_on.append(_measure_worker(settings, messages, devices, publishers, label, on))
+                floods_on.append(
+                    _measure_worker(settings, messages, devices, publishers, label, on, warm=warm)
+                )
             if args.processes > 1:
                 label = f"flood, {args.processes} procs #{n}"
                 floods_n.append(
                     _measure_worker(
-                        settings, messages, devices, publishers, label, off, processes=args.processes
+                        settings,
+                        messages,
+                        devices,
+                        publishers,
+                        label,
+                        off,
+                        processes=args.processes,
+                        warm=warm,
                     )
                 )
         # Latency means little while the broker holds a backlog: measure it at half the flood rate.
         paced = _mean_rate(floods_off) / 2
         paced_run = _measure_worker(
-            settings, messages // 2, devices, publishers, f"{paced:,.0f}/s paced", off, paced
+            settings, messages // 2, devices, publishers, f"{paced:,.0f}/s paced", off, paced, warm=warm
         )
         results += [*floods_off, *floods_on, *floods_n, paced_run]
         _report(results, ceiling)
@@ -307,7 +319,12 @@ def _measure_worker(
     rate: float = 0.0,
     *,
     processes: int = 1,
+    warm: bool = False,
 ) -> RunResult:
+    """One run of `messages` against a new `iotflow run`. `warm`: first a message per device
+    and process, not measured, so the run sees the fleet as a long-running daemon does (its
+    caches hold the devices and their topics); else a process that meets its fleet during
+    the run, as after a restart."""
     port = free_port()
     env = {
         **os.environ,
@@ -338,17 +355,18 @@ def _measure_worker(
         _drain(worker)
         ports = [port + index for index in range(processes)]
         pids = [worker.pid, *_children(worker.pid)]
+        before = 0
+        if warm:  # at the run's pace: a paced run's latency quantiles (since start) count these too
+            # A shared group deals messages round robin: N per device let most reach every process.
+            pubs = Publishers(settings, devices * processes, devices, publishers, rate)
+            pubs.wait(pubs.go())
+            before = _await_commits(ports, 0, devices * processes, worker, f"{label} (warm-up)")
         pubs = Publishers(settings, messages, devices, publishers, rate)
         roles = {pid: "worker" for pid in pids} | {proc.pid: "publishers" for proc in pubs.procs}
         by_role_before = _cpu_by_role(roles)
         cpu_before, waited_before = cpu_seconds(pids), _runqueue_wait_s(pids)
         started = pubs.go()
-        deadline = started + max(300.0, messages / 50)  # only a bound on a stuck run
-        while (committed := _committed(ports)) < messages:
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"{label}: committed {committed} of {messages}")
-            # A scrape costs the worker CPU, which the run counts: poll often only near the end.
-            time.sleep(0.02 if committed > messages * 0.95 else 0.5)
+        _await_commits(ports, before, messages, worker, label)
         seconds = time.monotonic() - started
         cpu = cpu_seconds(pids) - cpu_before
         by_role = _cpu_by_role(roles)
@@ -358,7 +376,7 @@ def _measure_worker(
         publisher_rate = pubs.wait(started)
         peak_rss = max(_peak_rss_mb(pid) for pid in pids)
         quantiles = [_metrics(p) for p in ports]
-        rows = asyncio.run(_count_rows(settings))
+        rows = asyncio.run(_count_rows(settings)) - before * READINGS_PER_MESSAGE
         result = RunResult(
             label,
             messages,
@@ -389,6 +407,19 @@ def _measure_worker(
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+def _await_commits(
+    ports: list[int], base: int, count: int, worker: subprocess.Popen[bytes], label: str
+) -> int:
+    """Wait until the worker has committed `count` messages more than `base`; its total."""
+    deadline = time.monotonic() + max(300.0, count / 50)  # only a bound on a stuck run
+    while (committed := _committed(ports) - base) < count:
+        if time.monotonic() > deadline or worker.poll() is not None:
+            raise RuntimeError(f"{label}: committed {committed:.0f} of {count}")
+        # A scrape costs the worker CPU, which the run counts: poll often only near the end.
+        time.sleep(0.02 if committed > count * 0.95 else 0.5)
+    return base + int(committed)
 
 
 def _committed(ports: list[int]) -> float:
