@@ -48,7 +48,7 @@ async def _read_packet(reader: asyncio.StreamReader, buffer: bytearray) -> mqtt5
         return packet
 
 
-async def ceiling(url: str, count: int, timeout: float, receive_maximum: int = 10000) -> dict[str, float]:
+async def ceiling(url: str, count: int, timeout: float, receive_maximum: int = 5000) -> dict[str, float]:
     parsed = urlparse(url)
     reader, writer = await asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 1883)
     connect = mqtt5.ConnectPacket(
@@ -112,7 +112,7 @@ async def ceiling(url: str, count: int, timeout: float, receive_maximum: int = 1
 def main() -> None:
     url, count = sys.argv[1], int(sys.argv[2])
     timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 300.0
-    receive_maximum = int(sys.argv[4]) if len(sys.argv) > 4 else 10000
+    receive_maximum = int(sys.argv[4]) if len(sys.argv) > 4 else 5000
     try:
         import uvloop  # as the worker runs
     except ImportError:
