@@ -125,3 +125,66 @@ async def test_the_bench_rules_are_on_the_labels_its_traffic_carries(
     docs = await pg.fetch("SELECT doc FROM documents WHERE collection = 'device_configs'")
     fields = {rule.get("field") for row in docs for rule in orjson.loads(row["doc"])["settings"]["alerts"]}
     assert fields == {None, *labels}  # None: the offline rule, which watches the whole device
+
+
+def _services_env(settings: Settings) -> dict[str, str]:
+    return {**_bench_env(settings), "IOTFLOW_REDIS_URL": settings.redis.url}
+
+
+def test_bench_compare_fleet_floods_both_fleets_and_gives_their_ratio(settings: Settings) -> None:
+    command = ["bench", "--messages", "400", "--devices", "4", "--compare-fleet", "40", "--repeat", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", *command, "--no-rules"],
+        env=_services_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = next(line for line in result.stdout.splitlines() if line.startswith('[{"label"'))
+    runs = {row["label"]: row for row in orjson.loads(table)}
+    assert runs["flood, rules off #1"]["loss"] == runs["40 dev, rules off #1"]["loss"] == 0
+    assert "CPU-s per 100k messages, 40 devices / 4 (rules off): " in result.stdout
+    assert asyncio.run(_schemas(settings, "bench_%")) == 0  # dropped
+
+
+def test_bench_compare_fleet_needs_a_registered_fleet(settings: Settings) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "bench", "--compare-fleet", "40", "--first-contact"],
+        env=_services_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--compare-fleet floods a registered fleet; drop --first-contact" in result.stderr
+
+
+def test_the_fleet_bench_times_each_stage_of_each_fleet(settings: Settings) -> None:
+    command = ["--fleets", "4,40", "--messages", "400", "--batch", "100", "--rounds", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.tools.fleet_bench", *command],
+        env=_services_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for fleet in ("4", "40"):
+        for round_ in (1, 2):
+            assert f"round {round_}, {fleet:>7} devices: decode " in out
+    means = out.split("mean of 2 rounds")[1].splitlines()[1:]
+    assert [line.split()[0] for line in means] == ["4", "40"]
+    assert all("rules " in line and "hot state " in line and line.endswith("×") for line in means)
+    assert means[0].endswith("1.00×")
+    assert asyncio.run(_schemas(settings, "fleet_bench_%")) == 0  # dropped
+
+
+async def _schemas(settings: Settings, pattern: str) -> int:
+    conn = await asyncpg.connect(settings.postgres.url)
+    try:
+        count: int = await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE $1", pattern)
+        return count
+    finally:
+        await conn.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,13 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     bench = commands.add_parser("bench", help="measure end-to-end throughput, latency and memory")
     bench.add_argument("--messages", type=int, default=100_000)
     bench.add_argument("--devices", type=int, default=100)
+    bench.add_argument(
+        "--compare-fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also flood from N devices, alternated with --devices: the ratio of CPU per message",
+    )
     bench.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     bench.add_argument("--repeat", type=int, default=2, help="flood runs per configuration, alternated")
     bench.add_argument(
@@ -95,6 +103,11 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.compare_fleet and args.first_contact:
+        print(
+            "iotflow bench: --compare-fleet floods a registered fleet; drop --first-contact", file=sys.stderr
+        )
+        return ExitCode.CONFIG
     if args.timeseries != "postgres":
         from worker.tools.outbox_bench import run_timeseries_bench
 

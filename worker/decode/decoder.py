@@ -55,12 +55,13 @@ class Decoder(MailboxActor[RawMessage]):
         # Device lookups may hit PostgreSQL/Redis: wait out an outage rather than crash,
         # decoding the whole batch afresh each time so nothing is half done.
         batch = await retry_transient(
-            lambda: self._decode(items), "metadata", reset=self._registry.forget, holding=len(items)
+            lambda: self.decode(items), "metadata", reset=self._registry.forget, holding=len(items)
         )
         self._metrics.inc("messages_decoded", len(items))
         await self._downstream.put(batch)
 
-    async def _decode(self, items: list[RawMessage]) -> DecodedBatch:
+    async def decode(self, items: list[RawMessage]) -> DecodedBatch:
+        """One batch's readings and dead letters, its devices resolved (and registered) at once."""
         batch = DecodedBatch(messages=len(items), raw=list(items) if self._keep_raw else [])
         parse = self._parser.parse
         acks = batch.acks

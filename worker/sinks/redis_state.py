@@ -1,8 +1,8 @@
 """Redis hot state (SPEC §6): latest values, status, the online set, telemetry pub/sub.
 
 The newest reading wins, also across batches. One Lua script call per chunk of
-`DEVICES_PER_CALL` devices, so a batch of 2,000 messages from 2,000 devices costs one
-round trip and one `EVALSHA`, not 2,000 of each. A large fleet puts nearly every device
+`DEVICES_PER_CALL` devices, so a batch of 1,000 messages from 1,000 devices costs one
+round trip and one `EVALSHA`, not 1,000 of each. A large fleet puts nearly every device
 of a batch in it, so what is done per device counts: the arguments are columns of the
 whole chunk, each made by one C call (`map`, `orjson.dumps`), not a list of strings built
 per device; the script builds the keys, the telemetry message and the status from them,
@@ -126,11 +126,11 @@ class RedisHotStateWriter:
                 if seen is None or reading.timestamp >= seen.timestamp:
                     latest[reading.label] = reading
         devices = list(newest.items())
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(devices), DEVICES_PER_CALL):
-                columns = _columns(devices[start : start + DEVICES_PER_CALL])
-                await self._update_devices(args=[*self._head, *columns], client=pipe)
-            await pipe.execute()
+        # One EVALSHA per chunk, each awaited: not a pipeline, whose every execute asks
+        # SCRIPT EXISTS first (a round trip per batch); the script loads itself if Redis lost it.
+        for start in range(0, len(devices), DEVICES_PER_CALL):
+            columns = _columns(devices[start : start + DEVICES_PER_CALL])
+            await self._update_devices(args=[*self._head, *columns])
 
     async def reset(self) -> None:
         """Nothing to drop: the client discards a broken connection and reconnects by itself."""

@@ -136,13 +136,21 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.first_contact:
         base_env["IOTFLOW_PIPELINE_UNKNOWN_DEVICES"] = "register"
 
+    # --compare-fleet: the same floods from a larger fleet, alternated with these, for the
+    # ratio of their CPU per message measured in one run (machines drift between runs).
+    large = args.compare_fleet
+    registered = max(devices, large)
+
     async def prepare() -> None:
         await migrate(settings.postgres)
-        await register_fleet(settings.postgres, [] if args.first_contact else build_fleet(devices, "climate"))
+        await register_fleet(
+            settings.postgres, [] if args.first_contact else build_fleet(registered, "climate")
+        )
 
     asyncio.run(prepare())
     print(
         f"bench: {messages} messages × {READINGS_PER_MESSAGE} readings, {devices} devices"
+        f"{f' (and {large} in the floods marked so)' if large else ''}"
         f"{' (registered on first contact)' if args.first_contact else ''}, {publishers} publisher "
         f"processes, broker {settings.mqtt.url}, {len(os.sched_getaffinity(0))} usable cores shared by all",
         flush=True,
@@ -164,39 +172,30 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         warm = not args.cold
         rules_env = _install_rules(settings) if args.rules else None
         on = {**base_env, **rules_env} if rules_env is not None else None
+        configurations = [("rules off", off, 1)] + ([("10 rules", on, 1)] if on is not None else [])
+        if args.processes > 1:
+            configurations.append((f"{args.processes} procs", off, args.processes))
+        fleets = [devices] + ([large] if large else [])
         # Runs on this kind of machine vary by several percent: alternate the configurations.
-        floods_off, floods_on, floods_n = [], [], []
+        floods: dict[tuple[int, str], list[RunResult]] = {}
         for n in range(1, args.repeat + 1):
-            floods_off.append(
-                _measure_worker(
-                    settings, messages, devices, publishers, f"flood, rules off #{n}", off, warm=warm
-                )
-            )
-            if on is not None:
-                label = f"flood, 10 rules #{n}"
-                floods_on.append(
-                    _measure_worker(settings, messages, devices, publishers, label, on, warm=warm)
-                )
-            if args.processes > 1:
-                label = f"flood, {args.processes} procs #{n}"
-                floods_n.append(
-                    _measure_worker(
-                        settings,
-                        messages,
-                        devices,
-                        publishers,
-                        label,
-                        off,
-                        processes=args.processes,
-                        warm=warm,
+            for fleet in fleets:
+                for name, env, processes in configurations:
+                    if fleet != devices and processes > 1:
+                        continue
+                    label = f"flood, {name} #{n}" if fleet == devices else f"{fleet:,} dev, {name} #{n}"
+                    run = _measure_worker(
+                        settings, messages, fleet, publishers, label, env, processes=processes, warm=warm
                     )
-                )
+                    floods.setdefault((fleet, name), []).append(run)
+        floods_off, floods_on = floods[devices, "rules off"], floods.get((devices, "10 rules"), [])
+        floods_n = floods.get((devices, f"{args.processes} procs"), [])
         # Latency means little while the broker holds a backlog: measure it at half the flood rate.
         paced = _mean_rate(floods_off) / 2
         paced_run = _measure_worker(
             settings, messages // 2, devices, publishers, f"{paced:,.0f}/s paced", off, paced, warm=warm
         )
-        results += [*floods_off, *floods_on, *floods_n, paced_run]
+        results += [run for runs in floods.values() for run in runs] + [paced_run]
         _report(results, ceiling)
         print(
             f"\nworker (rules off) / ceiling, mean flood rates: {_mean_rate(floods_off) / ceiling.rate:.0%}"
@@ -212,6 +211,13 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         if floods_n:
             ratio = _mean_rate(floods_n) / _mean_rate(floods_off)
             print(f"{args.processes} processes / 1 process (mean flood rates): {ratio:.2f}×")
+        for name, _, processes in configurations:
+            if large and processes == 1:
+                big, small = _mean_cpu(floods[large, name]), _mean_cpu(floods[devices, name])
+                print(
+                    f"CPU-s per 100k messages, {large:,} devices / {devices:,} ({name}): "
+                    f"{big:.2f} / {small:.2f} = {big / small:.2f}×"
+                )
         print(f"Redis keys under the run's prefix: {asyncio.run(_count_keys(settings)):,}")
         lost = [r for r in results if r.rows != r.messages * READINGS_PER_MESSAGE]
         if args.kafka:
@@ -583,15 +589,15 @@ async def _drop(settings: Settings) -> None:
 def _report(results: list[RunResult], ceiling: CeilingResult) -> None:
     rows: list[dict[str, Any]] = []
     print()
-    print(f"{'run':<22} {'msg/s':>8} {'readings/s':>10} {'CPU-s/100k':>10} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"{'run':<25} {'msg/s':>8} {'readings/s':>10} {'CPU-s/100k':>10} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'peak RSS MB':>11} {'of ceiling':>10} {'pub msg/s':>9} {'loss':>5}  limited by")  # fmt: skip
-    print(f"{'ceiling':<22} {ceiling.rate:>8,.0f} {'':>10} {ceiling.cpu_per_100k:>10.2f} {'':>8} {'':>8} "
+    print(f"{'ceiling':<25} {ceiling.rate:>8,.0f} {'':>10} {ceiling.cpu_per_100k:>10.2f} {'':>8} {'':>8} "
           f"{ceiling.peak_rss_mb:>11.1f} {1:>10.0%} {ceiling.publisher_rate:>9,.0f} {'':>5}  "
           f"{_limit(ceiling.rate, ceiling.publisher_rate)}")  # fmt: skip
     for r in results:
         loss = r.messages * READINGS_PER_MESSAGE - r.rows
         print(
-            f"{r.label:<22} {r.rate:>8,.0f} {r.rate * READINGS_PER_MESSAGE:>10,.0f} {r.cpu_per_100k:>10.2f} "
+            f"{r.label:<25} {r.rate:>8,.0f} {r.rate * READINGS_PER_MESSAGE:>10,.0f} {r.cpu_per_100k:>10.2f} "
             f"{_latency(r, r.p50_s)} {_latency(r, r.p99_s)} {r.peak_rss_mb:>11.1f} "
             f"{r.rate / ceiling.rate:>10.0%} {r.publisher_rate:>9,.0f} {loss:>5}  "
             f"{'the pace asked' if 'paced' in r.label else _limit(r.rate, r.publisher_rate)}"
