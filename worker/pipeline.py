@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, Refused, describe, is_transient, refusal
 from worker.rules.actor import RulesActor
 from worker.runtime.actor import Actor
+from worker.runtime.garbage import collect_when_idle
 from worker.runtime.mailbox import Mailbox
 from worker.runtime.signals import held_stop_signal
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
@@ -164,7 +164,7 @@ class Pipeline:
             derived=derived,
         )
         actors: list[Actor] = [self.intake, decoder, *stages, self.writer]
-        return ActorGroup(actors, helpers=[self._report])
+        return ActorGroup(actors, helpers=[self._report, self._collect_when_idle])
 
     async def wait_ready(self) -> None:
         """Subscribed, and with rules on, the rules loaded: ready means messages are judged."""
@@ -187,6 +187,10 @@ class Pipeline:
         readings would go to the journal: the registry, the dead letters' and alerts'
         documents live there, so new devices and alerting batches would stall."""
         return frozenset({"cassandra"}) if self.settings.timeseries.backend == "both" else frozenset()
+
+    async def _collect_when_idle(self) -> None:
+        counters = self.metrics.counters
+        await collect_when_idle(lambda: counters["messages_received"] + counters["messages_committed"])
 
     async def _report(self) -> None:
         """One progress line per interval, never one per message; every figure is the interval's."""
@@ -336,17 +340,3 @@ class Daemon:
                 log.warning("stores.waiting", error=repr(exc), retry_in_s=round(delay, 2))
                 if await self.supervisor.wait_stopped(delay):
                     return None
-
-
-# CPython's default young-generation threshold (700 allocations) collects every few dozen
-# messages; each collection promotes the batch objects still in flight (readings wait for their
-# commit) to the older generations, whose full collections then walk every cached device and
-# topic: a cost per message that grew with the fleet (docs/performance.md, "Fleet size").
-# At 50,000 a batch's objects are mostly gone before a collection looks at them.
-GC_THRESHOLDS = (50_000, 10, 10)
-
-
-def tune_gc() -> None:
-    """For a daemon process, once its start-up is done."""
-    gc.freeze()  # what start-up built (modules, settings, codecs) is never walked again
-    gc.set_threshold(*GC_THRESHOLDS)

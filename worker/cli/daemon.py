@@ -77,7 +77,8 @@ async def _run_one(settings: Settings) -> ExitCode:
     """The daemon in this process; as a child of `--processes`, tagged and tied to its parent."""
     import structlog
 
-    from worker.pipeline import Daemon, tune_gc
+    from worker.pipeline import Daemon
+    from worker.runtime.garbage import tune_gc
     from worker.runtime.processes import CHILD_INDEX_ENV
 
     tune_gc()

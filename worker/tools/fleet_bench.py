@@ -35,10 +35,10 @@ from worker.decode.parse import Limits
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.logging import configure_logging
 from worker.metrics import Metrics
-from worker.pipeline import tune_gc
 from worker.rules.evaluator import Evaluator
 from worker.rules.model import Scope, parse_definitions
 from worker.rules.ruleset import RuleSet
+from worker.runtime.garbage import tune_gc
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
