@@ -1,4 +1,4 @@
-"""The daemon's garbage-collection policy: tuned thresholds, and full collections while idle.
+"""The daemon's garbage-collection policy: tuned thresholds, and collections while idle.
 
 CPython's default young-generation threshold (700 allocations) collects every few dozen
 messages; each collection promotes the batch objects still in flight (readings wait for
@@ -7,13 +7,15 @@ device and topic: a cost per message that grew with the fleet (docs/performance.
 "Fleet size"). At 50,000 a batch's objects are mostly gone before a collection looks at
 them.
 
-The older generations' collections walk every long-lived object: with 20,000 devices and
-their 200,000 rules' state, some 340,000 of them, 120–190 ms on the development machine.
-They come when the counts say so, as often as not under load, where they hold up every
-message in flight; after a fleet's first contact one was due with the next flood
-(docs/performance.md, "Fleet size, measured in one run"). So once nothing has arrived or
-been committed for a period and objects are pending, the daemon collects
-(`collect_when_idle`): that work is done while no message waits for it.
+A fleet's first contact leaves its state (devices, topics, with rules a tracker per rule
+and device: some 340,000 objects for 20,000 devices with 10 rules each) in the young and
+middle generations; the middle generation's next collection walks all of it, 110–160 ms
+on the development machine, as often as not under the next flood, where it holds up
+every message in flight (docs/performance.md, "Fleet size, measured in one run"). So once
+nothing has arrived or been committed for a short period and objects are pending, the
+daemon collects those two generations itself (`collect_when_idle`): work the thresholds
+would have asked for soon, done while no message waits for it. The oldest generation is
+left to CPython's own rule, which collects it rarely: walking it costs the most.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import gc
 from collections.abc import Callable
 
 GC_THRESHOLDS = (50_000, 10, 10)
-IDLE_PERIOD_S = 1.0
-# Net new objects since the last collection worth a full one while idle (or any young
-# collection since the last full one: it left objects in the middle generation).
+IDLE_PERIOD_S = 0.25
+# Net new objects since the last collection worth one while idle (or any young collection
+# since the middle generation's last: it left objects there).
 IDLE_PENDING_MIN = 10_000
 
 
@@ -36,18 +38,18 @@ def tune_gc() -> None:
 
 
 def pending() -> bool:
-    """Whether a full collection now would find anything the last one did not walk."""
-    young, middle, old = gc.get_count()
-    return young >= IDLE_PENDING_MIN or middle > 0 or old > 0
+    """Whether the young and middle generations hold enough to collect."""
+    young, middle, _ = gc.get_count()
+    return young >= IDLE_PENDING_MIN or middle > 0
 
 
 async def collect_when_idle(activity: Callable[[], float], period_s: float = IDLE_PERIOD_S) -> None:
-    """Forever: a full collection after each period in which `activity` (a count of what
-    the pipeline did) stood still, when something is pending."""
+    """Forever: the young and middle generations collected after each period in which
+    `activity` (a count of what the pipeline did) stood still, when something is pending."""
     last = activity()
     while True:
         await asyncio.sleep(period_s)
         now = activity()
         if now == last and pending():
-            gc.collect()
+            gc.collect(1)
         last = now
