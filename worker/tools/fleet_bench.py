@@ -113,9 +113,9 @@ class Stages:
 async def _bench(
     settings: Settings, fleets: list[int], messages: int, batch_size: int, rounds: int, rules: bool
 ) -> None:
-    await migrate(settings.postgres)
-    await register_fleet(settings.postgres, build_fleet(max(fleets), "climate"))
     try:
+        await migrate(settings.postgres)
+        await register_fleet(settings.postgres, build_fleet(max(fleets), "climate"))
         async with open_stores(settings) as stores:
             ids = [row["id"] for row in await stores.postgres.fetch("SELECT id FROM devices ORDER BY id")]
             stages = Stages(stores, _evaluator(ids) if rules else None)
