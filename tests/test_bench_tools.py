@@ -86,18 +86,7 @@ def test_bench_timeseries_both_without_cassandra_measures_the_outbox_beside_post
     assert "cost of 'both, cassandra down' (its outbox)" in out
     assert "cassandra #1" not in out.replace("both, cassandra down #1", "")  # no live Cassandra run
     assert "CPU-s/100k" in out
-    assert asyncio.run(_bench_schemas(settings)) == 0  # dropped
-
-
-async def _bench_schemas(settings: Settings) -> int:
-    conn = await asyncpg.connect(settings.postgres.url)
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench_outbox_%'"
-        )
-        return count
-    finally:
-        await conn.close()
+    assert asyncio.run(_schemas(settings, "bench_outbox_%")) == 0  # dropped
 
 
 def test_bench_timeseries_cassandra_needs_a_cassandra(settings: Settings) -> None:

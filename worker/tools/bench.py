@@ -48,13 +48,11 @@ import orjson
 import redis.asyncio as aioredis
 
 from worker.config import Settings
-from worker.decode.codecs import load_codecs
 from worker.logging import configure_logging
 from worker.stores.migrate import migrate
 from worker.stores.postgres import connect
 from worker.stores.redis import delete_matching
 from worker.tools.embedded import free_port
-from worker.tools.fleet import F2_SENSORS
 from worker.tools.simulate import build_fleet, register_fleet
 
 READINGS_PER_MESSAGE = 3  # the climate codec: temperature, humidity, pressure
@@ -175,14 +173,13 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         configurations = [("rules off", off, 1)] + ([("10 rules", on, 1)] if on is not None else [])
         if args.processes > 1:
             configurations.append((f"{args.processes} procs", off, args.processes))
-        fleets = [devices] + ([large] if large else [])
+        one_process = [c for c in configurations if c[2] == 1]
+        fleets = {devices: configurations} | ({large: one_process} if large else {})
         # Runs on this kind of machine vary by several percent: alternate the configurations.
         floods: dict[tuple[int, str], list[RunResult]] = {}
         for n in range(1, args.repeat + 1):
-            for fleet in fleets:
-                for name, env, processes in configurations:
-                    if fleet != devices and processes > 1:
-                        continue
+            for fleet, fleet_configurations in fleets.items():
+                for name, env, processes in fleet_configurations:
                     label = f"flood, {name} #{n}" if fleet == devices else f"{fleet:,} dev, {name} #{n}"
                     run = _measure_worker(
                         settings, messages, fleet, publishers, label, env, processes=processes, warm=warm
@@ -211,13 +208,12 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         if floods_n:
             ratio = _mean_rate(floods_n) / _mean_rate(floods_off)
             print(f"{args.processes} processes / 1 process (mean flood rates): {ratio:.2f}×")
-        for name, _, processes in configurations:
-            if large and processes == 1:
-                big, small = _mean_cpu(floods[large, name]), _mean_cpu(floods[devices, name])
-                print(
-                    f"CPU-s per 100k messages, {large:,} devices / {devices:,} ({name}): "
-                    f"{big:.2f} / {small:.2f} = {big / small:.2f}×"
-                )
+        for name, _, _ in one_process if large else []:
+            big, small = _mean_cpu(floods[large, name]), _mean_cpu(floods[devices, name])
+            print(
+                f"CPU-s per 100k messages, {large:,} devices / {devices:,} ({name}): "
+                f"{big:.2f} / {small:.2f} = {big / small:.2f}×"
+            )
         print(f"Redis keys under the run's prefix: {asyncio.run(_count_keys(settings)):,}")
         lost = [r for r in results if r.rows != r.messages * READINGS_PER_MESSAGE]
         if args.kafka:
@@ -227,7 +223,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
         return 1 if lost else 0
     finally:
-        asyncio.run(_drop(settings))
+        asyncio.run(drop_run(settings))
 
 
 # --- the processes of a run ---------------------------------------------------------------------------
@@ -529,7 +525,7 @@ def _metrics(port: int) -> dict[str, float]:
 def _install_rules(settings: Settings) -> dict[str, str] | None:
     """Ten rules per device through the rules package, when it is there; env to enable them."""
     try:
-        from worker.tools.rules_bench import install_bench_rules
+        from worker.tools.rules_bench import install_bench_rules, traffic_labels
     except ImportError:
         return None
 
@@ -539,11 +535,7 @@ def _install_rules(settings: Settings) -> dict[str, str] | None:
             ids = [row["id"] for row in await conn.fetch("SELECT id FROM devices ORDER BY id")]
         finally:
             await conn.close()
-        # The labels of the bench's traffic (climate frames), not every label a device has:
-        # rules on labels that never report would cost nothing and measure nothing.
-        climate = load_codecs()["climate"].units()
-        labels = [f"{label}.{name}" for mode, label, _ in F2_SENSORS if mode == "climate" for name in climate]
-        await install_bench_rules(settings, ids, labels, per_device=10)
+        await install_bench_rules(settings, ids, traffic_labels(), per_device=10)
 
     asyncio.run(install())
     return {"IOTFLOW_RULES_ENABLED": "true"}
@@ -573,7 +565,7 @@ async def _count_keys(settings: Settings) -> int:
         await client.aclose()
 
 
-async def _drop(settings: Settings) -> None:
+async def drop_run(settings: Settings) -> None:
     """Leave nothing behind: the run's schema and its Redis keys."""
     conn: asyncpg.Connection = await asyncpg.connect(settings.postgres.url)
     try:

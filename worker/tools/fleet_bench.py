@@ -44,9 +44,8 @@ from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.stores import Stores, open_stores
 from worker.stores.migrate import migrate
-from worker.stores.redis import delete_matching
-from worker.tools.fleet import F2_SENSORS
-from worker.tools.rules_bench import bench_rules
+from worker.tools.bench import drop_run
+from worker.tools.rules_bench import bench_rules, traffic_labels
 from worker.tools.simulate import build_fleet, message_stream, register_fleet
 
 STAGES = ("decode", "rules", "postgres", "hot state")
@@ -70,9 +69,9 @@ def _messages(devices: int, count: int) -> list[RawMessage]:
 def _evaluator(device_ids: list[int]) -> Evaluator:
     """10 rules per device, each device's config the same document: one shared table of
     definitions, as `RuleSource` builds it from such configs."""
-    climate = load_codecs()["climate"].units()
-    labels = [f"{label}.{name}" for mode, label, _ in F2_SENSORS if mode == "climate" for name in climate]
-    definitions, errors = parse_definitions({"alerts": bench_rules(labels, RULES_PER_DEVICE)}, "bench")
+    definitions, errors = parse_definitions(
+        {"alerts": bench_rules(traffic_labels(), RULES_PER_DEVICE)}, "bench"
+    )
     assert not errors, errors
     table = {definition.id: definition for definition in definitions}
     return Evaluator(RuleSet(tables={Scope("device", device_id): table for device_id in device_ids}))
@@ -140,19 +139,13 @@ async def _bench(
             print(f"{fleet:>7,} devices: {_line([t / rounds for t in totals[fleet]], messages)}  "
                   f"{sum(totals[fleet]) / base:.2f}×")  # fmt: skip
     finally:
-        await _drop(settings)
+        await drop_run(settings)
 
 
 def _line(spent: list[float], messages: int) -> str:
     per_100k = [s / messages * 100_000 for s in spent]
     stages = "  ".join(f"{name} {cost:.3f}" for name, cost in zip(STAGES, per_100k, strict=True))
     return f"{stages}  total {sum(per_100k):.3f}"
-
-
-async def _drop(settings: Settings) -> None:
-    async with open_stores(settings) as stores:
-        await stores.postgres.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres.schema}" CASCADE')
-    await delete_matching(settings.redis, f"{settings.redis.key_prefix}*")
 
 
 def _in_services(embedded: bool, run: Callable[[], Coroutine[Any, Any, None]], settings: Settings) -> None:

@@ -14,9 +14,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from worker.config import Settings
+from worker.decode.codecs import load_codecs
 from worker.rules.admin import open_admin
+from worker.tools.fleet import F2_SENSORS
 
 _FAR = 1e12  # no simulated value or rate comes near it
+
+
+def traffic_labels() -> list[str]:
+    """The labels the bench's traffic (climate frames) carries, not every label a device has:
+    rules on labels that never report would cost nothing and measure nothing."""
+    climate = load_codecs()["climate"].units()
+    return [f"{label}.{name}" for mode, label, _ in F2_SENSORS if mode == "climate" for name in climate]
 
 
 def bench_rules(labels: Sequence[str], per_device: int) -> list[dict[str, Any]]:
