@@ -164,6 +164,41 @@ def test_nan_is_neither_a_breach_nor_an_all_clear() -> None:
     assert kinds(events) == [("fired", at(1)), ("resolved", at(3))]
 
 
+def test_rules_on_one_measurement_judge_from_their_shared_state_once_quiet() -> None:
+    # Quiet readings leave the state with the stream (one watermark, one previous sample);
+    # the rate that breaches is computed from that shared sample.
+    ev = evaluator(
+        rule(id="hot", type="threshold", field="temperature", condition=">", value=30, for_count=2),
+        rule(id="fast", type="rate", field="temperature", condition=">", value=2, per="min", abs=True),
+    )
+    quiet = readings([20, 20.1, 20.2, 20.3], step=10)
+    assert ev.evaluate(quiet) == []
+    fired = ev.evaluate(readings([21.0], start=40))  # +0.7 in 10 s: 4.2 °C/min
+    assert [(e.kind, e.rule_id, e.at) for e in fired] == [("fired", "device:1/fast", at(40))]
+    assert math.isclose(fired[0].details["value"], 4.2)
+    assert ev.evaluate(quiet) == []  # a redelivery of what the stream judged while quiet
+    events = ev.evaluate(readings([31, 32, 32], start=50, step=10))
+    assert [(e.kind, e.rule_id, e.at) for e in events] == [
+        ("fired", "device:1/hot", at(60)),
+        ("resolved", "device:1/fast", at(70)),
+    ]
+
+
+def test_a_restored_watermark_holds_back_only_its_own_rule() -> None:
+    first, second = (
+        rule(id="a", type="threshold", field="temperature", condition=">", value=30),
+        rule(id="b", type="threshold", field="temperature", condition=">", value=25),
+    )
+    batch = readings([31, 20])
+    before = evaluator(first, second).evaluate(batch)
+    a_fired, a_resolved = (e for e in before if e.rule_id == "device:1/a")
+    ev = evaluator(first, second)
+    ev.restore([stored(a_fired, "resolved", resolved_at=a_resolved.at)])
+    again = ev.evaluate(batch)  # "b" lost its alert with the crash: it judges the batch again
+    assert [(e.kind, e.rule_id) for e in again] == [("fired", "device:1/b"), ("resolved", "device:1/b")]
+    assert [e.rule_id for e in ev.evaluate(readings([31], start=2))] == ["device:1/a", "device:1/b"]
+
+
 def test_rules_only_see_their_measurement_and_device() -> None:
     ev = evaluator(rule(type="threshold", field="room1.temperature", condition=">", value=30))
     assert ev.evaluate(readings([99], label="room2.temperature")) == []
