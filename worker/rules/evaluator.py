@@ -140,8 +140,7 @@ class _Stream:
         self.last_ts: datetime | None = None  # while quiet: every tracker's watermark
         self.last_value = 0.0  # while quiet: the previous sample of its rate rules
         self.quiet = False  # the trackers' own fields hold the state until the first collapse
-        self.trackers = trackers
-        self.plain, self.rates = rules.of(trackers)
+        self.replace(trackers, rules)
 
     def replace(self, trackers: tuple[Tracker, ...], rules: _SharedRules) -> None:
         self.expand()
@@ -439,8 +438,7 @@ class Evaluator:
         events: list[AlertEvent] = []
         for alert in sorted(alerts, key=lambda a: a.fired_at):
             self._users.setdefault(alert.device_id, alert.user_id)
-            found = self._restored(alert.rule_id, alert.device_id)
-            t = found[1] if found is not None else None
+            t = self._restored(alert.rule_id, alert.device_id)
             if alert.status != "active":
                 if t is not None:
                     _advance(t, alert.resolved_at or alert.fired_at)
@@ -459,15 +457,14 @@ class Evaluator:
             self._alerting.add(t)
             t.active_seen = alert.last_seen or alert.fired_at
             _advance(t, alert.fired_at)
-            assert found is not None
-            found[0].recount()
+            self._views[alert.device_id].recount()  # `_restored` made the view
         return events
 
     # --- internals ---------------------------------------------------------------------------------
 
-    def _restored(self, uid: str, device_id: int) -> tuple[_View, Tracker] | None:
-        """The tracker of a stored alert's rule on its device, holding its own state, and the
-        device's view; None if the rule no longer applies."""
+    def _restored(self, uid: str, device_id: int) -> Tracker | None:
+        """The tracker of a stored alert's rule on its device, holding its own state; None if
+        the rule no longer applies."""
         rule = self._rules.lookup(uid, device_id)
         if rule is None:
             return None
@@ -479,8 +476,7 @@ class Evaluator:
             stream = view.streams.get(rule.measurement) or self._bind(view, device_id, rule.measurement)
             stream.expand()
             trackers = stream.trackers
-        tracker = next((t for t in trackers if t.rule.id == rule.id), None)
-        return None if tracker is None else (view, tracker)
+        return next((t for t in trackers if t.rule.id == rule.id), None)
 
     def _view(self, device_id: int, old: dict[str, Tracker] | None = None) -> _View:
         """The device's view, its offline trackers made (or taken from `old`, after a rule change)."""
@@ -527,7 +523,6 @@ class Evaluator:
         for view in self._views.values():
             for stream in view.streams.values():
                 if any(t.uid == uid for t in stream.trackers):
-                    stream.expand()
                     self._benched += [t for t in stream.trackers if t.uid == uid]
                     stream.replace(tuple(t for t in stream.trackers if t.uid != uid), self._shared)
 
