@@ -12,6 +12,7 @@ import orjson
 
 from worker.config import Settings
 from worker.tools.bench import Publishers, _children, cpu_seconds
+from worker.tools.fleet_bench import fleet_messages
 
 
 def test_the_ceiling_takes_and_acknowledges_every_message_two_publishers_send(settings: Settings) -> None:
@@ -147,6 +148,14 @@ def test_bench_compare_fleet_needs_a_registered_fleet(settings: Settings) -> Non
     )
     assert result.returncode == 2
     assert "--compare-fleet floods a registered fleet; drop --first-contact" in result.stderr
+
+
+def test_the_fleet_bench_gives_each_fleet_devices_of_its_own() -> None:
+    small, large = fleet_messages([4, 40], [8, 80])
+    devices = [{message.topic.split("/")[1] for message in fleet} for fleet in (small, large)]
+    assert [len(fleet) for fleet in (small, large)] == [8, 80]
+    assert [len(names) for names in devices] == [4, 40]
+    assert not devices[0] & devices[1]
 
 
 def test_the_fleet_bench_times_each_stage_of_each_fleet(settings: Settings) -> None:

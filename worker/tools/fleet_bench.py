@@ -56,14 +56,20 @@ WARM_PASSES = 2
 _YEARS = 86_400 * 3650  # the simulator's timestamps are its own clock's: accept them all
 
 
-def _messages(devices: int, count: int) -> list[RawMessage]:
-    """`count` climate messages, round robin over the first `devices` of the bench fleet."""
-    stream = message_stream(build_fleet(devices, "climate"), load_codecs(), "climate")
+def fleet_messages(fleets: list[int], counts: list[int]) -> list[list[RawMessage]]:
+    """Each fleet's climate messages (`counts`, round robin over its devices), every fleet on
+    devices of its own: a device in two fleets would meet the second one's readings behind
+    the first one's newer ones and judge them "already judged", a cheaper path."""
+    codecs = load_codecs()
     now = time.time()
-    return [
-        RawMessage(topic, payload, now, AckToken(0, mid % 65_535 + 1))
-        for mid, (topic, payload) in enumerate(itertools.islice(stream, count))
-    ]
+    result = []
+    for first, devices, count in zip(itertools.accumulate(fleets, initial=0), fleets, counts, strict=False):
+        stream = message_stream(build_fleet(devices, "climate", first=first), codecs, "climate")
+        result.append([
+            RawMessage(topic, payload, now, AckToken(0, mid % 65_535 + 1))
+            for mid, (topic, payload) in enumerate(itertools.islice(stream, count))
+        ])  # fmt: skip
+    return result
 
 
 def _evaluator(device_ids: list[int]) -> Evaluator:
@@ -114,30 +120,30 @@ async def _bench(
 ) -> None:
     try:
         await migrate(settings.postgres)
-        await register_fleet(settings.postgres, build_fleet(max(fleets), "climate"))
+        await register_fleet(settings.postgres, build_fleet(sum(fleets), "climate"))
         async with open_stores(settings) as stores:
             ids = [row["id"] for row in await stores.postgres.fetch("SELECT id FROM devices ORDER BY id")]
             stages = Stages(stores, _evaluator(ids) if rules else None)
             # Every round has messages of its own: a replayed one is "already judged" by the
             # rules and older than the hot state's, a cheaper path than the live one.
-            warm = {fleet: WARM_PASSES * fleet for fleet in fleets}
-            prepared = {fleet: _messages(fleet, warm[fleet] + rounds * messages) for fleet in fleets}
-            for fleet in fleets:
-                await stages.run(prepared[fleet][: warm[fleet]], batch_size)
+            warm = [WARM_PASSES * fleet for fleet in fleets]
+            prepared = fleet_messages(fleets, [passes + rounds * messages for passes in warm])
+            for index in range(len(fleets)):
+                await stages.run(prepared[index][: warm[index]], batch_size)
             tune_gc()
-            totals = {fleet: [0.0] * len(STAGES) for fleet in fleets}
+            totals = [[0.0] * len(STAGES) for _ in fleets]
             for round_ in range(1, rounds + 1):
-                for fleet in fleets:
+                for index, fleet in enumerate(fleets):
                     await stores.postgres.execute("TRUNCATE decoded_data")
-                    first = warm[fleet] + (round_ - 1) * messages
-                    spent = await stages.run(prepared[fleet][first : first + messages], batch_size)
-                    totals[fleet] = [a + b for a, b in zip(totals[fleet], spent, strict=True)]
+                    first = warm[index] + (round_ - 1) * messages
+                    spent = await stages.run(prepared[index][first : first + messages], batch_size)
+                    totals[index] = [a + b for a, b in zip(totals[index], spent, strict=True)]
                     print(f"round {round_}, {fleet:>7,} devices: {_line(spent, messages)}", flush=True)
-        base = sum(totals[fleets[0]])
+        base = sum(totals[0])
         print(f"\nmean of {rounds} rounds, CPU-s per 100k messages, and against {fleets[0]:,} devices:")
-        for fleet in fleets:
-            print(f"{fleet:>7,} devices: {_line([t / rounds for t in totals[fleet]], messages)}  "
-                  f"{sum(totals[fleet]) / base:.2f}×")  # fmt: skip
+        for fleet, total in zip(fleets, totals, strict=True):
+            print(f"{fleet:>7,} devices: {_line([t / rounds for t in total], messages)}  "
+                  f"{sum(total) / base:.2f}×")  # fmt: skip
     finally:
         await drop_run(settings)
 
