@@ -199,6 +199,45 @@ def test_a_restored_watermark_holds_back_only_its_own_rule() -> None:
     assert [e.rule_id for e in ev.evaluate(readings([31], start=2))] == ["device:1/a", "device:1/b"]
 
 
+def test_a_rule_change_keeps_what_quiet_rules_judged() -> None:
+    hot = rule(id="hot", type="threshold", field="temperature", condition=">", value=30)
+    fast = rule(id="fast", type="rate", field="temperature", condition=">", value=900, per="min", abs=True)
+    ev = evaluator(hot, fast)
+    batch = readings([31, 20, 20.5])  # "hot" fires and resolves, then both rules are quiet
+    assert [e.kind for e in ev.evaluate(batch)] == ["fired", "resolved"]
+    cooler = rule(id="hot", type="threshold", field="temperature", condition=">", value=25)
+    assert ev.replace_rules(RuleSet([cooler, fast])) == []
+    assert ev.evaluate(batch) == []  # redelivered: judged before the change
+    (fired,) = ev.evaluate(readings([26], start=3))  # the new level
+    assert fired.rule_id == "device:1/hot"
+    # The rate from the last sample judged before the change: +19 in 1 s.
+    assert [e.rule_id for e in ev.evaluate(readings([45], start=4))] == ["device:1/fast"]
+
+
+def test_a_rule_benched_while_other_devices_are_quiet_keeps_their_state() -> None:
+    fleet = Scope("global")
+    flaky = rule(fleet, id="flaky", type="threshold", field="temperature", condition=">", value=30)
+
+    def breach(value: float) -> bool:
+        if value > 100:
+            raise ArithmeticError("boom")
+        return value > 30
+
+    object.__setattr__(flaky, "breach", breach)
+    fine = rule(fleet, id="fine", type="threshold", field="temperature", condition=">", value=30)
+    ev = evaluator(flaky, fine)
+    first = [*readings([20]), *readings([20], device=2)]
+    assert ev.evaluate(first) == []
+    assert [e.rule_id for e in ev.evaluate(readings([150], start=1))] == ["global/fine"]  # "flaky" raised
+    second = readings([35], device=2, start=1)
+    assert [(e.rule_id, e.device_id) for e in ev.evaluate(second)] == [("global/fine", 2)]  # benched: skipped
+    fixed = rule(fleet, id="flaky", type="threshold", field="temperature", condition=">", value=30)
+    assert ev.replace_rules(RuleSet([fixed, fine])) == []
+    assert ev.evaluate(first) == []  # both rules had judged it
+    # "flaky" was benched before device 2's second reading: back, it judges that one only.
+    assert [(e.rule_id, e.device_id) for e in ev.evaluate(second)] == [("global/flaky", 2)]
+
+
 def test_rules_only_see_their_measurement_and_device() -> None:
     ev = evaluator(rule(type="threshold", field="room1.temperature", condition=">", value=30))
     assert ev.evaluate(readings([99], label="room2.temperature")) == []

@@ -1,10 +1,11 @@
 """The evaluator: readings in, alert events out. Pure — no I/O, time from an injected clock.
 
-State lives in one `Tracker` per (rule, device): the debounce counter, the start
-of the current breach, the previous sample (rate rules), the active alert, and a
-watermark — the newest reading already judged. A reading at or before the
-watermark is skipped, which makes a redelivered batch (or late data) harmless: it
-can neither fire a second alert nor count twice toward a debounce.
+State lives in one `Tracker` per (rule, device) while the rule has something to
+remember: the debounce counter, the start of the current breach, the previous sample
+(rate rules), the active alert, and a watermark — the newest reading already judged.
+A reading at or before the watermark is skipped, which makes a redelivered batch (or
+late data) harmless: it can neither fire a second alert nor count twice toward a
+debounce.
 
 Lifecycle of a value rule: samples that breach are counted; once `for_count`
 consecutive ones have been seen and the breach has lasted `for_s`, the alert
@@ -14,14 +15,15 @@ resolves on the first sample that passes the all-clear test (the `clear` level o
 fire from `check_offline`, which the rules actor calls on a timer, and resolve on
 the device's next reading.
 
-A device's trackers are grouped by measurement into a `_Stream`. While every tracker
-of a stream is quiet (no alert, no debounce under way) and has judged the same
-readings, the stream holds their shared state itself — one watermark and one previous
-sample — and a reading is judged against the rules alone, which all devices share:
-with a large fleet the per-tracker objects are cold in the CPU caches, and not
-touching them is most of what a reading costs. The first breach hands the state back
-to the trackers (`expand`); once they are all quiet and level again the stream takes
-it back (`collapse`).
+A device's rules are grouped by measurement into a `_Stream`. While every rule of a
+stream is quiet (no alert, no debounce under way) and has judged the same readings,
+their state is one watermark and one previous sample, which the stream holds itself,
+with no trackers at all; a reading is judged against the rules' definitions alone,
+which all devices share. With a large fleet that is one small object per device and
+measurement instead of one tracker per rule (memory), and none of the trackers cold in
+the CPU caches to touch (time). The first breach makes the trackers from the shared
+state (`expand`); once they are all quiet and level again the stream takes the state
+back and drops them (`collapse`).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class Tracker:
 
     @property
     def uid(self) -> str:
-        return f"{self.scope.key}/{self.rule.id}"
+        return _uid(self.scope, self.rule.id)
 
     def change_rule(self, rule: Definition) -> None:
         """A new definition under the same id: keep the active alert, restart the debounce."""
@@ -132,42 +134,65 @@ class StoredAlert:
 
 
 class _Stream:
-    """The trackers of one measurement of one device; while `quiet`, their shared state."""
+    """The rules on one measurement of one device, and their state: while `quiet`, the
+    stream's own two fields; else a tracker per rule, `trackers[i]` for `applied[i]`."""
 
-    __slots__ = ("last_ts", "last_value", "plain", "quiet", "rates", "trackers")
+    __slots__ = ("applied", "last_ts", "last_value", "own", "plain", "quiet", "rates", "trackers")
 
-    def __init__(self, trackers: tuple[Tracker, ...], rules: _SharedRules) -> None:
-        self.last_ts: datetime | None = None  # while quiet: every tracker's watermark
+    def __init__(self, applied: tuple[Applied, ...], own: Scope, rules: _SharedRules) -> None:
+        self.own = own  # the device's own scope: its device id, and where its own rules live
+        self.last_ts: datetime | None = None  # while quiet: every rule's watermark (None: nothing judged)
         self.last_value = 0.0  # while quiet: the previous sample of its rate rules
-        self.quiet = False  # the trackers' own fields hold the state until the first collapse
-        self.replace(trackers, rules)
+        self.quiet = True
+        self.trackers: tuple[Tracker, ...] = ()
+        self.applied = applied
+        self.plain, self.rates = rules.of(applied)
 
-    def replace(self, trackers: tuple[Tracker, ...], rules: _SharedRules) -> None:
-        self.expand()
+    def adopt(self, trackers: tuple[Tracker, ...]) -> None:
+        """Judge with these trackers (one per rule, in order), each on its own state."""
+        self.quiet = False
         self.trackers = trackers
-        self.plain, self.rates = rules.of(trackers)
 
     def expand(self) -> None:
-        """Hand the shared state to the trackers: from here on each holds its own."""
+        """Make the trackers from the shared state: from here on each holds its own."""
         if not self.quiet:
             return
-        self.quiet = False
-        for t in self.trackers:
-            t.last_ts = self.last_ts
+        device_id = self.own.ref
+        assert device_id is not None  # a device's own scope names it
+        last_ts, last_value = self.last_ts, self.last_value
+        trackers = []
+        for applied in self.applied:
+            t = Tracker(applied.rule, applied.scope or self.own, device_id, _NEVER)
+            t.last_ts = last_ts
             if not t.plain:
-                t.prev_ts = self.last_ts
-                t.prev_value = self.last_value
+                t.prev_ts = last_ts
+                t.prev_value = last_value
+            trackers.append(t)
+        self.adopt(tuple(trackers))
 
     def collapse(self, ts: datetime, value: float) -> None:
-        """Take the state back if every tracker judged this reading and is quiet."""
+        """Take the state back, and drop the trackers, if every one judged this reading and is quiet."""
         for t in self.trackers:
             if t.active is not None or t.count or t.last_ts != ts:
                 return
             if not t.plain and (t.prev_ts != ts or t.prev_value != value):
                 return
         self.quiet = True
+        self.trackers = ()
         self.last_ts = ts
         self.last_value = value
+
+    def without(self, uid: str, rules: _SharedRules) -> None:
+        """The stream with rule `uid` left out (expanded first, so no state is lost)."""
+        keep = [i for i, a in enumerate(self.applied) if _uid(a.scope or self.own, a.rule.id) != uid]
+        self.applied = tuple(self.applied[i] for i in keep)
+        self.trackers = tuple(self.trackers[i] for i in keep)
+        self.plain, self.rates = rules.of(self.applied)
+
+
+# A value rule's tracker never counts silence: where an offline tracker's watch begins
+# does not apply to it.
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 class _SharedRules:
@@ -178,10 +203,10 @@ class _SharedRules:
         # Keyed by the definitions' ids: the tuple keeps them alive, so no id is reused.
         self._tuples: dict[tuple[int, ...], tuple[Definition, ...]] = {}
 
-    def of(self, trackers: Iterable[Tracker]) -> tuple[tuple[Definition, ...], tuple[Definition, ...]]:
-        """The plain rules and the rate rules of these trackers."""
-        plain = [t.rule for t in trackers if t.plain]
-        rates = [t.rule for t in trackers if not t.plain]
+    def of(self, applied: Iterable[Applied]) -> tuple[tuple[Definition, ...], tuple[Definition, ...]]:
+        """The plain rules and the rate rules among these."""
+        plain = [a.rule for a in applied if a.rule.kind != "rate"]
+        rates = [a.rule for a in applied if a.rule.kind == "rate"]
         return self._share(plain), self._share(rates)
 
     def _share(self, rules: list[Definition]) -> tuple[Definition, ...]:
@@ -263,14 +288,13 @@ class Evaluator:
             if stream is None:
                 stream = self._bind(view, device_id, reading.label)
             value = reading.value
-            if value != value or not stream.trackers:  # NaN: neither a breach nor an all-clear
+            if value != value or not stream.applied:  # NaN: neither a breach nor an all-clear
                 continue
             if stream.quiet:
                 # Inline, because this runs for every reading: nothing pending on any rule
                 # and no breach now is nearly every sample.
                 last = stream.last_ts
-                assert last is not None  # a stream is quiet only after a reading
-                if ts <= last:
+                if last is not None and ts <= last:
                     continue  # already judged: a redelivery or a late reading
                 calm = True
                 try:
@@ -279,7 +303,7 @@ class Evaluator:
                             calm = False
                             break
                     else:
-                        if stream.rates:
+                        if stream.rates and last is not None:  # the first sample has no rate yet
                             change = (value - stream.last_value) / (ts - last).total_seconds()
                             for rule in stream.rates:
                                 if rule.breach(_rate(rule, change)):
@@ -490,13 +514,12 @@ class Evaluator:
     def _bind(
         self, view: _View, device_id: int, measurement: str, old: dict[str, Tracker] | None = None
     ) -> _Stream:
-        old = {} if old is None else old
-        trackers = tuple(
-            self._tracker(view, a, device_id, old)
-            for a in self._rules.for_measurement(device_id, measurement)
-            if not self._broken or f"{(a.scope or view.own).key}/{a.rule.id}" not in self._broken
-        )
-        stream = view.streams[measurement] = _Stream(trackers, self._shared)
+        applied = self._rules.for_measurement(device_id, measurement)
+        if self._broken:
+            applied = tuple(a for a in applied if _uid(a.scope or view.own, a.rule.id) not in self._broken)
+        stream = view.streams[measurement] = _Stream(applied, view.own, self._shared)
+        if old:  # after a rule change: the trackers carried over keep their state
+            stream.adopt(tuple(self._tracker(view, a, device_id, old) for a in applied))
         return stream
 
     def _tracker(self, view: _View, applied: Applied, device_id: int, old: dict[str, Tracker]) -> Tracker:
@@ -522,9 +545,10 @@ class Evaluator:
         self._broken.add(uid)
         for view in self._views.values():
             for stream in view.streams.values():
-                if any(t.uid == uid for t in stream.trackers):
+                if any(_uid(a.scope or view.own, a.rule.id) == uid for a in stream.applied):
+                    stream.expand()
                     self._benched += [t for t in stream.trackers if t.uid == uid]
-                    stream.replace(tuple(t for t in stream.trackers if t.uid != uid), self._shared)
+                    stream.without(uid, self._shared)
 
     def _event(
         self, kind: EventKind, t: Tracker, alert: str, at: datetime, message: str, details: dict[str, Any]
@@ -629,6 +653,11 @@ class Evaluator:
             now,
             {"reason": "rule_withdrawn"},
         )
+
+
+def _uid(scope: Scope, rule_id: str) -> str:
+    """A rule's id across scopes: where it is defined, and its id there."""
+    return f"{scope.key}/{rule_id}"
 
 
 def _advance(t: Tracker, ts: datetime) -> None:
