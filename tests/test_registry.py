@@ -12,9 +12,25 @@ from tests.tcpproxy import TcpProxy
 from worker.config import Settings
 from worker.decode import registry
 from worker.decode.parse import DeviceRef
-from worker.decode.registry import DatapointBudget, DatapointLimit, DeviceRegistry
+from worker.decode.ranges import ValueRange
+from worker.decode.registry import DatapointBudget, DatapointLimit, Device, DeviceRegistry
 from worker.stores import Stores
 from worker.stores.redis import redis_client
+
+
+def test_a_device_takes_ranges_from_datapoint_rows_and_gives_them_back() -> None:
+    def row(label: str, low: float | None, high: float | None) -> dict[str, object]:
+        return {"label": label, "id": len(label), "min_value": low, "max_value": high}
+
+    first, second = Device(1, None, "active"), Device(2, None, "active")
+    first.absorb([row("t", -40.0, 85.0), row("h", None, None)])  # type: ignore[list-item]
+    assert (first.datapoints, first.ranges) == ({"t": 1, "h": 1}, {"t": ValueRange(-40.0, 85.0)})
+    assert second.ranges == {}  # the empty ranges every device starts with are not shared out
+    first.absorb([row("h", 0.0, 100.0)])  # type: ignore[list-item]
+    assert first.ranges == {"t": ValueRange(-40.0, 85.0), "h": ValueRange(0.0, 100.0)}
+    first.absorb([row("t", None, None), row("h", None, None)])  # type: ignore[list-item]
+    assert first.ranges == {} and first.datapoints == {"t": 1, "h": 1}
+    assert second.ranges == {}
 
 
 def test_negative_cache_purges_expired_entries_and_caps_its_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Mapping
 from itertools import repeat
 
 from schemas.records import (
@@ -165,7 +166,7 @@ class Decoder(MailboxActor[RawMessage]):
         return f"device {device_id} is over {self._rate_limiter.describe()}"
 
 
-def _out_of_range(result: ParsedMessage, ranges: dict[str, ValueRange]) -> str:
+def _out_of_range(result: ParsedMessage, ranges: Mapping[str, ValueRange]) -> str:
     """What lies outside its datapoint's range, as `label=value outside [min, max]`; "" if nothing."""
     texts = result.texts or [None] * len(result.labels)
     return "; ".join(

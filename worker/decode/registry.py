@@ -76,9 +76,11 @@ def _remember_unknown(cache: dict[Any, float], key: Any, now: float) -> None:
     cache[key] = now + NEGATIVE_TTL_S
 
 
-# What almost every device has of expiring labels; a device gets a dict of its own when it
-# has some. A process keeps up to `pipeline.device_cache_size` devices: per device, objects count.
+# What almost every device has of expiring labels and of value ranges; a device gets a dict
+# of its own when it has some. A process keeps up to `pipeline.device_cache_size` devices:
+# per device, objects count.
 _NO_LABELS: Mapping[str, float] = MappingProxyType({})
+_NO_RANGES: Mapping[str, ValueRange] = MappingProxyType({})
 
 
 @dataclass(slots=True)
@@ -87,7 +89,7 @@ class Device:
     user_id: int | None
     status: str
     datapoints: dict[str, int] = field(default_factory=dict)
-    ranges: dict[str, ValueRange] = field(default_factory=dict)  # only labels with a bound
+    ranges: Mapping[str, ValueRange] = field(default_factory=lambda: _NO_RANGES)  # only labels with a bound
     unknown_labels: Mapping[str, float] = field(default_factory=lambda: _NO_LABELS)  # label → expiry
     refused_labels: Mapping[str, float] = field(default_factory=lambda: _NO_LABELS)  # over the budget
     refs: tuple[DeviceRef, ...] = ()  # how topics named it: its Redis cache entries
@@ -95,13 +97,15 @@ class Device:
     def absorb(self, rows: Iterable[asyncpg.Record]) -> None:
         """Take datapoint rows (label, id, min_value, max_value) from PostgreSQL."""
         for row in rows:
-            label = row["label"]
+            label = sys.intern(row["label"])  # asyncpg makes each row's string anew
             self.datapoints[label] = row["id"]
             bounds = ValueRange(row["min_value"], row["max_value"])
-            if bounds == (None, None):
-                self.ranges.pop(label, None)
-            else:
-                self.ranges[label] = bounds
+            if bounds != (None, None):
+                ranges = self.ranges if isinstance(self.ranges, dict) else {}
+                ranges[label] = bounds
+                self.ranges = ranges
+            elif label in self.ranges:
+                self.ranges = {other: b for other, b in self.ranges.items() if other != label} or _NO_RANGES
 
 
 class DatapointLimit(Exception):
@@ -343,14 +347,14 @@ class DeviceRegistry:
         return devices
 
     async def _load_from_postgres(self, refs: set[DeviceRef]) -> dict[DeviceRef, Device]:
-        macs = [ref.value for ref in refs if ref.kind == "mac"]
-        keys = [ref.value for ref in refs if ref.kind == "key"]
-        devices, wanted_macs, wanted_keys = {}, set(macs), set(keys)
+        wanted = _by_value(refs)
+        macs, keys = list(wanted["mac"]), list(wanted["key"])
+        devices = {}
         async with self._pool.acquire() as conn:
             for start in range(0, max(len(macs), len(keys)), LOAD_CHUNK):
                 end = start + LOAD_CHUNK
                 rows = await conn.fetch(_SELECT_DEVICES, macs[start:end], keys[start:end])
-                devices.update(_devices_from_rows(rows, wanted_macs, wanted_keys))
+                devices.update(_devices_from_rows(rows, wanted))
         return devices
 
     async def _insert_devices(self, refs: set[DeviceRef]) -> dict[DeviceRef, Device]:
@@ -369,9 +373,7 @@ class DeviceRegistry:
                 names.append(ref.value)
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(_INSERT_DEVICES, macs, keys, names)
-        wanted_macs = {ref.value for ref in refs if ref.kind == "mac"}
-        wanted_keys = {ref.value for ref in refs if ref.kind == "key"}
-        devices = _devices_from_rows(rows, wanted_macs, wanted_keys)
+        devices = _devices_from_rows(rows, _by_value(refs))
         lost = refs - devices.keys()
         if lost:
             devices.update(await self._load_from_postgres(lost))
@@ -470,9 +472,8 @@ def _devices_from_entries(refs: list[DeviceRef], entries: list[bytes | None]) ->
         if not entry or entry[:1] != b"{":
             continue  # absent, or a hash a worker before 2026-12-02 wrote: PostgreSQL has it
         cached = orjson.loads(entry)
-        ranges = cached["ranges"]  # mostly empty: then the dict orjson made is the device's
-        if ranges:
-            ranges = {label: ValueRange(*bounds) for label, bounds in ranges.items()}
+        bounds = cached["ranges"]  # mostly empty
+        ranges = {label: ValueRange(*pair) for label, pair in bounds.items()} if bounds else _NO_RANGES
         devices[ref] = Device(
             cached["device_id"],
             cached["user_id"],
@@ -484,22 +485,34 @@ def _devices_from_entries(refs: list[DeviceRef], entries: list[bytes | None]) ->
     return devices
 
 
+def _by_value(refs: Iterable[DeviceRef]) -> dict[str, dict[str, DeviceRef]]:
+    """The refs by kind and value: a row names its device by MAC and key."""
+    wanted: dict[str, dict[str, DeviceRef]] = {"mac": {}, "key": {}}
+    for ref in refs:
+        wanted[ref.kind][ref.value] = ref
+    return wanted
+
+
 def _devices_from_rows(
-    rows: Iterable[asyncpg.Record], macs: set[str], keys: set[str]
+    rows: Iterable[asyncpg.Record], wanted: dict[str, dict[str, DeviceRef]]
 ) -> dict[DeviceRef, Device]:
-    """Devices from rows of `_SELECT_DEVICES`, under each of the refs asked for (`macs`,
-    `keys`) that names them."""
+    """Devices from rows of `_SELECT_DEVICES`, under each of the refs asked for (`wanted`,
+    by kind and value) that names them: the very objects the topics hold, so the cache
+    stores no second copy and its lookups compare by identity."""
+    macs, keys = wanted["mac"], wanted["key"]
     devices = {}
     for device_id, mac, key, user_id, status, labels, ids, bounded, mins, maxs in rows:
-        ranges = {label: ValueRange(low, high) for label, low, high in zip(bounded, mins, maxs, strict=True)}
+        ranges: Mapping[str, ValueRange] = (
+            {label: ValueRange(low, high) for label, low, high in zip(bounded, mins, maxs, strict=True)}
+            if bounded
+            else _NO_RANGES
+        )
         # Interned: asyncpg makes each device's label strings anew, 20,000 devices' "temperature"
         # 20,000 strings (orjson, reading the Redis entries, shares them by itself).
         datapoints = dict(zip(map(sys.intern, labels), ids, strict=True))
         device = Device(device_id, user_id, sys.intern(status), datapoints, ranges)
-        if mac in macs:
-            devices[DeviceRef("mac", mac)] = device
-            device.refs += (DeviceRef("mac", mac),)
-        if key in keys:
-            devices[DeviceRef("key", key)] = device
-            device.refs += (DeviceRef("key", key),)
+        for ref in (macs.get(mac), keys.get(key)):
+            if ref is not None:
+                devices[ref] = device
+                device.refs += (ref,)
     return devices
