@@ -45,6 +45,7 @@ from worker.stores.keys import RedisKeys
 
 log = structlog.get_logger("worker.decode.registry")
 T = TypeVar("T")
+V = TypeVar("V")
 
 CACHE_TTL_S = 3600
 NEGATIVE_TTL_S = 30.0
@@ -61,9 +62,9 @@ CACHE_BACKOFF = Backoff(first_s=1.0, cap_s=30.0)  # how long PostgreSQL answers 
 LOAD_CHUNK = 2000
 
 
-def _own(labels: Mapping[str, float]) -> dict[str, float]:
-    """A device's own dict of expiring labels, to write to (never the shared empty one)."""
-    return labels if isinstance(labels, dict) else {}
+def _own(mapping: Mapping[str, V]) -> dict[str, V]:
+    """A device's own dict (of expiring labels, of ranges), to write to (never the shared empty one)."""
+    return mapping if isinstance(mapping, dict) else {}
 
 
 def _remember_unknown(cache: dict[Any, float], key: Any, now: float) -> None:
@@ -101,11 +102,11 @@ class Device:
             self.datapoints[label] = row["id"]
             bounds = ValueRange(row["min_value"], row["max_value"])
             if bounds != (None, None):
-                ranges = self.ranges if isinstance(self.ranges, dict) else {}
+                self.ranges = ranges = _own(self.ranges)
                 ranges[label] = bounds
-                self.ranges = ranges
-            elif label in self.ranges:
-                self.ranges = {other: b for other, b in self.ranges.items() if other != label} or _NO_RANGES
+            elif label in self.ranges:  # so the device has a dict of its own
+                self.ranges = ranges = _own(self.ranges)
+                del ranges[label]
 
 
 class DatapointLimit(Exception):

@@ -86,7 +86,7 @@ class Tracker:
 
     @property
     def uid(self) -> str:
-        return _uid(self.scope, self.rule.id)
+        return f"{self.scope.key}/{self.rule.id}"
 
     def change_rule(self, rule: Definition) -> None:
         """A new definition under the same id: keep the active alert, restart the debounce."""
@@ -134,28 +134,23 @@ class StoredAlert:
 
 
 class _Stream:
-    """The rules on one measurement of one device, and their state: while `quiet`, the
-    stream's own two fields; else a tracker per rule, `trackers[i]` for `applied[i]`."""
+    """The rules on one measurement of one device, and their state: while quiet (no
+    trackers), the stream's own two fields; else a tracker per rule, `trackers[i]` for
+    `applied[i]`."""
 
-    __slots__ = ("applied", "last_ts", "last_value", "own", "plain", "quiet", "rates", "trackers")
+    __slots__ = ("applied", "last_ts", "last_value", "own", "plain", "rates", "trackers")
 
     def __init__(self, applied: tuple[Applied, ...], own: Scope, rules: _SharedRules) -> None:
         self.own = own  # the device's own scope: its device id, and where its own rules live
         self.last_ts: datetime | None = None  # while quiet: every rule's watermark (None: nothing judged)
         self.last_value = 0.0  # while quiet: the previous sample of its rate rules
-        self.quiet = True
         self.trackers: tuple[Tracker, ...] = ()
         self.applied = applied
         self.plain, self.rates = rules.of(applied)
 
-    def adopt(self, trackers: tuple[Tracker, ...]) -> None:
-        """Judge with these trackers (one per rule, in order), each on its own state."""
-        self.quiet = False
-        self.trackers = trackers
-
     def expand(self) -> None:
         """Make the trackers from the shared state: from here on each holds its own."""
-        if not self.quiet:
+        if self.trackers:
             return
         device_id = self.own.ref
         assert device_id is not None  # a device's own scope names it
@@ -168,7 +163,7 @@ class _Stream:
                 t.prev_ts = last_ts
                 t.prev_value = last_value
             trackers.append(t)
-        self.adopt(tuple(trackers))
+        self.trackers = tuple(trackers)
 
     def collapse(self, ts: datetime, value: float) -> None:
         """Take the state back, and drop the trackers, if every one judged this reading and is quiet."""
@@ -177,14 +172,13 @@ class _Stream:
                 return
             if not t.plain and (t.prev_ts != ts or t.prev_value != value):
                 return
-        self.quiet = True
         self.trackers = ()
         self.last_ts = ts
         self.last_value = value
 
     def without(self, uid: str, rules: _SharedRules) -> None:
         """The stream with rule `uid` left out (expanded first, so no state is lost)."""
-        keep = [i for i, a in enumerate(self.applied) if _uid(a.scope or self.own, a.rule.id) != uid]
+        keep = [i for i, a in enumerate(self.applied) if a.uid(self.own) != uid]
         self.applied = tuple(self.applied[i] for i in keep)
         self.trackers = tuple(self.trackers[i] for i in keep)
         self.plain, self.rates = rules.of(self.applied)
@@ -290,7 +284,7 @@ class Evaluator:
             value = reading.value
             if value != value or not stream.applied:  # NaN: neither a breach nor an all-clear
                 continue
-            if stream.quiet:
+            if not stream.trackers:  # quiet
                 # Inline, because this runs for every reading: nothing pending on any rule
                 # and no breach now is nearly every sample.
                 last = stream.last_ts
@@ -516,10 +510,10 @@ class Evaluator:
     ) -> _Stream:
         applied = self._rules.for_measurement(device_id, measurement)
         if self._broken:
-            applied = tuple(a for a in applied if _uid(a.scope or view.own, a.rule.id) not in self._broken)
+            applied = tuple(a for a in applied if a.uid(view.own) not in self._broken)
         stream = view.streams[measurement] = _Stream(applied, view.own, self._shared)
         if old:  # after a rule change: the trackers carried over keep their state
-            stream.adopt(tuple(self._tracker(view, a, device_id, old) for a in applied))
+            stream.trackers = tuple(self._tracker(view, a, device_id, old) for a in applied)
         return stream
 
     def _tracker(self, view: _View, applied: Applied, device_id: int, old: dict[str, Tracker]) -> Tracker:
@@ -545,7 +539,7 @@ class Evaluator:
         self._broken.add(uid)
         for view in self._views.values():
             for stream in view.streams.values():
-                if any(_uid(a.scope or view.own, a.rule.id) == uid for a in stream.applied):
+                if any(a.uid(view.own) == uid for a in stream.applied):
                     stream.expand()
                     self._benched += [t for t in stream.trackers if t.uid == uid]
                     stream.without(uid, self._shared)
@@ -653,11 +647,6 @@ class Evaluator:
             now,
             {"reason": "rule_withdrawn"},
         )
-
-
-def _uid(scope: Scope, rule_id: str) -> str:
-    """A rule's id across scopes: where it is defined, and its id there."""
-    return f"{scope.key}/{rule_id}"
 
 
 def _advance(t: Tracker, ts: datetime) -> None:

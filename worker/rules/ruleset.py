@@ -34,6 +34,10 @@ class Applied(NamedTuple):
     rule: Definition
     scope: Scope | None
 
+    def uid(self, own: Scope) -> str:
+        """Unique across scopes, as `Rule.uid`; `own` is the device's own scope."""
+        return f"{(self.scope or own).key}/{self.rule.id}"
+
 
 @dataclass(slots=True)
 class _Effective:

@@ -63,7 +63,8 @@ def fleet_messages(fleets: list[int], counts: list[int]) -> list[list[RawMessage
     codecs = load_codecs()
     now = time.time()
     result = []
-    for first, devices, count in zip(itertools.accumulate(fleets, initial=0), fleets, counts, strict=False):
+    firsts = itertools.accumulate(fleets[:-1], initial=0)  # each fleet after the ones before
+    for first, devices, count in zip(firsts, fleets, counts, strict=True):
         stream = message_stream(build_fleet(devices, "climate", first=first), codecs, "climate")
         result.append([
             RawMessage(topic, payload, now, AckToken(0, mid % 65_535 + 1))
