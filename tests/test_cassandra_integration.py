@@ -1,10 +1,9 @@
 """The Cassandra backend against a real Cassandra: migrate, write, read back, TTL, redelivery,
 paging, rollups into aggregated_data, device reports and the hot-state rebuild read from Cassandra.
 
-Run when IOTFLOW_TEST_CASSANDRA_HOSTS names one (`docker compose --profile full up -d
-cassandra`, then IOTFLOW_TEST_CASSANDRA_HOSTS=127.0.0.1; docs/storage.md); skipped
-otherwise, as on a machine without a Cassandra. Each test works in a keyspace of its
-own, dropped afterwards.
+The suite's own Cassandra 5.0 node (tests/conftest.py), or the one
+IOTFLOW_TEST_CASSANDRA_HOSTS names. Each test works in a keyspace of its own, dropped
+afterwards.
 """
 
 from __future__ import annotations
@@ -30,22 +29,17 @@ from worker.stores.cassandra import CassandraStore
 from worker.stores.cassandra_schema import TABLES, migrate_cassandra, schema_problem
 from worker.stores.timeseries import read_device
 
-HOSTS = os.environ.get("IOTFLOW_TEST_CASSANDRA_HOSTS", "")
-pytestmark = pytest.mark.skipif(
-    not HOSTS, reason="needs a Cassandra server: set IOTFLOW_TEST_CASSANDRA_HOSTS (none on this machine)"
-)
-
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-async def cstores(settings: Settings) -> AsyncIterator[Stores]:
+async def cstores(settings: Settings, cassandra_hosts: str) -> AsyncIterator[Stores]:
     """The stores with Cassandra as the time-series backend, in a fresh migrated keyspace."""
     keyspace = f"test_{uuid.uuid4().hex[:10]}"
-    port = HOSTS.split(",")[0].partition(":")[2]
+    port = cassandra_hosts.split(",")[0].partition(":")[2]
     cassandra = replace(
         settings.cassandra,
-        hosts=[h.split(":")[0] for h in HOSTS.split(",")],
+        hosts=[h.split(":")[0] for h in cassandra_hosts.split(",")],
         port=int(port or 9042),
         keyspace=keyspace,
         consistency="one",

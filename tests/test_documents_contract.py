@@ -10,7 +10,6 @@ device metadata and the near query.
 from __future__ import annotations
 
 import math
-import os
 import random
 import socket
 import uuid
@@ -40,9 +39,6 @@ from worker.stores.migrate import migrate_documents
 
 from .test_rules_cli import Cli
 
-MONGODB_URL = os.environ.get("IOTFLOW_TEST_MONGODB_URL", "")
-NO_MONGODB = "no MongoDB here: set IOTFLOW_TEST_MONGODB_URL=mongodb://localhost:27017 (docs/storage.md)"
-
 
 @pytest.fixture(params=["postgres", "mongodb"])
 async def backend_settings(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Settings]:
@@ -50,12 +46,10 @@ async def backend_settings(request: pytest.FixtureRequest, settings: Settings) -
     if request.param == "postgres":
         yield settings
         return
-    if not MONGODB_URL:
-        pytest.skip(NO_MONGODB)
     documents = replace(
         settings.documents,
         backend="mongodb",
-        mongodb_url=MONGODB_URL,
+        mongodb_url=request.getfixturevalue("mongodb_url"),
         mongodb_database=f"iotflow_test_{uuid.uuid4().hex[:10]}",
     )
     mongo = replace(settings, documents=documents)

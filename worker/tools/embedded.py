@@ -44,7 +44,7 @@ from typing import IO, Any
 
 import structlog
 
-__all__ = ["EmbeddedServiceError", "EmbeddedServices", "ServiceUrls", "free_port"]
+__all__ = ["EmbeddedServiceError", "EmbeddedServices", "ServiceUrls", "die_with_parent", "free_port"]
 
 log = structlog.get_logger(__name__)
 
@@ -205,7 +205,7 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _pdeathsig_preexec(sig: int) -> Callable[[], None] | None:
+def die_with_parent(sig: int) -> Callable[[], None] | None:
     """preexec_fn asking Linux to send `sig` to the child when its parent dies.
 
     The signal fires when the *thread* that forked exits, so only arrange it from the main thread.
@@ -441,7 +441,7 @@ class EmbeddedServices:
         extra: dict[str, Any] = {}
         if run_as is not None:
             extra = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
-        preexec = _pdeathsig_preexec(stop_signal) if self.die_with_parent else None
+        preexec = die_with_parent(stop_signal) if self.die_with_parent else None
         with open(log_path, "ab") as log_file:
             log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {service}\n".encode())
             log_file.flush()

@@ -1,0 +1,109 @@
+"""Apache Kafka 4, one KRaft node (broker and controller), from `org.apache.kafka:kafka_2.13`
+on Maven Central, its storage formatted by Kafka's own StorageTool."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import struct
+import subprocess
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from worker.tools.embedded import free_port
+from worker.tools.servers.process import ServerProcess
+from worker.tools.servers.toolchains import find_java, maven_classpath
+
+__all__ = ["KAFKA_VERSION", "KafkaServer"]
+
+KAFKA_VERSION = "4.4.0"
+# Kafka logs through SLF4J 1.x; this binding sends it to log4j2 (warnings and up, to the log file).
+_LOGGING = "org.apache.logging.log4j:log4j-slf4j-impl:2.25.5"
+
+SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={directory}/log
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+"""
+
+
+def _metadata_request() -> bytes:
+    """Metadata v1 for no topic (an empty array: v1 reads null as "all"); client id "probe"."""
+    body = struct.pack("!hhih", 3, 1, 1, 5) + b"probe" + struct.pack("!i", 0)
+    return struct.pack("!i", len(body)) + body
+
+
+class KafkaServer(ServerProcess):
+    """One KRaft node on free loopback ports, heap 512 MB; its log survives `kill` and `start`."""
+
+    name = "kafka"
+    heap = "512m"
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.port = free_port()
+        self.controller_port = free_port()
+        self._java = find_java()
+        self._classpath = maven_classpath("kafka", [f"org.apache.kafka:kafka_2.13:{KAFKA_VERSION}", _LOGGING])
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _java_command(self, heap: str, *arguments: str) -> list[str]:
+        return [
+            self._java,
+            f"-Xms{heap}",
+            f"-Xmx{heap}",
+            "-Dlog4j2.level=WARN",
+            "-cp",
+            self._classpath,
+            *arguments,
+        ]
+
+    def prepare(self) -> None:
+        properties = self.directory / "server.properties"
+        properties.write_text(
+            SERVER_PROPERTIES.format(
+                port=self.port, controller_port=self.controller_port, directory=self.directory
+            )
+        )
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        format_storage = self._java_command(
+            "256m", "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)
+        )
+        result = subprocess.run(format_storage, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"kafka storage format failed: {result.stdout[-1500:]}{result.stderr[-1500:]}")
+
+    def command(self) -> Sequence[str]:
+        return self._java_command(self.heap, "kafka.Kafka", str(self.directory / "server.properties"))
+
+    def problem(self) -> str | None:
+        """Served once a Metadata answer lists the broker (registered with its controller)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                sock.sendall(_metadata_request())
+                answer = sock.recv(16)
+        except OSError as exc:
+            return str(exc)
+        if len(answer) >= 12:
+            (brokers,) = struct.unpack("!i", answer[8:12])
+            return None if brokers > 0 else "no broker registered yet"
+        return f"Metadata answered {answer.hex()}"
