@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ServerUnavailable", "build_go_command", "cache_dir", "find_java", "maven_classpath"]
+__all__ = ["ServerUnavailable", "build_go_command", "cache_dir", "find_java", "java_major", "maven_classpath"]
 
 # Cassandra 5.0 refuses Java 24 and newer; Kafka 4 needs 17 or newer.
 JAVA_MIN, JAVA_MAX = 17, 23
@@ -42,7 +42,8 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
 
 
-def _java_major(java: str) -> int | None:
+def java_major(java: str) -> int | None:
+    """The major version `java -version` reports (8 for "1.8"), None if it does not run."""
     try:
         result = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -63,7 +64,7 @@ def find_java() -> str:
         candidates.append(on_path)
     candidates += sorted(str(p) for p in Path("/usr/lib/jvm").glob("*/bin/java"))
     for java in candidates:
-        major = _java_major(java)
+        major = java_major(java)
         if major is not None and JAVA_MIN <= major <= JAVA_MAX:
             return java
     raise ServerUnavailable(
