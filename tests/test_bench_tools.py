@@ -11,8 +11,10 @@ import asyncpg
 import orjson
 
 from worker.config import Settings
+from worker.tools import documents_bench
 from worker.tools.bench import Publishers, _children, cpu_seconds
 from worker.tools.fleet_bench import fleet_messages
+from worker.tools.servers import FerretDBServer
 
 
 def test_the_ceiling_takes_and_acknowledges_every_message_two_publishers_send(settings: Settings) -> None:
@@ -186,3 +188,11 @@ async def _schemas(settings: Settings, pattern: str) -> int:
         return count
     finally:
         await conn.close()
+
+
+async def test_the_documents_bench_stores_every_document_it_counts(ferretdb_server: FerretDBServer) -> None:
+    result = await documents_bench.run(ferretdb_server.url, 300, 40, ferretdb_server.pid)
+    assert result.documents == 300 and result.seconds > 0
+    assert result.server_cpu_s is not None and result.server_cpu_s >= 0
+    line = result.line()
+    assert line.startswith("documents=300 ") and "inserts_per_s=" in line and "server_cpu_s_per_100k=" in line

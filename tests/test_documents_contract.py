@@ -1,5 +1,6 @@
 """The document store's contract, one suite for both backends: PostgreSQL JSONB always,
-MongoDB when IOTFLOW_TEST_MONGODB_URL names a server (docs/storage.md says how to run it).
+and the MongoDB backend against IOTFLOW_TEST_MONGODB_URL or the suite's own FerretDB 1.24
+(docs/storage.md, "MongoDB or FerretDB", says how to run it and what FerretDB refuses).
 
 Rules, jobs and the CLI go through `DocumentStore` only, so what passes here on both
 backends behaves the same on either: write and read back, redelivery, natural keys,
@@ -22,6 +23,8 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from jobs.context import JobResources
+from jobs.retention import apply_retention
 from schemas.mongo import DAY_S, EVENT_LOGS_TTL, RESOLVED_ALERTS_TTL, mongo_indexes
 from worker.cli.devices import BadInput, MetadataChange, devices_near, get_metadata, set_metadata
 from worker.config import Settings
@@ -29,15 +32,26 @@ from worker.rules.events import parse_time
 from worker.stores import Stores, open_stores
 from worker.stores.documents import (
     EARTH_RADIUS_KM,
+    DocumentStore,
     MongoDocumentStore,
     bounding_box,
     distance_km,
     inserted_despite,
     same_definition,
 )
-from worker.stores.migrate import migrate_documents
+from worker.stores.migrate import migrate_documents, server_name
+from worker.tools.servers import FerretDBServer
 
 from .test_rules_cli import Cli
+
+# What FerretDB 1.24 refuses of `iotflow migrate`'s indexes (partial, TTL, 2dsphere).
+FERRETDB_REFUSES = {"event_logs_pending", EVENT_LOGS_TTL, RESOLVED_ALERTS_TTL, "device_metadata_location"}
+
+
+async def _on_ferretdb(docs: DocumentStore) -> bool:
+    """Whether the MongoDB backend's server is FerretDB: what a test expects of it (the daemon
+    itself goes by the server's answers)."""
+    return isinstance(docs, MongoDocumentStore) and "ferretdbVersion" in await docs.server_info()
 
 
 @pytest.fixture(params=["postgres", "mongodb"])
@@ -210,6 +224,36 @@ async def test_count_per_device_in_a_time_range(docs_stores: Stores) -> None:
     assert resolved == {1: 1}
 
 
+async def test_the_retention_job_expires_documents_by_their_own_times(docs_stores: Stores) -> None:
+    """Expiry on every backend: the job deletes what is past its kind's age, by `created_at`;
+    on a server without TTL indexes (PostgreSQL, FerretDB) it is the only expiry."""
+    docs = docs_stores.documents
+    jobs = docs_stores.settings.jobs
+    now = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    past_logs = now - timedelta(days=jobs.retention_event_logs_days, seconds=1)
+    past_alerts = now - timedelta(days=jobs.retention_resolved_alerts_days, seconds=1)
+    await docs.insert_many(
+        "event_logs",
+        {"old": {"created_at": past_logs}, "new": {"created_at": now - timedelta(days=1)}, "timeless": {}},
+    )
+    await docs.insert_many(
+        "alerts",
+        {
+            "resolved-old": {"status": "resolved", "created_at": past_alerts},
+            "active-old": {"status": "active", "created_at": past_alerts},
+            "resolved-new": {"status": "resolved", "created_at": now - timedelta(days=1)},
+        },
+    )
+    removed = {item.kind: item.rows for item in await apply_retention(JobResources.of(docs_stores), now)}
+    assert removed["event_logs"] == 1 and removed["resolved_alerts"] == 1
+    assert [d["_id"] for d in await docs.find("event_logs")] == ["new", "timeless"]
+    assert [d["_id"] for d in await docs.find("alerts")] == ["active-old", "resolved-new"]
+    if await _on_ferretdb(docs):
+        assert isinstance(docs, MongoDocumentStore)
+        for collection in ("event_logs", "alerts"):  # nothing else expires them there
+            assert not any("expireAfterSeconds" in ix for ix in (await docs.indexes(collection)).values())
+
+
 # --- indexes and TTLs ---------------------------------------------------------------------------------
 
 
@@ -220,9 +264,17 @@ async def test_the_indexes_are_present(docs_stores: Stores) -> None:
     )
     docs = docs_stores.documents
     if isinstance(docs, MongoDocumentStore):
+        refused = FERRETDB_REFUSES if await _on_ferretdb(docs) else set()
         for index in wanted:
-            have = (await docs.indexes(index.collection)).get(index.name)
-            assert have is not None and same_definition(have, index), (index, have)
+            have = await docs.indexes(index.collection)
+            if index.name in refused:  # absent, and its stand-in there instead
+                assert index.name not in have and index.instead, index
+                if index.fallback is not None:
+                    assert same_definition(have[index.fallback.name], index.fallback)
+                continue
+            assert index.name in have and same_definition(have[index.name], index), (index, have)
+            if index.fallback is not None:
+                assert index.fallback.name not in have  # only where the index itself is refused
         return
     names = {
         row["indexname"]
@@ -255,6 +307,11 @@ async def test_ttl_follows_the_retention_settings(docs_stores: Stores) -> None:
         )
         assert "documents_doc_created" in " ".join(row[0] for row in plan)
         return
+    if await _on_ferretdb(docs):
+        pytest.skip(
+            "needs a real mongod: FerretDB 1.24 refuses TTL indexes (its expiry is the retention "
+            "job's, test_the_retention_job_expires_documents_by_their_own_times)"
+        )
 
     async def ttl(collection: str, name: str) -> int | None:
         have = (await docs.indexes(collection)).get(name)
@@ -331,6 +388,93 @@ async def test_near_finds_devices_within_the_distance_nearest_first(docs_stores:
     polar = await devices_near(docs_stores, 180.0, 89.9, km=30)
     assert [e["device_id"] for e in polar] == [ids[4]] and 22 < polar[0]["distance_km"] < 23
     assert await devices_near(docs_stores, 0.0, -45.0, km=100) == []
+
+
+@pytest.mark.parametrize("backend_settings", ["mongodb"], indirect=True)
+async def test_near_without_a_2dsphere_index_reads_a_bounding_box(docs_stores: Stores) -> None:
+    """Where the server has no 2dsphere index (FerretDB refuses it; here also dropped on a
+    MongoDB that has it), `near` gives the same answers as `$nearSphere` would."""
+    docs = docs_stores.documents
+    assert isinstance(docs, MongoDocumentStore)
+    with_index = await docs.has_geo_index("device_metadata")
+    ids = await _fleet(docs_stores.postgres)
+    for device, place in zip(ids, [BERLIN, POTSDAM, HAMBURG, (179.9, 0.0)], strict=False):
+        await set_metadata(docs_stores, str(device), MetadataChange(location=place))
+    await docs.insert("device_metadata", "lineless", {"device_id": -1, "location": {"type": "LineString"}})
+    queries = [(*BERLIN, 30.0), (*BERLIN, 300.0), (-179.9, 0.0, 30.0), (0.0, -45.0, 100.0)]
+    expected = [[ids[0], ids[1]], ids[:3], [ids[3]], []]
+    if with_index:  # a real mongod: $nearSphere's answers, then the box's
+        assert [
+            [d["device_id"] for _, d in await docs.near("device_metadata", *q)] for q in queries
+        ] == expected
+        await docs._db["device_metadata"].drop_index("device_metadata_location")
+        assert not await docs.has_geo_index("device_metadata")
+    found = [await docs.near("device_metadata", *q) for q in queries]
+    assert [[d["device_id"] for _, d in answer] for answer in found] == expected
+    assert 27.1 < found[0][1][0] < 27.3
+    assert [d["device_id"] for _, d in await docs.near("device_metadata", *BERLIN, 300.0, limit=2)] == ids[:2]
+
+
+@pytest.mark.parametrize("backend_settings", ["mongodb"], indirect=True)
+async def test_near_uses_the_2dsphere_index_on_a_server_that_has_one(docs_stores: Stores) -> None:
+    docs = docs_stores.documents
+    assert isinstance(docs, MongoDocumentStore)
+    if await _on_ferretdb(docs):
+        pytest.skip("needs a real mongod: FerretDB 1.24 has no 2dsphere index (its near is the box's)")
+    assert await docs.has_geo_index("device_metadata")
+
+
+async def test_migrate_on_ferretdb_says_one_line_per_refused_index_and_creates_the_rest(
+    settings: Settings,
+    ferretdb_server: FerretDBServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`iotflow migrate` against FerretDB 1.24: exit 0, one warning per refused index (what,
+    the server's reason, what is done instead), every other index and the stand-in created;
+    the same on a rerun, and with a retention of 0 the TTL indexes are not asked for."""
+    documents = replace(
+        settings.documents,
+        backend="mongodb",
+        mongodb_url=ferretdb_server.url,
+        mongodb_database=f"iotflow_test_{uuid.uuid4().hex[:10]}",
+    )
+    cli = Cli(settings, monkeypatch, capsys)
+    monkeypatch.setenv("IOTFLOW_DOCUMENTS_BACKEND", "mongodb")
+    monkeypatch.setenv("IOTFLOW_DOCUMENTS_MONGODB_URL", documents.mongodb_url)
+    monkeypatch.setenv("IOTFLOW_DOCUMENTS_MONGODB_DATABASE", documents.mongodb_database)
+    store = MongoDocumentStore(documents)
+    try:
+        for retention, refused in [
+            ("90", FERRETDB_REFUSES),
+            ("90", FERRETDB_REFUSES),
+            ("0", FERRETDB_REFUSES - {EVENT_LOGS_TTL, RESOLVED_ALERTS_TTL}),
+        ]:
+            monkeypatch.setenv("IOTFLOW_JOBS_RETENTION_EVENT_LOGS_DAYS", retention)
+            monkeypatch.setenv("IOTFLOW_JOBS_RETENTION_RESOLVED_ALERTS_DAYS", retention)
+            with capture_logs() as logs:
+                code, _, _ = await cli("migrate")
+            assert code == 0
+            lines = [entry for entry in logs if entry["event"] == "migrate.mongodb_index_refused"]
+            assert sorted(line["index"] for line in lines) == sorted(refused)  # one each
+            for line in lines:
+                assert line["log_level"] == "warning" and line["reason"] and line["instead"], line
+            (pending,) = [line for line in lines if line["index"] == "event_logs_pending"]
+            assert (
+                "partialFilterExpression" in pending["reason"] and "event_logs_notified" in pending["instead"]
+            )
+            assert not [entry for entry in logs if entry["log_level"] == "error"]
+        wanted = {i.name: i for i in mongo_indexes(0, 0)}
+        for collection in {index.collection for index in wanted.values()}:
+            have = await store.indexes(collection)
+            for name, index in wanted.items():
+                if index.collection == collection and name not in FERRETDB_REFUSES:
+                    assert same_definition(have[name], index)
+        assert "event_logs_notified" in await store.indexes("event_logs")
+        assert server_name(await store.server_info()).startswith("FerretDB v1.24")  # in migrate's last line
+    finally:
+        await store.drop_database()
+        await store.close()
 
 
 async def test_the_cli_answers_the_same_on_either_backend(

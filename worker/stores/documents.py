@@ -17,14 +17,15 @@ One contract, tested on both backends (tests/test_documents_contract.py):
 - datetimes come back as datetimes from MongoDB (millisecond precision) and as ISO-8601
   text from PostgreSQL; `worker.rules.events.parse_time` reads either;
 - `near` finds documents whose GeoJSON `location` is within a distance: MongoDB's
-  `$nearSphere` on the 2dsphere index; PostgreSQL a bounding box on an index of the
-  coordinates, then the exact distance on the sphere MongoDB uses.
+  `$nearSphere` on the 2dsphere index; PostgreSQL, and a MongoDB-protocol server without
+  that index (FerretDB refuses it), a bounding box on the coordinates, then the exact
+  distance on the sphere MongoDB uses.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -153,6 +154,20 @@ def point_of(doc: Mapping[str, Any]) -> tuple[float, float] | None:
     if not isinstance(coordinates, list) or len(coordinates) != 2:
         return None
     return float(coordinates[0]), float(coordinates[1])
+
+
+def nearest(
+    candidates: Iterable[Document], lon: float, lat: float, km: float, limit: int
+) -> list[tuple[float, Document]]:
+    """(distance, document) of the candidates within `km` of (lon, lat), nearest first (ties by
+    key), at most `limit`: what a bounding box's candidates become."""
+    found = []
+    for doc in candidates:
+        point = point_of(doc)
+        if point is not None and (distance := distance_km(lon, lat, *point)) <= km:
+            found.append((distance, doc))
+    found.sort(key=lambda item: (item[0], item[1]["_id"]))
+    return found[:limit]
 
 
 def _json_default(value: Any) -> Any:
@@ -336,14 +351,8 @@ class PostgresDocumentStore:
             west2,
             east2,
         )
-        found = []
-        for row in rows:
-            doc = {"_id": row["key"], **orjson.loads(row["doc"])}
-            point = point_of(doc)
-            if point is not None and (distance := distance_km(lon, lat, *point)) <= km:
-                found.append((distance, doc))
-        found.sort(key=lambda item: (item[0], item[1]["_id"]))
-        return found[:limit]
+        candidates = ({"_id": row["key"], **orjson.loads(row["doc"])} for row in rows)
+        return nearest(candidates, lon, lat, km, limit)
 
     async def change_marker(self, collection: str) -> str | None:
         marker: str = await self._pool.fetchval(
@@ -464,6 +473,8 @@ class MongoDocumentStore:
     async def near(
         self, collection: str, lon: float, lat: float, km: float, *, limit: int = 100
     ) -> list[tuple[float, Document]]:
+        if not await self.has_geo_index(collection):
+            return await self._near_in_box(collection, lon, lat, km, limit)
         # $nearSphere needs the 2dsphere index (schemas/mongo.py) and returns nearest first;
         # $maxDistance is in metres for a GeoJSON point.
         query = {
@@ -481,16 +492,35 @@ class MongoDocumentStore:
                 found.append((distance_km(lon, lat, *point), doc))
         return found
 
+    async def _near_in_box(
+        self, collection: str, lon: float, lat: float, km: float, limit: int
+    ) -> list[tuple[float, Document]]:
+        """`near` without a 2dsphere index (a server that refused it, as FerretDB does): the
+        PostgreSQL backend's way, candidates in the bounding box, then the exact distance.
+        Asked per call rather than remembered: a later `migrate` may add the index, and one
+        `listIndexes` is nothing beside an interactive query."""
+        lat_min, lat_max, lon_ranges = bounding_box(lon, lat, km)
+        query = {
+            "location.type": "Point",
+            "location.coordinates.1": {"$gte": lat_min, "$lte": lat_max},
+            "$or": [{"location.coordinates.0": {"$gte": west, "$lte": east}} for west, east in lon_ranges],
+        }
+        return nearest([doc async for doc in self._db[collection].find(query)], lon, lat, km, limit)
+
     async def change_marker(self, collection: str) -> str | None:
         return None  # no cheap "last changed" per collection; a change stream would be the way
 
     async def apply_indexes(
         self, indexes: Sequence[MongoIndex], unwanted: Collection[tuple[str, str]]
-    ) -> None:
+    ) -> list[MongoIndex]:
         """Make the collections' indexes what `indexes` says (`iotflow migrate`): create the
         missing ones, change a TTL in place (`collMod`), rebuild one whose definition changed,
-        and drop the `unwanted` (collection, name) pairs that exist (TTLs turned off)."""
-        from pymongo import IndexModel
+        and drop the `unwanted` (collection, name) pairs that exist (TTLs turned off).
+
+        An index the server refuses (`refused_by_server`) is not an error: one warning line
+        says what was refused, the server's reason and what the daemon does instead; its
+        fallback index, if it names one, is created in its place. Returns the refused ones."""
+        from pymongo.errors import OperationFailure
 
         collections = {index.collection for index in indexes} | {c for c, _ in unwanted}
         existing = {c: await self.indexes(c) for c in collections}
@@ -498,28 +528,67 @@ class MongoDocumentStore:
             if name in existing[collection]:
                 await self._db[collection].drop_index(name)
                 log.info("migrate.mongodb_index_dropped", collection=collection, index=name)
+        refused = []
         for index in indexes:
-            have = existing[index.collection].get(index.name)
-            if have is not None and same_definition(have, index):
-                if have.get("expireAfterSeconds") != index.expire_after_s:
-                    await self._db.command(
-                        "collMod",
-                        index.collection,
-                        index={"name": index.name, "expireAfterSeconds": index.expire_after_s},
-                    )
-                    log.info("migrate.mongodb_ttl_changed", index=index.name, seconds=index.expire_after_s)
+            have = existing[index.collection]
+            try:
+                await self._ensure_index(index, have.get(index.name))
+            except OperationFailure as exc:
+                if not refused_by_server(exc):
+                    raise
+                refused.append(index)
+                log.warning(
+                    "migrate.mongodb_index_refused",
+                    collection=index.collection,
+                    index=index.name,
+                    reason=" ".join(str(exc.details.get("errmsg") if exc.details else exc).split()),
+                    code=exc.code,
+                    instead=index.instead,
+                )
+                if index.fallback is not None:
+                    await self._ensure_index(index.fallback, have.get(index.fallback.name))
                 continue
-            if have is not None:  # same name, other keys or options: ours, so rebuild it
-                await self._db[index.collection].drop_index(index.name)
-            options: dict[str, Any] = {"name": index.name}
-            if index.unique:
-                options["unique"] = True
-            if index.partial is not None:
-                options["partialFilterExpression"] = index.partial
-            if index.expire_after_s is not None:
-                options["expireAfterSeconds"] = index.expire_after_s
-            await self._db[index.collection].create_indexes([IndexModel(list(index.keys), **options)])
-            log.info("migrate.mongodb_index", collection=index.collection, index=index.name)
+            if index.fallback is not None and index.fallback.name in have:
+                # The server took the index itself now (an upgrade): its stand-in goes.
+                await self._db[index.collection].drop_index(index.fallback.name)
+                log.info(
+                    "migrate.mongodb_index_dropped", collection=index.collection, index=index.fallback.name
+                )
+        return refused
+
+    async def _ensure_index(self, index: MongoIndex, have: Document | None) -> None:
+        from pymongo import IndexModel
+
+        if have is not None and same_definition(have, index):
+            if have.get("expireAfterSeconds") != index.expire_after_s:
+                await self._db.command(
+                    "collMod",
+                    index.collection,
+                    index={"name": index.name, "expireAfterSeconds": index.expire_after_s},
+                )
+                log.info("migrate.mongodb_ttl_changed", index=index.name, seconds=index.expire_after_s)
+            return
+        if have is not None:  # same name, other keys or options: ours, so rebuild it
+            await self._db[index.collection].drop_index(index.name)
+        options: dict[str, Any] = {"name": index.name}
+        if index.unique:
+            options["unique"] = True
+        if index.partial is not None:
+            options["partialFilterExpression"] = index.partial
+        if index.expire_after_s is not None:
+            options["expireAfterSeconds"] = index.expire_after_s
+        await self._db[index.collection].create_indexes([IndexModel(list(index.keys), **options)])
+        log.info("migrate.mongodb_index", collection=index.collection, index=index.name)
+
+    async def has_geo_index(self, collection: str) -> bool:
+        """Whether `location` has a 2dsphere index, which `$nearSphere` needs."""
+        return any(
+            doc["key"].get("location") == "2dsphere" for doc in (await self.indexes(collection)).values()
+        )
+
+    async def server_info(self) -> Document:
+        """`buildInfo`: the version, and `ferretdbVersion` on FerretDB (for migrate's summary line)."""
+        return dict(await self._client.admin.command("buildInfo"))
 
     async def indexes(self, collection: str) -> dict[str, Document]:
         """The collection's indexes as `listIndexes` describes them, by name."""
@@ -546,6 +615,23 @@ def inserted_despite(keys: Sequence[str], details: Mapping[str, Any]) -> set[str
     if details.get("writeConcernErrors") or any(error.get("code") != DUPLICATE_KEY for error in errors):
         return None
     return set(keys) - {keys[error["index"]] for error in errors}
+
+
+# What a MongoDB-protocol server answers for an index kind or command it lacks. The answer,
+# not the server's name, decides: FerretDB 2 (on DocumentDB) has TTL and partial indexes that
+# 1.x refuses, and other servers (DocumentDB, Cosmos DB) refuse other kinds; asking each
+# index is exact for whatever server is there, and a real MongoDB never gives these codes
+# for our definitions (a mistake in them, e.g. conflicting options, is still an error).
+NOT_IMPLEMENTED = 238  # FerretDB: partialFilterExpression, expireAfterSeconds, collMod
+COMMAND_NOT_FOUND = 59
+COMMAND_NOT_SUPPORTED = 115
+INDEX_NOT_FOUND = 27  # FerretDB 1.24's answer to an index type it lacks ("2dsphere")
+REFUSED_CODES = frozenset({NOT_IMPLEMENTED, COMMAND_NOT_FOUND, COMMAND_NOT_SUPPORTED, INDEX_NOT_FOUND})
+
+
+def refused_by_server(exc: Exception) -> bool:
+    """Whether `exc` (a PyMongo OperationFailure) is the server saying it lacks the feature."""
+    return getattr(exc, "code", None) in REFUSED_CODES
 
 
 def same_definition(have: Mapping[str, Any], index: MongoIndex) -> bool:

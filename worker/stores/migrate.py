@@ -8,10 +8,11 @@ every run instead: their TTLs follow the retention settings, which may have chan
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from typing import Any
 
 import asyncpg
 import structlog
@@ -251,11 +252,26 @@ async def migrate_documents(settings: Settings) -> bool:
     store = MongoDocumentStore(settings.documents)
     try:
         await store.ping()
-        await store.apply_indexes(indexes, TTL_INDEXES - {(i.collection, i.name) for i in indexes})
+        server = server_name(await store.server_info())
+        refused = await store.apply_indexes(indexes, TTL_INDEXES - {(i.collection, i.name) for i in indexes})
     finally:
         await store.close()
-    log.info("migrate.mongodb_done", database=settings.documents.mongodb_database, indexes=len(indexes))
+    log.info(
+        "migrate.mongodb_done",
+        database=settings.documents.mongodb_database,
+        server=server,
+        indexes=len(indexes) - len(refused),
+        refused=[index.name for index in refused],
+    )
     return True
+
+
+def server_name(info: Mapping[str, Any]) -> str:
+    """ "FerretDB v1.24.2" or "MongoDB 7.0.14", from `buildInfo` (for the operator's eyes only:
+    what the server refuses is decided by its answers, worker/stores/documents.py)."""
+    if "ferretdbVersion" in info:
+        return f"FerretDB {info['ferretdbVersion']}"
+    return f"MongoDB {info.get('version', '?')}"
 
 
 async def schema_problem(pool: asyncpg.Pool, schema: str) -> str | None:
