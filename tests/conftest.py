@@ -21,8 +21,9 @@ import signal
 import tempfile
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -250,11 +251,11 @@ def unavailable(reason: str) -> NoReturn:
 
 
 @contextlib.contextmanager
-def _session_server(cls: type[Server], name: str) -> Iterator[Server]:
+def _session_server(make: Callable[[Path], Server], name: str) -> Iterator[Server]:
     """One server of the suite's own for the whole session, stopped at its end."""
     with services_dir(name) as directory:
         try:
-            server = cls(directory)
+            server = make(directory)
         except ServerUnavailable as exc:
             unavailable(f"{name}: {exc}")
         with server:
@@ -267,8 +268,11 @@ def _session_server(cls: type[Server], name: str) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def cassandra_server() -> Iterator[CassandraServer]:
-    """The suite's own Cassandra 5.0 node (tests that kill and restart it ask for this one)."""
-    with _session_server(CassandraServer, "cassandra") as server:
+    """The suite's own Cassandra 5.0 node (tests that kill and restart it ask for this one).
+    Its commit log is synced before each acknowledgement: with Cassandra's default (periodic,
+    10 s) a kill -9 of the one node loses writes it acknowledged, which a test of the worker's
+    recovery must not mistake for the worker's loss (docs/storage.md)."""
+    with _session_server(partial(CassandraServer, durable_acks=True), "cassandra") as server:
         yield server
 
 

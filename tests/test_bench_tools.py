@@ -92,7 +92,10 @@ def test_bench_timeseries_both_without_cassandra_measures_the_outbox_beside_post
     assert asyncio.run(_schemas(settings, "bench_outbox_%")) == 0  # dropped
 
 
-def test_bench_timeseries_cassandra_needs_a_cassandra(settings: Settings) -> None:
+def test_bench_timeseries_cassandra_needs_a_cassandra_or_embedded(settings: Settings) -> None:
+    """Without IOTFLOW_CASSANDRA_HOSTS and without --embedded there is nothing to measure
+    (--embedded starts a Cassandra of the bench's own: measured in docs/performance.md, not here,
+    where it would cost a minute of the suite)."""
     result = subprocess.run(
         [sys.executable, "-m", "worker", "bench", "--timeseries", "cassandra"],
         env=_bench_env(settings),
@@ -101,7 +104,7 @@ def test_bench_timeseries_cassandra_needs_a_cassandra(settings: Settings) -> Non
         timeout=60,
     )
     assert result.returncode == 2
-    assert "needs a Cassandra: set IOTFLOW_CASSANDRA_HOSTS" in result.stdout
+    assert "needs a Cassandra: set IOTFLOW_CASSANDRA_HOSTS or pass --embedded" in result.stdout
 
 
 async def test_the_bench_rules_are_on_the_labels_its_traffic_carries(

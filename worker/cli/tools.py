@@ -80,8 +80,8 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         choices=("postgres", "cassandra", "both"),
         default="postgres",
         help="cassandra|both: the storage step of that backend beside PostgreSQL alone, in one run "
-        "(worker.tools.outbox_bench; the configured Cassandra when IOTFLOW_CASSANDRA_HOSTS is set, "
-        "else both mode with Cassandra down: the outbox)",
+        "(worker.tools.outbox_bench; the Cassandra IOTFLOW_CASSANDRA_HOSTS names, else with --embedded "
+        "one of its own, killed and restarted once for the outage; else both mode with Cassandra down)",
     )
     bench.set_defaults(handler=_bench)
 

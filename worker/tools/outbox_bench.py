@@ -55,7 +55,9 @@ from worker.stores import Stores, open_stores
 from worker.stores.cassandra import CassandraStore
 from worker.stores.cassandra_schema import migrate_cassandra
 from worker.stores.migrate import migrate
+from worker.stores.timeseries import read_device
 from worker.tools.embedded import free_port
+from worker.tools.servers import CassandraServer, ServerUnavailable
 
 READINGS_PER_MESSAGE = 3
 BATCH_READINGS = 5000
@@ -93,6 +95,7 @@ class Run:
     wall_s: float
     cpu_s: float  # this process
     server_cpu_s: float | None  # the PostgreSQL server, when its processes can be read
+    cassandra_cpu_s: float | None = None  # the Cassandra server, when it is the bench's own
 
     @property
     def rate(self) -> float:
@@ -136,15 +139,22 @@ def _batches(messages: int, devices: list[tuple[int, list[int]]], start: datetim
     return batches
 
 
-async def _measure(label: str, sink: Sink, batches: list[DecodedBatch], pool: asyncpg.Pool) -> Run:
+async def _measure(
+    label: str, sink: Sink, batches: list[DecodedBatch], pool: asyncpg.Pool, cassandra_pid: int | None = None
+) -> Run:
     server_before = await _server_cpu(pool)
+    cassandra_before = _cpu_of(cassandra_pid) if cassandra_pid else None
     cpu_before, started = _cpu_of("self"), time.perf_counter()
     for batch in batches:
         await sink.write(batch)
     wall, cpu = time.perf_counter() - started, _cpu_of("self") - cpu_before
     server_after = await _server_cpu(pool)
     server = None if server_before is None or server_after is None else server_after - server_before
-    return Run(label, sum(b.messages for b in batches), wall, cpu, server)
+    cassandra = None
+    if cassandra_pid and cassandra_before is not None:
+        with contextlib.suppress(OSError):  # killed meanwhile (the outage)
+            cassandra = _cpu_of(cassandra_pid) - cassandra_before
+    return Run(label, sum(b.messages for b in batches), wall, cpu, server, cassandra)
 
 
 def cassandra_configured() -> bool:
@@ -167,10 +177,12 @@ async def _bench(
     data_dir: Path,
     timeseries: Timeseries = "both",
     live: bool = False,
+    server: CassandraServer | None = None,
 ) -> list[Run]:
     """`live`: measure the configured Cassandra too; without it, Cassandra's place in the
     outbox paths is taken by a port that refuses connections (and by a second PostgreSQL
-    schema where both mode needs a store that is up)."""
+    schema where both mode needs a store that is up). `server`: the bench's own Cassandra,
+    whose CPU it reads, and which it kills and restarts for the outage and its replay."""
     tag = uuid.uuid4().hex[:8]
     storage = replace(settings.storage, data_dir=str(data_dir))
     main = replace(
@@ -218,11 +230,23 @@ async def _bench(
                     start += timedelta(milliseconds=messages)  # new rows every run
                     sink = makers[label]()
                     try:
-                        run = await _measure(f"{label} #{number + 1}", sink, batches, stores.postgres)
+                        pid = server.pid if server is not None else None
+                        run = await _measure(f"{label} #{number + 1}", sink, batches, stores.postgres, pid)
                     finally:
                         await sink.close()
                     print(_line(run), flush=True)
                     runs.append(run)
+            if cassandra is not None:  # one device's readings in both stores, then read back
+                seed = makers["both"]()
+                try:
+                    for batch in _batches(1000, devices[:1], start):
+                        await seed.write(batch)
+                finally:
+                    await seed.close()
+                await _range_reads(main, cassandra, devices[0][0], start + timedelta(hours=1))
+                start += timedelta(seconds=1)
+            if cassandra is not None and server is not None and timeseries == "both":
+                await _outage(server, makers["both"](), _batches(messages, devices, start), stores)
             return runs
     finally:
         for target in (main, other):
@@ -232,6 +256,79 @@ async def _bench(
                 await cassandra.execute(f"DROP KEYSPACE IF EXISTS {cassandra.settings.keyspace}")
             await cassandra.close()
         await down.close()
+
+
+READS = 15
+
+
+async def _range_reads(
+    settings: Settings, cassandra: CassandraStore, device_id: int, before: datetime
+) -> None:
+    """The median of READS reads of one 100-row page of a device's range (its newest rows),
+    through `read_device`, from each store, in this process."""
+    both = replace(settings, timeseries=replace(settings.timeseries, backend="both"))
+    async with open_stores(settings) as stores:
+        source = _ReadSource(both, cassandra, stores.postgres)
+        for store in ("cassandra", "postgres"):
+            times = []
+            for _ in range(READS):
+                started = time.perf_counter()
+                page = await read_device(
+                    source, device_id, before - timedelta(days=2), before, page_size=100, store=store
+                )
+                times.append(time.perf_counter() - started)
+                assert len(page.rows) == 100, f"{store}: {len(page.rows)} rows"
+            print(
+                f"100-row range read ({store}, read_device): "
+                f"median {statistics.median(times) * 1000:.1f} ms, "
+                f"max {max(times) * 1000:.1f} ms over {READS}",
+                flush=True,
+            )
+
+
+@dataclass
+class _ReadSource:
+    settings: Settings
+    cassandra: CassandraStore | None
+    postgres: asyncpg.Pool
+
+
+async def _outage(server: CassandraServer, sink: Sink, batches: list[DecodedBatch], stores: Stores) -> None:
+    """Both mode with the bench's Cassandra killed (-9): the batches go to PostgreSQL and the
+    outbox; then Cassandra restarted, and the time until the outbox is replayed."""
+    await _empty_outbox(stores)
+    try:
+        await sink.write(batches[0])  # connected, direct
+        await asyncio.to_thread(server.kill)
+        run = await _measure("both, cassandra killed #1", sink, batches[1:], stores.postgres)
+        print(_line(run), flush=True)
+        held = await stores.postgres.fetchval("SELECT count(*) FROM outbox")
+        started = time.perf_counter()
+        await asyncio.to_thread(server.start)
+        serving = time.perf_counter() - started
+        deadline = time.perf_counter() + 300
+        while True:  # the sink's replayer empties it; nothing to wait on but the table
+            if not await stores.postgres.fetchval("SELECT count(*) FROM outbox"):
+                break
+            if time.perf_counter() > deadline:
+                raise RuntimeError("the outbox was not replayed within 300 s of Cassandra's return")
+            await asyncio.sleep(0.1)
+        drained = time.perf_counter() - started - serving
+        readings = sum(len(b.readings) for b in batches[1:])
+        print(
+            f"cassandra outage: {held} batches ({readings:,} readings) held; restart {serving:.1f} s to "
+            f"serve, then the outbox replayed in {drained:.1f} s ({readings / drained:,.0f} readings/s "
+            "including the driver's reconnection and the replay's backoff)",
+            flush=True,
+        )
+    finally:
+        await sink.close()
+        if server.problem() is not None:
+            await asyncio.to_thread(server.start)
+
+
+async def _empty_outbox(stores: Stores) -> None:
+    await stores.postgres.execute("TRUNCATE outbox")
 
 
 class Together:
@@ -298,10 +395,13 @@ async def _drop_schema(settings: Settings) -> None:
 
 def _line(run: Run) -> str:
     server = "n/a" if run.server_cpu_s is None else f"{run.per_100k(run.server_cpu_s):.2f}"
-    return (
-        f"{run.label:<28} {run.rate:>9,.0f} msg/s  worker {run.per_100k(run.cpu_s):5.2f} CPU-s/100k  "
-        f"PostgreSQL {server} CPU-s/100k"
+    line = (
+        f"{run.label:<28} {run.rate:>9,.0f} msg/s ({run.rate * READINGS_PER_MESSAGE:>7,.0f} readings/s)  "
+        f"worker {run.per_100k(run.cpu_s):5.2f} CPU-s/100k  PostgreSQL {server} CPU-s/100k"
     )
+    if run.cassandra_cpu_s is not None:
+        line += f"  Cassandra {run.per_100k(run.cassandra_cpu_s):.2f} CPU-s/100k"
+    return line
 
 
 def _ratio(value: float, base: float) -> str:
@@ -328,6 +428,9 @@ def report(runs: list[Run], timeseries: Timeseries = "both", live: bool = False)
         servers = [r.per_100k(r.server_cpu_s) for r in group if r.server_cpu_s is not None]
         if servers:
             line += f"  PostgreSQL {statistics.mean(servers):5.2f} CPU-s/100k"
+        cassandras = [r.per_100k(r.cassandra_cpu_s) for r in group if r.cassandra_cpu_s is not None]
+        if cassandras:
+            line += f"  Cassandra {statistics.mean(cassandras):5.2f} CPU-s/100k"
         print(line)
     for label in ("both, cassandra down", "both, postgres down"):
         if by(label):
@@ -336,31 +439,51 @@ def report(runs: list[Run], timeseries: Timeseries = "both", live: bool = False)
 
 
 def run_timeseries_bench(settings: Settings, args: argparse.Namespace) -> int:
-    """`iotflow bench --timeseries cassandra|both` (and `python -m worker.tools.outbox_bench`)."""
+    """`iotflow bench --timeseries cassandra|both` (and `python -m worker.tools.outbox_bench`).
+    With --embedded and no IOTFLOW_CASSANDRA_HOSTS, a Cassandra of its own (a temporary
+    directory, stopped at the end), killed and restarted once in `both` for the outage."""
     timeseries: Timeseries = args.timeseries
-    live = cassandra_configured()
-    if timeseries == "cassandra" and not live:
-        print("iotflow bench --timeseries cassandra needs a Cassandra: set IOTFLOW_CASSANDRA_HOSTS")
+    configured = cassandra_configured()
+    if timeseries == "cassandra" and not configured and not args.embedded:
+        print(
+            "iotflow bench --timeseries cassandra needs a Cassandra: "
+            "set IOTFLOW_CASSANDRA_HOSTS or pass --embedded"
+        )
         return ExitCode.CONFIG
     configure_logging("error", "console")
-    print(
-        f"timeseries bench ({timeseries}): the storage step alone, {args.messages:,} messages × "
-        f"{READINGS_PER_MESSAGE} readings per run, {BATCH_READINGS} readings a batch, "
-        f"{args.repeat} runs per configuration, "
-        + (f"Cassandra at {','.join(settings.cassandra.hosts)}" if live else "no Cassandra: it is down"),
-        flush=True,
-    )
-    with tempfile.TemporaryDirectory(prefix="iotflow-outbox-bench-") as root:
+    with tempfile.TemporaryDirectory(prefix="iotflow-outbox-bench-") as root, contextlib.ExitStack() as stack:
+        server = None
+        if args.embedded and not configured:
+            try:
+                server = stack.enter_context(CassandraServer(Path(root) / "cassandra"))
+            except ServerUnavailable as exc:
+                print(f"no Cassandra of the bench's own: {exc}")
+                if timeseries == "cassandra":
+                    return ExitCode.CONFIG
+            else:
+                settings.cassandra = replace(
+                    settings.cassandra, hosts=["127.0.0.1"], port=server.port, local_dc="datacenter1"
+                )
+        live = configured or server is not None
+        where = (
+            "its own Cassandra 5.0 (one node)"
+            if server
+            else f"Cassandra at {','.join(settings.cassandra.hosts)}"
+        )
+        print(
+            f"timeseries bench ({timeseries}): the storage step alone, {args.messages:,} messages × "
+            f"{READINGS_PER_MESSAGE} readings per run, {BATCH_READINGS} readings a batch, "
+            f"{args.repeat} runs per configuration, " + (where if live else "no Cassandra: it is down"),
+            flush=True,
+        )
         data_dir = Path(root) / "data"
         data_dir.mkdir()
         if args.embedded:
             from worker.tools.embedded import EmbeddedServices
 
-            with EmbeddedServices(Path(root) / "services", redis=False, mqtt=False) as services:
-                settings.postgres = replace(settings.postgres, url=services.start().postgres_url)
-                runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir, timeseries, live))
-        else:
-            runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir, timeseries, live))
+            services = stack.enter_context(EmbeddedServices(Path(root) / "services", redis=False, mqtt=False))
+            settings.postgres = replace(settings.postgres, url=services.start().postgres_url)
+        runs = asyncio.run(_bench(settings, args.messages, args.repeat, data_dir, timeseries, live, server))
     report(runs, timeseries, live)
     return ExitCode.OK
 
@@ -371,7 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--messages", type=int, default=100_000, help="messages per run (3 readings each)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration, alternated")
-    parser.add_argument("--embedded", action="store_true", help="start an embedded PostgreSQL")
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start an embedded PostgreSQL, and a Cassandra unless IOTFLOW_CASSANDRA_HOSTS names one",
+    )
     parser.add_argument("--timeseries", choices=("cassandra", "both"), default="both")
     parser.add_argument(
         "--config", type=Path, default=None, help="settings file (else IOTFLOW_* and defaults)"
