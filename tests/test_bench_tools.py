@@ -12,7 +12,7 @@ import orjson
 
 from worker.config import Settings
 from worker.tools import documents_bench
-from worker.tools.bench import Publishers, _children, cpu_seconds
+from worker.tools.bench_support import Publishers, children, cpu_seconds
 from worker.tools.fleet_bench import fleet_messages
 from worker.tools.servers import FerretDBServer
 
@@ -46,7 +46,7 @@ def test_the_ceiling_takes_and_acknowledges_every_message_two_publishers_send(se
 def test_the_cpu_of_a_process_tree_comes_from_proc() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        assert child.pid in _children(os.getpid())
+        assert child.pid in children(os.getpid())
         assert cpu_seconds([os.getpid()]) > 0
     finally:
         assert child.stdin is not None

@@ -1,12 +1,13 @@
-"""The Kafka bridge against a real Kafka-protocol broker: MQTT in → PostgreSQL rows and
-records in raw-iot-data / processed-iot-data; Kafka away → nothing acknowledged, no loss."""
+"""The Kafka bridge against a real Kafka 4 (KRaft) with the idempotent producer: MQTT in →
+PostgreSQL rows and records in raw-iot-data / processed-iot-data; Kafka cut, hung or
+killed -9 → nothing acknowledged before Kafka has it, nothing lost, nothing twice."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
+import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -19,11 +20,11 @@ from schemas.envelope import BadEnvelope, device_key, raw_envelope, read_envelop
 from schemas.records import AckToken, RawMessage
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
-from worker.stores.kafka import create_topics
+from worker.tools.servers import KafkaServer
 from worker.tools.simulate import readings_per_message
 
-from .helpers import publish, running_daemon, wait_for, wait_for_count
-from .kafka import Tansu, free_port, kafka_settings, read_topic
+from .helpers import background, publish, running_daemon, wait_for, wait_for_count
+from .kafka import describe_topic, free_port, kafka_settings, log_ends, read_topic
 from .tcpproxy import TcpProxy
 from .test_end_to_end import simulated_messages
 from .test_outages import json_messages
@@ -44,7 +45,7 @@ async def test_bridge_publishes_messages_and_readings(
         await wait_for_count(pg, "SELECT count(*) FROM decoded_data", expected)
         await wait_for(lambda: _true(daemon.metrics.counters["messages_committed"] == len(messages) + 1))
 
-    raw = await read_topic(kafka_bootstrap, settings.kafka.raw_topic, len(messages) + 1)
+    raw = await read_topic(kafka_bootstrap, settings.kafka.raw_topic)
     assert len(raw) == len(messages) + 1
     sent = Counter([*messages, binary])
     got = Counter()
@@ -56,7 +57,7 @@ async def test_bridge_publishes_messages_and_readings(
     envelope = next(orjson.loads(r.value) for r in raw if b"base64" in r.value)
     assert envelope["v"] == 1 and envelope["topic"] == binary[0]
 
-    processed = await read_topic(kafka_bootstrap, settings.kafka.processed_topic, expected)
+    processed = await read_topic(kafka_bootstrap, settings.kafka.processed_topic)
     assert len(processed) == expected
     rows = await pg.fetch("SELECT device_id, datapoint_id, value, timestamp FROM decoded_data")
     in_postgres = Counter((r["device_id"], r["datapoint_id"], r["value"], r["timestamp"]) for r in rows)
@@ -70,134 +71,138 @@ async def test_bridge_publishes_messages_and_readings(
     assert in_kafka == in_postgres
 
 
-async def test_kafka_outage_holds_messages_and_recovers(
-    settings: Settings, pg: asyncpg.Connection, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def broker_behind_proxy(directory: Path) -> AsyncIterator[tuple[KafkaServer, TcpProxy]]:
+    """A Kafka of the test's own that its clients reach only through a proxy the test can
+    cut, freeze or mute (`broker.proxied_bootstrap`); `broker.bootstrap` stays direct."""
     proxy_port = free_port()
-    with Tansu(tmp_path, advertised_port=proxy_port) as broker:
-        proxy = TcpProxy("127.0.0.1", broker.port)
+    with KafkaServer(directory, advertised_port=proxy_port) as broker:
+        assert broker.proxied_port is not None
+        proxy = TcpProxy("127.0.0.1", broker.proxied_port)
         proxy.port = proxy_port
         await proxy.restore()  # listen on the advertised port
         try:
-            settings = await kafka_settings(settings, broker.bootstrap, bridge=True)
-            settings.kafka = replace(settings.kafka, request_timeout_ms=1500)
-            async with running_daemon(settings) as daemon:
-                assert daemon.pipeline is not None
-                writer = daemon.pipeline.writer
-                await publish(settings.mqtt.url, json_messages(0, 50))
-                await wait_for(lambda: _true(daemon.metrics.counters["messages_committed"] == 50))
-
-                proxy.cut()
-                await publish(settings.mqtt.url, json_messages(50, 150))
-                await wait_for(lambda: _true("kafka" in writer.down), timeout=20)
-                # Kafka has not taken the batch: nothing of it is acknowledged to the broker.
-                assert daemon.metrics.counters["messages_committed"] == 50
-                assert (await daemon.pipeline.readiness())["sinks"] is False
-
-                await proxy.restore()
-                await wait_for(
-                    lambda: _true(daemon.metrics.counters["messages_committed"] == 200), timeout=30
-                )
-                await wait_for(lambda: _true(not writer.down))
-                await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200)
-            raw = await read_topic(broker.bootstrap, settings.kafka.raw_topic, 200)
+            yield broker, proxy
         finally:
             await proxy.stop()
-    got = Counter(read_envelope(r.value)[:2] for r in raw)
-    assert set(got) == set(json_messages(0, 200))  # none lost
-    assert sum(got.values()) == 200  # and a retry resent only what Kafka had not taken
 
 
-async def test_broker_killed_mid_stream_and_restarted(
-    settings: Settings, pg: asyncpg.Connection, tmp_path: Path
+async def test_kafka_outage_holds_messages_and_recovers(
+    settings: Settings, pg: asyncpg.Connection, private_dir: Path
 ) -> None:
-    """tansu stopped (SIGSTOP) while the bridge sends, then SIGKILLed and started again on
-    the same port while MQTT keeps publishing. Its log was in memory, so the new broker
-    starts empty (the wheel's tansu has no persistent storage engine): the messages the
-    old one acknowledged went with it; every other one must reach the new one, none is
-    acknowledged to MQTT before, and the worker recovers by itself."""
-    with Tansu(tmp_path) as broker:
-        settings = await kafka_settings(settings, broker.bootstrap, bridge=True)
-        settings.kafka = replace(settings.kafka, request_timeout_ms=1500)
+    """Kafka cut while MQTT publishes: the idempotent producer keeps the batch and sends it
+    again until Kafka answers, so the writer holds it (reported slow), acknowledges nothing
+    of it meanwhile, and every message reaches Kafka once."""
+    async with broker_behind_proxy(private_dir) as (broker, proxy):
+        settings = await kafka_settings(settings, broker.proxied_bootstrap, bridge=True)
+        settings.pipeline = replace(settings.pipeline, slow_write_s=0.5)
         async with running_daemon(settings) as daemon:
             assert daemon.pipeline is not None
             writer, counters = daemon.pipeline.writer, daemon.metrics.counters
             await publish(settings.mqtt.url, json_messages(0, 50))
             await wait_for(lambda: _true(counters["messages_committed"] == 50))
 
-            assert broker.pid is not None
-            os.kill(broker.pid, signal.SIGSTOP)  # hangs: the next batch is sent and never answered
-            await publish(settings.mqtt.url, json_messages(50, 100))
-            await wait_for(lambda: _true(counters["messages_received"] == 150))
-            broker.kill()  # with that batch in flight
-            await publish(settings.mqtt.url, json_messages(150, 50))
-            await wait_for(lambda: _true("kafka" in writer.down), timeout=20)
-            assert counters["messages_committed"] == 50  # nothing acknowledged without Kafka
+            proxy.cut()
+            await publish(settings.mqtt.url, json_messages(50, 150))
+            await wait_for(lambda: _true(counters["sink_slow"] > 0), timeout=20)
+            # Kafka has not taken the batch: nothing of it is acknowledged to the broker.
+            assert counters["messages_committed"] == 50
+            assert (await daemon.pipeline.readiness())["kafka"] is False
 
-            broker.start()  # the same port, empty
-            await create_topics(settings.kafka, [settings.kafka.raw_topic, settings.kafka.processed_topic])
-            await wait_for(lambda: _true(counters["messages_committed"] == 200), timeout=60)
+            await proxy.restore()
+            await wait_for(lambda: _true(counters["messages_committed"] == 200), timeout=30)
             await wait_for(lambda: _true(not writer.down))
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200)
-        raw = await read_topic(broker.bootstrap, settings.kafka.raw_topic, 150)
-        processed = await read_topic(broker.bootstrap, settings.kafka.processed_topic, 150)
-    # Every message the old broker had not acknowledged is in the new one (a batch it took
-    # before the stop but never answered may be there twice: at least once).
-    assert {read_envelope(r.value)[:2] for r in raw} == set(json_messages(50, 150))
-    temperatures = {orjson.loads(r.value)["value"] for r in processed}
-    assert temperatures == {float(n) for n in range(50, 200)}
+        raw = await read_topic(broker.bootstrap, settings.kafka.raw_topic)
+    assert Counter(read_envelope(r.value)[:2] for r in raw) == Counter(json_messages(0, 200))
 
 
-async def test_the_send_buffer_stays_bounded_while_kafka_hangs(settings: Settings, tmp_path: Path) -> None:
+async def test_broker_killed_mid_stream_and_restarted_duplicates_and_loses_nothing(
+    settings: Settings, pg: asyncpg.Connection, private_dir: Path
+) -> None:
+    """The broker writes a batch whose answer never reaches the worker (the proxy mutes it),
+    then is SIGKILLed and started again with its log while MQTT keeps publishing. The
+    idempotent producer sends the unanswered batch again with the same producer id and
+    sequence numbers, and the restarted broker, its producer state rebuilt from the log,
+    keeps the copy it has: every message once in raw-iot-data, every reading once in
+    processed-iot-data, nothing acknowledged to MQTT before Kafka had it."""
+    async with broker_behind_proxy(private_dir) as (broker, proxy):
+        settings = await kafka_settings(settings, broker.proxied_bootstrap, bridge=True)
+        raw_topic = settings.kafka.raw_topic
+        async with running_daemon(settings) as daemon:
+            counters = daemon.metrics.counters
+            await publish(settings.mqtt.url, json_messages(0, 50))
+            await wait_for(lambda: _true(counters["messages_committed"] == 50))
+
+            proxy.mute()
+            await publish(settings.mqtt.url, json_messages(50, 100))
+
+            async def written_unanswered() -> bool:
+                return sum((await log_ends(broker.bootstrap, raw_topic)).values()) > 50
+
+            await wait_for(written_unanswered, timeout=20)
+            assert counters["messages_committed"] == 50
+            broker.kill()
+            proxy.cut()  # the answer the proxy held back is dropped with the connection
+            proxy.thaw()
+            await proxy.restore()
+            await publish(settings.mqtt.url, json_messages(150, 50))  # while Kafka is away
+            assert counters["messages_committed"] == 50
+            await asyncio.to_thread(broker.start)  # the same ports, the log kept
+            await wait_for(lambda: _true(counters["messages_committed"] == 200), timeout=60)
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200)
+        raw = await read_topic(broker.bootstrap, raw_topic)
+        processed = await read_topic(broker.bootstrap, settings.kafka.processed_topic)
+    assert Counter(read_envelope(r.value)[:2] for r in raw) == Counter(json_messages(0, 200))
+    temperatures = sorted(orjson.loads(r.value)["value"] for r in processed)
+    assert temperatures == [float(n) for n in range(200)]  # no gap, no repeat
+
+
+async def test_the_send_buffer_stays_bounded_while_kafka_hangs(settings: Settings, private_dir: Path) -> None:
     """A broker that takes the connection and answers nothing (frozen): the bridge hands
-    the producer no more than `kafka.buffer_bytes` of record batches, the write fails
-    after the request timeout, and the same batch goes through once Kafka answers."""
-    from aiokafka.errors import KafkaError
+    the producer no more than `kafka.buffer_bytes` of record batches, and once Kafka
+    answers the batch is there exactly once (the producer resent what the frozen link
+    held with the same sequence numbers; the sink resends only what it never handed over)."""
+    from aiokafka.errors import KafkaTimeoutError
 
     from schemas.records import DecodedBatch, Reading
     from worker.sinks.kafka import KafkaBridgeSink
     from worker.stores.kafka import create_producer
 
-    proxy_port = free_port()
-    with Tansu(tmp_path, advertised_port=proxy_port) as broker:
-        proxy = TcpProxy("127.0.0.1", broker.port)
-        proxy.port = proxy_port
-        await proxy.restore()
+    async with broker_behind_proxy(private_dir) as (broker, proxy):
+        settings = await kafka_settings(settings, broker.proxied_bootstrap)
+        # Batches of ~4 KiB (~40 readings), room for two of them.
+        kafka = replace(settings.kafka, max_batch_bytes=4096, buffer_bytes=8192, request_timeout_ms=1500)
+        stamp = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
+        readings = [Reading(stamp, device, n, float(n), "t") for device in range(8) for n in range(100)]
+        batch = DecodedBatch(readings=readings, messages=len(readings))
+        producer = create_producer(kafka)
+        await producer.start()
         try:
-            settings = await kafka_settings(settings, broker.bootstrap)
-            # Batches of ~4 KiB (~40 readings), room for two of them.
-            kafka = replace(settings.kafka, max_batch_bytes=4096, buffer_bytes=8192, request_timeout_ms=1500)
-            stamp = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
-            readings = [Reading(stamp, device, n, float(n), "t") for device in range(8) for n in range(100)]
-            batch = DecodedBatch(readings=readings, messages=len(readings))
-            producer = create_producer(kafka)
-            await producer.start()
-            try:
-                sink = KafkaBridgeSink(producer, kafka, raw=False)
-                proxy.freeze()
-                with pytest.raises(KafkaError):
-                    await sink.write(batch)
-                # It filled the buffer (more than one batch) and went no further.
-                assert kafka.max_batch_bytes < sink.buffer.peak <= kafka.buffer_bytes
-                assert sink.buffer.bytes == 0  # every batch handed over was answered (failed)
+            sink = KafkaBridgeSink(producer, kafka, raw=False)
+            proxy.freeze()
+            async with background(sink.write(batch)) as first:
+                # It fills the buffer (more than one batch) and goes no further.
+                await wait_for(lambda: _true(sink.buffer.bytes > kafka.max_batch_bytes))
                 proxy.thaw()
-                await sink.write(batch)  # the retry: only what Kafka does not have
-                assert sink.buffer.peak <= kafka.buffer_bytes and sink.buffer.bytes == 0
-            finally:
-                await producer.stop()
-            processed = await read_topic(broker.bootstrap, kafka.processed_topic, len(readings))
+                with contextlib.suppress(KafkaTimeoutError):  # no room in time: the writer retries
+                    await first
+            if first.exception() is not None:
+                await sink.write(batch)  # the retry: only what was never handed over
+            assert kafka.max_batch_bytes < sink.buffer.peak <= kafka.buffer_bytes
+            assert sink.buffer.bytes == 0
         finally:
-            await proxy.stop()
+            await producer.stop()
+        processed = await read_topic(broker.bootstrap, kafka.processed_topic)
     got = Counter((r.key, orjson.loads(r.value)["datapoint_id"]) for r in processed)
-    # Every reading at least once (bytes a frozen link held may still arrive after the thaw).
-    assert set(got) == {(str(r.device_id).encode(), r.datapoint_id) for r in readings}
+    assert got == Counter((str(r.device_id).encode(), r.datapoint_id) for r in readings)
 
 
 async def test_missing_topics_stop_the_daemon_with_exit_2(settings: Settings, kafka_bootstrap: str) -> None:
     from worker.pipeline import Daemon
 
     settings.kafka = replace(
-        settings.kafka, bootstrap=kafka_bootstrap, bridge=True, raw_topic="never-created", idempotence=False
+        settings.kafka, bootstrap=kafka_bootstrap, bridge=True, raw_topic="never-created"
     )
     assert await asyncio.wait_for(Daemon(settings).run(handle_signals=False), 30) == 2
 
@@ -206,42 +211,39 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_migrate_creates_the_topics_once(settings: Settings, kafka_bootstrap: str) -> None:
+async def test_migrate_creates_the_topics_with_the_configured_partitions_once(
+    settings: Settings, kafka_bootstrap: str
+) -> None:
+    """`iotflow migrate` creates both topics with `kafka.partitions` partitions (read back
+    from the broker's metadata); a second run with another count leaves them as they are."""
     import subprocess
     import sys
     import uuid
 
-    from aiokafka import AIOKafkaConsumer
-
     from .conftest import worker_env
 
     tag = uuid.uuid4().hex[:8]
+    raw, processed = f"raw-m-{tag}", f"processed-m-{tag}"
     env = {
         **worker_env(settings),
         "IOTFLOW_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "IOTFLOW_KAFKA_BRIDGE": "true",
-        "IOTFLOW_KAFKA_RAW_TOPIC": f"raw-m-{tag}",
-        "IOTFLOW_KAFKA_PROCESSED_TOPIC": f"processed-m-{tag}",
-        "IOTFLOW_KAFKA_PARTITIONS": "3",
+        "IOTFLOW_KAFKA_RAW_TOPIC": raw,
+        "IOTFLOW_KAFKA_PROCESSED_TOPIC": processed,
     }
-    for _ in range(2):  # the second run finds them and changes nothing
+    for partitions in ("3", "5"):
         result = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "worker", "migrate"],
-            env=env,
+            env={**env, "IOTFLOW_KAFKA_PARTITIONS": partitions},
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
-    await consumer.start()
-    try:
-        topics = await consumer.topics()
-        assert {f"raw-m-{tag}", f"processed-m-{tag}"} <= topics
-        assert consumer.partitions_for_topic(f"raw-m-{tag}") == {0, 1, 2}
-    finally:
-        await consumer.stop()
+        for topic in (raw, processed):
+            replicas = await describe_topic(kafka_bootstrap, topic)
+            assert {number: len(brokers) for number, brokers in replicas.items()} == {0: 1, 1: 1, 2: 1}
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,10 @@
-"""Kafka intake against a real Kafka-protocol broker: raw-iot-data in a consumer group →
-exactly the rows, offsets committed after the writers; kill -9, two workers, rebalances."""
+"""Kafka intake against a real Kafka 4 (KRaft): raw-iot-data in a consumer group → exactly
+the rows, offsets committed after the writers; the worker or the broker killed -9, two
+workers, rebalances."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -17,10 +19,11 @@ from schemas.records import AckToken, RawMessage
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
 from worker.pipeline import Daemon
+from worker.tools.servers import KafkaServer
 from worker.tools.simulate import readings_per_message
 
 from .helpers import IotflowProcess, running_daemon, wait_for, wait_for_count, worker_process
-from .kafka import committed, kafka_settings, produce
+from .kafka import committed, kafka_settings, produce, served_again
 from .test_end_to_end import simulated_messages
 from .test_outages import proxied
 
@@ -55,7 +58,6 @@ def kafka_env(settings: Settings) -> dict[str, str]:
         "IOTFLOW_KAFKA_RAW_TOPIC": kafka.raw_topic,
         "IOTFLOW_KAFKA_PROCESSED_TOPIC": kafka.processed_topic,
         "IOTFLOW_KAFKA_GROUP": kafka.group,
-        "IOTFLOW_KAFKA_IDEMPOTENCE": "false",
         "IOTFLOW_KAFKA_SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
         "IOTFLOW_KAFKA_HEARTBEAT_INTERVAL_MS": str(kafka.heartbeat_interval_ms),
         "IOTFLOW_KAFKA_REQUEST_TIMEOUT_MS": str(kafka.request_timeout_ms),
@@ -101,6 +103,46 @@ async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
         assert await worker.terminate(40) == 0, worker.output
     assert written <= expected
     assert await pg.fetchval(ROWS) == expected
+
+
+async def test_kafka_intake_completes_across_a_broker_killed_and_restarted(
+    settings: Settings, pg: asyncpg.Connection, kafka_server: KafkaServer
+) -> None:
+    """The broker is SIGKILLed while the worker holds records it has not committed (its
+    PostgreSQL cut), and started again with its log: the worker writes what it held, commits
+    once the broker is back, and ends with every reading once and the commits at the ends of
+    every partition. The group's commits outlive the broker's restart: what was committed
+    before is not delivered again."""
+    async with served_again(kafka_server):
+        settings = await kafka_settings(settings, kafka_server.bootstrap)
+        settings.intake = replace(settings.intake, source="kafka")
+        messages = simulated_messages(400)
+        first, second = messages[:200], messages[200:]
+        proxy, url = await proxied(settings.postgres.url)
+        settings.postgres = replace(settings.postgres, url=url)
+        try:
+            async with running_daemon(settings) as daemon:
+                counters = daemon.metrics.counters
+                ends = await produce(kafka_server.bootstrap, settings.kafka.raw_topic, envelopes(first))
+                await wait_for_count(pg, ROWS, expected_rows(first), timeout=30)
+                await wait_for(lambda: all_committed(settings, ends), timeout=20)
+
+                proxy.cut()  # the worker takes the second part and can finish none of it
+                ends.update(
+                    await produce(kafka_server.bootstrap, settings.kafka.raw_topic, envelopes(second))
+                )
+                await wait_for(lambda: _true(counters["messages_received"] == len(messages)), timeout=30)
+                kafka_server.kill()
+                await proxy.restore()  # the rows are written while the broker is away
+                await wait_for_count(pg, ROWS, expected_rows(messages), timeout=30)
+
+                await asyncio.to_thread(kafka_server.start)  # the same port, the log kept
+                await wait_for(lambda: all_committed(settings, ends), timeout=40)
+                # A broker that forgot the group's commits would deliver the first part again.
+                assert counters["messages_received"] < len(messages) + len(first)
+        finally:
+            await proxy.stop()
+    assert await pg.fetchval(ROWS) == expected_rows(messages)
 
 
 @contextlib.asynccontextmanager
@@ -195,7 +237,6 @@ async def test_two_worker_processes_one_killed_mid_stream_the_other_takes_over(
     cannot finish (its database is cut) when it is SIGKILLed; the survivor takes its
     partitions over once the session expires and redelivers from the victim's commits."""
     settings = await kafka_settings(settings, kafka_bootstrap)
-    settings.kafka = replace(settings.kafka, session_timeout_ms=3000, heartbeat_interval_ms=300)
     messages = simulated_messages(1200)
     first, second = messages[:400], messages[400:]
     expected = expected_rows(messages)

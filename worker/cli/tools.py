@@ -72,7 +72,9 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="the Kafka paths too: the bridge's cost, Kafka intake with one and two processes",
     )
     bench.add_argument(
-        "--kafka-bootstrap", default="", help="a Kafka to use (default: a tansu broker of the bench's own)"
+        "--kafka-bootstrap",
+        default="",
+        help="a Kafka to use (default: a Kafka 4 KRaft node of the bench's own, fetched through Maven)",
     )
     bench.add_argument("--kafka-partitions", type=int, default=6, help="partitions of the bench's topics")
     bench.add_argument(

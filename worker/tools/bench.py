@@ -29,21 +29,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
@@ -51,38 +45,20 @@ from worker.config import Settings
 from worker.logging import configure_logging
 from worker.stores.migrate import migrate
 from worker.stores.postgres import connect
-from worker.stores.redis import delete_matching
-from worker.tools.embedded import free_port
+from worker.tools.bench_support import (
+    READINGS_PER_MESSAGE,
+    Publishers,
+    RunResult,
+    cpu_seconds,
+    drop_run,
+    mean_cpu,
+    mean_rate,
+    measure_worker,
+    peak_rss_mb,
+)
 from worker.tools.simulate import build_fleet, register_fleet
 
-READINGS_PER_MESSAGE = 3  # the climate codec: temperature, humidity, pressure
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LIMITED_BY_PUBLISHERS = 1.15  # publishers sending < 15% faster than the subscriber took: their pace
-
-
-@dataclass
-class RunResult:
-    label: str
-    messages: int
-    seconds: float
-    rows: int
-    p50_s: float
-    p99_s: float
-    peak_rss_mb: float
-    cpu_s: float = math.nan  # utime + stime of the worker's processes during the run
-    publisher_rate: float = math.nan
-    processes: int = 1
-    # CPU-seconds during the run of everything the bench started: worker, publishers,
-    # mosquitto, postgres, redis (the stores only with --embedded)
-    cpu_by_role: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return self.messages / self.seconds
-
-    @property
-    def cpu_per_100k(self) -> float:
-        return self.cpu_s / self.messages * 100_000
 
 
 @dataclass
@@ -163,7 +139,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         )
         results: list[RunResult] = []
         if args.first_contact:
-            first = _measure_worker(settings, devices, devices, publishers, "first contact", base_env)
+            first = measure_worker(settings, devices, devices, publishers, "first contact", base_env)
             results.append(first)
             print(f"first contact: {devices} new devices registered at {first.rate:,.0f}/s", flush=True)
         off = {**base_env, "IOTFLOW_RULES_ENABLED": "false"}
@@ -181,35 +157,33 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
             for fleet, fleet_configurations in fleets.items():
                 for name, env, processes in fleet_configurations:
                     label = f"flood, {name} #{n}" if fleet == devices else f"{fleet:,} dev, {name} #{n}"
-                    run = _measure_worker(
+                    run = measure_worker(
                         settings, messages, fleet, publishers, label, env, processes=processes, warm=warm
                     )
                     floods.setdefault((fleet, name), []).append(run)
         floods_off, floods_on = floods[devices, "rules off"], floods.get((devices, "10 rules"), [])
         floods_n = floods.get((devices, f"{args.processes} procs"), [])
         # Latency means little while the broker holds a backlog: measure it at half the flood rate.
-        paced = _mean_rate(floods_off) / 2
-        paced_run = _measure_worker(
+        paced = mean_rate(floods_off) / 2
+        paced_run = measure_worker(
             settings, messages // 2, devices, publishers, f"{paced:,.0f}/s paced", off, paced, warm=warm
         )
         results += [run for runs in floods.values() for run in runs] + [paced_run]
         _report(results, ceiling)
+        print(f"\nworker (rules off) / ceiling, mean flood rates: {mean_rate(floods_off) / ceiling.rate:.0%}")
         print(
-            f"\nworker (rules off) / ceiling, mean flood rates: {_mean_rate(floods_off) / ceiling.rate:.0%}"
-        )
-        print(
-            f"CPU-s per 100k messages: worker {_mean_cpu(floods_off):.2f} (rules off)"
-            + (f", {_mean_cpu(floods_on):.2f} (10 rules)" if floods_on else "")
+            f"CPU-s per 100k messages: worker {mean_cpu(floods_off):.2f} (rules off)"
+            + (f", {mean_cpu(floods_on):.2f} (10 rules)" if floods_on else "")
             + f"; ceiling {ceiling.cpu_per_100k:.2f}"
         )
         if floods_on:
-            ratio = _mean_rate(floods_on) / _mean_rate(floods_off)
+            ratio = mean_rate(floods_on) / mean_rate(floods_off)
             print(f"rules on / rules off (mean flood rates): {ratio:.1%}")
         if floods_n:
-            ratio = _mean_rate(floods_n) / _mean_rate(floods_off)
+            ratio = mean_rate(floods_n) / mean_rate(floods_off)
             print(f"{args.processes} processes / 1 process (mean flood rates): {ratio:.2f}×")
         for name, _, _ in one_process if large else []:
-            big, small = _mean_cpu(floods[large, name]), _mean_cpu(floods[devices, name])
+            big, small = mean_cpu(floods[large, name]), mean_cpu(floods[devices, name])
             # A short flood on a fast machine can stay under one 10 ms clock tick of CPU.
             fleet_ratio = f"{big / small:.2f}×" if small else "no ratio: the base used under one clock tick"
             print(
@@ -231,57 +205,6 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
 # --- the processes of a run ---------------------------------------------------------------------------
 
 
-class Publishers:
-    """`count` publisher processes, each with its own slice of the fleet and of the messages;
-    connected and waiting until `go`."""
-
-    def __init__(
-        self, settings: Settings, messages: int, devices: int, count: int, rate: float = 0.0
-    ) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for index in range(count):
-            share = messages // count + (1 if index < messages % count else 0)
-            first = index * devices // count
-            slice_devices = (index + 1) * devices // count - first
-            command = [settings.mqtt.url, str(share), str(slice_devices), str(first), str(rate / count)]
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "worker.tools.bench_publisher", *command],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                )
-            )
-        for proc in self.procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != b"ready":
-                raise RuntimeError("a publisher did not start")
-
-    def go(self) -> float:
-        """Start them all; the start time (monotonic, the same clock in every process)."""
-        started = time.monotonic()
-        for proc in self.procs:
-            assert proc.stdin is not None
-            proc.stdin.write(b"go\n")
-            proc.stdin.flush()
-        return started
-
-    def wait(self, started: float) -> float:
-        """Once all are done: their aggregate send rate (all their messages, start to the last PUBACK)."""
-        results = []
-        for proc in self.procs:
-            assert proc.stdout is not None
-            results.append(orjson.loads(proc.stdout.readline()))
-            proc.wait()
-        finished = max(result["started"] + result["seconds"] for result in results)
-        return sum(result["sent"] for result in results) / (finished - started)
-
-    def kill(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
 def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers: int) -> CeilingResult:
     command = ["worker.tools.bench_ceiling", settings.mqtt.url, str(messages), "300"]
     command.append(str(settings.mqtt.receive_maximum))
@@ -297,7 +220,7 @@ def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers
         publisher_rate = pubs.wait(started)
         line = sub.stdout.readline()
         cpu = cpu_seconds([sub.pid]) - cpu_before
-        peak = _peak_rss_mb(sub.pid)
+        peak = peak_rss_mb(sub.pid)
         result = orjson.loads(line)
         assert sub.stdin is not None
         sub.stdin.close()  # now it may exit
@@ -311,214 +234,6 @@ def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers
     if result["received"] < messages:
         print(f"  (the ceiling got {result['received']} of {messages}: the broker dropped some)")
     return CeilingResult(result["received"], result["last"] - started, cpu, peak, publisher_rate)
-
-
-def _measure_worker(
-    settings: Settings,
-    messages: int,
-    devices: int,
-    publishers: int,
-    label: str,
-    extra_env: dict[str, str],
-    rate: float = 0.0,
-    *,
-    processes: int = 1,
-    warm: bool = False,
-) -> RunResult:
-    """One run of `messages` against a new `iotflow run`. `warm`: first a message per device
-    and process, not measured, so the run sees the fleet as a long-running daemon does (its
-    caches hold the devices and their topics); else a process that meets its fleet during
-    the run, as after a restart."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "IOTFLOW_MQTT_URL": settings.mqtt.url,
-        "IOTFLOW_MQTT_CLIENT_ID": f"iotflow-bench-{time.time_ns()}",
-        "IOTFLOW_POSTGRES_URL": settings.postgres.url,
-        "IOTFLOW_POSTGRES_SCHEMA": settings.postgres.schema,
-        "IOTFLOW_REDIS_URL": settings.redis.url,
-        "IOTFLOW_REDIS_KEY_PREFIX": settings.redis.key_prefix,
-        "IOTFLOW_HTTP_PORT": str(port),
-        "IOTFLOW_LOG_FORMAT": "json",
-        "IOTFLOW_RUNTIME_PROCESSES": str(processes),
-        **extra_env,
-    }
-    if processes > 1:
-        env["IOTFLOW_MQTT_SHARED_GROUP"] = f"bench{time.time_ns()}"
-    asyncio.run(_truncate(settings))
-    worker = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.PIPE)
-    pubs = None
-    try:
-        assert worker.stdout is not None
-        ready = b'"processes.ready"' if processes > 1 else b'"supervisor.ready"'
-        for line in worker.stdout:
-            if ready in line:
-                break
-        else:
-            raise RuntimeError("the worker exited before it was ready")
-        _drain(worker)
-        ports = [port + index for index in range(processes)]
-        pids = [worker.pid, *_children(worker.pid)]
-        before = 0
-        if warm:  # at the run's pace: a paced run's latency quantiles (since start) count these too
-            # A shared group deals messages round robin: N per device let most reach every process.
-            pubs = Publishers(settings, devices * processes, devices, publishers, rate)
-            pubs.wait(pubs.go())
-            before = _await_commits(ports, 0, devices * processes, worker, f"{label} (warm-up)")
-        pubs = Publishers(settings, messages, devices, publishers, rate)
-        roles = {pid: "worker" for pid in pids} | {proc.pid: "publishers" for proc in pubs.procs}
-        by_role_before = _cpu_by_role(roles)
-        cpu_before, waited_before = cpu_seconds(pids), _runqueue_wait_s(pids)
-        started = pubs.go()
-        _await_commits(ports, before, messages, worker, label)
-        seconds = time.monotonic() - started
-        cpu = cpu_seconds(pids) - cpu_before
-        by_role = _cpu_by_role(roles)
-        cpu_by_role = {role: round(by_role[role] - by_role_before.get(role, 0.0), 2) for role in by_role}
-        # Time the worker was runnable but not running: how much the machine, not the worker, held it back.
-        cpu_by_role["worker runqueue wait"] = round(_runqueue_wait_s(pids) - waited_before, 2)
-        publisher_rate = pubs.wait(started)
-        peak_rss = max(_peak_rss_mb(pid) for pid in pids)
-        quantiles = [_metrics(p) for p in ports]
-        rows = asyncio.run(_count_rows(settings)) - before * READINGS_PER_MESSAGE
-        result = RunResult(
-            label,
-            messages,
-            seconds,
-            rows,
-            max(m['iotflow_commit_latency_quantile_seconds{quantile="0.5"}'] for m in quantiles),
-            max(m['iotflow_commit_latency_quantile_seconds{quantile="0.99"}'] for m in quantiles),
-            peak_rss,
-            cpu,
-            publisher_rate,
-            processes,
-            cpu_by_role,
-        )
-        shares = ", ".join(f"{role} {value:.1f}" for role, value in sorted(cpu_by_role.items()))
-        print(
-            f"  {label}: {result.rate:,.0f} msg/s, {result.cpu_per_100k:.2f} CPU-s/100k, "
-            f"publishers {publisher_rate:,.0f} msg/s, {messages * READINGS_PER_MESSAGE - rows} lost; "
-            f"CPU-s in {seconds:.1f} s: {shares}",
-            flush=True,
-        )
-        return result
-    finally:
-        if pubs is not None:
-            pubs.kill()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-
-
-def _await_commits(
-    ports: list[int], base: int, count: int, worker: subprocess.Popen[bytes], label: str
-) -> int:
-    """Wait until the worker has committed `count` messages more than `base`; its total."""
-    deadline = time.monotonic() + max(300.0, count / 50)  # only a bound on a stuck run
-    while (committed := _committed(ports) - base) < count:
-        if time.monotonic() > deadline or worker.poll() is not None:
-            raise RuntimeError(f"{label}: committed {committed:.0f} of {count}")
-        # A scrape costs the worker CPU, which the run counts: poll often only near the end.
-        time.sleep(0.02 if committed > count * 0.95 else 0.5)
-    return base + int(committed)
-
-
-def _committed(ports: list[int]) -> float:
-    return sum(_metrics(port).get("iotflow_messages_committed_total", 0.0) for port in ports)
-
-
-def _children(pid: int) -> list[int]:
-    """The child processes of `pid` (the workers of `--processes N`)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-def _descendants(pid: int) -> list[int]:
-    found = []
-    with contextlib.suppress(OSError):
-        for child in _children(pid):
-            found += [child, *_descendants(child)]
-    return found
-
-
-def _cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
-    """CPU-seconds so far of every process this bench started, by role: the given pids'
-    roles, else the program's name (mosquitto, postgres, valkey-server as redis)."""
-    totals: dict[str, float] = {}
-    for pid in _descendants(os.getpid()):
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            role = roles.get(pid) or ("redis" if name.startswith(("valkey", "redis")) else name.split()[0])
-            if role.startswith("postgres"):
-                role = "postgres"
-            if role in ("worker", "publishers", "postgres", "redis", "mosquitto"):
-                totals[role] = totals.get(role, 0.0) + cpu_seconds([pid])
-    return totals
-
-
-def _runqueue_wait_s(pids: list[int]) -> float:
-    """Seconds the threads of these processes spent runnable, waiting for a core
-    (the second field of /proc/PID/task/TID/schedstat)."""
-    total = 0
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                total += int((task / "schedstat").read_text().split()[1])
-    return total / 1e9
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of these processes so far (fields 14 and 15 of /proc/PID/stat)."""
-    total = 0
-    for pid in pids:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _mean_rate(runs: list[RunResult]) -> float:
-    return sum(r.rate for r in runs) / len(runs)
-
-
-def _mean_cpu(runs: list[RunResult]) -> float:
-    return sum(r.cpu_per_100k for r in runs) / len(runs)
-
-
-def _drain(proc: subprocess.Popen[bytes]) -> None:
-    """Keep its stdout read in the background, so its logging never blocks it."""
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for _ in proc.stdout:
-            pass
-
-    threading.Thread(target=read, daemon=True).start()
-
-
-def _metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 # --- the stores ---------------------------------------------------------------------------------------
@@ -543,38 +258,12 @@ def _install_rules(settings: Settings) -> dict[str, str] | None:
     return {"IOTFLOW_RULES_ENABLED": "true"}
 
 
-async def _count_rows(settings: Settings) -> int:
-    conn = await connect(settings.postgres)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM decoded_data"))
-    finally:
-        await conn.close()
-
-
-async def _truncate(settings: Settings) -> None:
-    conn = await connect(settings.postgres)
-    try:
-        await conn.execute("TRUNCATE decoded_data")
-    finally:
-        await conn.close()
-
-
 async def _count_keys(settings: Settings) -> int:
     client = aioredis.Redis.from_url(settings.redis.url)
     try:
         return sum([1 async for _ in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)])
     finally:
         await client.aclose()
-
-
-async def drop_run(settings: Settings) -> None:
-    """Leave nothing behind: the run's schema and its Redis keys."""
-    conn: asyncpg.Connection = await asyncpg.connect(settings.postgres.url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres.schema}" CASCADE')
-    finally:
-        await conn.close()
-    await delete_matching(settings.redis, f"{settings.redis.key_prefix}*")
 
 
 # --- the report ---------------------------------------------------------------------------------------

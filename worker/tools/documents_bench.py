@@ -28,7 +28,7 @@ from worker.config import DocumentSettings
 from worker.logging import configure_logging
 from worker.rules.events import alert_document, alert_id, event_log_document
 from worker.stores.documents import MongoDocumentStore
-from worker.tools.bench import cpu_seconds
+from worker.tools.bench_support import cpu_seconds
 
 
 @dataclass(frozen=True)

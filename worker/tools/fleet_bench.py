@@ -44,7 +44,7 @@ from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.stores import Stores, open_stores
 from worker.stores.migrate import migrate
-from worker.tools.bench import drop_run
+from worker.tools.bench_support import drop_run
 from worker.tools.rules_bench import bench_rules, traffic_labels
 from worker.tools.simulate import build_fleet, message_stream, register_fleet
 

@@ -25,11 +25,11 @@ SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}{proxied_listener}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}{proxied_advertised}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT
 log.dirs={directory}/log
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -40,7 +40,19 @@ transaction.state.log.num.partitions=4
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# After a kill -9 the controller refuses the broker's new registration until the dead
+# one's session expires (9 s by default): a restart serves again in ~5 s instead of ~13.
+broker.session.timeout.ms=2000
+broker.heartbeat.interval.ms=500
 """
+
+
+def _cluster_id() -> str:
+    """A random cluster id as Kafka's own Uuid.randomUuid makes them: 16 bytes, URL-safe
+    base64, never starting with "-" (the storage tool would read it as an option)."""
+    while (candidate := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    return candidate
 
 
 def _metadata_request() -> bytes:
@@ -50,21 +62,40 @@ def _metadata_request() -> bytes:
 
 
 class KafkaServer(ServerProcess):
-    """One KRaft node on free loopback ports, heap 512 MB; its log survives `kill` and `start`."""
+    """One KRaft node on free loopback ports, heap 512 MB; its log survives `kill` and `start`.
+
+    `properties` are added to its server.properties (a later key wins). With
+    `advertised_port` it has a second listener, on `proxied_port`, that names
+    `advertised_port` in its metadata answers: a proxy listening there and forwarding to
+    `proxied_port` is then the only way its clients reach it (`proxied_bootstrap`), since a
+    client connects to the address the metadata names, not the one it bootstrapped from.
+    `bootstrap` stays direct, for a test to look at the log while the proxy is cut."""
 
     name = "kafka"
     heap = "512m"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, advertised_port: int | None = None, properties: dict[str, str] | None = None
+    ) -> None:
         super().__init__(directory)
+        self.properties = properties or {}  # server.properties of the caller's, over the ones above
         self.port = free_port()
         self.controller_port = free_port()
+        self.advertised_port = advertised_port
+        self.proxied_port = free_port() if advertised_port is not None else None
         self._java = find_java()
         self._classpath = maven_classpath("kafka", [f"org.apache.kafka:kafka_2.13:{KAFKA_VERSION}", _LOGGING])
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def proxied_bootstrap(self) -> str:
+        """The proxy's address, as the proxied listener advertises it."""
+        if self.advertised_port is None:
+            raise ValueError("this KafkaServer has no advertised_port")
+        return f"127.0.0.1:{self.advertised_port}"
 
     def _java_command(self, heap: str, *arguments: str) -> list[str]:
         return [
@@ -79,12 +110,18 @@ class KafkaServer(ServerProcess):
 
     def prepare(self) -> None:
         properties = self.directory / "server.properties"
+        proxied = self.advertised_port is not None
         properties.write_text(
             SERVER_PROPERTIES.format(
-                port=self.port, controller_port=self.controller_port, directory=self.directory
+                port=self.port,
+                controller_port=self.controller_port,
+                directory=self.directory,
+                proxied_listener=f",PROXIED://127.0.0.1:{self.proxied_port}" if proxied else "",
+                proxied_advertised=f",PROXIED://127.0.0.1:{self.advertised_port}" if proxied else "",
             )
+            + "".join(f"{key}={value}\n" for key, value in self.properties.items())
         )
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = _cluster_id()
         format_storage = self._java_command(
             "256m", "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)
         )

@@ -45,6 +45,11 @@ class ServerProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def running(self) -> bool:
+        """Its process is alive (served or not): `start` again only when it is not."""
+        return self._process is not None and self._process.poll() is None
+
     def start(self) -> None:
         """Start (again, after `kill` or `stop`, on the same ports and data) and wait until a
         client is served; on failure nothing is left running and the error has the log's end."""
