@@ -23,7 +23,7 @@ from worker.decode.codecs import load_codecs
 from worker.tools.servers import KafkaServer
 from worker.tools.simulate import readings_per_message
 
-from .helpers import background, publish, running_daemon, wait_for, wait_for_count
+from .helpers import background, publish, running_daemon, wait_for, wait_for_count, worker_process
 from .kafka import describe_topic, free_port, kafka_settings, log_ends, read_topic
 from .tcpproxy import TcpProxy
 from .test_end_to_end import simulated_messages
@@ -115,6 +115,47 @@ async def test_kafka_outage_holds_messages_and_recovers(
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 200)
         raw = await read_topic(broker.bootstrap, settings.kafka.raw_topic)
     assert Counter(read_envelope(r.value)[:2] for r in raw) == Counter(json_messages(0, 200))
+
+
+async def test_a_stop_while_kafka_is_away_ends_in_bounded_time_and_the_unsent_come_again(
+    settings: Settings, pg: asyncpg.Connection, private_dir: Path
+) -> None:
+    """SIGTERM while Kafka is cut and the idempotent producer holds a batch (which aiokafka
+    would resend forever): the daemon gives up on it after its shutdown timeout and one
+    request's time, exits 1 saying so, and has acknowledged none of it to MQTT, so the next
+    run, with Kafka back, bridges every message once."""
+    async with broker_behind_proxy(private_dir) as (broker, proxy):
+        settings = await kafka_settings(settings, broker.proxied_bootstrap, bridge=True)
+        env = {
+            "IOTFLOW_KAFKA_BOOTSTRAP": broker.proxied_bootstrap,
+            "IOTFLOW_KAFKA_BRIDGE": "true",
+            "IOTFLOW_KAFKA_RAW_TOPIC": settings.kafka.raw_topic,
+            "IOTFLOW_KAFKA_PROCESSED_TOPIC": settings.kafka.processed_topic,
+            "IOTFLOW_KAFKA_REQUEST_TIMEOUT_MS": "2000",
+            "IOTFLOW_RUNTIME_SHUTDOWN_TIMEOUT_S": "2",
+        }
+        async with worker_process(settings, **env) as worker:
+            await worker.wait_for_event("supervisor.ready")
+            await publish(settings.mqtt.url, json_messages(0, 50))
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 50)
+            proxy.cut()
+            await publish(settings.mqtt.url, json_messages(50, 100))
+            await worker.wait_for_event("sink.slow")
+            # Bounded by the shutdown timeout (2 s) and one request (2 s), not by Kafka's return.
+            assert await worker.terminate(30) == 1, worker.output
+            assert "kafka.unsent_abandoned" in worker.events()
+        await proxy.restore()
+        async with worker_process(settings, **env) as worker:
+            await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 150)
+            await wait_for(lambda: _bridged(broker, settings, 150), timeout=30)
+            assert await worker.terminate(30) == 0, worker.output
+        raw = await read_topic(broker.bootstrap, settings.kafka.raw_topic)
+    assert Counter(read_envelope(r.value)[:2] for r in raw) == Counter(json_messages(0, 150))
+
+
+async def _bridged(broker: KafkaServer, settings: Settings, messages: int) -> bool:
+    ends = await log_ends(broker.bootstrap, settings.kafka.raw_topic)
+    return sum(ends.values()) >= messages
 
 
 async def test_broker_killed_mid_stream_and_restarted_duplicates_and_loses_nothing(

@@ -8,12 +8,17 @@ send: the stores refuse to open while a topic the configuration needs is missing
 
 from __future__ import annotations
 
+import asyncio
+
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from worker.config import KafkaSettings, Settings
 from worker.retry import Refused
+
+log = structlog.get_logger(__name__)
 
 TOPIC_ALREADY_EXISTS = 36
 
@@ -52,6 +57,25 @@ def create_producer(settings: KafkaSettings) -> AIOKafkaProducer:
         max_request_size=settings.max_request_bytes,
         request_timeout_ms=settings.request_timeout_ms,
     )
+
+
+async def close_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
+    """Stop the producer, waiting at most `timeout_s` for what it still holds to reach Kafka.
+
+    aiokafka never expires an idempotent producer's batches (it resends them until the broker
+    answers) and `stop()` flushes them first, so with Kafka away a stop would wait for Kafka's
+    return: the daemon would outlive its shutdown timeout until systemd kills it. What the
+    producer still holds was never acknowledged upstream (the writer acknowledges a batch only
+    once the bridge has it), so it is safe to abandon: the broker redelivers those messages
+    to the next run. The abandoned stop is cancelled, and the event loop's end (`asyncio.run`)
+    cancels the producer's own sender task, which it offers no public way to stop."""
+    stopping = asyncio.ensure_future(producer.stop())
+    done, _ = await asyncio.wait([stopping], timeout=timeout_s)
+    if stopping in done:
+        stopping.result()
+        return
+    stopping.cancel()
+    log.warning("kafka.unsent_abandoned", waited_s=timeout_s, why="Kafka unreachable at shutdown")
 
 
 def create_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
