@@ -147,15 +147,15 @@ async def test_a_stop_while_kafka_is_away_ends_in_bounded_time_and_the_unsent_co
         await proxy.restore()
         async with worker_process(settings, **env) as worker:
             await wait_for_count(pg, "SELECT count(*) FROM decoded_data", 150)
-            await wait_for(lambda: _bridged(broker, settings, 150), timeout=30)
+            # A graceful stop: whatever is in PostgreSQL is in Kafka too before the exit.
             assert await worker.terminate(30) == 0, worker.output
         raw = await read_topic(broker.bootstrap, settings.kafka.raw_topic)
-    assert Counter(read_envelope(r.value)[:2] for r in raw) == Counter(json_messages(0, 150))
-
-
-async def _bridged(broker: KafkaServer, settings: Settings, messages: int) -> bool:
-    ends = await log_ends(broker.bootstrap, settings.kafka.raw_topic)
-    return sum(ends.values()) >= messages
+    bridged = Counter(read_envelope(r.value)[:2] for r in raw)
+    # The unsent ones come once. A message of the first 50 may come twice: Kafka may have
+    # stored it while its answer was cut, and the next run publishes it again under a new
+    # producer id (at least once; docs/kafka.md).
+    assert set(bridged) == set(json_messages(0, 150))
+    assert all(bridged[message] == 1 for message in json_messages(50, 100))
 
 
 async def test_broker_killed_mid_stream_and_restarted_duplicates_and_loses_nothing(
