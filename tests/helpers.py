@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -360,3 +363,26 @@ def wait_listening(port: int, server: subprocess.Popen[bytes], timeout: float = 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+# --- Cassandra -----------------------------------------------------------------------------------------
+
+
+def with_cassandra(settings: Settings, hosts: str, backend: str, data_dir: Path | None = None) -> Settings:
+    """`settings` with the time series in `backend`, Cassandra at `hosts` ("host[:port],…") in a
+    keyspace of the test's own."""
+    first = hosts.split(",")[0]
+    cassandra = replace(
+        settings.cassandra,
+        hosts=[h.split(":")[0] for h in hosts.split(",")],
+        port=int(first.partition(":")[2] or 9042),
+        keyspace=f"test_{uuid.uuid4().hex[:10]}",
+        consistency="one",
+        local_dc=os.environ.get("IOTFLOW_TEST_CASSANDRA_LOCAL_DC", "datacenter1"),
+    )
+    configured = replace(
+        settings, cassandra=cassandra, timeseries=replace(settings.timeseries, backend=backend)
+    )
+    if data_dir is not None:
+        configured.storage = replace(settings.storage, data_dir=str(data_dir), write_timeout_s=1.0)
+    return configured

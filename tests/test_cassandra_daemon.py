@@ -13,13 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import random
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,30 +38,10 @@ from worker.stores.cassandra_schema import migrate_cassandra
 from worker.tools.servers import CassandraServer
 
 from .conftest import worker_env
-from .helpers import ROOT, publish, running_daemon, wait_for, wait_for_committed
+from .helpers import ROOT, publish, running_daemon, wait_for, wait_for_committed, with_cassandra
 from .test_outages import BASE_MS, json_messages
 
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
-
-
-def _with_cassandra(settings: Settings, hosts: str, backend: str, data_dir: Path | None = None) -> Settings:
-    """`settings` with the time series in `backend`, Cassandra at `hosts` ("host[:port],…") in a
-    keyspace of the test's own."""
-    first = hosts.split(",")[0]
-    cassandra = replace(
-        settings.cassandra,
-        hosts=[h.split(":")[0] for h in hosts.split(",")],
-        port=int(first.partition(":")[2] or 9042),
-        keyspace=f"test_{uuid.uuid4().hex[:10]}",
-        consistency="one",
-        local_dc=os.environ.get("IOTFLOW_TEST_CASSANDRA_LOCAL_DC", "datacenter1"),
-    )
-    configured = replace(
-        settings, cassandra=cassandra, timeseries=replace(settings.timeseries, backend=backend)
-    )
-    if data_dir is not None:
-        configured.storage = replace(settings.storage, data_dir=str(data_dir), write_timeout_s=1.0)
-    return configured
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +106,7 @@ async def _cassandra_reaches(store: CassandraStore, device_id: int, count: int, 
 async def test_every_reading_through_mqtt_lands_in_cassandra_and_redelivery_adds_nothing(
     settings: Settings, pg: asyncpg.Connection, cassandra_hosts: str, private_dir: Path, backend: str
 ) -> None:
-    configured = _with_cassandra(settings, cassandra_hosts, backend, private_dir)
+    configured = with_cassandra(settings, cassandra_hosts, backend, private_dir)
     async with keyspace(configured) as store, running_daemon(configured) as daemon:
         device_id = await _device_id(pg)
         await publish(settings.mqtt.url, json_messages(0, 150))
@@ -173,7 +150,7 @@ async def _write_times(store: CassandraStore, device_id: int) -> dict[int, int]:
 async def test_both_mode_with_cassandra_killed_mid_stream_replays_the_outbox_in_order(
     settings: Settings, pg: asyncpg.Connection, cassandra_server: CassandraServer, private_dir: Path
 ) -> None:
-    configured = _with_cassandra(settings, cassandra_server.hosts, "both", private_dir)
+    configured = with_cassandra(settings, cassandra_server.hosts, "both", private_dir)
     async with keyspace(configured):
         try:
             async with running_daemon(configured) as daemon:
@@ -235,7 +212,7 @@ def _irregular_batch(device_id: int, datapoints: dict[str, int]) -> DecodedBatch
 async def test_cassandra_rollups_equal_the_postgres_rollups_of_the_same_readings(
     settings: Settings, pg: asyncpg.Connection, cassandra_hosts: str
 ) -> None:
-    configured = _with_cassandra(settings, cassandra_hosts, "both")
+    configured = with_cassandra(settings, cassandra_hosts, "both")
     device_id = await _device_id(pg)
     labels = await pg.fetch("SELECT label, id FROM datapoints WHERE device_id = $1", device_id)
     datapoints = {r["label"]: r["id"] for r in labels}
@@ -291,7 +268,7 @@ async def _query(env: dict[str, str], *argv: str) -> tuple[list[dict[str, Any]],
 async def test_iotflow_query_pages_through_a_device_range_on_cassandra(
     settings: Settings, pg: asyncpg.Connection, cassandra_hosts: str
 ) -> None:
-    configured = _with_cassandra(settings, cassandra_hosts, "cassandra")
+    configured = with_cassandra(settings, cassandra_hosts, "cassandra")
     device_id = await _device_id(pg)
     readings = [
         Reading(T0 + timedelta(seconds=s), device_id, 0, float(s), label)

@@ -8,10 +8,7 @@ afterwards.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -29,25 +26,16 @@ from worker.stores.cassandra import CassandraStore
 from worker.stores.cassandra_schema import TABLES, migrate_cassandra, schema_problem
 from worker.stores.timeseries import read_device
 
+from .helpers import with_cassandra
+
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 async def cstores(settings: Settings, cassandra_hosts: str) -> AsyncIterator[Stores]:
     """The stores with Cassandra as the time-series backend, in a fresh migrated keyspace."""
-    keyspace = f"test_{uuid.uuid4().hex[:10]}"
-    port = cassandra_hosts.split(",")[0].partition(":")[2]
-    cassandra = replace(
-        settings.cassandra,
-        hosts=[h.split(":")[0] for h in cassandra_hosts.split(",")],
-        port=int(port or 9042),
-        keyspace=keyspace,
-        consistency="one",
-        local_dc=os.environ.get("IOTFLOW_TEST_CASSANDRA_LOCAL_DC", "datacenter1"),
-    )
-    configured = replace(
-        settings, cassandra=cassandra, timeseries=replace(settings.timeseries, backend="cassandra")
-    )
+    configured = with_cassandra(settings, cassandra_hosts, "cassandra")
+    keyspace = configured.cassandra.keyspace
     async with open_stores(configured) as stores:
         assert stores.cassandra is not None
         await migrate_cassandra(stores.cassandra)

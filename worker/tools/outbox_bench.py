@@ -56,12 +56,11 @@ from worker.stores.cassandra import CassandraStore
 from worker.stores.cassandra_schema import migrate_cassandra
 from worker.stores.migrate import migrate
 from worker.stores.timeseries import read_device
+from worker.tools.bench_support import READINGS_PER_MESSAGE, cpu_seconds
 from worker.tools.embedded import free_port
 from worker.tools.servers import CassandraServer, ServerUnavailable
 
-READINGS_PER_MESSAGE = 3
 BATCH_READINGS = 5000
-_TICK = os.sysconf("SC_CLK_TCK")
 Timeseries = Literal["cassandra", "both"]
 
 
@@ -105,16 +104,10 @@ class Run:
         return seconds * 100_000 / self.messages
 
 
-def _cpu_of(pid: int | str) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-
-
 async def _server_cpu(pool: asyncpg.Pool) -> float | None:
     pids = [row["pid"] for row in await pool.fetch("SELECT pid FROM pg_stat_activity")]
     try:
-        return sum(_cpu_of(pid) for pid in pids)
+        return cpu_seconds(pids)
     except (OSError, ValueError):  # a remote server, or processes we may not read
         return None
 
@@ -143,17 +136,18 @@ async def _measure(
     label: str, sink: Sink, batches: list[DecodedBatch], pool: asyncpg.Pool, cassandra_pid: int | None = None
 ) -> Run:
     server_before = await _server_cpu(pool)
-    cassandra_before = _cpu_of(cassandra_pid) if cassandra_pid else None
-    cpu_before, started = _cpu_of("self"), time.perf_counter()
+    cassandra_before = cpu_seconds([cassandra_pid]) if cassandra_pid else None
+    me = [os.getpid()]
+    cpu_before, started = cpu_seconds(me), time.perf_counter()
     for batch in batches:
         await sink.write(batch)
-    wall, cpu = time.perf_counter() - started, _cpu_of("self") - cpu_before
+    wall, cpu = time.perf_counter() - started, cpu_seconds(me) - cpu_before
     server_after = await _server_cpu(pool)
     server = None if server_before is None or server_after is None else server_after - server_before
     cassandra = None
     if cassandra_pid and cassandra_before is not None:
         with contextlib.suppress(OSError):  # killed meanwhile (the outage)
-            cassandra = _cpu_of(cassandra_pid) - cassandra_before
+            cassandra = cpu_seconds([cassandra_pid]) - cassandra_before
     return Run(label, sum(b.messages for b in batches), wall, cpu, server, cassandra)
 
 
@@ -296,7 +290,7 @@ class _ReadSource:
 async def _outage(server: CassandraServer, sink: Sink, batches: list[DecodedBatch], stores: Stores) -> None:
     """Both mode with the bench's Cassandra killed (-9): the batches go to PostgreSQL and the
     outbox; then Cassandra restarted, and the time until the outbox is replayed."""
-    await _empty_outbox(stores)
+    await stores.postgres.execute("TRUNCATE outbox")
     try:
         await sink.write(batches[0])  # connected, direct
         await asyncio.to_thread(server.kill)
@@ -325,10 +319,6 @@ async def _outage(server: CassandraServer, sink: Sink, batches: list[DecodedBatc
         await sink.close()
         if server.problem() is not None:
             await asyncio.to_thread(server.start)
-
-
-async def _empty_outbox(stores: Stores) -> None:
-    await stores.postgres.execute("TRUNCATE outbox")
 
 
 class Together:
