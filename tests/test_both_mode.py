@@ -65,7 +65,7 @@ async def test_with_cassandra_away_postgres_gets_everything_and_the_outbox_what_
             stored = await _stored(pg)
             assert len(stored) == 120
             assert await _in_outbox(pg, "cassandra") == stored  # exactly what Cassandra missed
-            assert daemon.metrics.gauges["outbox_backlog"]() >= 1
+            assert daemon.metrics.gauges["outbox_backlog_batches"]() >= 1
             assert daemon.metrics.count("outbox_appended", sink="cassandra") >= 1
 
 
@@ -130,6 +130,7 @@ async def test_with_cassandra_away_the_worker_is_ready_and_says_it_is_degraded(
     assert readiness["ready"] is True and readiness["degraded"] == ["cassandra"]
     assert readiness["checks"]["cassandra"] is False and readiness["checks"]["postgres"] is True
     assert b"iotflow_readings_stores_behind 1.0" in metrics
+    assert b"\niotflow_outbox_backlog_batches " in metrics  # both mode's other gauge (docs/operations.md)
     assert stored == 30
 
 

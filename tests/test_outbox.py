@@ -218,14 +218,14 @@ async def test_with_the_other_store_refusing_postgres_gets_everything_and_the_ou
             assert await _batches_in(stores.postgres) == [0, 1, 2, 3, 4]
             assert await _outbox_rows(stores.postgres, "other") == [1, 2, 3, 4]  # exactly the missed ones
             assert metrics.count("outbox_appended", sink="other") == 4
-            assert metrics.gauges["outbox_backlog"]() == 4.0
+            assert metrics.gauges["outbox_backlog_batches"]() == 4.0
             assert (
                 not (private_dir / "outbox.journal").exists()
                 or read_journal(private_dir / "outbox.journal") == []
             )
 
             await proxy.restore()  # recovery needs no help: the sink's replayer finds it back
-            await wait_for(lambda: _true(metrics.gauges["outbox_backlog"]() == 0.0), timeout=30)
+            await wait_for(lambda: _true(metrics.gauges["outbox_backlog_batches"]() == 0.0), timeout=30)
             assert await _outbox_rows(stores.postgres, "other") == []
             assert await _batches_in(other.postgres) == [0, 1, 2, 3, 4]
             sink_other = sink._lanes[1].sink
@@ -256,7 +256,7 @@ async def test_a_store_that_accepts_and_never_answers_is_down_after_the_write_ti
             assert metrics.count("sink_errors", sink="other") >= 1
 
             proxy.thaw()
-            await wait_for(lambda: _true(metrics.gauges["outbox_backlog"]() == 0.0), timeout=60)
+            await wait_for(lambda: _true(metrics.gauges["outbox_backlog_batches"]() == 0.0), timeout=60)
             assert await _batches_in(other.postgres) == [0, 1, 2]
         finally:
             await sink.close()
@@ -282,7 +282,7 @@ async def test_with_postgres_down_the_journal_holds_the_missed_batches_and_repla
             assert metrics.count("outbox_appended", sink="postgres") == 3
 
             await proxy.restore()
-            await wait_for(lambda: _true(metrics.gauges["outbox_backlog"]() == 0.0), timeout=30)
+            await wait_for(lambda: _true(metrics.gauges["outbox_backlog_batches"]() == 0.0), timeout=30)
             assert await _batches_in(primary.postgres) == [0, 1, 2, 3]
             assert journal.stat().st_size == 0  # emptied once everything was delivered
         finally:

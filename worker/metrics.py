@@ -4,7 +4,12 @@ The hot path counts in plain dicts (`Metrics.inc`: intake counts every message, 
 dict update is what that can afford); a custom collector turns them into Prometheus
 counter families with HELP and TYPE at scrape time. Latencies and batch sizes are
 prometheus_client histograms. Each `Metrics` has its own registry, so several daemons
-in one process (the tests) never share a series.
+in one process (the tests) never share a series; it holds the collectors the library's
+default registry would (process, platform, GC) and `iotflow_build_info`.
+
+Names follow the Prometheus conventions: counters end in `_total` (the library adds it to
+the families below), a unit or the thing counted ends every other name, base units.
+Every series is listed in docs/operations.md, and a test holds the two together.
 """
 
 from __future__ import annotations
@@ -12,8 +17,18 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -43,8 +58,39 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kafka_uncommitted_dropped": ("Kafka intake: records dropped at a revocation, for the next owner", ()),
 }
 
+# Counters another object keeps, read at scrape time (`Metrics.counted`): name → help.
+COUNTED: dict[str, str] = {
+    "pipeline_restarts": "pipeline restarts after a crash since start",
+}
+
+# name → (help, label names); read at scrape time from `Metrics.gauges` (no labels) or
+# `Metrics.labeled_gauges` (a reader per label values).
+GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mailbox_messages": (
+        "messages waiting in a stage's mailbox (decoder full: storage is the bottleneck)",
+        ("stage",),
+    ),
+    "mqtt_buffered_messages": ("messages the MQTT client received that intake has not taken yet", ()),
+    "intake_unacknowledged_messages": (
+        "messages received and not yet acknowledged (MQTT: at most mqtt.receive_maximum)",
+        (),
+    ),
+    "outbox_backlog_batches": ("batches in the outboxes of readings stores that were down (both mode)", ()),
+    "readings_stores_behind": ("readings stores down or behind, their batches in an outbox (both mode)", ()),
+    "hot_state_stale": ("1 while Redis hot state misses batches, until it is rebuilt from PostgreSQL", ()),
+    "rules_loaded": ("alert rules in force", ()),
+    "rules_invalid": ("malformed alert rules, not loaded", ()),
+    "alerts_active": ("alerts fired and not resolved", ()),
+}
+
 # Publish→commit, from the reading's own timestamp: device clocks and broker backlogs included.
-LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+# 10-33% apart from 10 ms to 10 s, where a pipeline's latency lives, so a quantile
+# interpolated from them (Prometheus' histogram_quantile, the bench) is close.
+_DECADE = (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 6, 8)
+LATENCY_BUCKETS_S = (
+    *(round(edge * decade, 4) for decade in (0.01, 0.1, 1.0) for edge in _DECADE),
+    *(10.0, 30.0, 60.0, 300.0, 3600.0),
+)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 WRITE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -57,8 +103,9 @@ _LOG_BASE = math.log(_BUCKET_BASE)  # math.log(x, base) is log(x) / log(base): t
 class LatencyHistogram:
     """Counts durations in log buckets; quantiles are accurate to a bucket's width (~5%).
 
-    prometheus_client's histograms leave quantiles to the server; the progress line and
-    the bench want them in-process, so the commit latency is counted here too."""
+    prometheus_client's histograms leave quantiles to the server and take fixed buckets;
+    the progress line wants an interval's p99 in-process, so the commit latency is counted
+    here and exported as a Prometheus histogram at scrape time."""
 
     def __init__(self) -> None:
         self.counts: Counter[int] = Counter()
@@ -113,17 +160,25 @@ class LatencyHistogram:
 
 
 class Metrics:
-    """Counters by name (and labels), gauges read at scrape time, histograms."""
+    """Counters by name (and labels), counters and gauges read at scrape time, histograms."""
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()  # totals over all labels, for in-process readers
         self.labeled: dict[str, Counter[tuple[str, ...]]] = {}
-        self.gauges: dict[str, Callable[[], float]] = {}
+        self.counted: dict[str, Callable[[], float]] = {}  # names from COUNTED
+        self.gauges: dict[str, Callable[[], float]] = {}  # names from GAUGES
+        self.labeled_gauges: dict[str, dict[tuple[str, ...], Callable[[], float]]] = {}
         # Publish→commit since start, per reading: one fine histogram serves the /metrics
-        # histogram and quantiles and the progress line's interval p99 (by difference), so
-        # the writer observes each reading once.
+        # histogram and the progress line's interval p99 (by difference), so the writer
+        # observes each reading once.
         self.commit_latency = LatencyHistogram()
         self.registry = CollectorRegistry(auto_describe=True)
+        # The default registry's collectors (process_*, python_info, python_gc_*): they only
+        # read this process, so each registry may hold them.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        build = Info(f"{PREFIX}_build", "the running iotflow-worker release", registry=self.registry)
+        build.info({"version": _release()})
         self.registry.register(_DictCollector(self))
         self._batch_rows = Histogram(
             f"{PREFIX}_batch_rows",
@@ -182,8 +237,16 @@ class _DictCollector(Collector):
             else:
                 family.add_metric([], metrics.counters[name])
             yield family
+        for name, read in sorted(metrics.counted.items()):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", COUNTED[name], value=read())
         for name, read in sorted(metrics.gauges.items()):
-            yield GaugeMetricFamily(f"{PREFIX}_{name}", GAUGES.get(name, name), value=read())
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", GAUGES[name][0], value=read())
+        for name, readers in sorted(metrics.labeled_gauges.items()):
+            doc, label_names = GAUGES[name]
+            gauge = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=label_names)
+            for values, read in sorted(readers.items()):
+                gauge.add_metric(list(values), read())
+            yield gauge
         latency = metrics.commit_latency
         yield HistogramMetricFamily(
             f"{PREFIX}_commit_latency_seconds",
@@ -191,26 +254,11 @@ class _DictCollector(Collector):
             buckets=latency.cumulative(LATENCY_BUCKETS_S),
             sum_value=latency.sum,
         )
-        quantiles = GaugeMetricFamily(
-            f"{PREFIX}_commit_latency_quantile_seconds",
-            "publish→commit latency quantiles since start (~5% resolution)",
-            labels=["quantile"],
-        )
-        for q in (0.5, 0.9, 0.99):
-            quantiles.add_metric([str(q)], metrics.commit_latency.quantile(q))
-        yield quantiles
 
 
-GAUGES = {
-    "mailbox_raw": "messages waiting to be decoded (full: storage is the bottleneck)",
-    "mailbox_decoded": "decoded batches waiting for the writer",
-    "mqtt_buffered": "messages the MQTT client received that intake has not taken yet",
-    "intake_unacknowledged": "messages received and not yet acknowledged (MQTT: ≤ receive_maximum)",
-    "outbox_backlog": "batches waiting in the outboxes of readings stores that are down (both mode)",
-    "readings_stores_behind": "readings stores down or behind, batches in their outbox (both mode: degraded)",
-    "hot_state_stale": "1 while Redis hot state misses batches, until it is rebuilt from PostgreSQL",
-    "pipeline_restarts": "pipeline restarts after a crash since start",
-    "rules_loaded": "alert rules in force",
-    "rules_invalid": "malformed alert rules, not loaded",
-    "alerts_active": "alerts fired and not resolved",
-}
+def _release() -> str:
+    """The installed distribution's version; a checkout run without installing has none."""
+    try:
+        return version("iotflow-worker")
+    except PackageNotFoundError:
+        return "unknown"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,6 +168,15 @@ class Pipeline:
         actors: list[Actor] = [self.intake, decoder, *stages, self.writer]
         return ActorGroup(actors, helpers=[self._report, self._collect_when_idle])
 
+    def mailbox_gauges(self) -> dict[tuple[str, ...], Callable[[], float]]:
+        """Messages waiting for each stage, by the stage that takes them: one unit for all,
+        although the decoder's mailbox holds messages and the later ones decoded batches."""
+        stages: dict[tuple[str, ...], Callable[[], float]] = {("decoder",): lambda: float(self.raw.qsize())}
+        if self.rules is not None:
+            stages[("rules",)] = partial(_messages_in, self.rules.mailbox)
+        stages[("writer",)] = partial(_messages_in, self.decoded)
+        return stages
+
     async def wait_ready(self) -> None:
         """Subscribed, and with rules on, the rules loaded: ready means messages are judged."""
         await self.intake.subscribed.wait()
@@ -220,6 +231,10 @@ class Pipeline:
             mark = latency.snapshot()
 
 
+def _messages_in(mailbox: Mailbox[DecodedBatch]) -> float:
+    return float(sum(batch.messages for batch in mailbox))
+
+
 class Daemon:
     """`iotflow run`: the stores, the supervised pipeline and the health server."""
 
@@ -242,7 +257,7 @@ class Daemon:
             ready=self._ready,
         )
         self.ready = asyncio.Event()
-        self.metrics.gauges["pipeline_restarts"] = lambda: float(self.supervisor.restarts_total)
+        self.metrics.counted["pipeline_restarts"] = lambda: float(self.supervisor.restarts_total)
         self.health: HealthServer | None = None
 
     async def _build(self) -> ActorGroup:
@@ -250,10 +265,9 @@ class Daemon:
         pipeline = Pipeline(self._stores, self.metrics, self.datapoint_budget)
         group = pipeline.build()
         self.pipeline = pipeline
-        self.metrics.gauges["mqtt_buffered"] = lambda: float(pipeline.intake.buffered)
-        self.metrics.gauges["intake_unacknowledged"] = lambda: float(pipeline.intake.unacknowledged)
-        self.metrics.gauges["mailbox_raw"] = lambda: float(pipeline.raw.qsize())
-        self.metrics.gauges["mailbox_decoded"] = lambda: float(pipeline.decoded.qsize())
+        self.metrics.gauges["mqtt_buffered_messages"] = lambda: float(pipeline.intake.buffered)
+        self.metrics.gauges["intake_unacknowledged_messages"] = lambda: float(pipeline.intake.unacknowledged)
+        self.metrics.labeled_gauges["mailbox_messages"] = pipeline.mailbox_gauges()
         return group
 
     async def _ready(self, group: ActorGroup) -> None:

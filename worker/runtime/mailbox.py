@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -87,6 +88,10 @@ class Mailbox(Generic[T]):
         batch = [items.popleft() for _ in range(min(max_items, len(items)))]
         _wake(self._putters, len(batch))
         return batch
+
+    def __iter__(self) -> Iterator[T]:
+        """The waiting items, oldest first, for a gauge that weighs them at scrape time."""
+        return iter(self._items)
 
     def qsize(self) -> int:
         return len(self._items)

@@ -12,7 +12,7 @@ While a store's outbox holds anything, new batches for it go straight to the out
 outbox, oldest first, until it is empty; then writes go to the store again. The
 outbox of the primary (PostgreSQL) is the local journal; the other store's is the
 PostgreSQL `outbox` table. One log line when a store's outbox starts holding and one
-when it is drained, never one per batch; `outbox_backlog` and the `outbox_*` counters
+when it is drained, never one per batch; `outbox_backlog_batches` and the `outbox_*` counters
 say the rest (docs/storage.md).
 """
 
@@ -77,7 +77,7 @@ class MirroredReadings:
         self._metrics = metrics
         self._timeout = timeout_s
         self._abandoned = Abandoned()
-        metrics.gauges["outbox_backlog"] = lambda: float(sum(lane.held for lane in self._lanes))
+        metrics.gauges["outbox_backlog_batches"] = lambda: float(sum(lane.held for lane in self._lanes))
         metrics.gauges["readings_stores_behind"] = lambda: float(sum(bool(lane.held) for lane in self._lanes))
 
     async def start(self) -> None:

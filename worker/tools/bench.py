@@ -16,7 +16,8 @@ commit. It measures, in order:
    (utime + stime from /proc, the worker's processes summed), peak RSS (VmHWM), zero
    loss (rows counted in PostgreSQL);
 4. one paced run at half the flood rate, for publish→commit latency p50/p99 (from the
-   worker's /metrics; measured from each message's own timestamp);
+   worker's /metrics histogram, as histogram_quantile() would; measured from each
+   message's own timestamp);
 5. with --processes N, floods of `iotflow run --processes N` alternated with the
    one-process floods: the ratio;
 6. with --kafka, the Kafka paths (worker.tools.bench_kafka).

@@ -37,9 +37,11 @@ __all__ = [
     "count_rows",
     "cpu_seconds",
     "drop_run",
+    "histogram_quantile",
     "mean_cpu",
     "mean_rate",
     "measure_worker",
+    "parse_metrics",
     "peak_rss_mb",
     "scrape_metrics",
     "truncate",
@@ -191,15 +193,15 @@ def measure_worker(
         cpu_by_role["worker runqueue wait"] = round(_runqueue_wait_s(pids) - waited_before, 2)
         publisher_rate = pubs.wait(started)
         peak_rss = max(peak_rss_mb(pid) for pid in pids)
-        quantiles = [scrape_metrics(p) for p in ports]
+        scraped = [scrape_metrics(p) for p in ports]
         rows = asyncio.run(count_rows(settings)) - before * READINGS_PER_MESSAGE
         result = RunResult(
             label,
             messages,
             seconds,
             rows,
-            max(m['iotflow_commit_latency_quantile_seconds{quantile="0.5"}'] for m in quantiles),
-            max(m['iotflow_commit_latency_quantile_seconds{quantile="0.99"}'] for m in quantiles),
+            max(histogram_quantile(0.5, m, "iotflow_commit_latency_seconds") for m in scraped),
+            max(histogram_quantile(0.99, m, "iotflow_commit_latency_seconds") for m in scraped),
             peak_rss,
             cpu,
             publisher_rate,
@@ -324,13 +326,36 @@ def _drain(proc: subprocess.Popen[bytes]) -> None:
 
 def scrape_metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+        return parse_metrics(response.read().decode())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as sample (`name{labels}` as written) → value."""
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+def histogram_quantile(q: float, scraped: dict[str, float], name: str) -> float:
+    """The `q` quantile of an unlabelled histogram in a scrape, interpolated within its
+    bucket as Prometheus' histogram_quantile() does: what a dashboard would show."""
+    prefix = f'{name}_bucket{{le="'
+    edges = ((key[len(prefix) : -2], n) for key, n in scraped.items() if key.startswith(prefix))
+    buckets = sorted((float(edge), n) for edge, n in edges)
+    if not buckets or not buckets[-1][1]:
+        return math.nan
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower  # past the last finite bucket: its edge is all that is known
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return math.nan  # unreachable: the +Inf bucket holds every observation
 
 
 async def count_rows(settings: Settings) -> int:
