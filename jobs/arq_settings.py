@@ -6,14 +6,10 @@ read when this module is imported: it is kept apart so nothing else pays for tha
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from jobs.worker import worker_options
 from worker.config import load_settings
 
-_config = os.environ.get("IOTFLOW_CONFIG")
-_options = worker_options(load_settings(Path(_config) if _config else None))
+_options = worker_options(load_settings())
 
 
 class WorkerSettings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -18,7 +19,6 @@ from jobs.periods import (
     floor_minutes,
     iso,
     parse_report_period,
-    parse_time,
     utc_now,
 )
 from jobs.reports import build_reports, store_reports
@@ -46,9 +46,9 @@ class EnqueueRequest:
 def enqueue_request(
     settings: Settings,
     job: str,
-    start: str | None,
-    end: str | None,
-    day: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    day: datetime | None,
     device: int | None,
     force: bool,
 ) -> EnqueueRequest:
@@ -57,7 +57,7 @@ def enqueue_request(
     if job == "rollup" and (start or end):
         if not (start and end):
             raise ValueError("a rollup backfill needs both --from and --to")
-        first, last = parse_time(start), parse_time(end)
+        first, last = start, end
         if last <= first:
             raise ValueError("--to must be after --from")
         request = EnqueueRequest(
@@ -66,7 +66,7 @@ def enqueue_request(
     elif job == "rollup":
         request = EnqueueRequest(function, iso(floor_hour(now)), {"period": iso(floor_hour(now))})
     elif job == "report":
-        first = floor_day(parse_time(day)) if day else floor_day(now) - DAY
+        first = floor_day(day) if day else floor_day(now) - DAY
         key = iso(first) if device is None else f"{iso(first)}:device:{device}"
         request = EnqueueRequest(function, key, {"period": iso(first), "device_id": device})
     elif job == "retention":

@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 
-_SPAN = re.compile(r"^(\d+)([hd])$")
+_SPAN = re.compile(r"^-?(\d+)([hd])$")  # `-7d` as the CLI writes a relative time, or `7d`
 
 
 def utc_now() -> datetime:
@@ -63,7 +63,7 @@ def parse_time(text: str) -> datetime:
 
 
 def parse_report_period(text: str, now: datetime) -> tuple[datetime, datetime]:
-    """`1d`, `7d`, `12h`: the span ending now; `2026-11-21`: that UTC day."""
+    """`1d`, `7d`, `12h` (or `-7d`): the span ending now; `2026-11-21`: that UTC day."""
     span = _SPAN.match(text)
     if span:
         amount = int(span.group(1))

@@ -22,6 +22,7 @@ from jobs.schedule import schedule_tick
 from jobs.tasks import FUNCTIONS
 from worker.config import Settings
 from worker.runtime.sdnotify import notify, watchdog_interval, watchdog_loop
+from worker.stores.migrate import SchemaNotReady, schema_problem
 
 SETTINGS_KEY = "settings"
 CLOCK_KEY = "clock"
@@ -30,10 +31,15 @@ STORES_KEY = "stores"  # the exit stack that closes the stores at shutdown
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx[SETTINGS_KEY]
     stack = contextlib.AsyncExitStack()
-    ctx[CTX_KEY] = await stack.enter_async_context(
-        open_resources(ctx[SETTINGS_KEY], clock=ctx.get(CLOCK_KEY))
-    )
+    resources = await stack.enter_async_context(open_resources(settings, clock=ctx.get(CLOCK_KEY)))
+    # Before any job: against a schema never migrated every one would fail, each with its line.
+    problem = await schema_problem(resources.pool, settings.postgres.schema)
+    if problem:
+        await stack.aclose()
+        raise SchemaNotReady(problem)
+    ctx[CTX_KEY] = resources
     ctx[STORES_KEY] = stack
     # Under systemd (Type=notify): ready once the stores are open; the watchdog proves the loop runs.
     notify("READY=1")

@@ -117,6 +117,8 @@ def test_the_command_exits_2_on_a_bad_mac_and_1_without_a_ca(
     assert "not a MAC address" in capsys.readouterr().err
     assert run(["certs", "device", "aabbccddee01", "--dir", str(tmp_path)]) == 1
     assert "certs init" in capsys.readouterr().err
+    assert run(["certs", "list", "--dir", str(tmp_path)]) == 1  # an empty list would look like a CA
+    assert capsys.readouterr().err == f"iotflow certs: no CA in {tmp_path}: run `iotflow certs init` first\n"
     assert run(["certs", "init", "--dir", str(tmp_path)]) == 0
     assert run(["certs", "device", "aabbccddee01", "--dir", str(tmp_path)]) == 0
     assert run(["certs", "list", "--json", "--dir", str(tmp_path)]) == 0

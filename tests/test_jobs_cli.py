@@ -92,7 +92,9 @@ async def test_two_deployments_sharing_a_redis_each_get_their_own_jobs_queue(set
     second = replace(first, redis=replace(first.redis, key_prefix=f"{first.redis.key_prefix}other:"))
     assert first.jobs_queue != second.jobs_queue
     assert first.jobs_queue.startswith(first.redis.key_prefix)
-    request = enqueue_request(first, "rollup", "2026-01-01T00:00", "2026-01-01T02:00", None, None, False)
+    request = enqueue_request(
+        first, "rollup", utc("2026-01-01 00:00"), utc("2026-01-01 02:00"), None, None, False
+    )
     try:
         assert await enqueue_now(first, request, 0) == 0
         assert await enqueue_now(second, request, 0) == 0  # not "already queued" by the other one

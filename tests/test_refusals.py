@@ -60,7 +60,7 @@ async def test_postgres_refusing_us_exits_2_with_one_line(
     code, lines = await run_to_exit(settings, IOTFLOW_POSTGRES_URL=url)
     assert code == 2
     errors = _errors(lines)
-    assert [e["event"] for e in errors] == ["stores.refused"], errors
+    assert [e["event"] for e in errors] == ["stores.refused", "daemon.stopped"], errors
     assert expected in str(errors[0]["error"])
     assert next(line for line in lines if line.get("event") == "daemon.stopped")["exit_code"] == 2
 
@@ -91,7 +91,7 @@ async def test_redis_refusing_our_password_exits_2_with_one_line(
     code, lines = await run_to_exit(settings, IOTFLOW_REDIS_URL=url)
     assert code == 2
     errors = _errors(lines)
-    assert [e["event"] for e in errors] == ["stores.refused"], errors
+    assert [e["event"] for e in errors] == ["stores.refused", "daemon.stopped"], errors
     assert "AuthenticationError" in str(errors[0]["error"])
 
 
@@ -118,6 +118,6 @@ async def test_a_broker_refusing_us_exits_2_with_one_line(settings: Settings, cl
     code, lines = await run_to_exit(settings, IOTFLOW_MQTT_URL=closed_broker)
     assert code == 2
     errors = _errors(lines)
-    assert [e["event"] for e in errors] == ["supervisor.refused"], errors
+    assert [e["event"] for e in errors] == ["supervisor.refused", "daemon.stopped"], errors
     assert "135" in str(errors[0]["error"]) or "authorized" in str(errors[0]["error"]).lower()
     assert not any(line.get("event") == "supervisor.restarting" for line in lines)

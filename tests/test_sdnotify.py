@@ -21,6 +21,7 @@ import worker.runtime.sdnotify as sdnotify
 import worker.runtime.supervisor as supervisor_module
 from jobs.context import CTX_KEY
 from jobs.worker import SETTINGS_KEY
+from worker.config import Settings
 from worker.exit_codes import ExitCode
 from worker.runtime.actor import Actor
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
@@ -153,12 +154,16 @@ async def test_the_jobs_runner_runs_the_watchdog_at_its_interval_until_shutdown(
     @contextlib.asynccontextmanager
     async def open_resources(*args: Any, **kwargs: Any) -> AsyncIterator[object]:
         try:
-            yield object()
+            yield SimpleNamespace(pool=None)
         finally:
             closed.set()  # the stores close at shutdown
 
+    async def migrated(*args: Any) -> str:
+        return ""  # the stores are stand-ins: so is the schema check
+
     monkeypatch.setattr(jobs_worker, "open_resources", open_resources)
-    ctx: dict[str, Any] = {SETTINGS_KEY: None, "redis": None}
+    monkeypatch.setattr(jobs_worker, "schema_problem", migrated)
+    ctx: dict[str, Any] = {SETTINGS_KEY: Settings(), "redis": None}
     await jobs_worker._startup(ctx)
     try:
         await asyncio.wait_for(recorder.started.wait(), 10)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlparse, urlsplit, urlunsplit
 
 ENV_PREFIX = "IOTFLOW_"
+CONFIG_ENV = "IOTFLOW_CONFIG"  # the settings file, when `--config` does not name one
 
 SPEC_TOPICS = ("tele/+/+/+/+", "stat/+/+/+/+", "devices/+/telemetry")
 
@@ -657,11 +658,17 @@ class Settings:
 
 
 def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from defaults, then the TOML file, then the environment."""
+    """Build settings from defaults, then the TOML file, then the environment.
+
+    The file is `config_file` (the CLI's `--config`), else the one `IOTFLOW_CONFIG` names:
+    every process that loads settings, the CLI, the jobs under plain `arq` and the
+    children of `--processes`, finds its file the same way."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     if config_file is not None:
-        raw = _read_toml(config_file)
+        raw = _read_toml(config_file, "--config")
+    elif environ.get(CONFIG_ENV):
+        raw = _read_toml(Path(environ[CONFIG_ENV]), CONFIG_ENV)
     settings = Settings()
     known = {f.name for f in dataclasses.fields(Settings)}
     for name in raw:
@@ -676,6 +683,14 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
     _check_cross_field(settings)
     _apply_password_files(settings)
     return settings
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password masked, for a log line or a message naming a server."""
+    parsed = urlsplit(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
 
 
 def env_name(section: str, key: str) -> str:
@@ -699,24 +714,25 @@ def describe_settings() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    """The file's tables; every way it can be unusable is a ConfigError naming it (exit 2)."""
-    example = "--config /etc/iotflow.toml"
+def _read_toml(path: Path, source: str) -> dict[str, Any]:
+    """The file's tables; every way it can be unusable is a ConfigError naming it (exit 2).
+    `source`: where the name came from, `--config` or `IOTFLOW_CONFIG`."""
+    example = f"{source}{' ' if source.startswith('-') else '='}/etc/iotflow/iotflow.toml"
     try:
         text = path.read_bytes().decode("utf-8")
         return tomllib.loads(text)
     except FileNotFoundError:
-        raise ConfigError("--config", f"file {path} does not exist", example) from None
+        raise ConfigError(source, f"file {path} does not exist", example) from None
     except IsADirectoryError:
-        raise ConfigError("--config", f"{path} is not a file", example) from None
+        raise ConfigError(source, f"{path} is not a file", example) from None
     except PermissionError:
-        raise ConfigError("--config", f"{path} cannot be read (permission denied)", example) from None
+        raise ConfigError(source, f"{path} cannot be read (permission denied)", example) from None
     except OSError as exc:
-        raise ConfigError("--config", f"{path} cannot be read: {exc.strerror or exc}", example) from None
+        raise ConfigError(source, f"{path} cannot be read: {exc.strerror or exc}", example) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start})", example) from None
+        raise ConfigError(source, f"{path} is not UTF-8 text (byte {exc.start})", example) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("--config", f"{path} is not valid TOML: {exc}", '[mqtt] url = "mqtt://…"') from None
+        raise ConfigError(source, f"{path} is not valid TOML: {exc}", '[mqtt] url = "mqtt://…"') from None
 
 
 def _load_section(name: str, section: Any, table: dict[str, Any], environ: Mapping[str, str]) -> None:

@@ -298,7 +298,18 @@ class Daemon:
             async with contextlib.AsyncExitStack() as stack:
                 if self.settings.http.enabled:
                     self.health = HealthServer(self.settings.http, self.metrics, self._readiness)
-                    await self.health.start()
+                    try:
+                        await self.health.start()
+                    except OSError as exc:  # the port is taken, or http.host is not this host's
+                        log.error(
+                            "http.unavailable",
+                            host=self.settings.http.host,
+                            port=self.settings.http.port,
+                            error=describe(exc),
+                            hint="free the port or change http.port / http.host",
+                        )
+                        code = ExitCode.CONFIG  # a restart would meet the same port
+                        return code
                     stack.push_async_callback(self.health.stop)
                 try:
                     self._stores = await self._open_stores(stack)
@@ -324,7 +335,10 @@ class Daemon:
         finally:
             self._stores = None
             counters = self.metrics.counters
-            log.info(  # the totals the last progress line (cancelled at shutdown) cannot have
+            # The totals the last progress line (cancelled at shutdown) cannot have; at error
+            # when the exit is not 0, so that a journal filtered by priority shows it.
+            report = log.info if code == ExitCode.OK else log.error
+            report(
                 "daemon.stopped",
                 exit_code=int(code),
                 received=counters["messages_received"],
@@ -351,6 +365,6 @@ class Daemon:
                 if not is_transient(exc):
                     raise
                 delay = next(delays)
-                log.warning("stores.waiting", error=repr(exc), retry_in_s=round(delay, 2))
+                log.warning("stores.waiting", error=describe(exc), retry_in_s=round(delay, 2))
                 if await self.supervisor.wait_stopped(delay):
                     return None

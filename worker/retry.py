@@ -28,11 +28,27 @@ log = structlog.get_logger("worker.retry")
 T = TypeVar("T")
 
 
+class Unreachable(Exception):
+    """A server could not be reached when connecting: which one and where, so that a
+    command's one line names it (the drivers' own errors, a bare ConnectionRefusedError
+    from asyncpg, do not). Transient: waited out like the error it stands for (its cause)."""
+
+    def __init__(self, service: str, address: str, error: str) -> None:
+        super().__init__(service, address, error)  # all three: it pickles (arq keeps job errors)
+        self.service = service
+        self.address = address  # the URL or hosts, password masked
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"{self.service} at {self.address} is unreachable ({self.error})"
+
+
 # Errors that mean "the store is away", worth waiting out; anything else is a bug and crashes.
 # The drivers every deployment has; MongoDB's, Kafka's and Cassandra's are added by
 # `is_transient` once their driver is loaded (importing them here would cost the daemon
 # ~10 MB it may not need).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    Unreachable,
     OSError,  # refused, reset, unreachable; TimeoutError is one too
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,  # e.g. the connection was closed under us

@@ -1,6 +1,8 @@
 """The `iotflow` command: one parser, every sub-command, one table of exit codes.
 
 app.py     the parser, settings, logging, and the registry of command groups
+errors.py  what a failure looks like: one line on stderr and its exit code
+times.py   the times a command line takes: now, -24h, ISO-8601
 daemon.py  run, migrate, config
 rules.py   rules …, alerts …
 devices.py devices meta set|get, devices near

@@ -8,12 +8,15 @@ so `iotflow rules list` does not load the daemon, nor `iotflow run` the jobs.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.cli import certs, daemon, devices, jobs, query, rules, tools
+import worker
+from worker.cli import certs, daemon, devices, errors, jobs, query, rules, tools
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.logging import configure_logging
@@ -35,9 +38,29 @@ COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction[Any]], None], ...] = 
 )
 
 
+class CommandParser(argparse.ArgumentParser):
+    """Every parser of the tree, each sub-command's included, takes `--config`: before the
+    sub-command or after it (where given last, it wins)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # `-24h` is a value (a relative time), not an unknown option: what Python 3.13's
+        # argparse does for any word that starts with a minus and a digit.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+        self.add_argument(
+            "--config",
+            type=Path,
+            default=argparse.SUPPRESS,  # unset here leaves what an outer parser read
+            help="TOML settings file (default: $IOTFLOW_CONFIG; IOTFLOW_* variables win)",
+        )
+        # Which command this is, for its error line: the innermost parser's default wins.
+        self.set_defaults(command_name=self.prog)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iotflow", description="IoTFlow worker")
-    parser.add_argument("--config", type=Path, help="TOML settings file (IOTFLOW_* variables win)")
+    parser = CommandParser(prog="iotflow", description="IoTFlow worker")
+    parser.set_defaults(config=None)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {worker.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_commands in COMMAND_GROUPS:
         add_commands(commands)
@@ -55,7 +78,31 @@ def run(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return config_error(exc)
     configure_logging(settings.log.level, settings.log.format)
-    return int(handler(settings, args))
+    try:
+        code = int(handler(settings, args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except Exception as exc:
+        explained = errors.explain(exc, settings)
+        if explained is None and settings.log.level == "debug":
+            raise
+        code, line = explained or (ExitCode.FAILURE, errors.unexpected(exc))
+        print(f"{args.command_name}: {' '.join(line.split())}", file=sys.stderr)
+        return code
+
+
+def _reader_gone() -> int:
+    """Whoever read stdout closed it (`iotflow config | head -1`): they have what they wanted,
+    so exit 0 in silence. What is still buffered goes to /dev/null, or Python's own flush at
+    exit would fail on the closed pipe again (the recipe of Python's signal module docs)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return ExitCode.OK
 
 
 def config_error(problem: object) -> ExitCode:

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from worker.cli.times import EXAMPLES, time_argument
 from worker.config import Settings
 from worker.exit_codes import ExitCode
 
@@ -28,9 +29,13 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
 
     enqueue = sub.add_parser("enqueue", help="queue one job now")
     enqueue.add_argument("job", choices=("rollup", "report", "retention", "sweep"))
-    enqueue.add_argument("--from", dest="start", help="rollup backfill: first hour (ISO-8601, UTC default)")
-    enqueue.add_argument("--to", dest="end", help="rollup backfill: end, exclusive")
-    enqueue.add_argument("--day", help="report: the UTC day (default: yesterday)")
+    enqueue.add_argument(
+        "--from", dest="start", type=time_argument, help=f"rollup backfill: first hour ({EXAMPLES})"
+    )
+    enqueue.add_argument("--to", dest="end", type=time_argument, help="rollup backfill: end, exclusive")
+    enqueue.add_argument(
+        "--day", type=time_argument, help="report: the UTC day holding this time (default: yesterday)"
+    )
     enqueue.add_argument("--device", type=int, help="report: one device only")
     enqueue.add_argument("--force", action="store_true", help="run even if this period is done")
     enqueue.add_argument("--wait", type=float, default=0.0, help="wait this many seconds for the result")
@@ -55,7 +60,9 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     report_sub = report.add_subparsers(dest="report_kind", required=True, metavar="KIND")
     device = report_sub.add_parser("device", help="one device's health over a period")
     device.add_argument("device_id", type=int)
-    device.add_argument("--period", default="1d", help="1d, 7d, 12h (ending now) or a UTC day 2026-11-21")
+    device.add_argument(
+        "--period", default="1d", help="1d, 7d, 12h or -7d (ending now), or a UTC day 2026-11-21"
+    )
     device.set_defaults(handler=_report_device)
 
 

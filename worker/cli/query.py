@@ -1,5 +1,6 @@
-"""`iotflow query device ID --from T --to T [--measurement M]`: a device's readings over a
-time range, from the time-series store configured (docs/storage.md).
+"""`iotflow query device ID --from T [--to T] [--measurement M]`: a device's readings over a
+time range, from the time-series store configured (docs/storage.md). T is `now`, `-24h`
+or ISO-8601 (worker/cli/times.py).
 
 Rows go to stdout as JSON lines, newest first; the last line on stderr says which store
 answered, how many rows, how long it took and, when there are more, the `--page` token
@@ -12,11 +13,11 @@ import argparse
 import asyncio
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from worker.cli.times import EXAMPLES, time_argument
 from worker.config import Settings
 from worker.exit_codes import ExitCode
 
@@ -26,8 +27,10 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     kinds = query.add_subparsers(dest="query_kind", required=True, metavar="KIND")
     device = kinds.add_parser("device", help="one device's readings over a time range, newest first")
     device.add_argument("device_id", type=int, metavar="ID")
-    device.add_argument("--from", dest="start", required=True, type=_time, help="ISO-8601, inclusive")
-    device.add_argument("--to", dest="end", required=True, type=_time, help="ISO-8601, exclusive")
+    device.add_argument(
+        "--from", dest="start", required=True, type=time_argument, help=f"inclusive: {EXAMPLES}"
+    )
+    device.add_argument("--to", dest="end", default="now", type=time_argument, help="exclusive (default now)")
     device.add_argument("--measurement", help="one measurement (datapoint label) only")
     device.add_argument("--page-size", type=_page_size, default=100, help="rows per page (default 100)")
     device.add_argument("--page", help="the token printed with the previous page")
@@ -35,14 +38,6 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--store", choices=("postgres", "cassandra"), help="ask this store (default: timeseries.backend)"
     )
     device.set_defaults(handler=_query_device)
-
-
-def _time(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not ISO-8601 (example: 2026-11-21T10:00Z)") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _page_size(text: str) -> int:
@@ -53,7 +48,6 @@ def _page_size(text: str) -> int:
 
 def _query_device(settings: Settings, args: argparse.Namespace) -> int:
     from worker.cli.app import config_error
-    from worker.retry import describe, is_transient
     from worker.stores import open_stores
     from worker.stores.timeseries import BadPageToken, NoCassandra, read_device
 
@@ -93,8 +87,3 @@ def _query_device(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(run())
     except (BadPageToken, NoCassandra) as exc:
         return config_error(f"query: {exc}")
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        print(f"iotflow: query: store unreachable: {describe(exc)}", file=sys.stderr)
-        return ExitCode.FAILURE

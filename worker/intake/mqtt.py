@@ -20,7 +20,7 @@ import mqtt5
 import structlog
 
 from schemas.records import AckToken, RawMessage
-from worker.config import MqttSettings
+from worker.config import MqttSettings, redact_url
 from worker.intake import read_until_stopped
 from worker.intake.mqtt_protocol import (
     ConnectRefused,
@@ -165,7 +165,7 @@ class MqttIntake(Actor):
         if refused:  # an ACL or a bad filter: idling "ready" on a dead subscription helps nobody
             log.error("mqtt.subscribe_refused", refused=refused)
             raise SubscriptionRefused(f"the broker refused {refused}")
-        log.info("mqtt.subscribed", url=_redact(self._settings.url), topics=filters)
+        log.info("mqtt.subscribed", url=redact_url(self._settings.url), topics=filters)
         self.subscribed.set()
 
     async def _read(self, connection: MqttConnection, generation: int) -> None:
@@ -220,10 +220,3 @@ class MqttIntake(Actor):
     async def close(self) -> None:
         self._stop_reading.set()
         self._close.set()
-
-
-def _redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url

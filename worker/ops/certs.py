@@ -258,7 +258,10 @@ class CertStore:
 
     # -- listing and revocation ----------------------------------------------------------
     def entries(self) -> list[Entry]:
-        """Every certificate in the directory, the CA first, with its state."""
+        """Every certificate in the directory, the CA first, with its state; CertError
+        without a CA (a directory never initialised, or a wrong `--dir`)."""
+        if not self.cert_path(CA_NAME).exists():
+            raise CertError(f"no CA in {self.dir}: run `iotflow certs init` first")
         revoked = self.revoked_serials()
         now = _now()
         result = []

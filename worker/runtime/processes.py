@@ -188,7 +188,7 @@ class ProcessSupervisor:
                     assert child.process is not None
                     child.process.kill()
                     child.process.wait()
-            log.info("processes.stopped", exit_code=int(code))
+            (log.info if code == ExitCode.OK else log.error)("processes.stopped", exit_code=int(code))
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("processes.signal", signal=sig.name)

@@ -46,6 +46,11 @@ class MigrationRefused(Exception):
     """The database cannot give what the settings ask for; `iotflow migrate` exits 2 with this."""
 
 
+class SchemaNotReady(Exception):
+    """The schema lacks migrations (`schema_problem` says which): a process that needs them
+    stops before its work, and the command exits 2."""
+
+
 @dataclass(frozen=True)
 class TimescaleProbe:
     """What the server says about TimescaleDB, before anything touches it."""

@@ -20,8 +20,9 @@ import orjson
 import paho.mqtt.client as paho
 import structlog
 
-from worker.config import PostgresSettings
+from worker.config import PostgresSettings, redact_url
 from worker.decode.codecs import Codec, load_codecs
+from worker.retry import Unreachable, describe
 from worker.stores.postgres import connect
 from worker.tools import fleet
 
@@ -186,7 +187,10 @@ class Publisher:
         self._acked = 0
         self._lock = threading.Lock()
         self.client.on_publish = self._on_publish
-        self.client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, keepalive=30)
+        try:
+            self.client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, keepalive=30)
+        except OSError as exc:  # refused, unknown host, unreachable: one line naming the broker
+            raise Unreachable("mqtt broker", redact_url(url), describe(exc)) from exc
         self.client.loop_start()
 
     def _on_publish(self, *args: object) -> None:

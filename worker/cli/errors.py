@@ -1,0 +1,82 @@
+"""What a command's failure looks like to its user: one line on stderr and an exit code.
+
+`app.run` hands whatever a handler raises to `explain`, so that no handler needs a
+try/except of its own for what every command can meet:
+
+    a server unreachable (worker.retry.Unreachable, or a driver's own error)  exit 1, naming it
+    a server refusing our credentials, or the database named does not exist  exit 2
+    a PostgreSQL schema not migrated, or behind                               exit 2, "run `iotflow migrate`"
+
+Anything else is a bug: one line too, exit 1, and the traceback only with
+`IOTFLOW_LOG_LEVEL=debug` (docs/operations.md, "The command line").
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from worker.config import Settings, redact_url
+from worker.exit_codes import ExitCode
+from worker.retry import Unreachable, describe, is_transient, refusal
+
+DEBUG_HINT = "run with IOTFLOW_LOG_LEVEL=debug for the traceback"
+
+# SQLSTATE 42P01, 3F000, 42703: what a query meets in a schema `iotflow migrate` has not
+# (fully) made, since every connection puts the configured schema on its search path.
+_UNMIGRATED_POSTGRES = (
+    asyncpg.exceptions.UndefinedTableError,
+    asyncpg.exceptions.InvalidSchemaNameError,
+    asyncpg.exceptions.UndefinedColumnError,
+)
+
+
+def explain(exc: BaseException, settings: Settings) -> tuple[ExitCode, str] | None:
+    """The exit code and the line for a failure a user can meet and fix; None for a bug."""
+    from worker.stores.migrate import SchemaNotReady  # here: every command loads this module, few fail
+
+    exc = _single(exc)
+    if isinstance(exc, Unreachable):
+        return ExitCode.FAILURE, str(exc)
+    if isinstance(exc, SchemaNotReady):
+        return ExitCode.CONFIG, str(exc)
+    refused = refusal(exc)
+    if refused is not None:
+        return (
+            ExitCode.CONFIG,
+            f"{server(refused, settings)} refused us ({describe(refused)}): check its URL and credentials",
+        )
+    if isinstance(exc, _UNMIGRATED_POSTGRES):
+        return ExitCode.CONFIG, (
+            f"PostgreSQL schema {settings.postgres.schema!r} is not migrated or is behind ({exc}): "
+            "run `iotflow migrate`"
+        )
+    if is_transient(exc):
+        return ExitCode.FAILURE, f"{server(exc, settings)} is unreachable ({describe(exc)})"
+    return None
+
+
+def unexpected(exc: BaseException) -> str:
+    return f"unexpected error: {describe(exc)} ({DEBUG_HINT})"
+
+
+def server(exc: BaseException, settings: Settings) -> str:
+    """Which store an error came from, by its driver, and its configured address."""
+    driver = type(exc).__module__.partition(".")[0]
+    if driver == "asyncpg":
+        return f"postgres at {redact_url(settings.postgres.url)}"
+    if driver in ("redis", "arq"):
+        return f"redis at {redact_url(settings.redis.url)}"
+    if driver in ("pymongo", "motor"):
+        return f"mongodb at {redact_url(settings.documents.mongodb_url)}"
+    if driver == "cassandra":
+        return f"cassandra at {','.join(settings.cassandra.hosts)} port {settings.cassandra.port}"
+    if driver == "aiokafka":
+        return f"kafka at {settings.kafka.bootstrap}"
+    return "a server"
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception a group (a TaskGroup's) holds, to be explained as itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,46 @@
+"""The times a command line takes: `now`, `-24h` (that long before now), or ISO-8601.
+
+One parser for every time argument (`query --from/--to`, `jobs enqueue --from/--to/--day`),
+so that they all read the same:
+
+    now                     the moment the command runs
+    -30s  -15m  -24h  -7d  -2w   that long before now
+    2026-11-21              midnight UTC
+    2026-11-21T10:00Z       with or without an offset; without one it is UTC
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from datetime import UTC, datetime, timedelta
+
+EXAMPLES = "now, -24h, -15m, -7d or ISO-8601 like 2026-11-21T10:00Z"
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_RELATIVE = re.compile(r"-(\d+)([smhdw])")
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """The UTC moment `text` names; ValueError with the accepted forms otherwise."""
+    now = now or datetime.now(UTC)
+    word = text.strip()
+    if word.lower() == "now":
+        return now
+    relative = _RELATIVE.fullmatch(word)
+    if relative:
+        amount, unit = relative.groups()
+        return now - timedelta(**{_UNITS[unit]: int(amount)})
+    try:
+        moment = datetime.fromisoformat(word.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time (use {EXAMPLES})") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def time_argument(text: str) -> datetime:
+    """`parse_time` as an argparse `type`: a bad time is a usage error (exit 2)."""
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
