@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import worker
 from worker.cli import certs, daemon, devices, errors, jobs, query, rules, tools
+from worker.cli.times import attach_relative_times
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.logging import configure_logging
@@ -44,9 +44,6 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # `-24h` is a value (a relative time), not an unknown option: what Python 3.13's
-        # argparse does for any word that starts with a minus and a digit.
-        self._negative_number_matcher = re.compile(r"^-\.?\d")
         self.add_argument(
             "--config",
             type=Path,
@@ -55,6 +52,12 @@ class CommandParser(argparse.ArgumentParser):
         )
         # Which command this is, for its error line: the innermost parser's default wins.
         self.set_defaults(command_name=self.prog)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(attach_relative_times(words), namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,20 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
+def attach_relative_times(argv: list[str]) -> list[str]:
+    """`--from -24h` as `--from=-24h`: argparse takes a word that starts with a minus and is
+    not a negative number for an option, so a relative time is attached to the option before
+    it. Only words that are exactly a relative time move; no option of ours looks like one."""
+    joined: list[str] = []
+    for word in argv:
+        previous = joined[-1] if joined else ""
+        if _RELATIVE.fullmatch(word) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={word}"
+        else:
+            joined.append(word)
+    return joined
+
+
 def time_argument(text: str) -> datetime:
     """`parse_time` as an argparse `type`: a bad time is a usage error (exit 2)."""
     try:
