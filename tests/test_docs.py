@@ -117,14 +117,20 @@ def test_the_license_ships_with_the_package() -> None:
         ("", {"IOTFLOW_JOBS_RETENTION_HOUR": "25"}),
     ],
 )
-def test_the_configuration_errors_shown_are_the_ones_printed(tmp_path: Path, toml: str, env: dict[str, str]) -> None:
+def test_the_configuration_errors_shown_are_the_ones_printed(
+    tmp_path: Path, toml: str, env: dict[str, str]
+) -> None:
     """docs/configuration.md quotes these messages: each must be what `iotflow` prints."""
     config = tmp_path / "iotflow.toml"
     config.write_text(toml, encoding="utf-8")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("IOTFLOW_")} | env
     result = subprocess.run(
         [sys.executable, "-m", "worker", "--config", str(config), "config"],
-        capture_output=True, text=True, env=environ, timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+        cwd=ROOT,
     )
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip()

@@ -120,8 +120,7 @@ class MqttSettings:
     )
     receive_maximum: int = field(
         # 5000: what the process holds under a flood keeps 20,000 devices with 200,000 rules
-        # under 150 MB; 10000 saves about 6% CPU (docs/performance.md, "Fleet size and memory
-        # on a new machine").
+        # under 150 MB; 10000 saves about 6% CPU (docs/performance.md, "Memory").
         default=5000,
         metadata=_meta("5000", _between(1, 65535), doc="unacknowledged messages the broker may send"),
     )

@@ -1,4 +1,4 @@
-"""Redis key and channel names (docs/storage.md lists them), behind the configurable prefix."""
+"""Redis key and channel names (docs/decoding.md, "Rows and hot state"), behind the prefix."""
 
 from __future__ import annotations
 
