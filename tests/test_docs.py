@@ -136,3 +136,40 @@ def test_the_configuration_errors_shown_are_the_ones_printed(
     line = result.stderr.strip()
     assert line.startswith("iotflow: configuration error: ") and "\n" not in line, line
     assert line in (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+
+
+def _sql_blocks(text: str) -> list[str]:
+    return re.findall(r"(?ms)^```sql\n(.*?)^```", text)
+
+
+def test_the_sql_examples_name_the_schema_of_every_table() -> None:
+    """The tables live in `postgres.schema` (iotflow), not in the search path's `public`:
+    an example that says `UPDATE datapoints …` fails as pasted."""
+    for doc in DOCS:
+        for block in _sql_blocks(doc.read_text(encoding="utf-8")):
+            for table in re.findall(r"(?i)\b(?:UPDATE|INTO|FROM|JOIN)\s+([\w.]+)", block):
+                assert table.startswith("iotflow."), (doc.name, table)
+
+
+def test_the_redis_keys_in_decoding_md_are_the_ones_the_code_makes() -> None:
+    from worker.stores.keys import RedisKeys
+
+    keys = RedisKeys()
+    made = {
+        keys.device_latest("{}"),  # type: ignore[arg-type]
+        keys.device_latest_times("{}"),  # type: ignore[arg-type]
+        keys.device_status("{}"),  # type: ignore[arg-type]
+        keys.devices_online(),
+        keys.alerts("{}"),  # type: ignore[arg-type]
+        keys.device_ref("mac", "{}"),
+        keys.device_ref("key", "{}"),
+        keys.rate_limit("{}", "{}"),  # type: ignore[arg-type]
+        keys.telemetry_channel("{}"),  # type: ignore[arg-type]
+        keys.user_notifications_channel("{}"),  # type: ignore[arg-type]
+        keys.system_alerts_channel(),
+    }
+    text = (ROOT / "docs" / "decoding.md").read_text(encoding="utf-8")
+    named = re.findall(r"`((?:device|devices|alerts|ratelimit|channel):[^`\s]*)`", text)
+    assert named
+    for key in named:
+        assert re.sub(r"\{\w*\}", "{}", key) in made, key
