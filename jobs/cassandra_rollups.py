@@ -1,4 +1,4 @@
-"""Rollups into Cassandra's `aggregated_data` (SPEC §4), when timeseries.backend uses Cassandra.
+"""Rollups into Cassandra's `aggregated_data` (schemas/cql/telemetry.cql), for a Cassandra backend.
 
 The same figures as the PostgreSQL rollups (count, min, max, sum, avg, last), computed
 from Cassandra's own `device_data`, so they describe what Cassandra holds in either

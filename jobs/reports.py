@@ -1,4 +1,4 @@
-"""Daily `device_health` reports (SPEC §5 `analytics`): uptime, data points, averages, alerts.
+"""Daily `device_health` reports (`analytics` documents): uptime, data points, averages, alerts.
 
 Uptime comes from the gaps in a device's data: after each reading the device counts as
 up for its allowed silence (`devices.max_silence_s`, else `jobs.default_max_silence_s`)

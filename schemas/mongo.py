@@ -1,4 +1,4 @@
-"""The MongoDB indexes of the SPEC §5 collections, applied by `iotflow migrate`.
+"""The MongoDB indexes of the document collections (docs/storage.md), applied by `iotflow migrate`.
 
 Every document's `_id` is its deterministic key (alert ids, event keys, report keys,
 `str(device_id)` for metadata, …), so a redelivered write meets its own `_id` and is a

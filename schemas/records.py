@@ -46,7 +46,7 @@ class Reading:
 @dataclass(slots=True)
 class TextReading:
     """A string or boolean value (booleans as `true`/`false`): kept only where the time-series
-    store has a column for text, Cassandra's `text_value` (SPEC §2); PostgreSQL has none."""
+    store has a column for text, Cassandra's `text_value`; PostgreSQL has none."""
 
     timestamp: datetime
     device_id: int

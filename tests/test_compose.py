@@ -1,17 +1,33 @@
-"""docker-compose.yml: valid for `docker-compose config`, and its profiles hold what the
-docs say: `edge` is Mosquitto, PostgreSQL, Redis, migrate, worker and jobs, nothing else."""
+"""docker-compose.yml: valid for `docker-compose config`, its profiles hold what the docs
+say (`edge` is Mosquitto, PostgreSQL, Redis, migrate, worker and jobs, nothing else), and
+it is safe by default: the stores on an internal network with no host port, published
+ports on 127.0.0.1, passwords from .env, exact image tags, a healthcheck on every
+long-running service, no anonymous broker."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).parent.parent
-STORES = {"mosquitto", "postgres", "redis", "migrate"}  # no profile: every profile has them
+STORES = {"mosquitto-auth", "mosquitto", "postgres", "redis", "migrate"}  # no profile: in every profile
+DATA_STORES = {"postgres", "redis", "mongodb", "cassandra", "kafka"}
+# What .env.example asks for; a test below checks it is exactly what compose requires.
+PASSWORDS = {
+    "POSTGRES_PASSWORD": "pg-secret",
+    "REDIS_PASSWORD": "redis-secret",
+    "MONGODB_PASSWORD": "mongo-secret",
+    "MQTT_WORKER_PASSWORD": "worker-secret",
+    "MQTT_DEVICE_PASSWORD": "device-secret",
+}
 
 pytestmark = pytest.mark.skipif(
     shutil.which("docker-compose") is None,
@@ -19,16 +35,53 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _config(*args: str) -> str:
-    result = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", *args],
+def _run_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` with these variables and nothing of the caller's .env or
+    environment: `--env-file .env.example`, where every password is empty, so a
+    developer's .env is not read."""
+    environ = {k: v for k, v in os.environ.items() if k not in PASSWORDS and k != "MQTT_BIND"}
+    return subprocess.run(
+        [
+            "docker-compose",
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "--env-file",
+            str(ROOT / ".env.example"),
+            "config",
+            *args,
+        ],
         cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ | (PASSWORDS if env is None else env),
+    )
+
+
+def _config(*args: str, env: dict[str, str] | None = None) -> str:
+    result = _run_config(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _parsed(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The normalised config as data, parsed by docker-compose's own Python (which has
+    PyYAML; the suite's environment need not)."""
+    python = Path(shutil.which("docker-compose") or "").read_text(encoding="utf-8").splitlines()[0]
+    assert python.startswith("#!"), python
+    result = subprocess.run(
+        [
+            *python[2:].split(),
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ],
+        input=_config(env=env),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    return json.loads(result.stdout)
 
 
 def _services(config: str) -> dict[str, dict[str, object]]:
@@ -124,8 +177,7 @@ def test_the_workers_that_may_run_both_mode_keep_their_data_dir_in_a_named_volum
 
 
 def test_the_full_profile_keeps_readings_in_both_stores_and_migrates_cassandra_first() -> None:
-    """The full stack lays the stores out as the seeds do: readings in PostgreSQL and
-    Cassandra (both mode), so its migrate makes Cassandra's keyspace once Cassandra is healthy."""
+    """The full stack keeps the readings in PostgreSQL and Cassandra (both mode), so its migrate makes Cassandra's keyspace once Cassandra is healthy."""
     services = _services(_config())
     for name in ("mongodb-migrate", "worker", "jobs"):
         assert "IOTFLOW_TIMESERIES_BACKEND: both" in str(services[name]["text"]), name
@@ -133,3 +185,98 @@ def test_the_full_profile_keeps_readings_in_both_stores_and_migrates_cassandra_f
     assert re.search(r"cassandra:\n\s+condition: service_healthy", migrate), migrate
     for name in ("migrate", "edge-worker", "connector", "processor"):
         assert "IOTFLOW_TIMESERIES_BACKEND" not in str(services[name]["text"]), name
+
+
+def _host_ip(port: str) -> str | None:
+    """The host address of a published port ("127.0.0.1:8081:8081/tcp"); None when it is
+    published on every interface ("8081:8081", "0.0.0.0:…")."""
+    parts = port.split(":")
+    return parts[0] if len(parts) == 3 and parts[0] not in ("", "0.0.0.0", "::") else None
+
+
+def test_without_the_passwords_compose_refuses_and_says_where_they_go() -> None:
+    for missing in PASSWORDS:
+        result = _run_config("-q", env={k: v for k, v in PASSWORDS.items() if k != missing})
+        assert result.returncode != 0, missing
+        assert f"set {missing} in .env (see .env.example)" in result.stderr, result.stderr
+    config = _config()
+    for value in PASSWORDS.values():
+        assert value in config  # each reaches the services that need it
+    assert not re.search(r"iotflow:iotflow@|POSTGRES_PASSWORD: iotflow\b", config)
+
+
+def test_the_env_example_lists_what_compose_requires_and_env_is_not_committed() -> None:
+    required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "docker-compose.yml").read_text(encoding="utf-8")))
+    example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    listed = set(re.findall(r"(?m)^(\w+)=", example))
+    assert required == listed == set(PASSWORDS)
+    assert re.findall(r"(?m)^\w+=(.*)$", example) == [""] * len(listed)  # no default password
+    assert ".env" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_the_stores_are_on_the_internal_network_only_and_publish_nothing() -> None:
+    config = _parsed()
+    assert config["networks"]["backend"].get("internal") is True
+    services = config["services"]
+    for name in DATA_STORES:
+        assert set(services[name]["networks"]) == {"backend"}, name
+        assert not services[name].get("ports"), name
+    for name, service in services.items():  # whoever reaches a store is on backend too
+        if "IOTFLOW_POSTGRES_URL" in service.get("environment", {}) or name == "mosquitto":
+            assert "backend" in service["networks"], name
+
+
+def test_published_ports_are_on_127_0_0_1_unless_mqtt_bind_says_otherwise() -> None:
+    services = _parsed()["services"]
+    published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
+    assert set(published) == {"mosquitto", "worker", "edge-worker", "connector"}, published
+    for name, ports in published.items():
+        for port in ports:
+            assert _host_ip(port) == "127.0.0.1", (name, port)
+            assert "front" in services[name]["networks"], name  # an internal network cannot publish
+    opened = _parsed(env=PASSWORDS | {"MQTT_BIND": "0.0.0.0"})["services"]
+    assert [_host_ip(p) for p in opened["mosquitto"]["ports"]] == [None]  # the devices' port only
+    assert all(_host_ip(p) == "127.0.0.1" for name in ("worker", "connector") for p in opened[name]["ports"])
+
+
+def test_every_image_has_an_exact_version() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    for name, service in _parsed()["services"].items():
+        image = service["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository and re.fullmatch(r"\d+\.\d+\.\d+(-[a-z0-9]+)?", tag), (name, image)
+        assert "latest" not in tag, (name, image)
+        if "build" in service:
+            assert tag == version, (name, image)
+
+
+def test_every_long_running_service_has_a_healthcheck() -> None:
+    """A one-shot (restart "no") needs none; a worker running `iotflow run` without one in
+    compose has the image's HEALTHCHECK on /healthz."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"(?m)^HEALTHCHECK .*\n.*/healthz", dockerfile)
+    for name, service in _parsed()["services"].items():
+        if service.get("restart") == "no":
+            continue
+        check = service.get("healthcheck")
+        if check is None:
+            assert "build" in service and service.get("command") == ["run"], name
+            continue
+        # (`disable: true` comes out of `docker-compose config` as `test: [NONE]`.)
+        assert not check.get("disable") and check.get("test") not in (None, [], ["NONE"]), (name, check)
+
+
+def test_the_broker_takes_no_anonymous_client() -> None:
+    conf = (ROOT / "deploy" / "mosquitto.conf").read_text(encoding="utf-8")
+    assert re.search(r"(?m)^allow_anonymous false$", conf)
+    passwd = re.search(r"(?m)^password_file (\S+)$", conf)
+    assert passwd is not None
+    services = _parsed()["services"]
+    mosquitto = services["mosquitto"]
+    assert any(v.endswith(":/mosquitto/auth:ro") for v in mosquitto["volumes"]), mosquitto["volumes"]
+    assert passwd.group(1).startswith("/mosquitto/auth/")
+    assert mosquitto["depends_on"]["mosquitto-auth"]["condition"] == "service_completed_successfully"
+    for name, service in services.items():  # every MQTT client logs in
+        url = service.get("environment", {}).get("IOTFLOW_MQTT_URL")
+        if url:
+            assert re.match(r"mqtt://(iotflow|device):[^@]+@mosquitto:1883$", url), (name, url)

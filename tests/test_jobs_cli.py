@@ -87,7 +87,7 @@ async def test_the_jobs_runner_tells_systemd_it_is_ready_alive_and_stopping(
 
 
 async def test_two_deployments_sharing_a_redis_each_get_their_own_jobs_queue(settings: Settings) -> None:
-    """SPEC §6: the key prefix keeps deployments apart, the jobs' queue and job ids included."""
+    """The key prefix keeps deployments apart, the jobs' queue and job ids included."""
     first = replace(settings, jobs=replace(settings.jobs, queue_name=""))
     second = replace(first, redis=replace(first.redis, key_prefix=f"{first.redis.key_prefix}other:"))
     assert first.jobs_queue != second.jobs_queue

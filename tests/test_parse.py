@@ -1,4 +1,4 @@
-"""Topic and payload parsing (SPEC §2), without I/O."""
+"""Topic and payload parsing, without I/O."""
 
 from __future__ import annotations
 

@@ -121,8 +121,7 @@ class MqttSettings:
     )
     receive_maximum: int = field(
         # 5000: what the process holds under a flood keeps 20,000 devices with 200,000 rules
-        # under 150 MB; 10000 saves about 6% CPU (docs/performance.md, "Fleet size and memory
-        # on a new machine").
+        # under 150 MB; 10000 saves about 6% CPU (docs/performance.md, "Memory").
         default=5000,
         metadata=_meta("5000", _between(1, 65535), doc="unacknowledged messages the broker may send"),
     )
@@ -188,7 +187,7 @@ class RedisSettings:
 @dataclass
 class DocumentSettings:
     backend: Literal["postgres", "mongodb"] = field(
-        default="postgres", metadata=_meta("mongodb", doc="where SPEC §5 documents live")
+        default="postgres", metadata=_meta("mongodb", doc="where the documents live (docs/storage.md)")
     )
     mongodb_url: str = field(
         default="mongodb://127.0.0.1:27017", metadata=_meta("mongodb://mongo:27017", _url("mongodb"))
@@ -239,7 +238,7 @@ class CassandraSettings:
 
     hosts: list[str] = field(
         default_factory=lambda: ["127.0.0.1"],
-        metadata=_meta("cass-1,cass-2,cass-3", _hostnames, doc="contact points (seeds: CASSANDRA_HOSTS)"),
+        metadata=_meta("cass-1,cass-2,cass-3", _hostnames, doc="contact points"),
     )
     port: int = field(default=9042, metadata=_meta("9042", _between(1, 65535), doc="native protocol port"))
     keyspace: str = field(default="telemetry", metadata=_meta("telemetry", _identifier))
@@ -653,7 +652,7 @@ class Settings:
     @property
     def jobs_queue(self) -> str:
         """The arq queue: `jobs.queue_name`, or one under the Redis key prefix, so that
-        deployments sharing a Redis never refuse each other's job ids (SPEC §6)."""
+        deployments sharing a Redis never refuse each other's job ids."""
         return self.jobs.queue_name or f"{self.redis.key_prefix}iotflow:jobs"
 
 

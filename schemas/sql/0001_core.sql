@@ -1,4 +1,4 @@
--- Relational core (SPEC §3): users, devices, groups and the decoder's metadata.
+-- Relational core: users, devices, groups and the decoder's metadata.
 CREATE TABLE IF NOT EXISTS users (
     id          serial PRIMARY KEY,
     username    text NOT NULL UNIQUE,

@@ -1,4 +1,4 @@
--- The document store (SPEC §5) for deployments without MongoDB: one JSONB table.
+-- The document store (docs/storage.md) for deployments without MongoDB: one JSONB table.
 -- `collection` is the MongoDB collection name (device_configs, event_logs, alerts,
 -- analytics, user_preferences, device_metadata); `key` is the document's `_id`.
 CREATE TABLE IF NOT EXISTS documents (

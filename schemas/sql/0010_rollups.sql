@@ -1,6 +1,6 @@
 -- Hourly and daily aggregates of `decoded_data` per device and datapoint (the arq rollup job).
 -- Plain tables: TimescaleDB continuous aggregates would replace them where the extension
--- exists, and Cassandra's `aggregated_data` (SPEC §4) is a later backend. A bucket is
+-- exists, and Cassandra's `aggregated_data` (schemas/cql/telemetry.cql) is a later backend. A bucket is
 -- recomputed whole (delete + insert in one transaction), so re-running it is harmless.
 -- Readings with a NULL value are left out of every aggregate.
 CREATE TABLE IF NOT EXISTS rollup_hourly (

@@ -1,4 +1,4 @@
-"""`iotflow devices …`: device metadata (SPEC §5 `device_metadata`) and the near query.
+"""`iotflow devices …`: device metadata (`device_metadata` documents) and the near query.
 
     iotflow devices meta set DEVICE [--tag K=V]… [--untag K]… [--location LON,LAT]
                                     [--field K=V]… [--note TEXT]
@@ -142,7 +142,7 @@ def _tag_name(tag: str) -> str:
 
 
 def apply_change(doc: dict[str, Any], change: MetadataChange, now: datetime) -> dict[str, Any]:
-    """The document after `change`; `doc` is the stored one (SPEC §5 shape)."""
+    """The document after `change`; `doc` is the stored one (docs/storage.md has its shape)."""
     replaced = {_tag_name(tag) for tag in change.tags} | set(change.untags)
     tags = [tag for tag in doc.get("tags", []) if _tag_name(tag) not in replaced]
     doc = {**doc, "tags": [*tags, *change.tags], "updated_at": now}

@@ -1,4 +1,4 @@
-"""Topic and payload parsing (SPEC §2): pure functions, no I/O.
+"""Topic and payload parsing (docs/decoding.md): pure functions, no I/O.
 
 A message becomes a `ParsedMessage` naming its device and carrying its readings
 by label, or raises `Rejected` with a reason code and a detail for the dead letter.
@@ -126,7 +126,7 @@ class MessageParser:
         if len(levels) == 3 and levels[0] == "devices" and levels[2] == "telemetry" and levels[1]:
             device = self._remember(self._json, topic, DeviceRef("key", levels[1]))
             return _parse_json_telemetry(device, payload, received_at, limits)
-        raise Rejected(Reason.UNSUPPORTED_TOPIC, f"{topic!r} matches no SPEC §2 topic layout")
+        raise Rejected(Reason.UNSUPPORTED_TOPIC, f"{topic!r} matches no known topic layout")
 
     def _remember(self, cache: dict[str, _T], topic: str, value: _T) -> _T:
         if len(self._f2) + len(self._json) >= self._cache_size:
@@ -239,7 +239,7 @@ def _parse_json_telemetry(
                 timestamps.append(timestamp)
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
-                # decoded_data keeps numbers only (SPEC §2): say so rather than coerce.
+                # decoded_data keeps numbers only: say so rather than coerce.
                 skipped.append(f"{name}: {type(value).__name__} value, only numbers are stored")
                 continue
             if not math.isfinite(value):
@@ -264,7 +264,7 @@ def _load_json(payload: bytes) -> Any:
 
 
 def parse_timestamp(value: Any, received_at: float, limits: Limits) -> datetime:
-    """ISO-8601 text or an epoch in s or ms (SPEC §2); absent means receive time."""
+    """ISO-8601 text or an epoch in s or ms; absent means receive time."""
     exact: datetime | None = None
     if isinstance(value, str):  # ISO-8601 text, by far the most common: tested first
         try:

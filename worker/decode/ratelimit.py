@@ -1,4 +1,4 @@
-"""Per-device rate limiting (SPEC §6 `ratelimit:device:{device_id}:{window}`).
+"""Per-device rate limiting (`ratelimit:device:{device_id}:{window}`).
 
 At most `limit` messages per device per fixed window, agreed by every worker through
 one Redis counter per device and window. Redis is asked once per decoded batch for

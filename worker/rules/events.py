@@ -1,4 +1,4 @@
-"""Alert events and the documents and notifications made from them (SPEC §5, §6).
+"""Alert events and the documents and notifications made from them (docs/rules.md).
 
 An `AlertEvent` is what the evaluator raises (`fired`, `resolved`) or the CLI
 records (`acknowledged`). Everything stored or published for it is derived here,
@@ -27,7 +27,7 @@ def compact_time(at: datetime) -> str:
 
 
 def alert_document(event: AlertEvent) -> dict[str, Any]:
-    """The `alerts` document (SPEC §5) for a fired event."""
+    """The `alerts` document for a fired event."""
     return {
         "device_id": event.device_id,
         "user_id": event.user_id,
@@ -52,7 +52,7 @@ def alert_changes(event: AlertEvent) -> dict[str, Any]:
 
 
 def event_log_document(event: AlertEvent) -> dict[str, Any]:
-    """The `event_logs` entry (SPEC §5); `notified` turns true once notifications went out."""
+    """The `event_logs` entry; `notified` turns true once notifications went out."""
     return {
         "event_type": f"alert.{event.kind}",
         "device_id": event.device_id,

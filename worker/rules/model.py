@@ -1,6 +1,6 @@
 """Rule definitions: what an operator may write in `device_configs`, checked field by field.
 
-A rule comes from a device config document (SPEC §5): an entry of
+A rule comes from a device config document (`device_configs`, docs/rules.md): an entry of
 `settings.alerts` (`threshold`, `range`, `rate`, `offline`) or an entry of
 `settings.thresholds` (`{name: {min, max, unit}}`, read as a `range` rule with
 the id `thresholds.{name}`). Parsing is strict — an unknown key is an error, so a

@@ -54,7 +54,7 @@ ORDER BY 1 NULLS FIRST, 2
 
 
 def rules_channel(keys: RedisKeys) -> str:
-    """Pub/sub channel announcing rule changes (extends SPEC §6's `channel:system:*`)."""
+    """Pub/sub channel announcing rule changes (beside `channel:system:alerts`)."""
     return f"{keys.prefix}channel:system:rules"
 
 

@@ -11,7 +11,7 @@ A fleet's first contact leaves its state (devices, topics, with rules a tracker 
 and device: some 340,000 objects for 20,000 devices with 10 rules each) in the young and
 middle generations; the middle generation's next collection walks all of it, 110–160 ms
 on the development machine, as often as not under the next flood, where it holds up
-every message in flight (docs/performance.md, "Fleet size, measured in one run"). So once
+every message in flight (docs/performance.md, "Why a larger fleet costs more"). So once
 nothing has arrived or been committed for a short period and objects are pending, the
 daemon collects those two generations itself (`collect_when_idle`): work the thresholds
 would have asked for soon, done while no message waits for it. The oldest generation is

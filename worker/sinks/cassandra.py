@@ -1,4 +1,4 @@
-"""Cassandra time-series writer: `device_data` and `user_data` (SPEC §4) for every reading.
+"""Cassandra time-series writer: `device_data` and `user_data` (schemas/cql/telemetry.cql) for every reading.
 
 Rows are grouped by partition — a device's rows (`device_data`), a user's rows
 (`user_data`) — and each group goes as unlogged batches of at most
@@ -10,7 +10,7 @@ partition. Every write is an upsert of the same key, so a redelivery is harmless
 retries (the driver's for a timeout, the writer's for an outage) cannot double a row.
 
 Numbers go to `numeric_value`, strings and booleans (`DecodedBatch.texts`) to
-`text_value`; `user_data` has no text column (SPEC §4), so it takes the numbers of
+`text_value`; `user_data` has no text column, so it takes the numbers of
 devices that have a user. `metadata` is never written: a whole-map insert writes a
 tombstone first, and nothing fills it yet.
 """

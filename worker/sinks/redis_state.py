@@ -1,4 +1,4 @@
-"""Redis hot state (SPEC §6): latest values, status, the online set, telemetry pub/sub.
+"""Redis hot state (docs/storage.md): latest values, status, the online set, telemetry pub/sub.
 
 The newest reading wins, also across batches. One Lua script call per chunk of
 `DEVICES_PER_CALL` devices, so a batch of 1,000 messages from 1,000 devices costs one

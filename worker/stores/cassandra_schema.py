@@ -1,4 +1,4 @@
-"""`iotflow migrate` for Cassandra: the keyspace and the three tables of SPEC §4.
+"""`iotflow migrate` for Cassandra: the keyspace and the three tables of schemas/cql/telemetry.cql.
 
 The statements come from `schemas/cql/telemetry.cql`; every one is idempotent, so
 migrate runs them all each time. The keyspace's replication is set when it is created

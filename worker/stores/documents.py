@@ -1,4 +1,4 @@
-"""The document store (SPEC §5): MongoDB, or PostgreSQL JSONB with the same shapes.
+"""The document store (docs/storage.md): MongoDB, or PostgreSQL JSONB with the same shapes.
 
 Documents are plain dicts addressed by (collection, key); the key is MongoDB's
 `_id`. `insert` is idempotent on the key, which is what makes redelivery and

@@ -1,10 +1,10 @@
-"""Redis key and channel names (SPEC §6), behind the configurable prefix."""
+"""Redis key and channel names (docs/decoding.md, "Rows and hot state"), behind the prefix."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-# Lifetimes of the hot-state keys (SPEC §6).
+# Lifetimes of the hot-state keys.
 LATEST_TTL_S = 600  # device:latest:{id}
 STATUS_TTL_S = 300  # device:status:{id}
 RECENT_ALERTS_TTL_S = 86400  # alerts:{device_id}
@@ -28,7 +28,7 @@ class RedisKeys:
         return f"{self.prefix}device:latest:{device_id}"
 
     def device_latest_times(self, device_id: int) -> str:
-        """When each value of `device_latest` was measured (epoch s): extends SPEC §6."""
+        """When each value of `device_latest` was measured (epoch s)."""
         return f"{self.prefix}device:latest_ts:{device_id}"
 
     def device_status(self, device_id: int) -> str:
@@ -41,8 +41,8 @@ class RedisKeys:
         return f"{self.prefix}alerts:{device_id}"
 
     def device_ref(self, kind: str, value: str) -> str:
-        """Metadata cache of a device by `mac` or device `key`: one hash with its id, user,
-        status, datapoints and ranges (extends SPEC §6's apikey hash)."""
+        """Metadata cache of a device by `mac` or device `key`: one JSON string with its id,
+        user, status, datapoints and ranges (docs/decoding.md)."""
         return f"{self.prefix}device:{kind}:{value}"
 
     def rate_limit(self, device_id: int, window: int) -> str:

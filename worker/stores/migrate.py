@@ -149,7 +149,7 @@ async def ensure_timescale(conn: asyncpg.Connection, probe: TimescaleProbe, sche
 
 
 async def _create_timeseries(conn: asyncpg.Connection, settings: PostgresSettings) -> None:
-    """`decoded_data` (SPEC §3): a compressed hypertable, or native range partitions."""
+    """`decoded_data`: a compressed hypertable, or native range partitions."""
     probe = await probe_timescale(conn)
     columns = """
         timestamp    timestamptz NOT NULL,

@@ -7,7 +7,7 @@ into collections with the indexes `iotflow migrate` makes.
 Against the server at `--url`, or a FerretDB 1.24 of the bench's own (worker.tools.servers)
 in a temporary directory. Prints documents/s and the CPU-seconds per 100,000 documents of
 this process and, when its pid is known, of the server (from /proc: `utime + stime`), the
-figure docs/storage.md compares with the seeds' "MongoDB 200 inserts/s" (SPEC §9).
+figure docs/storage.md compares with 200 inserts/s, the figure an earlier MongoDB design claimed.
 """
 
 from __future__ import annotations

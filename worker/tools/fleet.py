@@ -3,7 +3,7 @@ the bench and the tests register for them (`register_fleet`; `migrate` seeds not
 
 from __future__ import annotations
 
-# SPEC §2: the simulator's F2 controllers.
+# The simulator's F2 controllers (docs/decoding.md).
 F2_MACS = tuple(f"aa:bb:cc:dd:ee:{n:02x}" for n in range(1, 5))
 
 # What each F2 controller carries: (sensor mode = codec name, sensor label, topic kind).
