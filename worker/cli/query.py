@@ -1,9 +1,11 @@
-"""`iotflow query device ID --from T --to T [--measurement M]`: a device's readings over a
-time range, from the time-series store configured (docs/storage.md).
+"""`iotflow query device DEVICE --from T --to T [--measurement M]`: a device's readings over a
+time range, from the time-series store configured (docs/storage.md). DEVICE is a device
+id, device_key or MAC.
 
 Rows go to stdout as JSON lines, newest first; the last line on stderr says which store
 answered, how many rows, how long it took and, when there are more, the `--page` token
-of the next page. Exit codes: 0 done, 1 the store is unreachable, 2 bad arguments.
+of the next page. Exit codes: 0 done, 1 the store is unreachable, 2 bad arguments or an
+unknown device.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from worker.cli.device_ref import DEVICE_HELP
 from worker.config import Settings
 from worker.exit_codes import ExitCode
 
@@ -25,7 +28,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     query = commands.add_parser("query", help="read stored readings")
     kinds = query.add_subparsers(dest="query_kind", required=True, metavar="KIND")
     device = kinds.add_parser("device", help="one device's readings over a time range, newest first")
-    device.add_argument("device_id", type=int, metavar="ID")
+    device.add_argument("device", metavar="DEVICE", help=DEVICE_HELP)
     device.add_argument("--from", dest="start", required=True, type=_time, help="ISO-8601, inclusive")
     device.add_argument("--to", dest="end", required=True, type=_time, help="ISO-8601, exclusive")
     device.add_argument("--measurement", help="one measurement (datapoint label) only")
@@ -53,8 +56,10 @@ def _page_size(text: str) -> int:
 
 def _query_device(settings: Settings, args: argparse.Namespace) -> int:
     from worker.cli.app import config_error
+    from worker.cli.device_ref import unknown_device
     from worker.retry import describe, is_transient
     from worker.stores import open_stores
+    from worker.stores.devices import UnknownDevice, find_device_id
     from worker.stores.timeseries import BadPageToken, NoCassandra, read_device
 
     if args.end <= args.start:
@@ -62,10 +67,11 @@ def _query_device(settings: Settings, args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with open_stores(settings, application_name="iotflow-query", pool_size=1) as stores:
+            device_id = await find_device_id(stores.postgres, args.device)
             started = time.perf_counter()
             page = await read_device(
                 stores,
-                args.device_id,
+                device_id,
                 args.start,
                 args.end,
                 measurement=args.measurement,
@@ -93,6 +99,8 @@ def _query_device(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(run())
     except (BadPageToken, NoCassandra) as exc:
         return config_error(f"query: {exc}")
+    except UnknownDevice as exc:
+        return unknown_device("query", exc)
     except Exception as exc:
         if not is_transient(exc):
             raise
