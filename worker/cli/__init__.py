@@ -3,7 +3,8 @@
 app.py     the parser, settings, logging, and the registry of command groups
 daemon.py  run, migrate, config
 rules.py   rules …, alerts …
-devices.py devices meta set|get, devices near
+devices.py devices add|import|list|show|remove, devices meta set|get, devices near
+           (device_csv.py reads the import file; device_ref.py: a device argument in any command)
 jobs.py    jobs …, report …
 tools.py   simulate, demo, bench
 query.py   query device

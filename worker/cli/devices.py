@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 
 from worker.cli.device_ref import DEVICE_HELP
@@ -262,6 +263,8 @@ def _run(settings: Settings, args: argparse.Namespace, work: Callable[[Stores], 
         return asyncio.run(go())
     except (BadInput, BadSpec, DeviceConflict, UnknownDevice) as exc:
         return _refuse(args, exc)
+    except asyncpg.UniqueViolationError as exc:  # another command added the same key or MAC meanwhile
+        return _refuse(args, f"{exc.detail or exc}; nothing written, run it again")
 
 
 def _print_json(value: Any) -> None:
