@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +27,7 @@ from jobs.schedule import job_id
 from jobs.worker import redis_settings
 from worker.config import Settings
 from worker.exit_codes import ExitCode
+from worker.stores.devices import find_device_id
 
 _FUNCTIONS = {
     "rollup": tasks.ROLLUP,
@@ -113,13 +115,15 @@ async def print_status(settings: Settings, limit: int, job: str | None) -> int:
     return ExitCode.OK
 
 
-async def report_device(settings: Settings, device_id: int, period: str) -> int:
-    """Compute the report now and print it; a calendar-day report is stored like the daily job's."""
+async def report_device(settings: Settings, device: str, period: str) -> int:
+    """Compute the report now and print it; a calendar-day report is stored like the daily job's.
+    `device` is a device id, key or MAC (UnknownDevice when it names none)."""
     async with open_resources(settings) as res:
+        device_id = await find_device_id(res.pool, device)
         start, end = parse_report_period(period, res.clock())
         reports = await build_reports(res, start, end, [device_id])
         if not reports:
-            print(f"iotflow report: no device {device_id} (or it did not exist yet in that period)")
+            print(f"iotflow report: device {device} did not exist yet in that period", file=sys.stderr)
             return ExitCode.FAILURE
         if end - start == DAY and start == floor_day(start):
             await store_reports(res, reports)

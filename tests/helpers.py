@@ -26,7 +26,9 @@ from urllib.parse import urlparse
 import aiomqtt
 import asyncpg
 import orjson
+import pytest
 
+from worker.cli import main
 from worker.config import Settings
 from worker.pipeline import Daemon
 from worker.tools.simulate import simulate
@@ -119,6 +121,30 @@ async def wait_for_count(conn: asyncpg.Connection, query: str, expected: int, ti
     except AssertionError:
         raise AssertionError(f"{query!r} reached {last}, expected {expected}") from None
     return last
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+class Cli:
+    """Runs `iotflow …` in-process (a thread, as `main` runs its own event loop)."""
+
+    def __init__(
+        self, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ):
+        for name, value in worker_env(settings).items():
+            if name.startswith("IOTFLOW_"):
+                monkeypatch.setenv(name, value)
+        # `main` configures logging for a process; in-process it would bind structlog to
+        # capsys's stream, which closes after the test. Keep the session's configuration.
+        monkeypatch.setattr("worker.cli.app.configure_logging", lambda *args, **kwargs: None)
+        self._capsys = capsys
+
+    async def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self._capsys.readouterr()
+        code = await asyncio.to_thread(main, list(argv))
+        out, err = self._capsys.readouterr()
+        return code, out, err
 
 
 # --- the simulator on a thread ---------------------------------------------------------------------

@@ -26,10 +26,11 @@ from structlog.testing import capture_logs
 from jobs.context import JobResources
 from jobs.retention import apply_retention
 from schemas.mongo import DAY_S, EVENT_LOGS_TTL, RESOLVED_ALERTS_TTL, mongo_indexes
-from worker.cli.devices import BadInput, MetadataChange, devices_near, get_metadata, set_metadata
+from worker.cli.devices import MetadataChange, devices_near, get_metadata, set_metadata
 from worker.config import Settings
 from worker.rules.events import parse_time
 from worker.stores import Stores, open_stores
+from worker.stores.devices import UnknownDevice
 from worker.stores.documents import (
     EARTH_RADIUS_KM,
     DocumentStore,
@@ -42,7 +43,7 @@ from worker.stores.documents import (
 from worker.stores.migrate import migrate_documents, server_name
 from worker.tools.servers import FerretDBServer
 
-from .test_rules_cli import Cli
+from .helpers import Cli
 
 # What FerretDB 1.24 refuses of `iotflow migrate`'s indexes (partial, TTL, 2dsphere).
 FERRETDB_REFUSES = {"event_logs_pending", EVENT_LOGS_TTL, RESOLVED_ALERTS_TTL, "device_metadata_location"}
@@ -360,7 +361,7 @@ async def test_device_metadata_set_and_get(docs_stores: Stores) -> None:
     assert doc["created_at"] <= doc["updated_at"]
     by_key = await docs_stores.postgres.fetchval("SELECT device_key FROM devices WHERE id = $1", device)
     assert _plain(await get_metadata(docs_stores, by_key)) == doc
-    with pytest.raises(BadInput, match="no device '999999'"):
+    with pytest.raises(UnknownDevice, match="unknown device 999999"):
         await get_metadata(docs_stores, "999999")
 
 
@@ -499,7 +500,7 @@ async def test_the_cli_answers_the_same_on_either_backend(
     for argv, problem in [
         (("devices", "near", "13", "95", "--km", "5"), "latitude 95 is outside -90..90"),
         (("devices", "near", "13", "52", "--km", "0"), "--km 0 must be more than 0"),
-        (("devices", "meta", "get", "no-such-device"), "no device 'no-such-device'"),
+        (("devices", "meta", "get", "no-such-device"), "unknown device no-such-device"),
         (("devices", "meta", "set", "sim-json-03", "--location", "13,-91"), "latitude -91 is outside"),
         (("devices", "meta", "set", "sim-json-03", "--field", "a.b=1"), "may not contain '.'"),
         (("devices", "meta", "set", "sim-json-03"), "nothing to set"),

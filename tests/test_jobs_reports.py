@@ -15,6 +15,7 @@ from jobs.context import JobResources
 from jobs.periods import parse_report_period
 from jobs.reports import report_key
 from worker.config import Settings
+from worker.stores.devices import UnknownDevice
 
 from .test_jobs_support import Clock, add_device, clock, ctx_of, insert_readings, res, utc
 
@@ -146,7 +147,7 @@ async def test_daily_report_figures_follow_the_gaps_and_alerts(
 async def test_report_command_prints_and_stores_a_calendar_day(
     settings: Settings, res: JobResources, fleet: dict[str, int], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert await report_device(settings, fleet["gappy"], DAY) == 0
+    assert await report_device(settings, str(fleet["gappy"]), DAY) == 0
     printed = orjson.loads(capsys.readouterr().out)
     assert printed["device_id"] == fleet["gappy"]
     assert printed["metrics"]["uptime_percentage"] == GAPPY_UPTIME
@@ -154,7 +155,8 @@ async def test_report_command_prints_and_stores_a_calendar_day(
     stored = await res.docs.get("analytics", report_key(fleet["gappy"], start, start + timedelta(days=1)))
     assert stored is not None and stored["metrics"] == printed["metrics"]
 
-    assert await report_device(settings, 999_999, DAY) == 1
+    with pytest.raises(UnknownDevice):
+        await report_device(settings, "999999", DAY)
 
 
 def test_report_periods_parse_as_spans_ending_now_or_utc_days() -> None:

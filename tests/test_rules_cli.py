@@ -14,36 +14,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from schemas.records import AlertEvent
-from worker.cli import main
 from worker.config import Settings
 from worker.rules.events import alert_id
 from worker.sinks.alerts import AlertSink
 from worker.stores import Stores
 
 from .conftest import worker_env
+from .helpers import Cli
 
 CONFIGS = "SELECT count(*) FROM documents WHERE collection = 'device_configs'"
-
-
-class Cli:
-    """Runs `iotflow …` in-process (a thread, as `main` runs its own event loop)."""
-
-    def __init__(
-        self, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-    ):
-        for name, value in worker_env(settings).items():
-            if name.startswith("IOTFLOW_"):
-                monkeypatch.setenv(name, value)
-        # `main` configures logging for a process; in-process it would bind structlog to
-        # capsys's stream, which closes after the test. Keep the session's configuration.
-        monkeypatch.setattr("worker.cli.app.configure_logging", lambda *args, **kwargs: None)
-        self._capsys = capsys
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self._capsys.readouterr()
-        code = await asyncio.to_thread(main, list(argv))
-        out, err = self._capsys.readouterr()
-        return code, out, err
 
 
 @pytest.fixture
@@ -114,7 +93,7 @@ async def test_malformed_rules_are_refused_naming_the_field(
 
 async def test_rules_for_an_unknown_device_are_refused(cli: Cli) -> None:
     code, _, err = await cli("rules", "set", "--device", "99999", "type=offline", "duration=60")
-    assert code == 1 and "--device: there is no device 99999" in err
+    assert code == 2 and err == "iotflow: rules set: unknown device 99999\n"
 
 
 async def test_import_is_all_or_nothing_and_lists_every_problem(

@@ -5,7 +5,8 @@ errors.py  what a failure looks like: one line on stderr and its exit code
 times.py   the times a command line takes: now, -24h, ISO-8601
 daemon.py  run, migrate, config
 rules.py   rules …, alerts …
-devices.py devices meta set|get, devices near
+devices.py devices add|import|list|show|remove, devices meta set|get, devices near
+           (device_csv.py reads the import file; device_ref.py: a device argument in any command)
 jobs.py    jobs …, report …
 tools.py   simulate, demo, bench
 query.py   query device

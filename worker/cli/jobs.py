@@ -11,9 +11,11 @@ from typing import Any
 
 import orjson
 
+from worker.cli.device_ref import DEVICE_HELP, device_id, unknown_device
 from worker.cli.times import EXAMPLES, time_argument
 from worker.config import Settings
 from worker.exit_codes import ExitCode
+from worker.stores.devices import UnknownDevice
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
@@ -36,7 +38,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     enqueue.add_argument(
         "--day", type=time_argument, help="report: the UTC day holding this time (default: yesterday)"
     )
-    enqueue.add_argument("--device", type=int, help="report: one device only")
+    enqueue.add_argument("--device", metavar="DEVICE", help=f"report: one device only ({DEVICE_HELP})")
     enqueue.add_argument("--force", action="store_true", help="run even if this period is done")
     enqueue.add_argument("--wait", type=float, default=0.0, help="wait this many seconds for the result")
     enqueue.set_defaults(handler=_enqueue)
@@ -59,7 +61,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     report = commands.add_parser("report", help="compute and print a device_health report")
     report_sub = report.add_subparsers(dest="report_kind", required=True, metavar="KIND")
     device = report_sub.add_parser("device", help="one device's health over a period")
-    device.add_argument("device_id", type=int)
+    device.add_argument("device", metavar="DEVICE", help=DEVICE_HELP)
     device.add_argument(
         "--period", default="1d", help="1d, 7d, 12h or -7d (ending now), or a UTC day 2026-11-21"
     )
@@ -77,7 +79,10 @@ def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
     from jobs.commands import enqueue_now, enqueue_request
 
     try:
-        request = enqueue_request(settings, args.job, args.start, args.end, args.day, args.device, args.force)
+        device = asyncio.run(device_id(settings, args.device)) if args.device is not None else None
+        request = enqueue_request(settings, args.job, args.start, args.end, args.day, device, args.force)
+    except UnknownDevice as exc:
+        return unknown_device("jobs enqueue", exc)
     except ValueError as exc:
         print(f"iotflow jobs enqueue: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
@@ -123,7 +128,9 @@ def _report_device(settings: Settings, args: argparse.Namespace) -> int:
     from jobs.commands import report_device
 
     try:
-        return asyncio.run(report_device(settings, args.device_id, args.period))
+        return asyncio.run(report_device(settings, args.device, args.period))
+    except UnknownDevice as exc:
+        return unknown_device("report", exc)
     except ValueError as exc:
         print(f"iotflow report: {exc}", file=sys.stderr)
         return ExitCode.CONFIG

@@ -1,10 +1,11 @@
-"""`iotflow query device ID --from T [--to T] [--measurement M]`: a device's readings over a
-time range, from the time-series store configured (docs/storage.md). T is `now`, `-24h`
-or ISO-8601 (worker/cli/times.py).
+"""`iotflow query device DEVICE --from T [--to T] [--measurement M]`: a device's readings over a
+time range, from the time-series store configured (docs/storage.md). DEVICE is a device
+id, device_key or MAC; T is `now`, `-24h` or ISO-8601 (worker/cli/times.py).
 
 Rows go to stdout as JSON lines, newest first; the last line on stderr says which store
 answered, how many rows, how long it took and, when there are more, the `--page` token
-of the next page. Exit codes: 0 done, 1 the store is unreachable, 2 bad arguments.
+of the next page. Exit codes: 0 done, 1 the store is unreachable, 2 bad arguments or an
+unknown device.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from worker.cli.device_ref import DEVICE_HELP
 from worker.cli.times import EXAMPLES, time_argument
 from worker.config import Settings
 from worker.exit_codes import ExitCode
@@ -26,7 +28,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     query = commands.add_parser("query", help="read stored readings")
     kinds = query.add_subparsers(dest="query_kind", required=True, metavar="KIND")
     device = kinds.add_parser("device", help="one device's readings over a time range, newest first")
-    device.add_argument("device_id", type=int, metavar="ID")
+    device.add_argument("device", metavar="DEVICE", help=DEVICE_HELP)
     device.add_argument(
         "--from", dest="start", required=True, type=time_argument, help=f"inclusive: {EXAMPLES}"
     )
@@ -48,7 +50,9 @@ def _page_size(text: str) -> int:
 
 def _query_device(settings: Settings, args: argparse.Namespace) -> int:
     from worker.cli.app import config_error
+    from worker.cli.device_ref import unknown_device
     from worker.stores import open_stores
+    from worker.stores.devices import UnknownDevice, find_device_id
     from worker.stores.timeseries import BadPageToken, NoCassandra, read_device
 
     if args.end <= args.start:
@@ -56,10 +60,11 @@ def _query_device(settings: Settings, args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with open_stores(settings, application_name="iotflow-query", pool_size=1) as stores:
+            device_id = await find_device_id(stores.postgres, args.device)
             started = time.perf_counter()
             page = await read_device(
                 stores,
-                args.device_id,
+                device_id,
                 args.start,
                 args.end,
                 measurement=args.measurement,
@@ -87,3 +92,5 @@ def _query_device(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(run())
     except (BadPageToken, NoCassandra) as exc:
         return config_error(f"query: {exc}")
+    except UnknownDevice as exc:
+        return unknown_device("query", exc)

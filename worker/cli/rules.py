@@ -1,16 +1,16 @@
 """`iotflow rules …` and `iotflow alerts …`: manage rules, list and acknowledge alerts.
 
-    iotflow rules list [--device ID | --group ID | --global] [--json]
-    iotflow rules set (--device ID | --group ID | --global) RULE
-    iotflow rules delete (--device ID | --group ID | --global) RULE_ID
+    iotflow rules list [--device DEVICE | --group ID | --global] [--json]
+    iotflow rules set (--device DEVICE | --group ID | --global) RULE
+    iotflow rules delete (--device DEVICE | --group ID | --global) RULE_ID
     iotflow rules import FILE [--dry-run]
-    iotflow alerts list [--active] [--device ID] [--limit N] [--json]
+    iotflow alerts list [--active] [--device DEVICE] [--limit N] [--json]
     iotflow alerts ack ALERT_ID [--by NAME]
 
 RULE is a JSON object or `key=value` pairs (values are read as JSON when they
 parse, as text otherwise): `type=threshold field=temperature condition=">" value=30`.
-Exit codes (worker.exit_codes): 0 done, 1 refused (malformed rule, unknown device,
-no such rule or alert).
+DEVICE is a device id, device_key or MAC. Exit codes (worker.exit_codes): 0 done, 1
+refused (malformed rule, no such rule, group or alert), 2 an unknown device.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from typing import Any
 
 import orjson
 
+from worker.cli.device_ref import DEVICE_HELP, unknown_device
 from worker.config import Settings
 from worker.exit_codes import ExitCode
 from worker.rules.admin import InvalidRules, RuleAdmin, open_admin
 from worker.rules.messages import describe
 from worker.rules.model import RuleError, Scope
+from worker.stores.devices import UnknownDevice, find_device_id
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
@@ -60,7 +62,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     alert_verbs = alerts.add_subparsers(dest="verb", required=True, metavar="VERB")
     alert_list = alert_verbs.add_parser("list", help="newest alerts first")
     alert_list.add_argument("--active", action="store_true", help="only alerts not yet resolved")
-    alert_list.add_argument("--device", type=int, metavar="ID")
+    alert_list.add_argument("--device", metavar="DEVICE", help=f"one device's alerts ({DEVICE_HELP})")
     alert_list.add_argument("--limit", type=int, default=50)
     alert_list.add_argument("--json", action="store_true")
     alert_list.set_defaults(handler=_alerts_list)
@@ -72,14 +74,15 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
 
 def _scope_options(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument("--device", type=int, metavar="ID", help="rules of one device")
+    group.add_argument("--device", metavar="DEVICE", help=f"rules of one device ({DEVICE_HELP})")
     group.add_argument("--group", type=int, metavar="ID", help="rules of a device group")
     group.add_argument("--global", dest="everywhere", action="store_true", help="rules for every device")
 
 
-def _scope(args: argparse.Namespace) -> Scope | None:
+async def _scope(admin: RuleAdmin, args: argparse.Namespace) -> Scope | None:
+    """The scope the options name; UnknownDevice for a device there is none of."""
     if args.device is not None:
-        return Scope("device", args.device)
+        return Scope("device", await find_device_id(admin.stores.postgres, args.device))
     if args.group is not None:
         return Scope("group", args.group)
     return Scope("global") if args.everywhere else None
@@ -112,22 +115,24 @@ def parse_rule_arguments(words: list[str]) -> dict[str, Any]:
     return raw
 
 
-def _run(settings: Settings, work: Any) -> int:
+def _run(settings: Settings, work: Any, command: str) -> int:
     async def go() -> int:
         async with open_admin(settings) as admin:
             code: int = await work(admin)
             return code
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except UnknownDevice as exc:
+        return unknown_device(command, exc)
 
 
 # --- rules -------------------------------------------------------------------------------------------
 
 
 def _rules_list(settings: Settings, args: argparse.Namespace) -> int:
-    scope = _scope(args)
-
     async def work(admin: RuleAdmin) -> int:
+        scope = await _scope(admin, args)
         if args.json:
             from worker.rules.source import ALL, COLLECTION
 
@@ -148,18 +153,18 @@ def _rules_list(settings: Settings, args: argparse.Namespace) -> int:
             print("no rules")
         return ExitCode.OK
 
-    return _run(settings, work)
+    return _run(settings, work, "rules list")
 
 
 def _rules_set(settings: Settings, args: argparse.Namespace) -> int:
-    scope = _scope(args)
-    assert scope is not None  # the scope options are required here
     try:
         raw = parse_rule_arguments(args.rule)
     except ValueError as exc:
         return _refuse("rules set", exc)
 
     async def work(admin: RuleAdmin) -> int:
+        scope = await _scope(admin, args)
+        assert scope is not None  # the scope options are required here
         try:
             rule = await admin.set_rule(scope, raw)
         except RuleError as exc:
@@ -167,20 +172,19 @@ def _rules_set(settings: Settings, args: argparse.Namespace) -> int:
         print(f"set {rule.uid}: {describe(rule)}")
         return ExitCode.OK
 
-    return _run(settings, work)
+    return _run(settings, work, "rules set")
 
 
 def _rules_delete(settings: Settings, args: argparse.Namespace) -> int:
-    scope = _scope(args)
-    assert scope is not None
-
     async def work(admin: RuleAdmin) -> int:
+        scope = await _scope(admin, args)
+        assert scope is not None
         if not await admin.delete_rule(scope, args.rule_id):
             return _refuse("rules delete", f"there is no rule {args.rule_id!r} in {scope.key}")
         print(f"deleted {scope.key}/{args.rule_id}")
         return ExitCode.OK
 
-    return _run(settings, work)
+    return _run(settings, work, "rules delete")
 
 
 def read_rules_file(path: Path) -> Any:
@@ -209,7 +213,7 @@ def _rules_import(settings: Settings, args: argparse.Namespace) -> int:
         print(f"{verb} {rules} rule(s) in {scopes} scope(s)")
         return ExitCode.OK
 
-    return _run(settings, work)
+    return _run(settings, work, "rules import")
 
 
 # --- alerts ------------------------------------------------------------------------------------------
@@ -219,9 +223,8 @@ def _alerts_list(settings: Settings, args: argparse.Namespace) -> int:
     from worker.rules.alert_admin import list_alerts
 
     async def work(admin: RuleAdmin) -> int:
-        alerts = await list_alerts(
-            admin.documents, active=args.active, device_id=args.device, limit=args.limit
-        )
+        device = None if args.device is None else await find_device_id(admin.stores.postgres, args.device)
+        alerts = await list_alerts(admin.documents, active=args.active, device_id=device, limit=args.limit)
         if args.json:
             print(orjson.dumps(alerts, option=orjson.OPT_INDENT_2, default=str).decode())
             return ExitCode.OK
@@ -235,7 +238,7 @@ def _alerts_list(settings: Settings, args: argparse.Namespace) -> int:
             print("no alerts")
         return ExitCode.OK
 
-    return _run(settings, work)
+    return _run(settings, work, "alerts list")
 
 
 def _alerts_ack(settings: Settings, args: argparse.Namespace) -> int:
@@ -249,4 +252,4 @@ def _alerts_ack(settings: Settings, args: argparse.Namespace) -> int:
         print(f"acknowledged {args.alert_id} ({doc.get('status')}): {doc.get('message', '')}")
         return ExitCode.OK
 
-    return _run(settings, work)
+    return _run(settings, work, "alerts ack")

@@ -92,8 +92,14 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     from worker.tools.simulate import build_fleet, register_fleet, simulate
 
     if args.register:
+        from worker.stores.devices import DeviceConflict
+
         fleet = build_fleet(args.devices, args.profile, first=args.first_device)
-        asyncio.run(register_fleet(settings.postgres, fleet))
+        try:
+            asyncio.run(register_fleet(settings.postgres, fleet))
+        except DeviceConflict as exc:  # a device of the fleet was added otherwise before
+            print(f"iotflow: simulate --register: {exc}", file=sys.stderr)
+            return ExitCode.CONFIG
     simulate(settings.mqtt.url, args.devices, args.rate, args.count, args.profile, first=args.first_device)
     return ExitCode.OK
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import binascii
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ import orjson
 
 from schemas.records import Reason
 from worker.decode.codecs import Codec, FrameError, OutOfRange
+from worker.stores.devices import canonical_mac
 
 _T = TypeVar("_T")
 
@@ -80,18 +80,13 @@ class _F2Topic(NamedTuple):
     units: tuple[str | None, ...]
 
 
-_MAC_SEPARATORS = str.maketrans("", "", ":-.")
-_MAC_DIGITS = re.compile("[0-9a-f]{12}")
-
-
 def normalise_mac(text: str) -> str:
     """`AA-BB-CC-DD-EE-01`, `aabbccddee01` … → `aa:bb:cc:dd:ee:01`; Rejected otherwise.
-    Once per topic, so once per device of a fleet: in C (a Python step per character cost
-    as much as the rest of a new topic)."""
-    d = text.lower().translate(_MAC_SEPARATORS)
-    if _MAC_DIGITS.fullmatch(d) is None:
+    Once per topic, so once per device of a fleet."""
+    mac = canonical_mac(text)
+    if mac is None:
         raise Rejected(Reason.BAD_TOPIC, f"{text!r} is not a MAC address")
-    return f"{d[0:2]}:{d[2:4]}:{d[4:6]}:{d[6:8]}:{d[8:10]}:{d[10:12]}"
+    return mac
 
 
 class MessageParser:

@@ -1,6 +1,7 @@
 """Device metadata: MAC or device key → device, label → datapoint, cached twice.
 
-Lookups go process cache (an LRU of `pipeline.device_cache_size` devices) → Redis
+Lookups go process cache (an LRU of `pipeline.device_cache_size` devices, emptied every
+`PROCESS_REFRESH_S`) → Redis
 (one JSON string per `device:mac:{mac}` / `device:key:{key}`: device_id, user_id,
 status, datapoints and ranges, 1 h TTL, shared by every worker) → PostgreSQL, which
 is the source of truth. Everything is done for a whole batch at once: one MGET, one
@@ -49,6 +50,9 @@ V = TypeVar("V")
 
 CACHE_TTL_S = 3600
 NEGATIVE_TTL_S = 30.0
+# The process cache starts afresh this often (s): a change made with `iotflow devices`
+# (which deletes the device's Redis entry) or a removal reaches every worker within it.
+PROCESS_REFRESH_S = 30.0
 NEGATIVE_CACHE_MAX = 100_000  # strangers remembered at once; past it, expired ones are purged
 DEVICE_CACHE_SIZE = 100_000  # default of `pipeline.device_cache_size`: devices kept in the process
 BUDGET_WINDOW_S = 3600.0
@@ -175,10 +179,14 @@ class DeviceRegistry:
         self._fresh: set[int] = set()  # devices the last `resolve` read from PostgreSQL
         self._cache_failures = 0  # Redis failures in a row
         self._cache_retry_at = 0.0  # monotonic time before which Redis is not asked
+        self._refresh_at = clock() + PROCESS_REFRESH_S
 
     async def resolve(self, refs: Iterable[DeviceRef]) -> dict[DeviceRef, Device]:
         """Known devices among `refs` (registering strangers when the policy says so)."""
         now = self._clock()
+        if now >= self._refresh_at:
+            self._devices.clear()  # re-read from Redis: one MGET per batch for its devices
+            self._refresh_at = now + PROCESS_REFRESH_S
         cached = self._devices
         found = {}
         wanted = set()

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlparse
 
-import asyncpg
 import orjson
 import paho.mqtt.client as paho
 import structlog
@@ -23,6 +22,7 @@ import structlog
 from worker.config import PostgresSettings, redact_url
 from worker.decode.codecs import Codec, load_codecs
 from worker.retry import Unreachable, describe
+from worker.stores.devices import DatapointSpec, DeviceSpec, add_devices
 from worker.stores.postgres import connect
 from worker.tools import fleet
 
@@ -129,46 +129,34 @@ def readings_per_message(topic: str, payload: bytes, codecs: dict[str, Codec]) -
 
 async def register_fleet(settings: PostgresSettings, devices: list[SimDevice] | None = None) -> None:
     """The demo user and the simulated `devices` (default: the seeded eight), with their
-    datapoints: the metadata the demo, the bench and the tests run on. Idempotent."""
+    datapoints: the metadata the demo, the bench and the tests run on. Idempotent, and added
+    the way `iotflow devices add` adds a device (a conflict raises DeviceConflict)."""
     codecs = load_codecs()
-    f2_points = [
-        (f"{label}.{n}", u) for mode, label, _ in fleet.F2_SENSORS for n, u in codecs[mode].units().items()
-    ]
+    f2_points = tuple(
+        DatapointSpec(f"{label}.{n}", u)
+        for mode, label, _ in fleet.F2_SENSORS
+        for n, u in codecs[mode].units().items()
+    )
+    json_points = tuple(DatapointSpec(label, unit) for label, unit in fleet.JSON_MEASUREMENTS)
     if devices is None:
         devices = build_fleet(fleet.SEEDED_DEVICES)
+    specs = [
+        DeviceSpec(fleet.f2_device_key(d.ref), d.ref, user=fleet.DEMO_USER, datapoints=f2_points)
+        if d.kind == "f2"
+        else DeviceSpec(d.ref, user=fleet.DEMO_USER, datapoints=json_points)
+        for d in devices
+    ]
     conn = await connect(settings)
     try:
-        user_id = await conn.fetchval(
+        await conn.execute(
             "INSERT INTO users (username, email) VALUES ($1, $2) ON CONFLICT (username) "
-            "DO UPDATE SET email = excluded.email RETURNING id",
+            "DO UPDATE SET email = excluded.email",
             fleet.DEMO_USER,
             "demo@example.invalid",
         )
-        for device in devices:
-            mac = device.ref if device.kind == "f2" else None
-            key = fleet.f2_device_key(device.ref) if mac else device.ref
-            points: list[tuple[str, str | None]] = f2_points if mac else list(fleet.JSON_MEASUREMENTS)
-            await _upsert_device(conn, user_id, mac, key, points)
+        await add_devices(conn, specs)
     finally:
         await conn.close()
-
-
-async def _upsert_device(
-    conn: asyncpg.Connection,
-    user_id: int | None,
-    mac: str | None,
-    key: str,
-    points: list[tuple[str, str | None]],
-) -> None:
-    device_id = await conn.fetchval(
-        "INSERT INTO devices (mac, device_key, user_id, name) VALUES ($1, $2, $3, $2) "
-        "ON CONFLICT (device_key) DO UPDATE SET updated_at = now() RETURNING id",
-        mac, key, user_id,
-    )  # fmt: skip
-    await conn.executemany(
-        "INSERT INTO datapoints (device_id, label, unit) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        [(device_id, label, unit) for label, unit in points],
-    )
 
 
 class Publisher:
