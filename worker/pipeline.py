@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("worker.pipeline")
 
+# Readiness checks of stores rebuilt from the durable ones (docs/storage.md, "Redis is derived").
+DERIVABLE_CHECKS = frozenset({"redis"})
+
 
 def readings_sinks(stores: Stores, metrics: Metrics) -> list[Sink]:
     """The time-series store(s) of `timeseries.backend`. With "cassandra", PostgreSQL still
@@ -196,11 +199,16 @@ class Pipeline:
 
     @property
     def tolerated(self) -> frozenset[str]:
-        """Checks that may fail while ingest goes on and is acknowledged: in both mode,
-        Cassandra (its batches wait in the `outbox` table). Not PostgreSQL, though its
-        readings would go to the journal: the registry, the dead letters' and alerts'
-        documents live there, so new devices and alerting batches would stall."""
-        return frozenset({"cassandra"}) if self.settings.timeseries.backend == "both" else frozenset()
+        """Checks that may fail while durable ingest goes on and is acknowledged (the worker
+        is then ready, degraded): a derivable store (Redis: hot state rebuilt afterwards,
+        device lookups from PostgreSQL, rate limits counted locally) and, in both mode,
+        Cassandra (its batches wait in the `outbox` table). Never a durable store: not
+        PostgreSQL, though in both mode its readings would go to the journal, since the
+        registry, the dead letters' and alerts' documents live there. A batch that waits on
+        a tolerated store anyway (one that raised an alert needs Redis to announce it) fails
+        the `sinks` check instead."""
+        both = frozenset({"cassandra"}) if self.settings.timeseries.backend == "both" else frozenset()
+        return DERIVABLE_CHECKS | both
 
     async def _collect_when_idle(self) -> None:
         counters = self.metrics.counters
