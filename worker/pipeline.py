@@ -361,7 +361,7 @@ class Daemon:
                 try:
                     self._stores = await self._open_stores(stack)
                 except Refused as exc:
-                    log.error("stores.refused", error=str(exc), hint="check the store's URL and credentials")
+                    log.error("stores.refused", error=str(exc), hint=exc.hint)
                     code = ExitCode.CONFIG
                     return code
                 if self._stores is None:  # stopped while waiting for them
@@ -407,7 +407,10 @@ class Daemon:
                     stack.push_async_callback(attempt.pop_all().aclose)
                     return stores
             except Exception as exc:
-                if refusal(exc) is not None:
+                refused = refusal(exc)
+                if isinstance(refused, Refused):
+                    raise refused from None
+                if refused is not None:
                     raise Refused(describe(exc)) from exc
                 if not is_transient(exc):
                     raise
