@@ -325,7 +325,11 @@ class Daemon:
         restart = needs_restart(changed)
         level_changed = running.log.level != loaded.log.level
         apply_reloadable(running, loaded)
-        dropped = await self.pipeline.reload(codecs) if self.pipeline is not None else 0
+        try:
+            dropped = await self.pipeline.reload(codecs) if self.pipeline is not None else 0
+        except Exception as exc:  # the settings are in force; only the device caches may be stale
+            log.error("reload.devices_failed", error=describe(exc), hint="send SIGHUP again")
+            dropped = 0
         log.info(  # before a new level applies, so that a raised level still shows it
             "reload.done",
             log_level=running.log.level,
