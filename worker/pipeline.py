@@ -325,17 +325,19 @@ class Daemon:
         restart = needs_restart(changed)
         level_changed = running.log.level != loaded.log.level
         apply_reloadable(running, loaded)
+        dropped, reread = 0, self.pipeline is not None  # no pipeline yet: still starting
         try:
-            dropped = await self.pipeline.reload(codecs) if self.pipeline is not None else 0
+            if self.pipeline is not None:
+                dropped = await self.pipeline.reload(codecs)
         except Exception as exc:  # the settings are in force; only the device caches may be stale
             log.error("reload.devices_failed", error=describe(exc), hint="send SIGHUP again")
-            dropped = 0
+            reread = False
         log.info(  # before a new level applies, so that a raised level still shows it
             "reload.done",
             log_level=running.log.level,
             codecs=sorted(codecs),
             codec_file=running.pipeline.codecs or "built-in",
-            devices_reread=True,
+            devices_reread=reread,
             cache_entries_dropped=dropped,
             changed=[name for name in changed if name not in restart],
         )
