@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from worker.tools.embedded import free_port
 from worker.tools.servers import KafkaServer
 
 __all__ = [
+    "RefusingProducerIds",
     "committed",
     "describe_topic",
     "free_port",
@@ -138,3 +140,83 @@ async def served_again(server: KafkaServer) -> AsyncIterator[KafkaServer]:
     finally:
         if not server.running:
             await asyncio.to_thread(server.start)
+
+
+INIT_PRODUCER_ID = 22  # the Kafka API key an idempotent producer asks its id with
+UNKNOWN_SERVER_ERROR = -1
+
+
+class RefusingProducerIds:
+    """A proxy in front of a real broker (one whose metadata names `port`, see KafkaServer's
+    `advertised_port`) that forwards every request but InitProducerId, which it answers
+    itself with UNKNOWN_SERVER_ERROR: what a broker without idempotent producers says.
+    Requests and responses are passed whole frames at a time, and the refusal waits for
+    the answers already due on that connection, so the client sees them in order."""
+
+    def __init__(self, port: int, target_port: int) -> None:
+        self.port = port
+        self._target_port = target_port
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.refused = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        due = asyncio.Condition()  # the number of forwarded requests not yet answered
+        pending = [0]
+
+        async def upstream() -> None:
+            while frame := await _frame(reader):
+                api_key, api_version, correlation = struct.unpack_from(">hhi", frame, 4)
+                if api_key == INIT_PRODUCER_ID and api_version < 2:  # v0, v1: no tagged fields
+                    async with due:
+                        await due.wait_for(lambda: pending[0] == 0)
+                        body = struct.pack(">iihqh", correlation, 0, UNKNOWN_SERVER_ERROR, -1, -1)
+                        writer.write(struct.pack(">i", len(body)) + body)
+                        self.refused += 1
+                    continue
+                async with due:
+                    pending[0] += 1
+                up_writer.write(frame)
+
+        async def downstream() -> None:
+            while frame := await _frame(up_reader):
+                writer.write(frame)
+                async with due:
+                    pending[0] -= 1
+                    due.notify_all()
+
+        try:
+            await asyncio.gather(upstream(), downstream())
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for end in (writer, up_writer):
+                self._writers.discard(end)
+                end.transport.abort()
+
+
+async def _frame(reader: asyncio.StreamReader) -> bytes:
+    """One length-prefixed Kafka frame, prefix included; b"" at the end of the stream."""
+    try:
+        head = await reader.readexactly(4)
+    except asyncio.IncompleteReadError:
+        return b""
+    (size,) = struct.unpack(">i", head)
+    return head + await reader.readexactly(size)

@@ -68,6 +68,8 @@ BAD_MESSAGES: list[tuple[str, str, bytes]] = [
         f"{F2}/climate/sensor-room1",
         orjson.dumps({"data": "", "timestamp": "2999-01-01T00:00:00Z"}),
     ),
+    # The same in JSON's timed form: a misspelt `ts`.
+    ("bad_payload", JSON, orjson.dumps({"tT": 1796378130246, "values": {"temperature": 21.0}})),
     ("unknown_device", "devices/nobody-knows-me/telemetry", orjson.dumps({"temperature": 1.0})),
     ("unknown_datapoint", JSON, orjson.dumps({"radiation": 1.0})),
     ("no_numeric_values", JSON, orjson.dumps({"temperature": "hot"})),
@@ -107,6 +109,10 @@ async def test_each_bad_input_class_is_dead_lettered_with_its_reason(
     expected = {fingerprint(topic, payload): reason for reason, topic, payload in BAD_MESSAGES}
     assert reasons == expected
     assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 2  # only the good message
+    misspelt = await pg.fetchval(
+        "SELECT reason FROM dead_letters WHERE position($1::bytea in payload) > 0", b'"tT"'
+    )
+    assert misspelt.startswith("bad_payload: unexpected key 'tT'")
     big = await pg.fetchrow("SELECT payload, payload_size FROM dead_letters WHERE reason LIKE 'too_large%'")
     assert big["payload_size"] > 70000
     assert len(big["payload"]) == settings.pipeline.dead_letter_payload_bytes

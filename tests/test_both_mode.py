@@ -135,7 +135,7 @@ async def test_with_cassandra_away_the_worker_is_ready_and_says_it_is_degraded(
 
 
 def test_in_both_mode_postgres_down_is_not_ready() -> None:
-    """The tolerated check is Cassandra's alone: PostgreSQL down still makes /readyz 503."""
+    """Cassandra is tolerated in both mode, PostgreSQL never: PostgreSQL down still makes /readyz 503."""
     readiness = Readiness(
         {"mqtt": True, "sinks": True, "postgres": False, "cassandra": True, "redis": True},
         frozenset({"cassandra"}),

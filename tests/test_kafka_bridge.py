@@ -24,7 +24,7 @@ from worker.tools.servers import KafkaServer
 from worker.tools.simulate import readings_per_message
 
 from .helpers import background, publish, running_daemon, wait_for, wait_for_count, worker_process
-from .kafka import describe_topic, free_port, kafka_settings, log_ends, read_topic
+from .kafka import RefusingProducerIds, describe_topic, free_port, kafka_settings, log_ends, read_topic
 from .tcpproxy import TcpProxy
 from .test_end_to_end import simulated_messages
 from .test_outages import json_messages
@@ -83,6 +83,41 @@ async def broker_behind_proxy(directory: Path) -> AsyncIterator[tuple[KafkaServe
         await proxy.restore()  # listen on the advertised port
         try:
             yield broker, proxy
+        finally:
+            await proxy.stop()
+
+
+async def test_idempotence_against_a_broker_that_refuses_producer_ids_is_one_line_and_exit_2(
+    settings: Settings, private_dir: Path
+) -> None:
+    """`kafka.idempotence = true` and a broker answering InitProducerId with an error: a
+    configuration mismatch, named in one line, exit 2; no traceback, no restart loop. The
+    same broker through the same proxy takes the bridge with idempotence off."""
+    proxy_port = free_port()
+    with KafkaServer(private_dir, advertised_port=proxy_port) as broker:
+        assert broker.proxied_port is not None
+        proxy = RefusingProducerIds(proxy_port, broker.proxied_port)
+        await proxy.start()
+        try:
+            settings = await kafka_settings(settings, broker.bootstrap, bridge=True)
+            env = {
+                "IOTFLOW_KAFKA_BRIDGE": "true",
+                "IOTFLOW_KAFKA_BOOTSTRAP": broker.proxied_bootstrap,
+                "IOTFLOW_KAFKA_RAW_TOPIC": settings.kafka.raw_topic,
+                "IOTFLOW_KAFKA_PROCESSED_TOPIC": settings.kafka.processed_topic,
+            }
+            async with worker_process(settings, **env) as worker:
+                code = await worker.wait(120)
+            assert code == 2, worker.output[-3000:]
+            assert "Traceback" not in worker.output
+            (refused,) = [r for r in worker.records() if r["event"] == "stores.refused"]
+            assert refused["error"].startswith("kafka.idempotence: ")
+            assert "kafka.idempotence = false" in refused["hint"]
+            assert proxy.refused >= 1
+
+            async with worker_process(settings, **env, IOTFLOW_KAFKA_IDEMPOTENCE="false") as worker:
+                await worker.wait_for_event("supervisor.ready", timeout=60)
+                assert await worker.terminate() == 0
         finally:
             await proxy.stop()
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlparse
 
 import asyncpg
@@ -125,6 +128,52 @@ async def test_a_redis_outage_does_not_stop_durable_ingest_and_hot_state_is_rebu
         assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 200
     finally:
         await proxy.stop()
+
+
+async def test_during_a_redis_outage_the_worker_is_ready_and_says_redis_is_degraded(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """Redis is derivable: while it refuses connections durable ingest goes on, so /readyz
+    answers 200 with `"degraded": ["redis"]`, as both mode does for Cassandra; PostgreSQL
+    away is still 503 (tests/test_both_mode.py)."""
+    proxy, url = await proxied(settings.redis.url)
+    settings.redis = replace(settings.redis, url=url)
+    settings.storage = replace(settings.storage, write_timeout_s=2.0)
+    settings.http = replace(settings.http, enabled=True, port=0)
+    try:
+        async with running_daemon(settings) as daemon:
+            assert daemon.health is not None
+            port = daemon.health.port
+            proxy.cut()
+            await publish(settings.mqtt.url, json_messages(0, 20))
+            await wait_for_committed(daemon, 20, timeout=30)  # acknowledged: stored in PostgreSQL
+
+            async def redis_down() -> bool:
+                return (await asyncio.to_thread(readyz, port))[1]["checks"]["redis"] is False
+
+            await wait_for(redis_down)
+            status, readiness = await asyncio.to_thread(readyz, port)
+            assert status == 200, readiness
+            assert readiness["ready"] is True and readiness["degraded"] == ["redis"]
+            assert readiness["checks"]["postgres"] is True
+
+            await proxy.restore()
+
+            async def redis_back() -> bool:
+                return (await asyncio.to_thread(readyz, port))[1]["degraded"] == []
+
+            await wait_for(redis_back, timeout=30)
+        assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 20
+    finally:
+        await proxy.stop()
+
+
+def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, orjson.loads(error.read())
 
 
 async def _equals(value: Awaitable[object], expected: object) -> bool:

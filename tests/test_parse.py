@@ -241,6 +241,28 @@ def test_f2_payload_keys_must_be_exactly_timestamp_and_data(body: dict[str, obje
     assert named in caught.value.detail
 
 
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"tT": NOW * 1000, "values": {"temperature": 21.0}}, "'tT'"),  # a misspelt `ts`
+        ({"time": NOW, "values": {"temperature": 21.0}}, "'time'"),
+        ({"ts": NOW, "values": {"temperature": 21.0}, "unit": "C"}, "'unit'"),
+        ([{"ts": NOW, "values": {"a": 1}}, {"Ts": NOW, "values": {"a": 2}}], "'Ts'"),  # one entry of a list
+    ],
+)
+def test_a_timed_json_entry_has_only_ts_and_values(body: object, named: str) -> None:
+    """Like F2's keys: a typo of `ts` must not store the readings at the receive time."""
+    with pytest.raises(Rejected) as caught:
+        parse("devices/dev-1/telemetry", body)
+    assert caught.value.reason == "bad_payload"
+    assert named in caught.value.detail
+
+
+def test_a_timed_json_entry_may_leave_ts_out() -> None:
+    (timestamp,) = parse("devices/dev-1/telemetry", {"values": {"temperature": 21.0}}).timestamps
+    assert timestamp.timestamp() == NOW
+
+
 @pytest.mark.parametrize("profile", ["mixed", "climate"])  # climate: what the bench publisher sends
 def test_every_simulated_message_parses(profile: str) -> None:
     """The simulator (and so the bench) always sends `timestamp`: the strict F2 keys cost it nothing."""

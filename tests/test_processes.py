@@ -197,3 +197,13 @@ def test_each_child_has_a_data_dir_of_its_own_and_journals_left_behind_are_named
     assert left_behind(settings, 2) == [single, third]
     assert left_behind(settings, 3) == [single]
     assert left_behind(settings, 1) == [first, third]
+
+
+async def test_a_sighup_to_the_parent_reloads_every_child_and_the_group_runs_on(settings: Settings) -> None:
+    async with worker_process(settings, **_group(settings)) as worker:
+        await worker.wait_for_event("processes.ready")
+        worker.process.send_signal(signal.SIGHUP)
+        await worker.wait_for_event("reload.done", process=0)
+        await worker.wait_for_event("reload.done", process=1)
+        assert await worker.terminate() == 0
+    assert "processes.child_exited" not in worker.events()

@@ -15,6 +15,7 @@ import orjson
 from worker.config import Settings
 
 from .conftest import worker_env
+from .helpers import IotflowProcess
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:
@@ -89,3 +90,20 @@ async def test_other_commands_still_die_of_sigterm(settings: Settings) -> None:
             process.kill()
             await process.wait()
     assert code == -signal.SIGTERM
+
+
+EARLY_SIGHUP = EARLY_SIGTERM.replace("signal.SIGTERM", "signal.SIGHUP")
+
+
+async def test_a_sighup_before_the_event_loop_exists_is_a_reload_not_a_death(settings: Settings) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", EARLY_SIGHUP, env=worker_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    worker = IotflowProcess(process)
+    try:
+        await worker.wait_for_event("reload.done")
+        await worker.wait_for_event("supervisor.ready")
+        assert await worker.terminate() == 0
+    finally:
+        await worker.close()

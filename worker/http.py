@@ -19,8 +19,8 @@ log = structlog.get_logger("worker.http")
 
 @dataclass(frozen=True, slots=True)
 class Readiness:
-    """What /readyz says. Ready means ingest flows and is acknowledged: a check in `tolerated`
-    may fail (a store the pipeline goes on without, its batches kept in an outbox) and the
+    """What /readyz says. Ready means durable ingest flows and is acknowledged: a check in
+    `tolerated` may fail (a derivable store, or one whose batches an outbox keeps) and the
     worker is still ready, only degraded, so an orchestrator neither stops a rollout nor
     takes a working worker out of service for it."""
 

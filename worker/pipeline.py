@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Callable
 from functools import partial
@@ -18,8 +19,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from schemas.records import DecodedBatch, RawMessage
-from worker.config import Settings
-from worker.decode.codecs import load_codecs
+from worker.config import ConfigError, Settings
+from worker.decode.codecs import Codec, CodecConfigError, load_codecs
 from worker.decode.decoder import Decoder
 from worker.decode.parse import Limits
 from worker.decode.ratelimit import RateLimiter
@@ -27,13 +28,15 @@ from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
 from worker.http import HealthServer, Readiness
 from worker.intake.mqtt import MqttIntake
+from worker.logging import configure_logging
 from worker.metrics import Metrics
+from worker.reload import apply_reloadable, changed_settings, needs_restart
 from worker.retry import STORE_BACKOFF, Refused, describe, is_transient, refusal
 from worker.rules.actor import RulesActor
 from worker.runtime.actor import Actor
 from worker.runtime.garbage import collect_when_idle
 from worker.runtime.mailbox import Mailbox
-from worker.runtime.signals import held_stop_signal
+from worker.runtime.signals import held_reload, held_stop_signal
 from worker.runtime.supervisor import ActorGroup, RestartPolicy, Supervisor
 from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
@@ -49,6 +52,9 @@ if TYPE_CHECKING:
     from worker.intake.kafka import KafkaIntake
 
 log = structlog.get_logger("worker.pipeline")
+
+# Readiness checks of stores rebuilt from the durable ones (docs/storage.md, "Redis is derived").
+DERIVABLE_CHECKS = frozenset({"redis"})
 
 
 def readings_sinks(stores: Stores, metrics: Metrics) -> list[Sink]:
@@ -91,6 +97,7 @@ class Pipeline:
             self.intake = MqttIntake(settings.mqtt, self.raw, metrics)
         self.codecs = load_codecs(Path(pipeline.codecs) if pipeline.codecs else None)
         self.rules: RulesActor | None = None
+        self.decoder: Decoder | None = None
 
     def build(self) -> ActorGroup:
         stores, settings = self.stores, self.settings
@@ -144,7 +151,7 @@ class Pipeline:
             settings.pipeline.rate_limit_messages,
             settings.pipeline.rate_limit_window_s,
         )
-        decoder = Decoder(
+        self.decoder = decoder = Decoder(
             self.raw,
             decoder_out,
             self.codecs,
@@ -183,6 +190,15 @@ class Pipeline:
         if self.rules is not None:
             await self.rules.loaded.wait()
 
+    async def reload(self, codecs: dict[str, Codec]) -> int:
+        """Decode with `codecs` from now on and read every device's metadata afresh;
+        the number of cached device entries dropped from Redis."""
+        self.codecs = codecs
+        if self.decoder is None:
+            return 0
+        self.decoder.use_codecs(codecs)
+        return await self.decoder.registry.reread()
+
     async def readiness(self) -> dict[str, bool]:
         source = "kafka_intake" if self.settings.intake.source == "kafka" else "mqtt"
         checks = {source: self.intake.connected, "sinks": not self.writer.down}
@@ -193,11 +209,16 @@ class Pipeline:
 
     @property
     def tolerated(self) -> frozenset[str]:
-        """Checks that may fail while ingest goes on and is acknowledged: in both mode,
-        Cassandra (its batches wait in the `outbox` table). Not PostgreSQL, though its
-        readings would go to the journal: the registry, the dead letters' and alerts'
-        documents live there, so new devices and alerting batches would stall."""
-        return frozenset({"cassandra"}) if self.settings.timeseries.backend == "both" else frozenset()
+        """Checks that may fail while durable ingest goes on and is acknowledged (the worker
+        is then ready, degraded): a derivable store (Redis: hot state rebuilt afterwards,
+        device lookups from PostgreSQL, rate limits counted locally) and, in both mode,
+        Cassandra (its batches wait in the `outbox` table). Never a durable store: not
+        PostgreSQL, though in both mode its readings would go to the journal, since the
+        registry, the dead letters' and alerts' documents live there. A batch that waits on
+        a tolerated store anyway (one that raised an alert needs Redis to announce it) fails
+        the `sinks` check instead."""
+        both = frozenset({"cassandra"}) if self.settings.timeseries.backend == "both" else frozenset()
+        return DERIVABLE_CHECKS | both
 
     async def _collect_when_idle(self) -> None:
         counters = self.metrics.counters
@@ -238,8 +259,16 @@ def _messages_in(mailbox: Mailbox[DecodedBatch]) -> float:
 class Daemon:
     """`iotflow run`: the stores, the supervised pipeline and the health server."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        load_settings: Callable[[], Settings] | None = None,
+    ) -> None:
+        """`load_settings` reads the settings again, as at start, for a reload (SIGHUP)."""
         self.settings = settings
+        self._load_settings = load_settings
+        self._reloads: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
         self.pipeline: Pipeline | None = None
         self._stores: Stores | None = None
@@ -285,10 +314,58 @@ class Daemon:
     def request_stop(self) -> None:
         self.supervisor.request_stop()
 
+    def request_reload(self) -> None:
+        """SIGHUP: reload in a task of its own (it reads files and talks to Redis)."""
+        log.info("supervisor.signal", signal="SIGHUP")
+        task = asyncio.create_task(self.reload(), name="daemon.reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> None:
+        """Apply what can change safely (worker/reload.py); name what cannot. A broken
+        configuration changes nothing: one line, and the running settings stay."""
+        if self._load_settings is None:
+            log.warning("reload.unsupported", hint="restart the daemon to change its settings")
+            return
+        running = self.settings
+        try:
+            loaded = self._load_settings()
+            codecs = load_codecs(Path(loaded.pipeline.codecs) if loaded.pipeline.codecs else None)
+        except (ConfigError, CodecConfigError, OSError) as exc:
+            log.error("reload.failed", error=str(exc), hint="the running settings stay in force")
+            return
+        changed = changed_settings(running, loaded)
+        restart = needs_restart(changed)
+        level_changed = running.log.level != loaded.log.level
+        apply_reloadable(running, loaded)
+        dropped, reread = 0, self.pipeline is not None  # no pipeline yet: still starting
+        try:
+            if self.pipeline is not None:
+                dropped = await self.pipeline.reload(codecs)
+        except Exception as exc:  # the settings are in force; only the device caches may be stale
+            log.error("reload.devices_failed", error=describe(exc), hint="send SIGHUP again")
+            reread = False
+        log.info(  # before a new level applies, so that a raised level still shows it
+            "reload.done",
+            log_level=running.log.level,
+            codecs=sorted(codecs),
+            codec_file=running.pipeline.codecs or "built-in",
+            devices_reread=reread,
+            cache_entries_dropped=dropped,
+            changed=[name for name in changed if name not in restart],
+        )
+        if level_changed:
+            configure_logging(running.log.level, running.log.format)
+        if restart:
+            log.warning("reload.restart_needed", settings=restart, hint="these keep their running values")
+
     async def run(self, handle_signals: bool = True) -> ExitCode:
         """Run until stopped; return the process exit code."""
         if handle_signals:  # first, so a signal however early ends in an orderly stop
             self.supervisor.install_signal_handlers()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
+            if held_reload():  # settings read before it came may be the old ones
+                self.request_reload()
             early = held_stop_signal()
             if early is not None:
                 log.info("supervisor.signal", signal=early.name, early=True)
@@ -314,7 +391,7 @@ class Daemon:
                 try:
                     self._stores = await self._open_stores(stack)
                 except Refused as exc:
-                    log.error("stores.refused", error=str(exc), hint="check the store's URL and credentials")
+                    log.error("stores.refused", error=str(exc), hint=exc.hint)
                     code = ExitCode.CONFIG
                     return code
                 if self._stores is None:  # stopped while waiting for them
@@ -333,6 +410,9 @@ class Daemon:
                 code = await self.supervisor.run()
                 return code
         finally:
+            for task in list(self._reloads):
+                task.cancel()
+            await asyncio.gather(*self._reloads, return_exceptions=True)
             self._stores = None
             counters = self.metrics.counters
             # The totals the last progress line (cancelled at shutdown) cannot have; at error
@@ -360,7 +440,10 @@ class Daemon:
                     stack.push_async_callback(attempt.pop_all().aclose)
                     return stores
             except Exception as exc:
-                if refusal(exc) is not None:
+                refused = refusal(exc)
+                if isinstance(refused, Refused):
+                    raise refused from None
+                if refused is not None:
                     raise Refused(describe(exc)) from exc
                 if not is_transient(exc):
                     raise

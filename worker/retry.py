@@ -72,6 +72,8 @@ class Refused(Exception):
     """A server refused our credentials or permissions (or the database named does not
     exist): a configuration problem that waiting will not fix, so the daemon exits 2."""
 
+    hint = "check the store's URL and credentials"  # what the operator should do about it
+
 
 REFUSAL_ERRORS: tuple[type[BaseException], ...] = (
     Refused,

@@ -69,20 +69,21 @@ def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_run_one(settings))
-    return uvloop.run(_run_one(settings))
+        return asyncio.run(_run_one(settings, args.config))
+    return uvloop.run(_run_one(settings, args.config))
 
 
-async def _run_one(settings: Settings) -> ExitCode:
+async def _run_one(settings: Settings, config_file: Path | None) -> ExitCode:
     """The daemon in this process; as a child of `--processes`, tagged and tied to its parent."""
     import structlog
 
+    from worker.config import load_settings
     from worker.pipeline import Daemon
     from worker.runtime.garbage import tune_gc
     from worker.runtime.processes import CHILD_INDEX_ENV
 
     tune_gc()
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, load_settings=lambda: load_settings(config_file))
     index = os.environ.get(CHILD_INDEX_ENV)
     if index is not None:
         structlog.contextvars.bind_contextvars(process=int(index))

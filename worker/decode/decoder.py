@@ -47,10 +47,21 @@ class Decoder(MailboxActor[RawMessage]):
         super().__init__(mailbox)
         self._keep_raw = keep_raw  # the Kafka bridge publishes the messages as received
         self._downstream = downstream
+        self._limits = limits
+        self._topic_cache_size = topic_cache_size
         self._parser = MessageParser(codecs, limits, topic_cache_size)
         self._registry = registry
         self._metrics = metrics
         self._rate_limiter = rate_limiter if rate_limiter is not None and rate_limiter.enabled else None
+
+    @property
+    def registry(self) -> DeviceRegistry:
+        return self._registry
+
+    def use_codecs(self, codecs: dict[str, Codec]) -> None:
+        """Decode with these codecs from the next message on (a reload); the topics the
+        parser remembered name the old ones, so it starts afresh."""
+        self._parser = MessageParser(codecs, self._limits, self._topic_cache_size)
 
     async def handle(self, items: list[RawMessage]) -> None:
         # Device lookups may hit PostgreSQL/Redis: wait out an outage rather than crash,

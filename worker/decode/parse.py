@@ -58,6 +58,8 @@ class ParsedMessage:
 MAX_LABEL_LENGTH = 128  # a datapoint label, as stored in `datapoints.label`
 F2_KEYS = ("timestamp", "data")  # all an F2 payload has, and all it must have
 F2_SHAPE = 'expected exactly {"timestamp": …, "data": "<hex>"}'
+TIMED_KEYS = ("ts", "values")  # a timed JSON entry: `ts` may be left out (receive time)
+TIMED_SHAPE = 'a timed entry is {"ts": …, "values": {…}}'
 TOPIC_CACHE_MAX = 100_000  # default of the topics remembered by a MessageParser
 
 
@@ -189,13 +191,19 @@ def _check_f2_document(document: Any) -> None:
     which would store the frame at the receive time without a word."""
     if not isinstance(document, dict):
         raise Rejected(Reason.BAD_PAYLOAD, F2_SHAPE)
-    unexpected = [key for key in document if key not in F2_KEYS]
-    if unexpected:
-        names = ", ".join(repr(key[:40]) for key in unexpected[:5])  # bounded, whatever the payload
-        raise Rejected(Reason.BAD_PAYLOAD, f"unexpected key {names}; {F2_SHAPE}")
+    _refuse_unexpected_keys(document, F2_KEYS, F2_SHAPE)
     for key in F2_KEYS:
         if key not in document:
             raise Rejected(Reason.BAD_PAYLOAD, f"no `{key}`; {F2_SHAPE}")
+
+
+def _refuse_unexpected_keys(document: dict[str, Any], allowed: tuple[str, ...], shape: str) -> None:
+    """A key the form does not have is a misspelling (`tT` for `ts`), never ignored: read as
+    absent it would store the readings at the receive time without a word."""
+    unexpected = [key for key in document if key not in allowed]
+    if unexpected:
+        names = ", ".join(repr(key[:40]) for key in unexpected[:5])  # bounded, whatever the payload
+        raise Rejected(Reason.BAD_PAYLOAD, f"unexpected key {names}; {shape}")
 
 
 def _parse_json_telemetry(
@@ -217,6 +225,8 @@ def _parse_json_telemetry(
             fields = entry["values"]
             if not isinstance(fields, dict):
                 raise Rejected(Reason.BAD_PAYLOAD, "`values` must be an object")
+            if len(entry) > 2 or (len(entry) == 2 and "ts" not in entry):
+                _refuse_unexpected_keys(entry, TIMED_KEYS, TIMED_SHAPE)
             timestamp = parse_timestamp(entry.get("ts"), received_at, limits)
         else:
             fields = entry

@@ -316,6 +316,28 @@ class DeviceRegistry:
         self._unknown.clear()
         self._fresh = set()
 
+    async def reread(self) -> int:
+        """Forget every device here and in the shared Redis cache, so that each is read from
+        PostgreSQL again (a datapoint's range changed); the Redis entries dropped. A Redis
+        that is away keeps its entries until their TTL: one line says so."""
+        await self.forget()
+        redis = self._redis
+        if redis is None:
+            return 0
+        dropped = 0
+        try:
+            for kind in ("mac", "key"):
+                keys = [
+                    key async for key in redis.scan_iter(match=self._keys.device_ref(kind, "*"), count=1000)
+                ]
+                for start in range(0, len(keys), LOAD_CHUNK):
+                    dropped += await redis.unlink(*keys[start : start + LOAD_CHUNK])
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("registry.cache_kept", error=describe(exc), hint="its entries expire within an hour")
+        return dropped
+
     def _ref_key(self, ref: DeviceRef) -> str:
         return self._keys.device_ref(ref.kind, ref.value)
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import redis.exceptions
 import structlog
+from redis.asyncio.client import PubSub
 
 from schemas.records import AlertEvent, DecodedBatch
 from worker.metrics import Metrics
@@ -37,6 +38,7 @@ from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.alerts import AlertSink
 from worker.stores import Stores
+from worker.stores import redis as redis_store
 
 log = structlog.get_logger("worker.rules")
 
@@ -210,9 +212,7 @@ class RulesActor(MailboxActor[DecodedBatch]):
                     self._invalidated.set()  # announcements may have been missed meanwhile
                 first = False
                 delays = STORE_BACKOFF.delays()
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._invalidated.set()
+                await self._receive(pubsub)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
                 delay = next(delays)
                 log.warning("rules.announcements_lost", error=repr(exc), retry_in_s=round(delay, 2))
@@ -226,6 +226,32 @@ class RulesActor(MailboxActor[DecodedBatch]):
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _receive(self, pubsub: PubSub) -> None:
+        """Wait for announcements as long as the connection lives, however quiet the channel.
+
+        A read with the client's socket timeout would fail every few seconds on an idle
+        channel; instead each wait lasts one health-check interval, after which a PING
+        goes out, and a connection that has not answered it by the next interval is dead.
+        """
+        interval = redis_store.HEALTH_CHECK_S
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=interval)
+            now = loop.time()
+            if message is not None:
+                heard, pinged = now, False
+                if message.get("type") == "message":
+                    self._invalidated.set()
+            elif now - heard < interval:
+                continue
+            elif not pinged:
+                await pubsub.ping()
+                pinged = True
+            elif now - heard >= 2 * interval:
+                raise redis.exceptions.TimeoutError(f"no answer to a PING within {interval} s")
 
     async def _cancel_tasks(self) -> None:
         tasks = [t for t in (self._listener, self._reload) if t is not None]

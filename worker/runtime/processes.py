@@ -39,7 +39,7 @@ from worker.config import Settings
 from worker.exit_codes import ExitCode
 from worker.retry import Backoff
 from worker.runtime.sdnotify import notify, watchdog_interval
-from worker.runtime.signals import held_stop_signal
+from worker.runtime.signals import held_reload, held_stop_signal
 
 log = structlog.get_logger("worker.processes")
 
@@ -157,9 +157,11 @@ class ProcessSupervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._forward_reload)
         early = held_stop_signal()
         if early is not None:
             self._on_signal(early)
+        held_reload()  # the children, not yet started, read the settings afresh anyway
         token = f"{os.getpid()}-{time.monotonic_ns()}"
         for index in range(self._count):
             address = f"@iotflow-{token}-{index}"  # abstract: no file to clean up
@@ -193,6 +195,14 @@ class ProcessSupervisor:
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("processes.signal", signal=sig.name)
         self._stop.set()
+
+    def _forward_reload(self) -> None:
+        """SIGHUP: each child reloads its own settings (each logs what it reloaded)."""
+        running = [child for child in self._children if child.running]
+        log.info("processes.signal", signal="SIGHUP", forwarded_to=len(running))
+        for child in running:
+            assert child.process is not None
+            child.process.send_signal(signal.SIGHUP)
 
     async def _supervise(self) -> ExitCode:
         keepers = [

@@ -133,13 +133,13 @@ async def open_stores(
         stack.push_async_callback(documents.close)
         producer = None
         if kafka and settings.kafka.bridge:
-            from worker.stores.kafka import close_producer, create_producer
+            from worker.stores.kafka import close_producer, create_producer, start_producer
 
             producer = create_producer(settings.kafka)
             # start() connects and, when idempotent, fetches a producer id; the close flushes,
             # for a request's time at most (what is left was never acknowledged upstream).
             stack.push_async_callback(close_producer, producer, settings.kafka.request_timeout_ms / 1000)
-            await producer.start()
+            await start_producer(producer, settings.kafka)
         cassandra = None
         if settings.timeseries.uses_cassandra:
             cassandra = CassandraStore(settings.cassandra)  # connects on first use

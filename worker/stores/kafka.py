@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 
+import aiokafka.errors as kafka_errors
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from worker.config import KafkaSettings, Settings
-from worker.retry import Refused
+from worker.retry import Refused, describe, is_transient
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +26,23 @@ TOPIC_ALREADY_EXISTS = 36
 
 class TopicsMissing(Refused):
     """A topic the configuration needs does not exist: `iotflow migrate` creates it."""
+
+    hint = "run `iotflow migrate`, which creates the topics"
+
+
+class IdempotenceRefused(Refused):
+    """`kafka.idempotence` is on, and the broker gives the producer no id (InitProducerId):
+    a broker (or an ACL) without idempotent producers. Waiting will not change that."""
+
+    hint = "set kafka.idempotence = false for this broker, or allow IdempotentWrite"
+
+
+# Refusals of who we are, not of what we ask: reported as they are, whatever the idempotence.
+_AUTHENTICATION_ERRORS = (
+    kafka_errors.AuthenticationFailedError,
+    kafka_errors.AuthenticationMethodNotSupported,
+    kafka_errors.SaslAuthenticationFailed,
+)
 
 
 def servers(settings: KafkaSettings) -> list[str]:
@@ -57,6 +75,20 @@ def create_producer(settings: KafkaSettings) -> AIOKafkaProducer:
         max_request_size=settings.max_request_bytes,
         request_timeout_ms=settings.request_timeout_ms,
     )
+
+
+async def start_producer(producer: AIOKafkaProducer, settings: KafkaSettings) -> None:
+    """Connect; an idempotent producer also fetches its id (InitProducerId). A broker that
+    refuses that, with anything but a connection error or a failed login, is told apart
+    from an unreachable one: `IdempotenceRefused`, naming the setting."""
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        if not settings.idempotence or is_transient(exc) or isinstance(exc, _AUTHENTICATION_ERRORS):
+            raise
+        raise IdempotenceRefused(
+            f"kafka.idempotence: the broker refused an idempotent producer's id ({describe(exc)})"
+        ) from exc
 
 
 async def close_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:

@@ -8,6 +8,9 @@ from worker.config import RedisSettings
 
 SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+# How often an idle connection is checked with a PING: a pub/sub listener waits for
+# messages without a read timeout, so this is how it notices a dead connection.
+HEALTH_CHECK_S = 30.0
 
 
 def redis_client(settings: RedisSettings) -> aioredis.Redis:
@@ -16,7 +19,7 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
         settings.url,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
-        health_check_interval=30,
+        health_check_interval=HEALTH_CHECK_S,
     )
 
 
