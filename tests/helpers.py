@@ -31,6 +31,7 @@ import pytest
 from worker.cli import main
 from worker.config import Settings
 from worker.pipeline import Daemon
+from worker.stores.documents import PostgresDocumentStore
 from worker.tools.simulate import simulate
 
 from .conftest import worker_env
@@ -74,6 +75,23 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         finally:
             ready.cancel()
         assert code == 0, f"daemon exited with {code}"
+
+
+@contextlib.asynccontextmanager
+async def schema_documents(settings: Settings) -> AsyncIterator[PostgresDocumentStore]:
+    """The test schema's JSONB document store, on a pool of its own: for writes the daemon
+    under test must find by itself (no announcement on Redis)."""
+    pool = await asyncpg.create_pool(
+        settings.postgres.url,
+        min_size=1,
+        max_size=1,
+        server_settings={"search_path": settings.postgres.schema},
+    )
+    assert pool is not None
+    try:
+        yield PostgresDocumentStore(pool)
+    finally:
+        await pool.close()
 
 
 async def wait_for_committed(daemon: Daemon, expected: int, timeout: float = 20.0) -> None:

@@ -18,10 +18,9 @@ from structlog.testing import capture_logs
 from worker.config import Settings
 from worker.rules.source import rules_channel
 from worker.stores import redis as redis_store
-from worker.stores.documents import PostgresDocumentStore
 from worker.stores.keys import RedisKeys
 
-from .helpers import running_daemon, wait_for
+from .helpers import running_daemon, schema_documents, wait_for
 from .test_outages import proxied
 
 SHORT_S = 0.2  # the socket timeout and the health-check interval, while a test runs
@@ -58,19 +57,12 @@ async def test_a_killed_pubsub_connection_is_noticed_and_the_rules_reloaded(
     settings.rules = replace(settings.rules, refresh_s=3600)  # only the reconnection can reload
     device_id = await pg.fetchval("SELECT id FROM devices ORDER BY id LIMIT 1")
     hot = {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30}
-    pool = await asyncpg.create_pool(
-        settings.postgres.url,
-        min_size=1,
-        max_size=1,
-        server_settings={"search_path": settings.postgres.schema},
-    )
-    assert pool is not None
-    try:
+    async with schema_documents(settings) as documents:
         with capture_logs() as logs:
             async with running_daemon(settings) as daemon:
                 await wait_for(lambda: _subscribed(redis_client, settings))
                 # A change made while the announcement could not arrive: no publish at all.
-                await PostgresDocumentStore(pool).upsert(
+                await documents.upsert(
                     "device_configs",
                     f"device:{device_id}",
                     {"device_id": device_id, "settings": {"alerts": [hot]}},
@@ -86,8 +78,6 @@ async def test_a_killed_pubsub_connection_is_noticed_and_the_rules_reloaded(
                 await wait_for(reloaded)
                 await wait_for(lambda: _subscribed(redis_client, settings))
         assert any(entry["event"] == "rules.announcements_lost" for entry in logs)
-    finally:
-        await pool.close()
 
 
 async def test_a_redis_that_stops_answering_is_noticed_by_the_health_check(

@@ -25,9 +25,8 @@ from worker.pipeline import Daemon
 from worker.rules.admin import RuleAdmin, open_admin
 from worker.rules.events import compact_time
 from worker.rules.model import Scope
-from worker.stores.documents import PostgresDocumentStore
 
-from .helpers import publish, running_daemon, wait_for, wait_for_committed, wait_for_count
+from .helpers import publish, running_daemon, schema_documents, wait_for, wait_for_committed, wait_for_count
 
 HOT = {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30, "unit": "°C"}
 
@@ -234,24 +233,14 @@ async def test_edits_behind_the_cli_apply_within_the_refresh_period(
     settings: Settings, pg: asyncpg.Connection, device: Device
 ) -> None:
     settings.rules = replace(settings.rules, refresh_s=0.3)
-    pool = await asyncpg.create_pool(
-        settings.postgres.url,
-        min_size=1,
-        max_size=1,
-        server_settings={"search_path": settings.postgres.schema},
-    )
-    assert pool is not None
-    try:
-        async with running_daemon(settings) as daemon:
-            # Written straight into the store: no announcement on Redis.
-            await PostgresDocumentStore(pool).upsert(
-                "device_configs", device.scope.key, {"device_id": device.id, "settings": {"alerts": [HOT]}}
-            )
-            await wait_for(rules_loaded(daemon, 1))  # never, were there no periodic refresh
-            await publish(settings.mqtt.url, device.telemetry([40]))
-            await wait_for_count(pg, device.alerts_query, 1)
-    finally:
-        await pool.close()
+    async with schema_documents(settings) as documents, running_daemon(settings) as daemon:
+        # Written straight into the store: no announcement on Redis.
+        await documents.upsert(
+            "device_configs", device.scope.key, {"device_id": device.id, "settings": {"alerts": [HOT]}}
+        )
+        await wait_for(rules_loaded(daemon, 1))  # never, were there no periodic refresh
+        await publish(settings.mqtt.url, device.telemetry([40]))
+        await wait_for_count(pg, device.alerts_query, 1)
 
 
 async def test_a_malformed_rule_is_reported_and_the_others_still_fire(
