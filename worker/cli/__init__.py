@@ -2,6 +2,7 @@
 
 app.py     the parser, settings, logging, and the registry of command groups
 daemon.py  run, migrate, config
+check.py   check
 rules.py   rules …, alerts …
 devices.py devices meta set|get, devices near
 jobs.py    jobs …, report …

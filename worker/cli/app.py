@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.cli import certs, daemon, devices, jobs, query, rules, tools
+from worker.cli import certs, check, daemon, devices, jobs, query, rules, tools
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.logging import configure_logging
@@ -26,6 +26,7 @@ HOLDS_STOP_SIGNALS: frozenset[Handler] = frozenset({daemon.run_daemon_command})
 
 COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction[Any]], None], ...] = (
     daemon.add_commands,
+    check.add_commands,
     rules.add_commands,
     devices.add_commands,
     jobs.add_commands,
