@@ -7,12 +7,14 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from tests.conftest import worker_env
-from tests.helpers import iotflow_process
+from tests.helpers import iotflow_process, with_cassandra
 from worker.config import Settings
+from worker.stores.documents import MongoDocumentStore
 from worker.tools.embedded import free_port
 
 
@@ -87,3 +89,63 @@ async def test_a_bad_configuration_exits_2_with_one_line(settings: Settings) -> 
     code, lines = await check(settings, IOTFLOW_POSTGRES_URL="not-a-url")
     assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith("iotflow: configuration error: postgres.url"), lines
+
+
+async def migrate(env: dict[str, str]) -> None:
+    async with iotflow_process(env, "migrate") as process:
+        assert await process.wait(timeout=120) == 0, process.output[-3000:]
+
+
+async def check_then_migrate_then_check(settings: Settings, name: str, lacking: str, **env: str) -> None:
+    """Not migrated (exit 1, the line says what is missing), then `iotflow migrate`, then all good."""
+    code, lines = await check(settings, **env)
+    assert code == 1, lines
+    line = line_of(lines, name)
+    assert line.split()[1] == "reachable", lines
+    assert "not migrated, run `iotflow migrate`" in line and lacking in line, line
+    await migrate({**worker_env(settings), **env})
+    code, lines = await check(settings, **env)
+    assert code == 0, lines
+    assert "migrated (" in line_of(lines, name) and "not migrated" not in line_of(lines, name)
+
+
+async def test_kafka_topics_missing_then_created(settings: Settings, kafka_bootstrap: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        "IOTFLOW_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "IOTFLOW_KAFKA_BRIDGE": "true",
+        "IOTFLOW_KAFKA_RAW_TOPIC": f"raw-check-{tag}",
+        "IOTFLOW_KAFKA_PROCESSED_TOPIC": f"processed-check-{tag}",
+    }
+    await check_then_migrate_then_check(settings, "kafka", f"raw-check-{tag}", **env)
+
+
+async def test_mongodb_indexes_missing_then_created(settings: Settings, mongodb_url: str) -> None:
+    database = f"iotflow_check_{uuid.uuid4().hex[:8]}"
+    env = {
+        "IOTFLOW_DOCUMENTS_BACKEND": "mongodb",
+        "IOTFLOW_DOCUMENTS_MONGODB_URL": mongodb_url,
+        "IOTFLOW_DOCUMENTS_MONGODB_DATABASE": database,
+    }
+    try:
+        await check_then_migrate_then_check(settings, "mongodb", "has none of its indexes", **env)
+    finally:
+        store = MongoDocumentStore(
+            replace(settings.documents, mongodb_url=mongodb_url, mongodb_database=database)
+        )
+        try:
+            await store.drop_database()
+        finally:
+            await store.close()
+
+
+async def test_cassandra_tables_missing_then_created(settings: Settings, cassandra_hosts: str) -> None:
+    cassandra = with_cassandra(settings, cassandra_hosts, "both").cassandra
+    env = {
+        "IOTFLOW_TIMESERIES_BACKEND": "both",
+        "IOTFLOW_CASSANDRA_HOSTS": ",".join(cassandra.hosts),
+        "IOTFLOW_CASSANDRA_PORT": str(cassandra.port),
+        "IOTFLOW_CASSANDRA_KEYSPACE": cassandra.keyspace,
+        "IOTFLOW_CASSANDRA_LOCAL_DC": cassandra.local_dc,
+    }
+    await check_then_migrate_then_check(settings, "cassandra", "device_data", **env)

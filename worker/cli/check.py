@@ -225,7 +225,8 @@ async def _mongodb(settings: Settings) -> Found:
     missing = [index.name for index in wanted if index.name not in have[index.collection]]
     database = settings.documents.mongodb_database
     if missing:
-        return Found(version, f"{NOT_MIGRATED} ({database} lacks {', '.join(missing)})", migrated=False)
+        lacks = "has none of its indexes" if len(missing) == len(wanted) else f"lacks {', '.join(missing)}"
+        return Found(version, f"{NOT_MIGRATED} (database {database} {lacks})", migrated=False)
     return Found(version, f"migrated (database {database}, {len(wanted)} indexes)")
 
 
@@ -244,7 +245,8 @@ async def _cassandra(settings: Settings) -> Found:
     version = f"Cassandra {rows[0].release_version}" if rows else "Cassandra"
     keyspace = settings.cassandra.keyspace
     if missing:
-        return Found(version, f"{NOT_MIGRATED} ({keyspace} lacks {', '.join(missing)})", migrated=False)
+        lacks = ", ".join(missing)
+        return Found(version, f"{NOT_MIGRATED} (keyspace {keyspace} lacks {lacks})", migrated=False)
     return Found(version, f"migrated (keyspace {keyspace})")
 
 
