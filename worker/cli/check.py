@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from worker.config import Settings
 from worker.exit_codes import ExitCode
 from worker.logging import configure_logging
-from worker.retry import describe, refusal
+from worker.retry import Refused, refusal
 
 CONNECT_TIMEOUT_S = 3.0  # each connection's own timeout
 TIMEOUT_S = 5.0  # a whole check: connect, ask, close
@@ -84,7 +85,8 @@ def probes(settings: Settings) -> list[tuple[str, str, Probe]]:
     if settings.documents.backend == "mongodb":
         found.append(("mongodb", _where(settings.documents.mongodb_url, 27017), _mongodb))
     if settings.timeseries.uses_cassandra:
-        found.append(("cassandra", ",".join(settings.cassandra.hosts), _cassandra))
+        cassandra = settings.cassandra
+        found.append(("cassandra", ",".join(f"{h}:{cassandra.port}" for h in cassandra.hosts), _cassandra))
     if settings.kafka_topics:
         found.append(("kafka", settings.kafka.bootstrap, _kafka))
     if settings.intake.source == "mqtt":
@@ -100,19 +102,20 @@ async def run_checks(settings: Settings) -> list[Line]:
 
 
 async def _run(name: str, where: str, probe: Probe, settings: Settings) -> Line:
+    bound = asyncio.timeout(TIMEOUT_S)
     try:
-        async with asyncio.timeout(TIMEOUT_S):
+        async with bound:
             found = await probe(settings)
     except Exception as exc:  # whatever a driver raises is this check's answer, not a crash
         state = "refused" if refusal(exc) is not None else "unreachable"
-        return Line(name, state, f"{where}: {reason(exc)}", ok=False)
+        why = f"no answer within {TIMEOUT_S:g} s" if bound.expired() else reason(exc)
+        return Line(name, state, f"{where}: {why}", ok=False)
     return Line(name, "reachable", found.version, found.schema, ok=found.migrated)
 
 
 def reason(exc: BaseException) -> str:
     """A few words for why a connection failed, from the error or those it wraps."""
     seen: BaseException | None = exc
-    text = describe(exc)
     for _ in range(5):
         if seen is None:
             break
@@ -123,8 +126,15 @@ def reason(exc: BaseException) -> str:
         if isinstance(seen, socket.gaierror):
             return "unknown host"
         seen = seen.__cause__ or seen.__context__
-    # Drivers that keep the socket's error in their own text (redis, pymongo, the Cassandra driver).
-    for words, short in (("refused", "connection refused"), ("Name or service not known", "unknown host")):
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    # Drivers that keep the socket's error in their own text (asyncpg trying several addresses,
+    # redis, pymongo, the Cassandra driver).
+    for words, short in (
+        ("refused", "connection refused"),
+        ("Connect call failed", "connection refused"),
+        ("Unable to bootstrap", "no broker answered"),  # aiokafka
+        ("Name or service not known", "unknown host"),
+    ):
         if words in text:
             return short
     return text if len(text) <= 160 else text[:157] + "…"
@@ -184,11 +194,17 @@ async def _redis(settings: Settings) -> Found:
 
 
 async def _mqtt(settings: Settings) -> Found:
-    from worker.intake.mqtt import connect
+    from worker.intake.mqtt import REFUSING_CONNACKS, connect
+    from worker.intake.mqtt_protocol import ConnectRefused
 
     # A clean session under a client id of its own: the daemon's persistent one is left alone.
     client_id = f"{settings.mqtt.client_id}-check-{os.getpid()}"
-    connection = await connect(settings.mqtt, client_id, persistent=False, timeout=CONNECT_TIMEOUT_S)
+    try:
+        connection = await connect(settings.mqtt, client_id, persistent=False, timeout=CONNECT_TIMEOUT_S)
+    except ConnectRefused as exc:
+        if exc.code in REFUSING_CONNACKS:  # credentials or an ACL, not an outage
+            raise Refused(str(exc)) from exc
+        raise
     try:
         codes = await connection.subscribe(["$SYS/broker/version"], qos=0)
         version = "version not published"
@@ -216,7 +232,9 @@ async def _mongodb(settings: Settings) -> Found:
         for index in mongo_indexes(jobs.retention_event_logs_days, jobs.retention_resolved_alerts_days)
         if not index.instead
     ]
-    store = MongoDocumentStore(settings.documents)
+    store = MongoDocumentStore(
+        replace(settings.documents, mongodb_url=_short_timeouts(settings.documents.mongodb_url))
+    )
     try:
         version = server_name(await store.server_info())
         have = {c: await store.indexes(c) for c in {index.collection for index in wanted}}
@@ -228,6 +246,18 @@ async def _mongodb(settings: Settings) -> Found:
         lacks = "has none of its indexes" if len(missing) == len(wanted) else f"lacks {', '.join(missing)}"
         return Found(version, f"{NOT_MIGRATED} (database {database} {lacks})", migrated=False)
     return Found(version, f"migrated (database {database}, {len(wanted)} indexes)")
+
+
+def _short_timeouts(url: str) -> str:
+    """`url` with the check's timeouts for what it does not set itself: PyMongo's would wait
+    for a server for 10 s, and report a refused connection only then."""
+    parts = urlsplit(url)
+    query = parts.query
+    milliseconds = int(CONNECT_TIMEOUT_S * 1000)
+    for option in ("serverSelectionTimeoutMS", "connectTimeoutMS"):
+        if option.lower() not in query.lower():
+            query += f"{'&' if query else ''}{option}={milliseconds}"
+    return urlunsplit(parts._replace(path=parts.path or "/", query=query))
 
 
 async def _cassandra(settings: Settings) -> Found:
@@ -253,6 +283,8 @@ async def _cassandra(settings: Settings) -> Found:
 async def _kafka(settings: Settings) -> Found:
     from worker.stores.kafka import describe_cluster
 
+    # aiokafka logs each failed connection as an error of its own; this check's line says it.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     brokers, topics = await describe_cluster(settings.kafka, CONNECT_TIMEOUT_S)
     # Kafka's protocol does not say the server's version: the cluster's size instead.
     version = f"Kafka, {brokers} broker{'s' if brokers != 1 else ''}"
