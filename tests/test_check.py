@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -74,6 +75,15 @@ async def test_a_server_that_never_answers_is_reported_within_its_bound(
     assert line_of(lines, "postgres").split()[1] == "unreachable"
     assert "no answer within" in line_of(lines, "postgres")
     assert line_of(lines, "redis").split()[1] == "reachable"
+
+
+async def test_a_server_refusing_us_is_reported_in_its_own_words(settings: Settings) -> None:
+    database = f"no_such_db_{uuid.uuid4().hex[:8]}"
+    url = urlunsplit(urlsplit(settings.postgres.url)._replace(path=f"/{database}"))
+    code, lines = await check(settings, IOTFLOW_POSTGRES_URL=url)
+    assert code == 1, lines
+    postgres = line_of(lines, "postgres")
+    assert postgres.split()[1] == "refused" and f'database "{database}" does not exist' in postgres, lines
 
 
 async def test_an_unmigrated_schema_exits_1_saying_run_migrate(settings: Settings) -> None:

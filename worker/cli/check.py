@@ -107,9 +107,14 @@ async def _run(name: str, where: str, probe: Probe, settings: Settings) -> Line:
         async with bound:
             found = await probe(settings)
     except Exception as exc:  # whatever a driver raises is this check's answer, not a crash
-        state = "refused" if refusal(exc) is not None else "unreachable"
-        why = f"no answer within {TIMEOUT_S:g} s" if bound.expired() else reason(exc)
-        return Line(name, state, f"{where}: {why}", ok=False)
+        refused = refusal(exc)
+        if bound.expired():
+            why = f"no answer within {TIMEOUT_S:g} s"
+        elif refused is not None:  # credentials, a database or an ACL: its own words
+            why = _shortened(" ".join(str(refused).split()) or type(refused).__name__)
+        else:
+            why = reason(exc)
+        return Line(name, "unreachable" if refused is None else "refused", f"{where}: {why}", ok=False)
     return Line(name, "reachable", found.version, found.schema, ok=found.migrated)
 
 
@@ -137,6 +142,10 @@ def reason(exc: BaseException) -> str:
     ):
         if words in text:
             return short
+    return _shortened(text)
+
+
+def _shortened(text: str) -> str:
     return text if len(text) <= 160 else text[:157] + "…"
 
 
