@@ -187,7 +187,7 @@ def wait_ready(port: int, daemon: subprocess.Popen[str], timeout: float = 60.0) 
         ("IOTFLOW_TIMESERIES_BACKEND", "cassandra", "cassandra"),
     ],
 )
-@pytest.mark.parametrize("command", ["run", "migrate", "check"])
+@pytest.mark.parametrize("command", ["run", "migrate", "jobs", "check"])
 def test_backend_without_its_extra_stops_with_the_pip_line(
     plain_venv: Path, plain_env: dict[str, str], command: str, variable: str, value: str, extra: str
 ) -> None:
