@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import tomllib
 import typing
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlparse, urlsplit, urlunsplit
+
+from worker import extras
 
 ENV_PREFIX = "IOTFLOW_"
 CONFIG_ENV = "IOTFLOW_CONFIG"  # the settings file, when `--config` does not name one
@@ -34,6 +35,15 @@ class ConfigError(ValueError):
         self.problem = problem
         self.example = example
         super().__init__(f"{setting}: {problem} (example: {example})")
+
+
+class ExtraMissing(ConfigError):
+    """A setting asks for a backend whose extra is not installed (worker/extras.py)."""
+
+    def __init__(self, setting: str, value: str, extra: str) -> None:
+        super().__init__(setting, f"{value} {extras.needs(extra)}", extras.pip_line(extra))
+        # One line that ends in what to run, rather than an "example".
+        self.args = (f"{setting} = {self.problem}",)
 
 
 def _meta(example: str, check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
@@ -655,6 +665,17 @@ class Settings:
         deployments sharing a Redis never refuse each other's job ids."""
         return self.jobs.queue_name or f"{self.redis.key_prefix}iotflow:jobs"
 
+    @property
+    def kafka_topics(self) -> list[str]:
+        """The Kafka topics this worker reads or writes: raw in for Kafka intake, raw out from
+        the bridge behind MQTT intake, processed out from the bridge; none without Kafka."""
+        topics = []
+        if self.intake.source == "kafka" or self.kafka.bridge:
+            topics.append(self.kafka.raw_topic)
+        if self.kafka.bridge:
+            topics.append(self.kafka.processed_topic)
+        return topics
+
 
 def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Build settings from defaults, then the TOML file, then the environment.
@@ -849,15 +870,24 @@ def _check_cross_field(settings: Settings) -> None:
         raise ConfigError("kafka.heartbeat_interval_ms", "must be below kafka.session_timeout_ms", "3000")
     if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
         raise ConfigError("mqtt.reconnect_min_s", "is larger than mqtt.reconnect_max_s", "0.5")
-    if settings.timeseries.uses_cassandra:
-        if not settings.cassandra.hosts:
-            raise ConfigError("cassandra.hosts", "needs at least one contact point", "cass-1,cass-2")
-        if importlib.util.find_spec("cassandra") is None:
-            raise ConfigError(
-                "timeseries.backend",
-                f"{settings.timeseries.backend!r} needs cassandra-driver, which is not installed",
-                "pip install 'iotflow-worker[cassandra]'",
-            )
+    if settings.timeseries.uses_cassandra and not settings.cassandra.hosts:
+        raise ConfigError("cassandra.hosts", "needs at least one contact point", "cass-1,cass-2")
+    _check_extras(settings)
+
+
+def _check_extras(settings: Settings) -> None:
+    """A configured backend's extra must be installed: the backends are imported only when used,
+    so without this check the first use would end in an ImportError's traceback."""
+    timeseries = settings.timeseries
+    needs = (
+        ("timeseries.backend", repr(timeseries.backend), "cassandra", timeseries.uses_cassandra),
+        ("documents.backend", "'mongodb'", "mongo", settings.documents.backend == "mongodb"),
+        ("intake.source", "'kafka'", "kafka", settings.intake.source == "kafka"),
+        ("kafka.bridge", "true", "kafka", settings.kafka.bridge),
+    )
+    for setting, value, extra, used in needs:
+        if used and not extras.installed(extra):
+            raise ExtraMissing(setting, value, extra)
 
 
 def _apply_password_files(settings: Settings) -> None:

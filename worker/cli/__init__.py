@@ -4,6 +4,7 @@ app.py     the parser, settings, logging, and the registry of command groups
 errors.py  what a failure looks like: one line on stderr and its exit code
 times.py   the times a command line takes: now, -24h, ISO-8601
 daemon.py  run, migrate, config
+check.py   check
 rules.py   rules …, alerts …
 devices.py devices add|import|list|show|remove, devices meta set|get, devices near
            (device_csv.py reads the import file; device_ref.py: a device argument in any command)

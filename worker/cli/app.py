@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import worker
-from worker.cli import certs, daemon, devices, errors, jobs, query, rules, tools
+from worker.cli import certs, check, daemon, devices, errors, jobs, query, rules, tools
 from worker.cli.times import attach_relative_times
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
@@ -29,6 +29,7 @@ HOLDS_STOP_SIGNALS: frozenset[Handler] = frozenset({daemon.run_daemon_command})
 
 COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction[Any]], None], ...] = (
     daemon.add_commands,
+    check.add_commands,
     rules.add_commands,
     devices.add_commands,
     jobs.add_commands,

@@ -167,10 +167,8 @@ async def _create_cassandra_schema(settings: Settings) -> None:
 
 def _create_kafka_topics(settings: Settings) -> None:
     """The topics the bridge or Kafka intake use, with kafka.partitions and
-    kafka.replication_factor; none when neither is configured."""
-    from worker.stores.kafka import needed_topics
-
-    topics = needed_topics(settings)
+    kafka.replication_factor; none (and no Kafka client loaded) when neither is configured."""
+    topics = settings.kafka_topics
     if not topics:
         return
     from worker.stores.kafka import create_topics

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker import extras
 from worker.config import Settings
 from worker.exit_codes import ExitCode
 
@@ -88,7 +89,19 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     bench.set_defaults(handler=_bench)
 
 
+def _lacks_extra(command: str, *needed: str) -> bool:
+    """True, after one line on stderr, when an extra the command needs is not installed."""
+    for extra in needed:
+        problem = extras.missing(extra)
+        if problem:
+            print(f"iotflow {command} {problem}", file=sys.stderr)
+            return True
+    return False
+
+
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    if _lacks_extra("simulate", "simulator"):
+        return ExitCode.CONFIG
     from worker.tools.simulate import build_fleet, register_fleet, simulate
 
     if args.register:
@@ -105,6 +118,8 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    if _lacks_extra("demo", "tools"):
+        return ExitCode.CONFIG
     from worker.tools.demo import run_demo
 
     return run_demo(settings, args)
@@ -115,6 +130,13 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         print(
             "iotflow bench: --compare-fleet floods a registered fleet; drop --first-contact", file=sys.stderr
         )
+        return ExitCode.CONFIG
+    needed = ["tools"]
+    if args.kafka:
+        needed.append("kafka")
+    if args.timeseries != "postgres":
+        needed.append("cassandra")
+    if _lacks_extra("bench", *needed):
         return ExitCode.CONFIG
     if args.timeseries != "postgres":
         from worker.tools.outbox_bench import run_timeseries_bench

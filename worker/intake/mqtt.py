@@ -57,27 +57,37 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return context
 
 
-def connect_packet(settings: MqttSettings, client_id: str | None = None) -> mqtt5.ConnectPacket:
-    """CONNECT for a persistent session: clean_start off, the session kept `session_expiry_s`."""
+def connect_packet(
+    settings: MqttSettings, client_id: str | None = None, *, persistent: bool = True
+) -> mqtt5.ConnectPacket:
+    """CONNECT for a persistent session: clean_start off, the session kept `session_expiry_s`.
+    Not `persistent`: a clean session that ends with the connection (`iotflow check`)."""
     url = urlparse(settings.url)
     return mqtt5.ConnectPacket(
         client_id or settings.client_id,
         username=unquote(url.username) if url.username else None,
         password=unquote(url.password).encode() if url.password else None,
-        clean_start=False,
+        clean_start=not persistent,
         keep_alive=settings.keepalive_s,
-        session_expiry_interval=settings.session_expiry_s,
+        session_expiry_interval=settings.session_expiry_s if persistent else 0,
         receive_max=min(settings.receive_maximum, 65535),
     )
 
 
-async def connect(settings: MqttSettings, client_id: str | None = None) -> MqttConnection:
+async def connect(
+    settings: MqttSettings,
+    client_id: str | None = None,
+    *,
+    persistent: bool = True,
+    timeout: float = 10.0,
+) -> MqttConnection:
     url = urlparse(settings.url)
     connection, _ = await open_connection(
         url.hostname or "127.0.0.1",
         url.port or (8883 if url.scheme == "mqtts" else 1883),
-        connect_packet(settings, client_id),
+        connect_packet(settings, client_id, persistent=persistent),
         tls_context(settings),
+        timeout,
     )
     return connection
 

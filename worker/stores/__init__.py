@@ -74,9 +74,9 @@ class Stores:
         if self.settings.documents.backend == "mongodb":
             await self.documents.ping()
         if self.kafka is not None:
-            from worker.stores.kafka import check_topics, needed_topics
+            from worker.stores.kafka import check_topics
 
-            await check_topics(self.kafka, needed_topics(self.settings))
+            await check_topics(self.kafka, self.settings.kafka_topics)
         # Only when Cassandra is the one time-series store: in "both" mode the pipeline
         # starts without it (docs/storage.md).
         if self.cassandra is not None and self.settings.timeseries.backend == "cassandra":

@@ -76,15 +76,20 @@ def _normalised(replication: dict[str, str]) -> dict[str, str]:
     return {key: value.rsplit(".", 1)[-1] for key, value in replication.items()}
 
 
-async def schema_problem(store: CassandraStore) -> str:
-    """What is missing for the writer, or "" when the keyspace has every table."""
-    keyspace = store.settings.keyspace
+async def missing_tables(store: CassandraStore) -> list[str]:
+    """The writer's tables the keyspace lacks (all of them when there is no keyspace)."""
     rows = (
         await store.execute(
-            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", [keyspace]
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", [store.settings.keyspace]
         )
     ).current_rows
-    missing = sorted(set(TABLES) - {row.table_name for row in rows})
+    return sorted(set(TABLES) - {row.table_name for row in rows})
+
+
+async def schema_problem(store: CassandraStore) -> str:
+    """What is missing for the writer, or "" when the keyspace has every table."""
+    missing = await missing_tables(store)
     if missing:
+        keyspace = store.settings.keyspace
         return f"Cassandra keyspace {keyspace} lacks {', '.join(missing)}: run `iotflow migrate`"
     return ""

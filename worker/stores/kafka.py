@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from worker.config import KafkaSettings, Settings
+from worker.config import KafkaSettings
 from worker.retry import Refused, describe, is_transient
 
 log = structlog.get_logger(__name__)
@@ -47,18 +47,6 @@ _AUTHENTICATION_ERRORS = (
 
 def servers(settings: KafkaSettings) -> list[str]:
     return [server.strip() for server in settings.bootstrap.split(",")]
-
-
-def needed_topics(settings: Settings) -> list[str]:
-    """The topics this worker reads or writes: raw in from Kafka intake, raw out from the
-    bridge behind MQTT intake, processed out from the bridge."""
-    kafka = settings.kafka
-    topics = []
-    if settings.intake.source == "kafka" or kafka.bridge:
-        topics.append(kafka.raw_topic)
-    if kafka.bridge:
-        topics.append(kafka.processed_topic)
-    return topics
 
 
 def create_producer(settings: KafkaSettings) -> AIOKafkaProducer:
@@ -139,15 +127,19 @@ async def check_topics(producer: AIOKafkaProducer, topics: list[str]) -> None:
         raise TopicsMissing(f"Kafka topics {', '.join(missing)} do not exist: run `iotflow migrate`")
 
 
+def _admin(settings: KafkaSettings, purpose: str, request_timeout_ms: int = 0) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=servers(settings),
+        client_id=f"{settings.client_id}-{purpose}",
+        request_timeout_ms=request_timeout_ms or settings.request_timeout_ms,
+    )
+
+
 async def create_topics(settings: KafkaSettings, topics: list[str]) -> list[str]:
     """Create the missing ones of `topics` with the configured partitions and replication;
     returns those created. Existing topics are left as they are (partitions are never
     reduced, and `iotflow migrate` stays safe to repeat)."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=servers(settings),
-        client_id=f"{settings.client_id}-migrate",
-        request_timeout_ms=settings.request_timeout_ms,
-    )
+    admin = _admin(settings, "migrate")
     await admin.start()
     try:
         response = await admin.create_topics(
@@ -162,3 +154,15 @@ async def create_topics(settings: KafkaSettings, topics: list[str]) -> list[str]
         elif code != TOPIC_ALREADY_EXISTS:
             raise KafkaError(f"creating topic {topic} failed: error {code}: {message}")
     return created
+
+
+async def describe_cluster(settings: KafkaSettings, timeout_s: float) -> tuple[int, set[str]]:
+    """The number of brokers and the topics (`iotflow check`), each request within `timeout_s`."""
+    admin = _admin(settings, "check", int(timeout_s * 1000))
+    try:
+        await admin.start()
+        cluster = await admin.describe_cluster()
+        topics = await admin.list_topics()
+    finally:
+        await admin.close()
+    return len(cluster.get("brokers", ())), set(topics)

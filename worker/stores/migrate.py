@@ -279,13 +279,22 @@ def server_name(info: Mapping[str, Any]) -> str:
     return f"MongoDB {info.get('version', '?')}"
 
 
+async def applied_migrations(conn: asyncpg.Pool | asyncpg.Connection) -> set[int]:
+    """The versions recorded in the search path's schema; none when it was never migrated."""
+    try:
+        return {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+    except asyncpg.UndefinedTableError:
+        return set()
+
+
+def missing_migrations(applied: set[int]) -> list[int]:
+    return sorted({m.version for m in MIGRATIONS} - applied)
+
+
 async def schema_problem(pool: asyncpg.Pool, schema: str) -> str | None:
     """Why this worker cannot use `schema` (not migrated, or behind), or None."""
-    try:
-        applied = {row["version"] for row in await pool.fetch("SELECT version FROM schema_migrations")}
-    except asyncpg.UndefinedTableError:
-        applied = set()
-    missing = sorted({m.version for m in MIGRATIONS} - applied)
+    applied = await applied_migrations(pool)
+    missing = missing_migrations(applied)
     if not applied:
         return f"schema {schema!r} has no migrations applied: run `iotflow migrate`"
     if missing:
