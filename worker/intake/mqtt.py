@@ -26,6 +26,8 @@ from worker.intake.mqtt_protocol import (
     ConnectRefused,
     MqttConnection,
     MqttError,
+    NoMqtt5Answer,
+    OlderProtocol,
     open_connection,
     reason_name,
 )
@@ -44,6 +46,10 @@ class SubscriptionRefused(Refused):
 # CONNACK codes that are a configuration problem, not an outage: MQTT 5 bad user name or
 # password (134), not authorized (135), banned (138), bad authentication method (140).
 REFUSING_CONNACKS = {134, 135, 138, 140}
+UNSUPPORTED_PROTOCOL_VERSION = 132
+# A broker that heard CONNECT this many times in a row without an MQTT 5 CONNACK, and never
+# gave one to this process, is taken for one that does not speak MQTT 5 (exit 2, not a retry loop).
+NO_MQTT5_ANSWER_TRIES = 3
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -58,12 +64,15 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
 
 
 def connect_packet(settings: MqttSettings, client_id: str | None = None) -> mqtt5.ConnectPacket:
-    """CONNECT for a persistent session: clean_start off, the session kept `session_expiry_s`."""
+    """CONNECT for a persistent session: clean_start off, the session kept `session_expiry_s`.
+    `mqtt.username` and `mqtt.password` (or its file) win over the URL's."""
     url = urlparse(settings.url)
+    username = settings.username or (unquote(url.username) if url.username else "")
+    password = settings.password or (unquote(url.password) if url.password else "")
     return mqtt5.ConnectPacket(
         client_id or settings.client_id,
-        username=unquote(url.username) if url.username else None,
-        password=unquote(url.password).encode() if url.password else None,
+        username=username or None,
+        password=password.encode() if password else None,
         clean_start=False,
         keep_alive=settings.keepalive_s,
         session_expiry_interval=settings.session_expiry_s,
@@ -72,14 +81,25 @@ def connect_packet(settings: MqttSettings, client_id: str | None = None) -> mqtt
 
 
 async def connect(settings: MqttSettings, client_id: str | None = None) -> MqttConnection:
-    url = urlparse(settings.url)
+    host, port = broker_address(settings)
+    packet = connect_packet(settings, client_id)
     connection, _ = await open_connection(
-        url.hostname or "127.0.0.1",
-        url.port or (8883 if url.scheme == "mqtts" else 1883),
-        connect_packet(settings, client_id),
-        tls_context(settings),
+        host, port, packet, tls_context(settings), settings.connect_timeout_s
     )
     return connection
+
+
+def broker_address(settings: MqttSettings) -> tuple[str, int]:
+    url = urlparse(settings.url)
+    return url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+
+def not_mqtt5(settings: MqttSettings, exc: MqttError) -> Refused:
+    host, port = broker_address(settings)
+    return Refused(
+        f"the broker at {host}:{port} does not answer MQTT 5 ({exc}): an MQTT 3.1.1-only broker? "
+        "The worker speaks MQTT 5 only (docs/brokers.md)"
+    )
 
 
 def subscription_filters(settings: MqttSettings) -> list[str]:
@@ -107,7 +127,7 @@ class MqttIntake(Actor):
 
     async def run(self) -> None:
         backoff = Backoff(self._settings.reconnect_min_s, self._settings.reconnect_max_s)
-        failures = 0
+        failures = unanswered = 0
         while not self._close.is_set():
             generation = self._generation
             try:
@@ -119,6 +139,14 @@ class MqttIntake(Actor):
                     return  # shutting down; unacknowledged messages stay with the broker
                 if isinstance(exc, ConnectRefused) and exc.code in REFUSING_CONNACKS:
                     raise Refused(f"the MQTT broker refused the connection: {exc}") from exc
+                older = isinstance(exc, OlderProtocol) or (
+                    isinstance(exc, ConnectRefused) and exc.code == UNSUPPORTED_PROTOCOL_VERSION
+                )
+                # Silence or a close after CONNECT is an outage too, but never from a broker that
+                # has answered this process in MQTT 5 (generation 0: none has).
+                unanswered = unanswered + 1 if isinstance(exc, NoMqtt5Answer) else 0
+                if older or (self._generation == 0 and unanswered >= NO_MQTT5_ANSWER_TRIES):
+                    raise not_mqtt5(self._settings, exc) from exc
                 # A session that connected resets the backoff; failing to connect extends it.
                 failures = 1 if self._generation != generation else failures + 1
                 delay = backoff.delay(failures)

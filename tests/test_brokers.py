@@ -1,0 +1,183 @@
+"""Brokers other than the suite's Mosquitto: one that does not speak MQTT 5 (the `amqtt` broker,
+MQTT 3.1.1 only, and stand-ins that close or stay silent after CONNECT) ends in one line and
+exit 2 after a bounded number of tries; credentials from `mqtt.username` / `mqtt.password_file`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import mqtt5
+import pytest
+
+from worker.config import MqttSettings, Settings, load_settings
+from worker.intake.mqtt import NO_MQTT5_ANSWER_TRIES, connect
+from worker.intake.mqtt_protocol import NoMqtt5Answer, OlderProtocol, open_connection
+from worker.tools.embedded import free_port
+
+from .helpers import wait_listening
+from .test_refusals import _errors, run_to_exit
+
+_ids = itertools.count()
+
+
+@pytest.fixture
+def amqtt_broker(tmp_path: Path) -> Iterator[int]:
+    """The `amqtt` broker (MQTT 3.1.1 only) on a free port, anonymous clients allowed."""
+    port = free_port()
+    config = tmp_path / "amqtt.yaml"
+    config.write_text(
+        "listeners:\n"
+        "  default:\n"
+        "    type: tcp\n"
+        f"    bind: 127.0.0.1:{port}\n"
+        "plugins:\n"
+        "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+        "    allow_anonymous: true\n"
+    )
+    command = shutil.which("amqtt", path=os.path.dirname(sys.executable)) or "amqtt"
+    with (tmp_path / "amqtt.log").open("wb") as log:
+        broker = subprocess.Popen([command, "-c", str(config)], stdout=log, stderr=log)
+    try:
+        wait_listening(port, broker)
+        yield port
+    finally:
+        broker.terminate()
+        try:
+            broker.wait(10)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
+
+
+@contextlib.asynccontextmanager
+async def fake_broker(answer: str) -> AsyncIterator[int]:
+    """A TCP server that reads CONNECT, then closes ("close") or says nothing ("silent")."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read(1)
+        if answer == "close":
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def _connect_packet() -> mqtt5.ConnectPacket:
+    return mqtt5.ConnectPacket(f"brokers-{next(_ids)}", clean_start=False, keep_alive=30)
+
+
+async def test_an_mqtt_311_broker_answers_with_its_own_connack(amqtt_broker: int) -> None:
+    with pytest.raises(OlderProtocol, match="unacceptable protocol version") as caught:
+        await open_connection("127.0.0.1", amqtt_broker, _connect_packet())
+    assert caught.value.return_code == 1
+
+
+@pytest.mark.parametrize("answer", ["close", "silent"])
+async def test_no_connack_is_no_mqtt5_answer_and_leaves_no_future_behind(answer: str) -> None:
+    """The CONNACK's waiter is failed when the connection goes: it must not outlive the
+    attempt (asyncio would report "Future exception was never retrieved")."""
+    async with fake_broker(answer) as port:
+        with pytest.raises(NoMqtt5Answer, match=f"127.0.0.1:{port}"):
+            await open_connection("127.0.0.1", port, _connect_packet(), timeout=1)
+
+
+async def _exits_2_naming_mqtt5(settings: Settings, port: int) -> None:
+    code, lines = await run_to_exit(
+        settings,
+        IOTFLOW_MQTT_URL=f"mqtt://127.0.0.1:{port}",
+        IOTFLOW_MQTT_CONNECT_TIMEOUT_S="1",
+        IOTFLOW_MQTT_RECONNECT_MIN_S="0.05",
+        IOTFLOW_MQTT_RECONNECT_MAX_S="0.2",
+    )
+    assert code == 2
+    errors = _errors(lines)
+    assert [e["event"] for e in errors] == ["supervisor.refused"], errors
+    assert f"the broker at 127.0.0.1:{port} does not answer MQTT 5" in str(errors[0]["error"]), errors
+    retries = [line for line in lines if line.get("event") == "mqtt.disconnected"]
+    assert len(retries) == NO_MQTT5_ANSWER_TRIES - 1, retries
+
+
+async def test_the_worker_exits_2_against_an_mqtt_311_broker(settings: Settings, amqtt_broker: int) -> None:
+    """amqtt gives our CONNECT (with its properties) no answer at all: three tries, then exit 2."""
+    await _exits_2_naming_mqtt5(settings, amqtt_broker)
+
+
+@pytest.mark.parametrize("answer", ["close", "silent"])
+async def test_the_worker_exits_2_when_a_broker_gives_no_connack(settings: Settings, answer: str) -> None:
+    async with fake_broker(answer) as port:
+        await _exits_2_naming_mqtt5(settings, port)
+
+
+@pytest.fixture
+def password_broker(tmp_path: Path) -> Iterator[int]:
+    """A Mosquitto that admits `worker` with password `s3cr:t` and nobody else."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    subprocess.run([passwd, "-b", "-c", str(tmp_path / "passwd"), "worker", "s3cr:t"], check=True, timeout=30)
+    port = free_port()
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {tmp_path / 'passwd'}"]
+    if os.geteuid() == 0:
+        lines.insert(0, "user root")
+    (tmp_path / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    broker = subprocess.Popen([mosquitto, "-c", str(tmp_path / "mosquitto.conf")], stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, broker)
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(5)
+
+
+async def test_username_and_password_file_settings_log_in(password_broker: int, tmp_path: Path) -> None:
+    (tmp_path / "mqtt-password").write_text("s3cr:t\n")
+    settings = load_settings(
+        environ={
+            "IOTFLOW_MQTT_URL": f"mqtt://nobody:wrong@127.0.0.1:{password_broker}",  # the settings win
+            "IOTFLOW_MQTT_USERNAME": "worker",
+            "IOTFLOW_MQTT_PASSWORD_FILE": str(tmp_path / "mqtt-password"),
+            "IOTFLOW_MQTT_CLIENT_ID": f"brokers-pw-{next(_ids)}",
+        }
+    )
+    assert (settings.mqtt.username, settings.mqtt.password) == ("worker", "s3cr:t")
+    assert "s3cr:t" not in repr(settings)
+    connection = await connect(settings.mqtt)
+    await connection.close()
+
+
+async def test_the_password_setting_is_refused_when_wrong_and_never_logged(
+    settings: Settings, password_broker: int
+) -> None:
+    code, lines = await run_to_exit(
+        settings,
+        IOTFLOW_MQTT_URL=f"mqtt://127.0.0.1:{password_broker}",
+        IOTFLOW_MQTT_USERNAME="worker",
+        IOTFLOW_MQTT_PASSWORD="not-the-s3cret",
+    )
+    assert code == 2
+    assert [e["event"] for e in _errors(lines)] == ["supervisor.refused"]
+    assert "not-the-s3cret" not in repr(lines)
+
+
+def test_the_password_setting_defaults_to_the_url() -> None:
+    from worker.intake.mqtt import connect_packet
+
+    packet = connect_packet(MqttSettings(url="mqtt://us%40er:p%3Ass@broker:1883"))
+    assert (packet.username, packet.password) == ("us@er", b"p:ss")
+    packet = connect_packet(MqttSettings(url="mqtt://us%40er:p%3Ass@broker:1883", password="other"))
+    assert (packet.username, packet.password) == ("us@er", b"other")
