@@ -17,8 +17,10 @@ keep to it after the first PUBACK, and QoS 0 is outside it anyway, so the bound 
 here: parsing stops and reading pauses while `in_flight` (QoS 1 parsed and not yet
 acknowledged) or the inbox reaches Receive Maximum, and TCP holds the rest in the broker.
 
-Keepalive: a PINGREQ every `keepalive` seconds; if nothing at all has arrived from the
-broker by the next one, the connection is declared dead (unless we paused reading).
+Keepalive: a PINGREQ every three quarters of `keepalive` seconds (HiveMQ allows 1.5 times
+the keepalive rounded down to whole seconds: 1 s for a keepalive of 1, so a PINGREQ on the
+second itself comes too late); if nothing at all has arrived from the broker by the next
+one, the connection is declared dead (unless we paused reading).
 """
 
 from __future__ import annotations
@@ -296,6 +298,7 @@ class MqttConnection(asyncio.Protocol):
         if seconds <= 0:
             return
         loop = asyncio.get_running_loop()
+        interval = seconds * 0.75
 
         def tick() -> None:
             if self._transport is None or self.error is not None:
@@ -306,9 +309,9 @@ class MqttConnection(asyncio.Protocol):
                 return
             self._heard = False
             self._transport.write(PINGREQ)
-            self._keepalive = loop.call_later(seconds, tick)
+            self._keepalive = loop.call_later(interval, tick)
 
-        self._keepalive = loop.call_later(seconds, tick)
+        self._keepalive = loop.call_later(interval, tick)
 
     def _protocol_error(self, code: mqtt5.DisconnectReasonCode, reason: str) -> None:
         self._fail(MqttError(f"protocol error: {reason}"))

@@ -81,6 +81,12 @@ CONFIG_XML = """\
         <tcp-listener><port>{port}</port><bind-address>127.0.0.1</bind-address></tcp-listener>
 {tls_listener}
     </listeners>
+    <mqtt>
+        <!-- HiveMQ's default is 10 unacknowledged QoS 1 messages from each client, and paho
+             (the simulator's client) does not keep to a server's Receive Maximum: over it,
+             HiveMQ disconnects the publisher. -->
+        <receive-maximum><server-receive-maximum>65535</server-receive-maximum></receive-maximum>
+    </mqtt>
     <anonymous-usage-statistics><enabled>false</enabled></anonymous-usage-statistics>
 </hivemq>
 """
