@@ -12,17 +12,21 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import mqtt5
 import pytest
 
 from worker.config import MqttSettings, Settings, load_settings
-from worker.intake.mqtt import NO_MQTT5_ANSWER_TRIES, connect
+from worker.intake.mqtt import NO_MQTT5_ANSWER_TRIES, SubscriptionRefused, connect, follow_connack
 from worker.intake.mqtt_protocol import NoMqtt5Answer, OlderProtocol, open_connection
 from worker.tools.embedded import free_port
+from worker.tools.servers import HiveMQServer
 
-from .helpers import wait_listening
+from .helpers import publish, wait_for_count, wait_listening, worker_process
+from .test_outages import json_messages
 from .test_refusals import _errors, run_to_exit
 
 _ids = itertools.count()
@@ -181,3 +185,64 @@ def test_the_password_setting_defaults_to_the_url() -> None:
     assert (packet.username, packet.password) == ("us@er", b"p:ss")
     packet = connect_packet(MqttSettings(url="mqtt://us%40er:p%3Ass@broker:1883", password="other"))
     assert (packet.username, packet.password) == ("us@er", b"other")
+
+
+@pytest.mark.parametrize(
+    ("announced", "settings", "refusal"),
+    [
+        ({"max_qos": mqtt5.QoS.AT_MOST_ONCE}, {}, "QoS 0 only"),
+        ({"shared_subscription_available": False}, {"shared_group": "g"}, "mqtt.shared_group"),
+        ({"wildcard_subscription_available": False}, {"topics": ["a/+"]}, "wildcard"),
+    ],
+    ids=["qos0-only", "no-shared", "no-wildcards"],
+)
+def test_a_connack_that_rules_out_intake_is_a_refusal(
+    announced: dict[str, object], settings: dict[str, object], refusal: str
+) -> None:
+    with pytest.raises(SubscriptionRefused, match=refusal):
+        follow_connack(MqttSettings(**settings), mqtt5.ConnAckPacket(**announced))  # type: ignore[arg-type]
+
+
+def test_a_connack_without_what_intake_does_not_use_is_fine() -> None:
+    plain = MqttSettings(topics=["devices/x/telemetry"])
+    follow_connack(
+        plain,
+        mqtt5.ConnAckPacket(
+            shared_subscription_available=False,
+            wildcard_subscription_available=False,
+            retain_available=False,
+            topic_alias_max=0,
+            receive_max=1,
+        ),
+    )
+    follow_connack(MqttSettings(), mqtt5.ConnAckPacket(session_expiry_interval=60))  # shorter: a warning only
+
+
+ROWS = "SELECT count(*) FROM decoded_data"
+
+
+async def test_the_session_survives_a_worker_kill_and_broker_restarts(
+    settings: Settings, pg: asyncpg.Connection, hivemq_server: HiveMQServer
+) -> None:
+    """HiveMQ keeps the session and its queued messages on disk across a restart (stopped,
+    not killed: what a broker killed -9 had not synced is its own loss); the worker resumes
+    it after its own kill -9, and reconnects with backoff while the broker restarts."""
+    url = hivemq_server.url
+    settings.mqtt = replace(settings.mqtt, url=url)
+    async with worker_process(settings, IOTFLOW_MQTT_RECONNECT_MAX_S="1") as worker:
+        await worker.wait_for_event("supervisor.ready")
+        await publish(url, json_messages(0, 50))
+        await wait_for_count(pg, ROWS, 50)
+        await worker.kill()
+    await publish(url, json_messages(50, 50))  # wait in the worker's session
+    await asyncio.to_thread(hivemq_server.stop)
+    await asyncio.to_thread(hivemq_server.start)  # the same port, its data kept
+    async with worker_process(settings, IOTFLOW_MQTT_RECONNECT_MAX_S="1") as worker:
+        await wait_for_count(pg, ROWS, 100, timeout=60)
+        await asyncio.to_thread(hivemq_server.stop)  # under the running worker this time
+        await asyncio.to_thread(hivemq_server.start)
+        await publish(url, json_messages(100, 50))
+        await wait_for_count(pg, ROWS, 150, timeout=60)
+        assert await worker.terminate() == 0
+        assert "mqtt.disconnected" in worker.events()
+    assert await pg.fetchval(ROWS) == 150

@@ -81,12 +81,42 @@ def connect_packet(settings: MqttSettings, client_id: str | None = None) -> mqtt
 
 
 async def connect(settings: MqttSettings, client_id: str | None = None) -> MqttConnection:
+    """Connect and check the CONNACK's properties against what intake needs (`follow_connack`)."""
     host, port = broker_address(settings)
     packet = connect_packet(settings, client_id)
-    connection, _ = await open_connection(
+    connection, connack = await open_connection(
         host, port, packet, tls_context(settings), settings.connect_timeout_s
     )
+    try:
+        follow_connack(settings, connack)
+    except Refused:
+        connection.abort()
+        raise
     return connection
+
+
+def follow_connack(settings: MqttSettings, connack: mqtt5.ConnAckPacket) -> None:
+    """What the broker announced in CONNACK (MQTT 5 §3.2.2.3) that decides whether intake can
+    work at all: a refusal (exit 2) when it cannot, a warning when the session is shorter.
+
+    The rest is followed where it is used: Server Keep Alive by the connection; Receive
+    Maximum, Topic Alias Maximum, Maximum Packet Size and Retain Available bound what a
+    client *sends*, and intake sends only SUBSCRIBE, PUBACK, PINGREQ and DISCONNECT (no
+    PUBLISH, no topic alias), each far below any broker's smallest Maximum Packet Size."""
+    if connack.max_qos == mqtt5.QoS.AT_MOST_ONCE:
+        raise SubscriptionRefused("the broker allows QoS 0 only (CONNACK Maximum QoS): no at-least-once")
+    if settings.shared_group and not connack.shared_subscription_available:
+        raise SubscriptionRefused(
+            "the broker has no shared subscriptions (CONNACK): leave mqtt.shared_group empty"
+        )
+    wildcards = [topic for topic in settings.topics if "+" in topic or "#" in topic]
+    if wildcards and not connack.wildcard_subscription_available:
+        raise SubscriptionRefused(
+            f"the broker has no wildcard subscriptions (CONNACK), needed by {wildcards}"
+        )
+    granted = connack.session_expiry_interval
+    if granted is not None and granted < settings.session_expiry_s:
+        log.warning("mqtt.session_expiry_shortened", requested_s=settings.session_expiry_s, granted_s=granted)
 
 
 def broker_address(settings: MqttSettings) -> tuple[str, int]:
