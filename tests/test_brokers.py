@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -246,3 +247,34 @@ async def test_the_session_survives_a_worker_kill_and_broker_restarts(
         assert await worker.terminate() == 0
         assert "mqtt.disconnected" in worker.events()
     assert await pg.fetchval(ROWS) == 150
+
+
+@pytest.fixture(scope="module")
+def hivemq_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HiveMQServer, Path]]:
+    """A HiveMQ of its own with a TLS listener too, its certificate made by `iotflow certs`."""
+    from .conftest import _session_server
+    from .test_tls import certs
+
+    pki = tmp_path_factory.mktemp("hivemq-tls") / "certs"
+    certs(pki, "init", "--days", "30")
+    certs(pki, "broker", "localhost", "--san", "127.0.0.1")
+    make = partial(HiveMQServer, tls=(pki / "server.crt", pki / "server.key"))
+    with _session_server(make, "hivemq-tls") as server:
+        yield server, pki / "ca.crt"
+
+
+async def test_intake_reads_hivemq_over_tls(hivemq_tls: tuple[HiveMQServer, Path]) -> None:
+    server, ca = hivemq_tls
+    settings = MqttSettings(
+        url=f"mqtts://localhost:{server.tls_port}", ca_file=str(ca), client_id=f"brokers-tls-{next(_ids)}"
+    )
+    connection = await connect(settings)
+    try:
+        assert await connection.subscribe(["tls-test/#"]) == [1]
+        await publish(server.url, [("tls-test/1", b"over tls")])  # in by the plain listener
+        async with asyncio.timeout(20):
+            taken = await connection.take()
+        assert [(p.topic, p.payload) for p in taken] == [("tls-test/1", b"over tls")]
+        connection.acknowledge([p.packet_id or 0 for p in taken])
+    finally:
+        await connection.close()

@@ -200,7 +200,7 @@ class HiveMQServer(ServerProcess):
 
     def problem(self) -> str | None:
         """Served once an MQTT 5 CONNECT is answered by a CONNACK "success" (the extension is
-        loaded: before it, HiveMQ refuses every client)."""
+        loaded: before it, HiveMQ refuses every client) and the TLS listener, if any, listens."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
                 sock.sendall(_connect_probe())
@@ -211,9 +211,17 @@ class HiveMQServer(ServerProcess):
             packet, _ = mqtt5.read(memoryview(answer))
         except (IndexError, ValueError):
             return f"CONNECT answered {answer.hex() or 'nothing'}"
-        if isinstance(packet, mqtt5.ConnAckPacket) and packet.reason_code == mqtt5.ConnAckReasonCode.SUCCESS:
-            return None
-        return f"CONNECT answered {packet!r}"
+        if (
+            not isinstance(packet, mqtt5.ConnAckPacket)
+            or packet.reason_code != mqtt5.ConnAckReasonCode.SUCCESS
+        ):
+            return f"CONNECT answered {packet!r}"
+        if self.tls_port is not None:  # started after the plain listener
+            try:
+                socket.create_connection(("127.0.0.1", self.tls_port), timeout=2).close()
+            except OSError as exc:
+                return f"TLS listener: {exc}"
+        return None
 
 
 def _pkcs12(certificate: Path, key: Path) -> bytes:
