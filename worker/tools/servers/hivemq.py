@@ -105,7 +105,7 @@ TLS_LISTENER = """\
         </tls-tcp-listener>"""
 
 
-def _extension_jar(java: str, classpath: str) -> Path:
+def security_extension_jar(java: str, classpath: str) -> Path:
     """The test-security extension's jar, compiled once into the cache (needs a JDK's javac)."""
     digest = hashlib.sha256((EXTENSION_SOURCE + HIVEMQ_VERSION).encode()).hexdigest()[:12]
     directory = cache_dir() / "hivemq" / f"extension-{digest}"
@@ -163,7 +163,7 @@ class HiveMQServer(ServerProcess):
         self._classpath = maven_classpath(
             "hivemq", [f"com.hivemq:hivemq-community-edition-embedded:{HIVEMQ_VERSION}"]
         )
-        self._extension = _extension_jar(self._java, self._classpath)
+        self._extension = security_extension_jar(self._java, self._classpath)
 
     @property
     def url(self) -> str:
