@@ -1,9 +1,10 @@
 """Fixtures: real PostgreSQL, Redis and MQTT for every integration test; real Cassandra,
-Kafka and a MongoDB-protocol server (FerretDB) for the tests that ask for them.
+Kafka, a MongoDB-protocol server (FerretDB) and a second MQTT 5 broker (HiveMQ CE) for the
+tests that ask for them.
 
 Services come from IOTFLOW_TEST_POSTGRES_URL / IOTFLOW_TEST_REDIS_URL /
 IOTFLOW_TEST_MQTT_URL / IOTFLOW_TEST_CASSANDRA_HOSTS / IOTFLOW_TEST_KAFKA_BOOTSTRAP /
-IOTFLOW_TEST_MONGODB_URL when set; whatever is not set is started for the session
+IOTFLOW_TEST_MONGODB_URL / IOTFLOW_TEST_HIVEMQ_URL when set; whatever is not set is started for the session
 (worker.tools.embedded, worker.tools.servers), so a fresh machine needs nothing running.
 Where a server cannot be had (no java, mvn or go), its tests skip saying what to install,
 and fail under CI=true. Each test gets its own PostgreSQL schema, Redis key prefix, MQTT
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import os
 import signal
 import tempfile
@@ -40,6 +43,7 @@ from worker.tools.embedded import EmbeddedServices, ServiceUrls
 from worker.tools.servers import (
     CassandraServer,
     FerretDBServer,
+    HiveMQServer,
     KafkaServer,
     ServerProcess,
     ServerUnavailable,
@@ -106,6 +110,36 @@ async def nothing_left_running() -> AsyncIterator[None]:
     problems += [f"child process {pid}" for pid in new_children]
     if problems:
         pytest.fail("the test left running: " + ", ".join(problems), pytrace=False)
+
+
+class _UnretrievedExceptions(logging.Handler):
+    """Keeps asyncio's "Future/Task exception was never retrieved" reports: each is a failure
+    nobody heard of, logged only when the future is collected."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "exception was never retrieved" in message:
+            self.found.append(
+                message.splitlines()[0] + (f": {record.exc_info[1]!r}" if record.exc_info else "")
+            )
+
+
+_unretrieved = _UnretrievedExceptions()
+logging.getLogger("asyncio").addHandler(_unretrieved)
+
+
+@pytest.fixture(autouse=True)
+def no_unretrieved_exceptions() -> Iterator[None]:
+    """A test fails if a future or task of its making ended in an exception nobody awaited."""
+    yield
+    gc.collect()  # such a report is made when the future is collected
+    found, _unretrieved.found[:] = list(_unretrieved.found), []
+    if found:
+        pytest.fail("asyncio: " + "; ".join(found), pytrace=False)
 
 
 @contextlib.contextmanager
@@ -312,3 +346,27 @@ def mongodb_url(request: pytest.FixtureRequest) -> str:
     its own)."""
     given = os.environ.get("IOTFLOW_TEST_MONGODB_URL", "")
     return given or request.getfixturevalue("ferretdb_server").url
+
+
+@pytest.fixture(scope="session")
+def hivemq_server() -> Iterator[HiveMQServer]:
+    """The suite's own HiveMQ CE (tests that restart the broker ask for this one)."""
+    with _session_server(HiveMQServer, "hivemq") as server:
+        yield server
+
+
+@pytest.fixture(params=["mosquitto", "hivemq"])
+def mqtt_url(request: pytest.FixtureRequest, service_urls: ServiceUrls) -> str:
+    """The MQTT 5 broker a contract test of intake runs against, each in turn: the suite's
+    Mosquitto (IOTFLOW_TEST_MQTT_URL), then HiveMQ CE (IOTFLOW_TEST_HIVEMQ_URL, or its own)."""
+    if request.param == "mosquitto":
+        return service_urls.mqtt_url
+    given = os.environ.get("IOTFLOW_TEST_HIVEMQ_URL", "")
+    return given or request.getfixturevalue("hivemq_server").url
+
+
+@pytest.fixture
+def broker_settings(settings: Settings, mqtt_url: str) -> Settings:
+    """`settings` on the broker of `mqtt_url`."""
+    settings.mqtt = replace(settings.mqtt, url=mqtt_url)
+    return settings

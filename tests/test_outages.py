@@ -201,6 +201,7 @@ async def daemon_behind_proxy(settings: Settings) -> AsyncIterator[tuple[Daemon,
         await proxy.stop()
 
 
+@pytest.mark.usefixtures("broker_settings")
 async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messages(
     settings: Settings, pg: asyncpg.Connection
 ) -> None:
@@ -223,6 +224,7 @@ async def test_broker_connection_loss_reconnects_and_the_session_keeps_the_messa
     assert await pg.fetchval("SELECT count(*) FROM decoded_data") == 200
 
 
+@pytest.mark.usefixtures("broker_settings")
 async def test_a_session_backlog_beyond_receive_maximum_does_not_hold_up_the_suback(
     settings: Settings, pg: asyncpg.Connection
 ) -> None:

@@ -1,4 +1,4 @@
-"""`postgres.password_file`, `redis.password_file`: passwords from files (systemd credentials)."""
+"""`postgres.password_file`, `redis.password_file`, `mqtt.password_file`: passwords from files (systemd credentials)."""
 
 from __future__ import annotations
 
@@ -42,3 +42,11 @@ def test_a_missing_file_names_the_setting(tmp_path: Path) -> None:
         load_settings(environ={"IOTFLOW_REDIS_PASSWORD_FILE": str(tmp_path / "nothing")})
     assert caught.value.setting == "redis.password_file"
     assert "does not exist" in caught.value.problem
+
+
+def test_the_mqtt_file_becomes_the_password_setting_and_a_missing_one_names_it(tmp_path: Path) -> None:
+    settings = load_settings(environ={"IOTFLOW_MQTT_PASSWORD_FILE": _secret(tmp_path, "mqtt", "s3cr:t\n")})
+    assert settings.mqtt.password == "s3cr:t" and settings.mqtt.url == "mqtt://127.0.0.1:1883"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"IOTFLOW_MQTT_PASSWORD_FILE": str(tmp_path / "nothing")})
+    assert caught.value.setting == "mqtt.password_file"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from worker.tools.servers.cassandra import CASSANDRA_VERSION
+from worker.tools.servers.hivemq import security_extension_jar
 from worker.tools.servers.toolchains import (
     ServerUnavailable,
     build_go_command,
@@ -40,6 +41,15 @@ def test_without_go_the_reason_names_what_to_install(
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ServerUnavailable, match=r"needs Go .*install it"):
         build_go_command("github.com/FerretDB/FerretDB", "v1.24.2", "cmd/ferretdb", {})
+
+
+def test_a_java_runtime_without_javac_is_told_to_install_a_jdk_for_hivemq(
+    empty_cache: Path, tmp_path: Path
+) -> None:
+    """HiveMQ's test extension is compiled once: a JRE alone cannot, and says so."""
+    (tmp_path / "jre" / "bin").mkdir(parents=True)
+    with pytest.raises(ServerUnavailable, match=r"javac .*openjdk-17-jdk-headless"):
+        security_extension_jar(str(tmp_path / "jre" / "bin" / "java"), "")
 
 
 def test_a_resolved_classpath_is_read_from_the_cache_without_maven(

@@ -136,6 +136,24 @@ class MqttSettings:
         metadata=_meta("5000", _between(1, 65535), doc="unacknowledged messages the broker may send"),
     )
     keepalive_s: int = field(default=30, metadata=_meta("30", _between(1, 65535)))
+    connect_timeout_s: float = field(
+        default=10.0, metadata=_meta("10", _positive, doc="how long to wait for TCP, TLS and the CONNACK")
+    )
+    username: str = field(
+        default="", metadata=_meta("iotflow-worker", doc="CONNECT's user name (over the URL's)")
+    )
+    password: str = field(
+        default="",
+        repr=False,  # never in a log line or a traceback
+        metadata=_meta("secret", doc="CONNECT's password (over the URL's); better: password_file"),
+    )
+    password_file: str = field(
+        default="",
+        metadata=_meta(
+            "/run/credentials/iotflow-worker.service/mqtt-password",
+            doc="a file whose content is mqtt.password (empty file: no change)",
+        ),
+    )
     ca_file: str = field(default="", metadata=_meta("/etc/iotflow/ca.pem", doc="TLS CA"))
     cert_file: str = field(default="", metadata=_meta("/etc/iotflow/client.pem"))
     key_file: str = field(default="", metadata=_meta("/etc/iotflow/client.key"))
@@ -892,26 +910,35 @@ def _check_extras(settings: Settings) -> None:
 
 def _apply_password_files(settings: Settings) -> None:
     """`postgres.password_file`, `redis.password_file`: the password goes into the URL, so every
-    user of the URL (the daemon, the jobs, the commands) gets it. Meant for systemd's
-    LoadCredential= (the units set IOTFLOW_*_PASSWORD_FILE=%d/…); an empty file changes nothing."""
-    sections: tuple[tuple[str, PostgresSettings | RedisSettings], ...] = (
+    user of the URL (the daemon, the jobs, the commands) gets it; `mqtt.password_file` becomes
+    `mqtt.password`. Meant for systemd's LoadCredential= (the units set
+    IOTFLOW_*_PASSWORD_FILE=%d/…); an empty file changes nothing."""
+    sections: tuple[tuple[str, PostgresSettings | RedisSettings | MqttSettings], ...] = (
         ("postgres", settings.postgres),
         ("redis", settings.redis),
+        ("mqtt", settings.mqtt),
     )
     for name, section in sections:
         if not section.password_file:
             continue
-        setting = f"{name}.password_file"
-        example = f"/run/credentials/iotflow-worker.service/{name}-password"
-        try:
-            password = Path(section.password_file).read_text("utf-8").rstrip("\r\n")
-        except FileNotFoundError:
-            raise ConfigError(setting, f"file {section.password_file} does not exist", example) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConfigError(setting, f"{section.password_file} cannot be read: {reason}", example) from None
-        if password:
+        password = _read_password_file(f"{name}.password_file", section.password_file, name)
+        if not password:
+            continue
+        if isinstance(section, MqttSettings):
+            section.password = password
+        else:
             section.url = url_with_password(section.url, password)
+
+
+def _read_password_file(setting: str, path: str, name: str) -> str:
+    example = f"/run/credentials/iotflow-worker.service/{name}-password"
+    try:
+        return Path(path).read_text("utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        raise ConfigError(setting, f"file {path} does not exist", example) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(setting, f"{path} cannot be read: {reason}", example) from None
 
 
 def url_with_password(url: str, password: str) -> str:

@@ -26,6 +26,8 @@ from worker.intake.mqtt_protocol import (
     ConnectRefused,
     MqttConnection,
     MqttError,
+    NoMqtt5Answer,
+    OlderProtocol,
     open_connection,
     reason_name,
 )
@@ -44,6 +46,10 @@ class SubscriptionRefused(Refused):
 # CONNACK codes that are a configuration problem, not an outage: MQTT 5 bad user name or
 # password (134), not authorized (135), banned (138), bad authentication method (140).
 REFUSING_CONNACKS = {134, 135, 138, 140}
+UNSUPPORTED_PROTOCOL_VERSION = 132
+# A broker that heard CONNECT this many times in a row without an MQTT 5 CONNACK, and never
+# gave one to this process, is taken for one that does not speak MQTT 5 (exit 2, not a retry loop).
+NO_MQTT5_ANSWER_TRIES = 3
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -61,12 +67,15 @@ def connect_packet(
     settings: MqttSettings, client_id: str | None = None, *, persistent: bool = True
 ) -> mqtt5.ConnectPacket:
     """CONNECT for a persistent session: clean_start off, the session kept `session_expiry_s`.
-    Not `persistent`: a clean session that ends with the connection (`iotflow check`)."""
+    Not `persistent`: a clean session that ends with the connection (`iotflow check`).
+    `mqtt.username` and `mqtt.password` (or its file) win over the URL's."""
     url = urlparse(settings.url)
+    username = settings.username or (unquote(url.username) if url.username else "")
+    password = settings.password or (unquote(url.password) if url.password else "")
     return mqtt5.ConnectPacket(
         client_id or settings.client_id,
-        username=unquote(url.username) if url.username else None,
-        password=unquote(url.password).encode() if url.password else None,
+        username=username or None,
+        password=password.encode() if password else None,
         clean_start=not persistent,
         keep_alive=settings.keepalive_s,
         session_expiry_interval=settings.session_expiry_s if persistent else 0,
@@ -79,17 +88,58 @@ async def connect(
     client_id: str | None = None,
     *,
     persistent: bool = True,
-    timeout: float = 10.0,
+    timeout: float | None = None,
 ) -> MqttConnection:
-    url = urlparse(settings.url)
-    connection, _ = await open_connection(
-        url.hostname or "127.0.0.1",
-        url.port or (8883 if url.scheme == "mqtts" else 1883),
-        connect_packet(settings, client_id, persistent=persistent),
-        tls_context(settings),
-        timeout,
+    """Connect and check the CONNACK's properties against what intake needs (`follow_connack`);
+    within `timeout`, `mqtt.connect_timeout_s` by default."""
+    host, port = broker_address(settings)
+    packet = connect_packet(settings, client_id, persistent=persistent)
+    connection, connack = await open_connection(
+        host, port, packet, tls_context(settings), timeout or settings.connect_timeout_s
     )
+    try:
+        follow_connack(settings, connack)
+    except Refused:
+        connection.abort()
+        raise
     return connection
+
+
+def follow_connack(settings: MqttSettings, connack: mqtt5.ConnAckPacket) -> None:
+    """What the broker announced in CONNACK (MQTT 5 §3.2.2.3) that decides whether intake can
+    work at all: a refusal (exit 2) when it cannot, a warning when the session is shorter.
+
+    The rest is followed where it is used: Server Keep Alive by the connection; Receive
+    Maximum, Topic Alias Maximum, Maximum Packet Size and Retain Available bound what a
+    client *sends*, and intake sends only SUBSCRIBE, PUBACK, PINGREQ and DISCONNECT (no
+    PUBLISH, no topic alias), each far below any broker's smallest Maximum Packet Size."""
+    if connack.max_qos == mqtt5.QoS.AT_MOST_ONCE:
+        raise SubscriptionRefused("the broker allows QoS 0 only (CONNACK Maximum QoS): no at-least-once")
+    if settings.shared_group and not connack.shared_subscription_available:
+        raise SubscriptionRefused(
+            "the broker has no shared subscriptions (CONNACK): leave mqtt.shared_group empty"
+        )
+    wildcards = [topic for topic in settings.topics if "+" in topic or "#" in topic]
+    if wildcards and not connack.wildcard_subscription_available:
+        raise SubscriptionRefused(
+            f"the broker has no wildcard subscriptions (CONNACK), needed by {wildcards}"
+        )
+    granted = connack.session_expiry_interval
+    if granted is not None and granted < settings.session_expiry_s:
+        log.warning("mqtt.session_expiry_shortened", requested_s=settings.session_expiry_s, granted_s=granted)
+
+
+def broker_address(settings: MqttSettings) -> tuple[str, int]:
+    url = urlparse(settings.url)
+    return url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+
+def not_mqtt5(settings: MqttSettings, exc: MqttError) -> Refused:
+    host, port = broker_address(settings)
+    return Refused(
+        f"the broker at {host}:{port} does not answer MQTT 5 ({exc}): an MQTT 3.1.1-only broker? "
+        "The worker speaks MQTT 5 only (docs/brokers.md)"
+    )
 
 
 def subscription_filters(settings: MqttSettings) -> list[str]:
@@ -117,7 +167,7 @@ class MqttIntake(Actor):
 
     async def run(self) -> None:
         backoff = Backoff(self._settings.reconnect_min_s, self._settings.reconnect_max_s)
-        failures = 0
+        failures = unanswered = 0
         while not self._close.is_set():
             generation = self._generation
             try:
@@ -129,6 +179,14 @@ class MqttIntake(Actor):
                     return  # shutting down; unacknowledged messages stay with the broker
                 if isinstance(exc, ConnectRefused) and exc.code in REFUSING_CONNACKS:
                     raise Refused(f"the MQTT broker refused the connection: {exc}") from exc
+                older = isinstance(exc, OlderProtocol) or (
+                    isinstance(exc, ConnectRefused) and exc.code == UNSUPPORTED_PROTOCOL_VERSION
+                )
+                # Silence or a close after CONNECT is an outage too, but never from a broker that
+                # has answered this process in MQTT 5 (generation 0: none has).
+                unanswered = unanswered + 1 if isinstance(exc, NoMqtt5Answer) else 0
+                if older or (self._generation == 0 and unanswered >= NO_MQTT5_ANSWER_TRIES):
+                    raise not_mqtt5(self._settings, exc) from exc
                 # A session that connected resets the backoff; failing to connect extends it.
                 failures = 1 if self._generation != generation else failures + 1
                 delay = backoff.delay(failures)

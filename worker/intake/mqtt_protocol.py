@@ -17,8 +17,10 @@ keep to it after the first PUBACK, and QoS 0 is outside it anyway, so the bound 
 here: parsing stops and reading pauses while `in_flight` (QoS 1 parsed and not yet
 acknowledged) or the inbox reaches Receive Maximum, and TCP holds the rest in the broker.
 
-Keepalive: a PINGREQ every `keepalive` seconds; if nothing at all has arrived from the
-broker by the next one, the connection is declared dead (unless we paused reading).
+Keepalive: a PINGREQ every three quarters of `keepalive` seconds (HiveMQ allows 1.5 times
+the keepalive rounded down to whole seconds: 1 s for a keepalive of 1, so a PINGREQ on the
+second itself comes too late); if nothing at all has arrived from the broker by the next
+one, the connection is declared dead (unless we paused reading).
 """
 
 from __future__ import annotations
@@ -56,6 +58,35 @@ class ConnectRefused(MqttError):
         name = reason_name(mqtt5.ConnAckReasonCode, code)
         super().__init__(f"CONNACK {code} ({name}){f': {reason}' if reason else ''}")
         self.code = code
+
+
+class NoMqtt5Answer(MqttError):
+    """TCP (and TLS) connected, but no MQTT 5 CONNACK came back: the broker closed the
+    connection, stayed silent, or answered in another protocol version. Once in a while an
+    outage; every time, a broker that does not speak MQTT 5."""
+
+
+class OlderProtocol(NoMqtt5Answer):
+    """The broker answered CONNECT with an MQTT 3.1/3.1.1 CONNACK (two bytes long, where an
+    MQTT 5 one has at least three): it does not speak MQTT 5."""
+
+    def __init__(self, return_code: int) -> None:
+        name = V3_RETURN_CODES.get(return_code, "unknown")
+        super().__init__(f"an MQTT 3.1.1 CONNACK, return code {return_code} ({name})")
+        self.return_code = return_code
+
+
+# MQTT 3.1.1 §3.2.2.3: what a pre-5 broker answers; 1 is its answer to protocol level 5.
+V3_RETURN_CODES = {
+    0: "accepted",
+    1: "unacceptable protocol version",
+    2: "identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+# CONNACK's first bytes from an MQTT 3.1/3.1.1 broker: type 2, remaining length 2.
+V3_CONNACK = b"\x20\x02"
 
 
 class MqttConnection(asyncio.Protocol):
@@ -183,6 +214,10 @@ class MqttConnection(asyncio.Protocol):
         inbox, bound = self.inbox, self.receive_maximum
         in_flight = self.in_flight
         before = len(inbox)
+        if ConnAckPacket in self._replies and data[:2] == V3_CONNACK and end >= 4:
+            self._fail(OlderProtocol(data[3]))
+            self.abort()
+            return
         while offset < end and in_flight < bound and len(inbox) < bound:
             try:
                 packet, size = mqtt5.read(view[offset:])
@@ -245,17 +280,25 @@ class MqttConnection(asyncio.Protocol):
         lost = asyncio.ensure_future(asyncio.shield(self._lost))
         try:
             await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                raise self.error or MqttError("connection lost")
+            return waiter.result()
         finally:
+            # However this ends (a timeout or a cancel included), the waiter goes with it: a
+            # failure set on it later would be an exception nobody retrieves.
             lost.cancel()
-        if not waiter.done():
-            waiter.cancel()
-            raise self.error or MqttError("connection lost")
-        return waiter.result()
+            if self._replies.get(reply) is waiter:
+                del self._replies[reply]
+            if not waiter.done():
+                waiter.cancel()
+            elif not waiter.cancelled():
+                waiter.exception()  # the caller has the error: as the result above or self.error
 
     def _start_keepalive(self, seconds: int) -> None:
         if seconds <= 0:
             return
         loop = asyncio.get_running_loop()
+        interval = seconds * 0.75
 
         def tick() -> None:
             if self._transport is None or self.error is not None:
@@ -266,9 +309,9 @@ class MqttConnection(asyncio.Protocol):
                 return
             self._heard = False
             self._transport.write(PINGREQ)
-            self._keepalive = loop.call_later(seconds, tick)
+            self._keepalive = loop.call_later(interval, tick)
 
-        self._keepalive = loop.call_later(seconds, tick)
+        self._keepalive = loop.call_later(interval, tick)
 
     def _protocol_error(self, code: mqtt5.DisconnectReasonCode, reason: str) -> None:
         self._fail(MqttError(f"protocol error: {reason}"))
@@ -294,9 +337,11 @@ async def open_connection(
     tls: ssl.SSLContext | None = None,
     timeout: float = 10.0,
 ) -> tuple[MqttConnection, ConnAckPacket]:
-    """Connect and exchange CONNECT/CONNACK within `timeout`; MqttError (or ConnectRefused) if not."""
+    """Connect and exchange CONNECT/CONNACK within `timeout`; if not, MqttError: ConnectRefused
+    for a failure CONNACK, NoMqtt5Answer when the broker heard CONNECT but gave no MQTT 5 CONNACK."""
     loop = asyncio.get_running_loop()
     connection: MqttConnection | None = None
+    connected = False  # TCP (and TLS) up: from here a failure is the broker's answer, or its silence
     try:
         async with asyncio.timeout(timeout):
             _, connection = await loop.create_connection(
@@ -306,15 +351,20 @@ async def open_connection(
                 ssl=tls,
                 server_hostname=host if tls is not None else None,
             )
+            connected = True
             connack = await connection.connect(connect)
             return connection, connack
     except BaseException as exc:
         if connection is not None:
             connection.abort()
-        if isinstance(exc, MqttError):
+        if isinstance(exc, ConnectRefused | NoMqtt5Answer):
             raise
+        if connected and isinstance(exc, MqttError):  # it heard CONNECT, then closed or garbled
+            raise NoMqtt5Answer(f"{host}:{port}: {exc}, before any CONNACK") from exc
+        if connected and isinstance(exc, TimeoutError):
+            raise NoMqtt5Answer(f"no CONNACK from {host}:{port} within {timeout} s") from exc
         if isinstance(exc, TimeoutError):
-            raise MqttError(f"no CONNACK from {host}:{port} within {timeout} s") from exc
+            raise MqttError(f"cannot connect to {host}:{port} within {timeout} s") from exc
         if isinstance(exc, OSError):  # refused, unreachable, TLS handshake (ssl.SSLError)
             raise MqttError(f"cannot connect to {host}:{port}: {exc}") from exc
         raise

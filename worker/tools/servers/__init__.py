@@ -1,4 +1,4 @@
-"""Real Cassandra, Kafka and FerretDB servers for the tests and the bench.
+"""Real Cassandra, Kafka, FerretDB and HiveMQ servers for the tests and the bench.
 
 Nothing of them is in the repository: each is fetched by package name from its registry
 (Maven Central through `mvn`, the Go module proxy through `go`) into the user's cache
@@ -9,8 +9,16 @@ ports with its data in a directory of the caller's. Where a toolchain is missing
 
 from worker.tools.servers.cassandra import CassandraServer
 from worker.tools.servers.ferretdb import FerretDBServer
+from worker.tools.servers.hivemq import HiveMQServer
 from worker.tools.servers.kafka import KafkaServer
 from worker.tools.servers.process import ServerProcess
 from worker.tools.servers.toolchains import ServerUnavailable
 
-__all__ = ["CassandraServer", "FerretDBServer", "KafkaServer", "ServerProcess", "ServerUnavailable"]
+__all__ = [
+    "CassandraServer",
+    "FerretDBServer",
+    "HiveMQServer",
+    "KafkaServer",
+    "ServerProcess",
+    "ServerUnavailable",
+]
