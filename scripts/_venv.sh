@@ -30,15 +30,16 @@ if [ "$extras" = test ] && ! command -v docker-compose >/dev/null; then
     echo "note: no docker-compose on PATH; tests/test_compose.py will skip (apt-get install docker-compose)" >&2
   fi
 fi
-# The suite's Cassandra and Kafka come through Maven and run on Java 17; FerretDB is built with Go
-# (worker/tools/servers). Debian carries the first two; its Go is too old for FerretDB.
+# The suite's Cassandra, Kafka and HiveMQ come through Maven and run on Java 17 (HiveMQ's test
+# extension is compiled with javac); FerretDB is built with Go (worker/tools/servers). Debian
+# carries the first two; its Go is too old for FerretDB.
 if [ "$extras" = test ]; then
-  if ! command -v mvn >/dev/null || ! command -v java >/dev/null; then
+  if ! command -v mvn >/dev/null || ! command -v java >/dev/null || ! command -v javac >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "installing Java 17 and Maven (for the suite's Cassandra and Kafka) with apt-get" >&2
+      echo "installing Java 17 and Maven (for the suite's Cassandra, Kafka and HiveMQ) with apt-get" >&2
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jdk-headless maven >/dev/null
     else
-      echo "note: no java/mvn; the Cassandra and Kafka tests will skip (install OpenJDK 17 and Maven)" >&2
+      echo "note: no java/javac/mvn; the Cassandra, Kafka and HiveMQ tests will skip (install OpenJDK 17 and Maven)" >&2
     fi
   fi
   if ! command -v go >/dev/null; then
