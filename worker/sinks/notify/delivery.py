@@ -1,0 +1,200 @@
+"""The notification actor: sends what the outbox holds, and keeps Alertmanager's alerts alive.
+
+Off the ingest path: the alert sink only inserts outbox rows, so a receiver that is
+down holds nothing but its own rows, which wait with backoff (`notify.retry_first_s`
+doubling up to `notify.retry_max_s`) in PostgreSQL, across restarts. Each round claims
+up to `notify.batch_size` due rows, sends them channel by channel (a channel's failure
+reschedules its rows and leaves the others alone), and marks them. Woken at once when
+this process enqueued rows, otherwise every `notify.poll_s` (rows of other processes,
+retries). Every `notify.refresh_s` the active alerts are sent to Alertmanager again,
+as Prometheus does, so that Alertmanager keeps them firing; it resolves an alert
+nobody refreshed for four periods by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+
+import httpx
+import structlog
+
+from worker.metrics import Metrics
+from worker.retry import describe, retry_transient
+from worker.rules.events import alert_notification
+from worker.rules.source import ALL
+from worker.runtime.actor import Actor
+from worker.sinks.notify.channels import (
+    DEVICE_FACTS_SQL,
+    AlertmanagerChannel,
+    Channel,
+    DeliveryFailed,
+    DeviceFacts,
+    alertmanager_alert,
+    build_channels,
+    http_client,
+)
+from worker.sinks.notify.outbox import NotificationOutbox, OutboxRow
+from worker.stores import Stores
+
+log = structlog.get_logger("worker.notify")
+
+PURGE_EVERY_S = 3600.0
+
+
+class NotificationActor(Actor):
+    name = "notify"
+
+    def __init__(self, stores: Stores, outbox: NotificationOutbox, metrics: Metrics) -> None:
+        self._stores = stores
+        self._outbox = outbox
+        self._settings = outbox.settings
+        self._metrics = metrics
+        self._client: httpx.AsyncClient | None = None
+        self._channels: dict[str, Channel] = {}
+        self._stopping = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._failing: dict[str, str] = {}  # channel → last error, while it fails
+        self._pending = 0
+        metrics.gauges["notifications_pending"] = lambda: float(self._pending)
+        metrics.labeled_gauges["notification_channel_failing"] = self._failing_gauges()
+
+    def _failing_gauges(self) -> dict[tuple[str, ...], Callable[[], float]]:
+        return {(name,): partial(self._is_failing, name) for name in self._outbox.channels}
+
+    def _is_failing(self, channel: str) -> float:
+        return float(channel in self._failing)
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._finished.set()
+
+    async def _run(self) -> None:
+        self._client = http_client(self._settings)
+        self._channels = build_channels(self._settings, self._client)
+        # A lease longer than the longest a round can take: a row is never sent twice at once.
+        lease_s = 2 * self._settings.timeout_s * max(1, self._settings.batch_size) + 60
+        next_refresh = next_purge = time.monotonic()
+        while not self._stopping.is_set():
+            self._outbox.added.clear()
+            rows = await retry_transient(
+                lambda: self._outbox.claim(self._settings.batch_size, lease_s), "notify.outbox"
+            )
+            if rows:
+                await self._deliver(rows)
+            now = time.monotonic()
+            if now >= next_refresh and self._settings.alertmanager_urls:
+                next_refresh = now + self._settings.refresh_s
+                await self._refresh()
+            if now >= next_purge:
+                next_purge = now + PURGE_EVERY_S
+                await retry_transient(self._outbox.purge, "notify.outbox")
+            self._pending = await retry_transient(self._outbox.pending, "notify.outbox")
+            if len(rows) < self._settings.batch_size:  # a full claim: more may be due at once
+                await self._wait()
+
+    async def _wait(self) -> None:
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._outbox.added, self._stopping)]
+        try:
+            await asyncio.wait(waits, timeout=self._settings.poll_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    async def stop(self) -> None:
+        """Ends after the round under way; rows not sent yet stay in the outbox for the next start."""
+        self._stopping.set()
+        await self._finished.wait()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+            self._client = None
+
+    # --- delivery ------------------------------------------------------------------------------
+
+    async def _deliver(self, rows: list[OutboxRow]) -> None:
+        by_channel: dict[str, list[OutboxRow]] = defaultdict(list)
+        for row in rows:
+            by_channel[row.channel].append(row)
+        facts = await self._facts(
+            {int(row.body["device_id"]) for row in rows if row.channel.startswith("alertmanager ")}
+        )
+        results = await asyncio.gather(
+            *(
+                self._send(self._channels[name], channel_rows, facts)
+                for name, channel_rows in by_channel.items()
+            )
+        )
+        sent = [row for delivered in results for row in delivered]
+        await retry_transient(lambda: self._outbox.delivered(sent), "notify.outbox")
+
+    async def _send(self, channel: Channel, rows: list[OutboxRow], facts: DeviceFacts) -> list[OutboxRow]:
+        """The rows the channel took; the others are rescheduled here."""
+        kind = channel.name.split(" ", 1)[0]
+        try:
+            await channel.send(rows, facts)
+        except DeliveryFailed as exc:
+            await self._failed(channel.name, kind, rows, exc)
+            left = {row.id for row in exc.rows}
+            return [row for row in rows if row.id not in left]
+        self._metrics.inc("notifications_sent", len(rows), channel=kind)
+        if self._failing.pop(channel.name, None) is not None:
+            log.info("notify.channel_recovered", channel=channel.name)
+        log.info("notify.sent", channel=channel.name, notifications=len(rows))
+        return rows
+
+    async def _failed(self, name: str, kind: str, rows: list[OutboxRow], failure: DeliveryFailed) -> None:
+        await retry_transient(lambda: self._outbox.failed(failure.rows, failure.error), "notify.outbox")
+        self._metrics.inc("notifications_sent", len(rows) - len(failure.rows), channel=kind)
+        self._metrics.inc("notifications_failed", len(failure.rows), channel=kind)
+        if name not in self._failing:  # once per outage, not per retry
+            log.warning(
+                "notify.channel_failing", channel=name, error=failure.error, waiting=len(failure.rows)
+            )
+        self._failing[name] = failure.error
+
+    async def _facts(self, device_ids: set[int]) -> DeviceFacts:
+        """Device name, owner and groups for Alertmanager's labels."""
+        if not device_ids:
+            return {}
+        records = await retry_transient(
+            lambda: self._stores.postgres.fetch(DEVICE_FACTS_SQL, sorted(device_ids)), "notify.devices"
+        )
+        return {r["id"]: {"name": r["name"], "user": r["user"], "groups": list(r["groups"])} for r in records}
+
+    async def _refresh(self) -> None:
+        """Send every active alert to every Alertmanager again (not through the outbox: the
+        next refresh repeats it anyway). A failure is logged and waits for the next period."""
+        try:
+            docs = await self._stores.documents.find("alerts", {"status": "active"}, limit=ALL)
+            bodies = [alert_notification(doc) for doc in docs]
+            facts = await self._facts({int(body["device_id"]) for body in bodies})
+        except Exception as exc:  # a store away: the next period tries again
+            log.warning("notify.refresh_failed", error=describe(exc))
+            return
+        if not bodies:
+            return
+        now = datetime.now(UTC)
+        for channel in self._channels.values():
+            if not isinstance(channel, AlertmanagerChannel):
+                continue
+            alerts = [
+                alertmanager_alert(b, facts, now, channel.valid_s, self._settings.link_url) for b in bodies
+            ]
+            size = self._settings.batch_size
+            try:
+                for start in range(0, len(alerts), size):
+                    await channel.post(alerts[start : start + size])
+            except DeliveryFailed as exc:
+                log.warning("notify.refresh_failed", channel=channel.name, error=exc.error)
