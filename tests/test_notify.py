@@ -218,6 +218,7 @@ async def test_a_notification_stored_but_not_sent_when_killed_is_sent_after_the_
         "IOTFLOW_NOTIFY_POLL_S": "0.1",
         "IOTFLOW_NOTIFY_RETRY_FIRST_S": "0.1",
         "IOTFLOW_NOTIFY_RETRY_MAX_S": "0.5",
+        "IOTFLOW_NOTIFY_TIMEOUT_S": "1",  # a short lease: rows a killed worker claimed come back soon
     }
     try:
         async with worker_process(settings, **env) as worker:

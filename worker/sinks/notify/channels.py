@@ -1,6 +1,7 @@
 """How each receiver is spoken to: Alertmanager's API v2 and signed JSON webhooks.
 
-A channel sends a list of outbox rows and says which were delivered; a failure
+A channel sends a list of outbox rows and says how many were delivered (it starts no
+request past the round's deadline, so a claim's lease outlasts the round); a failure
 (a refused connection, a timeout, a status other than 2xx) raises `DeliveryFailed`
 naming the rows it leaves, and the actor schedules them again. httpx is the client:
 maintained, typed, with per-request timeouts and a connection pool per channel.
@@ -120,10 +121,13 @@ class AlertmanagerChannel:
         if not response.is_success:
             raise DeliveryFailed([], f"HTTP {response.status_code}: {response.text[:200]}")
 
-    async def send(self, rows: Sequence[OutboxRow], facts: DeviceFacts) -> None:
+    async def send(self, rows: Sequence[OutboxRow], facts: DeviceFacts, deadline: float) -> int:
+        """How many of `rows` were delivered before `deadline` (monotonic) came."""
         now = datetime.now(UTC)
         size = self._settings.batch_size
         for start in range(0, len(rows), size):
+            if time.monotonic() > deadline:
+                return start
             chunk = rows[start : start + size]
             alerts = [
                 alertmanager_alert(row.body, facts, now, self.valid_s, self._settings.link_url)
@@ -133,6 +137,7 @@ class AlertmanagerChannel:
                 await self.post(alerts)
             except DeliveryFailed as exc:
                 raise DeliveryFailed(rows[start:], exc.error) from exc
+        return len(rows)
 
 
 class WebhookChannel:
@@ -159,12 +164,16 @@ class WebhookChannel:
         if not response.is_success:
             raise DeliveryFailed([], f"HTTP {response.status_code}: {response.text[:200]}")
 
-    async def send(self, rows: Sequence[OutboxRow], facts: DeviceFacts) -> None:
+    async def send(self, rows: Sequence[OutboxRow], facts: DeviceFacts, deadline: float) -> int:
+        """How many of `rows` were delivered before `deadline` (monotonic) came."""
         for index, row in enumerate(rows):
+            if time.monotonic() > deadline:
+                return index
             try:
                 await self.post(row.body, row.event_key)
             except DeliveryFailed as exc:
                 raise DeliveryFailed(rows[index:], exc.error) from exc
+        return len(rows)
 
 
 Channel = AlertmanagerChannel | WebhookChannel

@@ -45,6 +45,8 @@ from worker.stores import Stores
 log = structlog.get_logger("worker.notify")
 
 PURGE_EVERY_S = 3600.0
+LEASE_TIMEOUTS = 3  # a claim's lease, in request timeouts (plus the margin)
+LEASE_MARGIN_S = 5.0
 
 
 class NotificationActor(Actor):
@@ -59,6 +61,7 @@ class NotificationActor(Actor):
         self._channels: dict[str, Channel] = {}
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
+        self._task: asyncio.Task[object] | None = None
         self._failing: dict[str, str] = {}  # channel → last error, while it fails
         self._pending = 0
         metrics.gauges["notifications_pending"] = lambda: float(self._pending)
@@ -73,6 +76,7 @@ class NotificationActor(Actor):
     # --- lifetime ------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         try:
             await self._run()
         finally:
@@ -81,8 +85,10 @@ class NotificationActor(Actor):
     async def _run(self) -> None:
         self._client = http_client(self._settings)
         self._channels = build_channels(self._settings, self._client)
-        # A lease longer than the longest a round can take: a row is never sent twice at once.
-        lease_s = 2 * self._settings.timeout_s * max(1, self._settings.batch_size) + 60
+        # A claim's lease outlasts its round, which starts no request within one timeout (and
+        # a margin) of the lease's end: a row is never sent by two workers at once, and the
+        # rows of a worker killed mid-round are due again when the lease runs out.
+        lease_s = LEASE_TIMEOUTS * self._settings.timeout_s + LEASE_MARGIN_S
         next_refresh = next_purge = time.monotonic()
         while not self._stopping.is_set():
             self._outbox.added.clear()
@@ -90,7 +96,8 @@ class NotificationActor(Actor):
                 lambda: self._outbox.claim(self._settings.batch_size, lease_s), "notify.outbox"
             )
             if rows:
-                await self._deliver(rows)
+                deadline = time.monotonic() + lease_s - self._settings.timeout_s - LEASE_MARGIN_S
+                await self._deliver(rows, deadline)
             now = time.monotonic()
             if now >= next_refresh and self._settings.alertmanager_urls:
                 next_refresh = now + self._settings.refresh_s
@@ -111,9 +118,16 @@ class NotificationActor(Actor):
                 waiting.cancel()
 
     async def stop(self) -> None:
-        """Ends after the round under way; rows not sent yet stay in the outbox for the next start."""
+        """Ends after the round under way; rows not sent yet stay in the outbox for the next start.
+        A round that outlasts one request timeout (PostgreSQL away: the outbox is waited for)
+        is cancelled: what it claimed is due again when its lease runs out."""
         self._stopping.set()
-        await self._finished.wait()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._finished.wait()), self._settings.timeout_s + 1)
+        except TimeoutError:
+            if self._task is not None:
+                self._task.cancel()
+            await self._finished.wait()
 
     async def close(self) -> None:
         if self._client is not None:
@@ -123,7 +137,7 @@ class NotificationActor(Actor):
 
     # --- delivery ------------------------------------------------------------------------------
 
-    async def _deliver(self, rows: list[OutboxRow]) -> None:
+    async def _deliver(self, rows: list[OutboxRow], deadline: float) -> None:
         by_channel: dict[str, list[OutboxRow]] = defaultdict(list)
         for row in rows:
             by_channel[row.channel].append(row)
@@ -132,27 +146,30 @@ class NotificationActor(Actor):
         )
         results = await asyncio.gather(
             *(
-                self._send(self._channels[name], channel_rows, facts)
+                self._send(self._channels[name], channel_rows, facts, deadline)
                 for name, channel_rows in by_channel.items()
             )
         )
         sent = [row for delivered in results for row in delivered]
         await retry_transient(lambda: self._outbox.delivered(sent), "notify.outbox")
 
-    async def _send(self, channel: Channel, rows: list[OutboxRow], facts: DeviceFacts) -> list[OutboxRow]:
-        """The rows the channel took; the others are rescheduled here."""
+    async def _send(
+        self, channel: Channel, rows: list[OutboxRow], facts: DeviceFacts, deadline: float
+    ) -> list[OutboxRow]:
+        """The rows the channel took; the others are rescheduled (failed) or released (not tried)."""
         kind = channel.name.split(" ", 1)[0]
         try:
-            await channel.send(rows, facts)
+            count = await channel.send(rows, facts, deadline)
         except DeliveryFailed as exc:
             await self._failed(channel.name, kind, rows, exc)
             left = {row.id for row in exc.rows}
             return [row for row in rows if row.id not in left]
-        self._metrics.inc("notifications_sent", len(rows), channel=kind)
+        await retry_transient(lambda: self._outbox.release(rows[count:]), "notify.outbox")
+        self._metrics.inc("notifications_sent", count, channel=kind)
         if self._failing.pop(channel.name, None) is not None:
             log.info("notify.channel_recovered", channel=channel.name)
-        log.info("notify.sent", channel=channel.name, notifications=len(rows))
-        return rows
+        log.info("notify.sent", channel=channel.name, notifications=count)
+        return rows[:count]
 
     async def _failed(self, name: str, kind: str, rows: list[OutboxRow], failure: DeliveryFailed) -> None:
         await retry_transient(lambda: self._outbox.failed(failure.rows, failure.error), "notify.outbox")

@@ -134,6 +134,14 @@ class NotificationOutbox:
                 [row.id for row in rows],
             )
 
+    async def release(self, rows: Collection[OutboxRow]) -> None:
+        """Rows claimed but not tried (the round ran out of time): due again at once."""
+        if rows:
+            await self._pool.execute(
+                "UPDATE notification_outbox SET next_attempt_at = now() WHERE id = ANY($1::bigint[])",
+                [row.id for row in rows],
+            )
+
     async def failed(self, rows: Collection[OutboxRow], error: str) -> None:
         """Count the attempt and schedule the next one, each row after its own backoff."""
         if rows:
