@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -79,21 +80,35 @@ async def outbox(pg: asyncpg.Connection) -> list[asyncpg.Record]:
     return await pg.fetch("SELECT * FROM notification_outbox ORDER BY id")
 
 
-async def test_a_webhook_gets_fired_and_resolved_signed(
-    settings: Settings, pg: asyncpg.Connection, admin: RuleAdmin
+async def test_a_webhook_gets_fired_acknowledged_and_resolved_signed(
+    settings: Settings,
+    pg: asyncpg.Connection,
+    admin: RuleAdmin,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     device = await new_device(pg, admin)
     with WebhookReceiver() as receiver:
+        hooks = [{"url": receiver.url, "name": "test", "secret": SECRET}]
+        monkeypatch.setenv("IOTFLOW_NOTIFY_WEBHOOKS", orjson.dumps(hooks).decode())
         async with running_daemon(with_webhook(settings, receiver)):
-            await publish(settings.mqtt.url, device.telemetry([25, 31, 20]))
+            await publish(settings.mqtt.url, device.telemetry([25, 31]))
 
-            async def both() -> bool:
-                return len(receiver.received) >= 2
+            async def received(count: int) -> bool:
+                return len(receiver.received) >= count
 
-            await wait_for(both)
-    fired, resolved = receiver.received
-    assert [fired.body["event"], resolved.body["event"]] == ["alert.fired", "alert.resolved"]
-    for note in (fired, resolved):
+            await wait_for(partial(received, 1))
+            alert = receiver.received[0].body["alert_id"]
+            code, _, err = await Cli(settings, monkeypatch, capsys)("alerts", "ack", alert, "--by", "alice")
+            assert code == 0, err
+            await wait_for(partial(received, 2))
+            await publish(settings.mqtt.url, device.telemetry([20], start=time.time()))
+            await wait_for(partial(received, 3))
+    fired, acknowledged, resolved = receiver.received
+    events = [note.body["event"] for note in receiver.received]
+    assert events == ["alert.fired", "alert.acknowledged", "alert.resolved"]
+    assert acknowledged.body["details"] == {"by": "alice"}
+    for note in (fired, acknowledged, resolved):
         assert note.signed_by(SECRET)
         assert not note.signed_by("another secret")
         assert abs(int(note.headers["x-iotflow-timestamp"]) - time.time()) < 300  # the replay window

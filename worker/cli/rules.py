@@ -254,9 +254,13 @@ def _alerts_list(settings: Settings, args: argparse.Namespace) -> int:
 def _alerts_ack(settings: Settings, args: argparse.Namespace) -> int:
     from worker.rules.alert_admin import acknowledge
     from worker.sinks.alerts import AlertSink
+    from worker.sinks.notify.outbox import NotificationOutbox
 
     async def work(admin: RuleAdmin) -> int:
-        doc = await acknowledge(admin.documents, AlertSink(admin.stores), args.alert_id, args.by)
+        # The acknowledgement's webhooks go into the outbox; a running worker sends them.
+        notify = settings.notify
+        outbox = NotificationOutbox(admin.stores.postgres, notify) if notify.enabled else None
+        doc = await acknowledge(admin.documents, AlertSink(admin.stores, outbox), args.alert_id, args.by)
         if doc is None:
             return _refuse("alerts ack", f"there is no alert {args.alert_id!r}")
         print(f"acknowledged {args.alert_id} ({doc.get('status')}): {doc.get('message', '')}")

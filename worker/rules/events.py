@@ -35,8 +35,14 @@ def alert_id(rule_uid: str, device_id: int, at: datetime) -> str:
 
 
 def fired_at_of(alert_id: str) -> datetime:
-    """When the alert fired: the event time its id ends with."""
-    return datetime.strptime(alert_id.rsplit(":", 1)[-1], COMPACT_TIME).replace(tzinfo=UTC)
+    """When the alert fired: the event time its id ends with (sliced: strptime costs more than
+    the rest of an Alertmanager alert, and a storm builds thousands)."""
+    t = alert_id.rsplit(":", 1)[-1]  # 20241122T051320.123456Z
+    if len(t) != 23 or t[8] != "T" or t[15] != "." or t[22] != "Z":
+        raise ValueError(f"{alert_id!r} does not end with an event time")
+    return datetime(
+        int(t[0:4]), int(t[4:6]), int(t[6:8]), int(t[9:11]), int(t[11:13]), int(t[13:15]), int(t[16:22]), UTC
+    )
 
 
 def compact_time(at: datetime) -> str:
