@@ -210,8 +210,7 @@ async def test_a_receiver_down_then_up_gets_every_notification_once_and_ingest_g
             receiver.start()
 
             async def all_delivered() -> bool:
-                rows = await outbox(pg)
-                return all(r["delivered_at"] is not None for r in rows)
+                return not await outbox(pg)
 
             await wait_for(all_delivered)
             assert daemon.metrics.labeled_gauges["notification_channel_failing"][("webhook test",)]() == 0
@@ -242,7 +241,7 @@ async def test_a_notification_stored_but_not_sent_when_killed_is_sent_after_the_
 
             async def tried() -> bool:
                 rows = await outbox(pg)
-                return len(rows) == 1 and rows[0]["attempts"] >= 1 and rows[0]["delivered_at"] is None
+                return len(rows) == 1 and rows[0]["attempts"] >= 1
 
             await wait_for(tried)
             await worker.kill()  # SIGKILL: stored, never delivered

@@ -559,10 +559,6 @@ class NotifySettings:
             "https://iot.example.com/alerts/{alert_id}", doc="link annotation and generatorURL; {alert_id}"
         ),
     )
-    keep_delivered_s: float = field(
-        default=86400.0,
-        metadata=_meta("86400", _positive, doc="delivered outbox rows kept this long, then removed"),
-    )
 
     @property
     def enabled(self) -> bool:

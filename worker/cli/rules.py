@@ -270,17 +270,11 @@ def _alerts_ack(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def delivery_lines(notifications: list[dict[str, Any]]) -> list[str]:
-    """One line per notification not delivered (failing or waiting), one summing up the rest."""
+    """One line per notification not delivered yet: failing (the last error) or pending."""
     lines = []
-    delivered = 0
     for note in notifications:
-        if note["delivered"]:
-            delivered += 1
-            continue
         state = f"failing: {note['last_error']}" if note["last_error"] else "pending"
         lines.append(f"notify {note['channel']} {note['event']}: {state} (attempts {note['attempts']})")
-    if delivered:
-        lines.append(f"notify: {delivered} of {len(notifications)} delivered")
     return lines
 
 

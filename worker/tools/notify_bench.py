@@ -65,6 +65,7 @@ class Run:
     wall_s: float
     cpu_s: float
     started: float  # perf_counter
+    servers_cpu_s: float | None  # PostgreSQL and the bench's own Alertmanager, while ingesting
     delivered_s: float | None = None  # notify runs: until every alert was delivered
     # Notify runs: alerts per POST /api/v2/alerts, and the alerts Alertmanager counted; both
     # include the actor's refresh at start, which may see some of the storm's first alerts.
@@ -78,6 +79,10 @@ class Run:
     @property
     def cpu_per_100k(self) -> float:
         return self.cpu_s * 100_000 / self.messages
+
+    @property
+    def servers_per_100k(self) -> float | None:
+        return None if self.servers_cpu_s is None else self.servers_cpu_s * 100_000 / self.messages
 
 
 def _batches(messages: int, devices: list[tuple[int, list[int]]], start: datetime) -> list[DecodedBatch]:
@@ -163,7 +168,9 @@ def _counting_posts() -> Iterator[list[int]]:
         AlertmanagerChannel.post = original  # type: ignore[method-assign]
 
 
-async def _run(label: str, stores: Stores, batches: list[DecodedBatch], am_url: str) -> Run:
+async def _run(
+    label: str, stores: Stores, batches: list[DecodedBatch], am_url: str, am_pid: int | None
+) -> Run:
     pool = stores.postgres
     await pool.execute("TRUNCATE decoded_data, notification_outbox")
     await pool.execute("DELETE FROM documents WHERE collection IN ('alerts', 'event_logs')")
@@ -174,9 +181,9 @@ async def _run(label: str, stores: Stores, batches: list[DecodedBatch], am_url: 
     task = asyncio.create_task(actor.run()) if actor is not None else None
     received_before = _alertmanager_received(am_url)
     with _counting_posts() as posts:
-        run = await _timed(label, stores, sinks, batches)
+        run = await _timed(label, stores, sinks, batches, am_pid)
         if actor is not None and task is not None:
-            undelivered = "SELECT count(*) FROM notification_outbox WHERE delivered_at IS NULL"
+            undelivered = "SELECT count(*) FROM notification_outbox"
             while await pool.fetchval(undelivered):  # noqa: ASYNC110 - the actor's table, not our event
                 await asyncio.sleep(0.05)
             run.delivered_s = time.perf_counter() - run.started
@@ -188,18 +195,34 @@ async def _run(label: str, stores: Stores, batches: list[DecodedBatch], am_url: 
     return run
 
 
-async def _timed(label: str, stores: Stores, sinks: list[Sink], batches: list[DecodedBatch]) -> Run:
+async def _servers_cpu(pool: asyncpg.Pool, am_pid: int | None) -> float | None:
+    """CPU-seconds so far of the PostgreSQL server's processes and the bench's Alertmanager."""
+    pids = [row["pid"] for row in await pool.fetch("SELECT pid FROM pg_stat_activity")]
+    try:
+        return cpu_seconds(pids + ([am_pid] if am_pid else []))
+    except (OSError, ValueError):  # a remote server, or processes we may not read
+        return None
+
+
+async def _timed(
+    label: str, stores: Stores, sinks: list[Sink], batches: list[DecodedBatch], am_pid: int | None
+) -> Run:
     me = [os.getpid()]
+    servers_before = await _servers_cpu(stores.postgres, am_pid)
     cpu_before, started = cpu_seconds(me), time.perf_counter()
     for batch in batches:
         for sink in sinks:  # the writer's order
             await sink.write(batch)
     wall = time.perf_counter() - started
     cpu = cpu_seconds(me) - cpu_before
-    return Run(label, sum(b.messages for b in batches), wall, cpu, started)
+    servers_after = await _servers_cpu(stores.postgres, am_pid)
+    servers = None if servers_before is None or servers_after is None else servers_after - servers_before
+    return Run(label, sum(b.messages for b in batches), wall, cpu, started, servers)
 
 
-async def _bench(settings: Settings, messages: int, devices: int, repeat: int, am_url: str) -> list[Run]:
+async def _bench(
+    settings: Settings, messages: int, devices: int, repeat: int, am_url: str, am_pid: int | None = None
+) -> list[Run]:
     schema = f"bench_notify_{uuid.uuid4().hex[:8]}"
     bench = replace(settings, postgres=replace(settings.postgres, schema=schema))
     # Retries and refreshes as configured; the batch size is what the bench is about.
@@ -211,7 +234,7 @@ async def _bench(settings: Settings, messages: int, devices: int, repeat: int, a
             for n in range(repeat):
                 for label in (PLAIN, NOTIFY) if n % 2 == 0 else (NOTIFY, PLAIN):
                     start = datetime.now(UTC) - timedelta(hours=1) + timedelta(minutes=len(runs))
-                    run = await _run(label, stores, _batches(messages, fleet, start), am_url)
+                    run = await _run(label, stores, _batches(messages, fleet, start), am_url, am_pid)
                     runs.append(run)
                     print(_line(run), flush=True)
     finally:
@@ -224,7 +247,11 @@ async def _bench(settings: Settings, messages: int, devices: int, repeat: int, a
 
 
 def _line(run: Run) -> str:
-    line = f"{run.label:<22} {run.rate:>8,.0f} msg/s  {run.cpu_per_100k:5.2f} CPU-s/100k"
+    servers = run.servers_per_100k
+    line = (
+        f"{run.label:<22} {run.rate:>8,.0f} msg/s  worker {run.cpu_per_100k:5.2f} CPU-s/100k  "
+        f"servers {'n/a' if servers is None else f'{servers:5.2f}'} CPU-s/100k"
+    )
     if run.delivered_s is not None and run.posts is not None:
         line += (
             f"  {run.received:,.0f} alerts delivered after {run.delivered_s:.2f} s "
@@ -237,10 +264,15 @@ def report(runs: list[Run]) -> None:
     plain = [r for r in runs if r.label == PLAIN]
     notify = [r for r in runs if r.label == NOTIFY]
     rate, base = statistics.mean(r.rate for r in notify), statistics.mean(r.rate for r in plain)
-    cpu, base_cpu = (statistics.mean(r.cpu_per_100k for r in group) for group in (notify, plain))
-    print(f"\nmeans over {len(plain)} runs each:")
-    print(f"{PLAIN:<22} {base:>8,.0f} msg/s  {base_cpu:5.2f} CPU-s/100k")
-    print(f"{NOTIFY:<22} {rate:>8,.0f} msg/s  {cpu:5.2f} CPU-s/100k")
+    print(f"\nmeans over {len(plain)} runs each (servers: PostgreSQL and Alertmanager, while ingesting):")
+    for label, group in ((PLAIN, plain), (NOTIFY, notify)):
+        cpu = statistics.mean(r.cpu_per_100k for r in group)
+        servers = [s for r in group if (s := r.servers_per_100k) is not None]
+        shown = f"{statistics.mean(servers):5.2f}" if servers else "n/a"
+        group_rate = statistics.mean(r.rate for r in group)
+        print(
+            f"{label:<22} {group_rate:>8,.0f} msg/s  worker {cpu:5.2f} CPU-s/100k  servers {shown} CPU-s/100k"
+        )
     print(f"ingest with notifications: {rate / base:.1%} of the rate without (target ≥ 90%)")
 
 
@@ -264,10 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.config)
     configure_logging("error", "console")
     with tempfile.TemporaryDirectory(prefix="iotflow-notify-bench-") as root, contextlib.ExitStack() as stack:
-        am_url = args.alertmanager
+        am_url, am_pid = args.alertmanager, None
         if am_url is None:
             try:
-                am_url = stack.enter_context(AlertmanagerServer(Path(root) / "alertmanager")).url
+                server = stack.enter_context(AlertmanagerServer(Path(root) / "alertmanager"))
+                am_url, am_pid = server.url, server.pid
             except ServerUnavailable as exc:
                 print(f"no Alertmanager: {exc}")
                 return ExitCode.CONFIG
@@ -283,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{settings.notify.batch_size}, {args.repeat} runs per configuration",
             flush=True,
         )
-        runs = asyncio.run(_bench(settings, args.messages, args.devices, args.repeat, am_url))
+        runs = asyncio.run(_bench(settings, args.messages, args.devices, args.repeat, am_url, am_pid))
     report(runs)
     return ExitCode.OK
 

@@ -39,14 +39,13 @@ from worker.sinks.notify.channels import (
     build_channels,
     http_client,
 )
-from worker.sinks.notify.outbox import NotificationOutbox, OutboxRow
+from worker.sinks.notify.outbox import NotificationOutbox, OutboxRow, Queries
 from worker.stores import Stores
 
 log = structlog.get_logger("worker.notify")
 
-PURGE_EVERY_S = 3600.0
-LEASE_TIMEOUTS = 3  # a claim's lease, in request timeouts (plus the margin)
-LEASE_MARGIN_S = 5.0
+# A round starts no request after this many request timeouts: its transaction stays short.
+ROUND_TIMEOUTS = 3
 
 
 class NotificationActor(Actor):
@@ -85,28 +84,16 @@ class NotificationActor(Actor):
     async def _run(self) -> None:
         self._client = http_client(self._settings)
         self._channels = build_channels(self._settings, self._client)
-        # A claim's lease outlasts its round, which starts no request within one timeout (and
-        # a margin) of the lease's end: a row is never sent by two workers at once, and the
-        # rows of a worker killed mid-round are due again when the lease runs out.
-        lease_s = LEASE_TIMEOUTS * self._settings.timeout_s + LEASE_MARGIN_S
-        next_refresh = next_purge = time.monotonic()
+        next_refresh = time.monotonic()
         while not self._stopping.is_set():
             self._outbox.added.clear()
-            rows = await retry_transient(
-                lambda: self._outbox.claim(self._settings.batch_size, lease_s), "notify.outbox"
-            )
-            if rows:
-                deadline = time.monotonic() + lease_s - self._settings.timeout_s - LEASE_MARGIN_S
-                await self._deliver(rows, deadline)
+            claimed = await retry_transient(self._round, "notify.outbox")
             now = time.monotonic()
             if now >= next_refresh and self._settings.alertmanager_urls:
                 next_refresh = now + self._settings.refresh_s
                 await self._refresh()
-            if now >= next_purge:
-                next_purge = now + PURGE_EVERY_S
-                await retry_transient(self._outbox.purge, "notify.outbox")
             self._pending = await retry_transient(self._outbox.pending, "notify.outbox")
-            if len(rows) < self._settings.batch_size:  # a full claim: more may be due at once
+            if claimed < self._settings.batch_size:  # a full claim: more may be due at once
                 await self._wait()
 
     async def _wait(self) -> None:
@@ -120,7 +107,7 @@ class NotificationActor(Actor):
     async def stop(self) -> None:
         """Ends after the round under way; rows not sent yet stay in the outbox for the next start.
         A round that outlasts one request timeout (PostgreSQL away: the outbox is waited for)
-        is cancelled: what it claimed is due again when its lease runs out."""
+        is cancelled: its transaction rolls back, and its rows stay due."""
         self._stopping.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._finished.wait()), self._settings.timeout_s + 1)
@@ -137,57 +124,61 @@ class NotificationActor(Actor):
 
     # --- delivery ------------------------------------------------------------------------------
 
-    async def _deliver(self, rows: list[OutboxRow], deadline: float) -> None:
-        by_channel: dict[str, list[OutboxRow]] = defaultdict(list)
-        for row in rows:
-            by_channel[row.channel].append(row)
-        facts = await self._facts(
-            {int(row.body["device_id"]) for row in rows if row.channel.startswith("alertmanager ")}
-        )
-        results = await asyncio.gather(
-            *(
-                self._send(self._channels[name], channel_rows, facts, deadline)
-                for name, channel_rows in by_channel.items()
-            )
-        )
-        sent = [row for delivered in results for row in delivered]
-        await retry_transient(lambda: self._outbox.delivered(sent), "notify.outbox")
+    async def _round(self) -> int:
+        """Claim due rows, send them, settle them; how many were claimed. PostgreSQL lost midway
+        rolls the round back: its rows are sent again (at least once)."""
+        async with self._outbox.claim(self._settings.batch_size) as claim:
+            if not claim.rows:
+                return 0
+            by_channel: dict[str, list[OutboxRow]] = defaultdict(list)
+            for row in claim.rows:
+                by_channel[row.channel].append(row)
+            alerting = {int(r.body["device_id"]) for r in claim.rows if r.channel.startswith("alertmanager ")}
+            facts = await self._facts(claim.conn, alerting)
+            # Requests start only within the round's budget: the transaction stays short.
+            deadline = time.monotonic() + ROUND_TIMEOUTS * self._settings.timeout_s
+            sends = [
+                self._send(self._channels[name], rows, facts, deadline) for name, rows in by_channel.items()
+            ]
+            outcomes = await asyncio.gather(*sends)
+            # Settled one after the other: the claim's connection runs one statement at a time.
+            for sent, failure in outcomes:
+                await claim.delivered(sent)
+                if failure is not None:
+                    await claim.failed(failure.rows, failure.error)
+            return len(claim.rows)
 
     async def _send(
         self, channel: Channel, rows: list[OutboxRow], facts: DeviceFacts, deadline: float
-    ) -> list[OutboxRow]:
-        """The rows the channel took; the others are rescheduled (failed) or released (not tried)."""
+    ) -> tuple[list[OutboxRow], DeliveryFailed | None]:
+        """(the rows the channel took, its failure with the rows it left); rows not tried before
+        the deadline are in neither, and stay due as they were."""
         kind = channel.name.split(" ", 1)[0]
         try:
             count = await channel.send(rows, facts, deadline)
         except DeliveryFailed as exc:
-            await self._failed(channel.name, kind, rows, exc)
             left = {row.id for row in exc.rows}
-            return [row for row in rows if row.id not in left]
-        await retry_transient(lambda: self._outbox.release(rows[count:]), "notify.outbox")
+            sent = [row for row in rows if row.id not in left]
+            self._metrics.inc("notifications_sent", len(sent), channel=kind)
+            self._metrics.inc("notifications_failed", len(exc.rows), channel=kind)
+            if channel.name not in self._failing:  # once per outage, not per retry
+                log.warning(
+                    "notify.channel_failing", channel=channel.name, error=exc.error, waiting=len(exc.rows)
+                )
+            self._failing[channel.name] = exc.error
+            return sent, exc
         self._metrics.inc("notifications_sent", count, channel=kind)
         if self._failing.pop(channel.name, None) is not None:
             log.info("notify.channel_recovered", channel=channel.name)
         log.info("notify.sent", channel=channel.name, notifications=count)
-        return rows[:count]
+        return rows[:count], None
 
-    async def _failed(self, name: str, kind: str, rows: list[OutboxRow], failure: DeliveryFailed) -> None:
-        await retry_transient(lambda: self._outbox.failed(failure.rows, failure.error), "notify.outbox")
-        self._metrics.inc("notifications_sent", len(rows) - len(failure.rows), channel=kind)
-        self._metrics.inc("notifications_failed", len(failure.rows), channel=kind)
-        if name not in self._failing:  # once per outage, not per retry
-            log.warning(
-                "notify.channel_failing", channel=name, error=failure.error, waiting=len(failure.rows)
-            )
-        self._failing[name] = failure.error
-
-    async def _facts(self, device_ids: set[int]) -> DeviceFacts:
+    @staticmethod
+    async def _facts(conn: Queries, device_ids: set[int]) -> DeviceFacts:
         """Device name, owner and groups for Alertmanager's labels."""
         if not device_ids:
             return {}
-        records = await retry_transient(
-            lambda: self._stores.postgres.fetch(DEVICE_FACTS_SQL, sorted(device_ids)), "notify.devices"
-        )
+        records = await conn.fetch(DEVICE_FACTS_SQL, sorted(device_ids))
         return {r["id"]: {"name": r["name"], "user": r["user"], "groups": list(r["groups"])} for r in records}
 
     async def _refresh(self) -> None:
@@ -196,7 +187,7 @@ class NotificationActor(Actor):
         try:
             docs = await self._stores.documents.find("alerts", {"status": "active"}, limit=ALL)
             bodies = [alert_notification(doc) for doc in docs]
-            facts = await self._facts({int(body["device_id"]) for body in bodies})
+            facts = await self._facts(self._stores.postgres, {int(body["device_id"]) for body in bodies})
         except Exception as exc:  # a store away: the next period tries again
             log.warning("notify.refresh_failed", error=describe(exc))
             return

@@ -4,20 +4,23 @@ The alert sink enqueues rows for an event before it marks the event announced in
 `event_logs` (worker/sinks/alerts.py): that flag is the commit point, so an event is
 either announced with its rows or re-announced later, whichever store the documents
 live in (MongoDB has no transaction shared with PostgreSQL). Rows are unique per
-(channel, event key), so announcing again adds nothing. The delivery actor claims due
-rows by pushing their `next_attempt_at` ahead (a lease: a process that dies holding them
-frees them when it runs out), then marks them delivered or schedules the next attempt.
+(channel, event key), so announcing again adds nothing while they wait. The delivery
+actor locks due rows in a transaction for one round (`FOR UPDATE SKIP LOCKED`: other
+workers take other rows; a worker that dies frees them at once), deletes the delivered
+ones and schedules the next attempt of the others, and commits.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
 from schemas.records import AlertEvent
 from worker.config import NotifySettings, WebhookSettings
@@ -43,6 +46,9 @@ def notification_body(event: AlertEvent) -> dict[str, Any]:
     return {**notification(event), "event_key": event.event_key}
 
 
+Queries = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy  # what runs a statement
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
     id: int
@@ -51,6 +57,12 @@ class OutboxRow:
     alert_id: str
     body: dict[str, Any]
     attempts: int
+
+    @classmethod
+    def of(cls, r: asyncpg.Record) -> OutboxRow:
+        return cls(
+            r["id"], r["channel"], r["event_key"], r["alert_id"], orjson.loads(r["body"]), r["attempts"]
+        )
 
 
 class NotificationOutbox:
@@ -87,7 +99,7 @@ class NotificationOutbox:
             return 0
         rows = await self._pool.fetch(
             "INSERT INTO notification_outbox (channel, event_key, alert_id, body) "
-            "SELECT c, k, a, b::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+            "SELECT c, k, a, b::json FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
             "AS t(c, k, a, b) ON CONFLICT (channel, event_key) DO NOTHING RETURNING id",
             channels,
             keys,
@@ -98,54 +110,44 @@ class NotificationOutbox:
             self.added.set()
         return len(rows)
 
-    async def claim(self, limit: int, lease_s: float) -> list[OutboxRow]:
-        """Up to `limit` due rows of configured channels, oldest first, leased for `lease_s`."""
-        rows = await self._pool.fetch(
-            "UPDATE notification_outbox o SET next_attempt_at = now() + make_interval(secs => $2) "
-            "FROM (SELECT id FROM notification_outbox WHERE delivered_at IS NULL "
-            "AND next_attempt_at <= now() AND channel = ANY($3::text[]) "
-            "ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED) due "
-            "WHERE o.id = due.id "
-            "RETURNING o.id, o.channel, o.event_key, o.alert_id, o.body::text AS body, o.attempts",
-            limit,
-            lease_s,
-            self.channels,
-        )
-        return sorted(
-            (
-                OutboxRow(
-                    r["id"],
-                    r["channel"],
-                    r["event_key"],
-                    r["alert_id"],
-                    orjson.loads(r["body"]),
-                    r["attempts"],
-                )
-                for r in rows
-            ),
-            key=lambda row: row.id,
-        )
+    @contextlib.asynccontextmanager
+    async def claim(self, limit: int) -> AsyncIterator[Claim]:
+        """Up to `limit` due rows of configured channels, oldest first, locked for the block
+        (a transaction: other workers skip them; if this one dies, they are free at once)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            records = await conn.fetch(
+                "SELECT id, channel, event_key, alert_id, body::text AS body, attempts "
+                "FROM notification_outbox WHERE next_attempt_at <= now() AND channel = ANY($2::text[]) "
+                "ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                limit,
+                self.channels,
+            )
+            rows = [OutboxRow.of(record) for record in records]
+            yield Claim(conn, sorted(rows, key=lambda row: row.id), self.backoff)
+
+    async def pending(self) -> int:
+        """Rows not delivered yet, due or waiting for their next attempt."""
+        return int(await self._pool.fetchval("SELECT count(*) FROM notification_outbox"))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Rows locked by one delivery round, and how to settle them: in its transaction."""
+
+    conn: Queries
+    rows: list[OutboxRow]
+    backoff: Backoff
 
     async def delivered(self, rows: Collection[OutboxRow]) -> None:
         if rows:
-            await self._pool.execute(
-                "UPDATE notification_outbox SET delivered_at = now(), attempts = attempts + 1, "
-                "last_error = NULL WHERE id = ANY($1::bigint[])",
-                [row.id for row in rows],
-            )
-
-    async def release(self, rows: Collection[OutboxRow]) -> None:
-        """Rows claimed but not tried (the round ran out of time): due again at once."""
-        if rows:
-            await self._pool.execute(
-                "UPDATE notification_outbox SET next_attempt_at = now() WHERE id = ANY($1::bigint[])",
-                [row.id for row in rows],
+            await self.conn.execute(
+                "DELETE FROM notification_outbox WHERE id = ANY($1::bigint[])", [row.id for row in rows]
             )
 
     async def failed(self, rows: Collection[OutboxRow], error: str) -> None:
         """Count the attempt and schedule the next one, each row after its own backoff."""
         if rows:
-            await self._pool.execute(
+            await self.conn.execute(
                 "UPDATE notification_outbox o SET attempts = o.attempts + 1, last_error = $3, "
                 "next_attempt_at = now() + make_interval(secs => t.delay) "
                 "FROM unnest($1::bigint[], $2::float8[]) AS t(id, delay) WHERE o.id = t.id",
@@ -154,28 +156,14 @@ class NotificationOutbox:
                 error[:500],
             )
 
-    async def pending(self) -> int:
-        """Rows not delivered yet, due or waiting for their next attempt."""
-        return int(
-            await self._pool.fetchval("SELECT count(*) FROM notification_outbox WHERE delivered_at IS NULL")
-        )
-
-    async def purge(self) -> int:
-        """Remove delivered rows older than `notify.keep_delivered_s`."""
-        status = await self._pool.execute(
-            "DELETE FROM notification_outbox WHERE delivered_at < now() - make_interval(secs => $1)",
-            self.settings.keep_delivered_s,
-        )
-        return int(status.split()[-1])
-
 
 async def delivery_state(pool: asyncpg.Pool, alert_ids: Collection[str]) -> dict[str, list[dict[str, Any]]]:
-    """Per alert, each outbox row: channel, event, attempts, delivered or the last error
-    (`iotflow alerts list`)."""
+    """Per alert, each notification not delivered yet: channel, event, attempts, the last
+    error and when it is tried next (`iotflow alerts list`)."""
     if not alert_ids:
         return {}
     rows = await pool.fetch(
-        "SELECT alert_id, channel, event_key, attempts, last_error, delivered_at, next_attempt_at "
+        "SELECT alert_id, channel, event_key, attempts, last_error, next_attempt_at "
         "FROM notification_outbox WHERE alert_id = ANY($1::text[]) ORDER BY id",
         list(alert_ids),
     )
@@ -186,9 +174,8 @@ async def delivery_state(pool: asyncpg.Pool, alert_ids: Collection[str]) -> dict
                 "channel": r["channel"],
                 "event": r["event_key"].rsplit(":", 1)[-1],
                 "attempts": r["attempts"],
-                "delivered": r["delivered_at"] is not None,
                 "last_error": r["last_error"],
-                "next_attempt_at": None if r["delivered_at"] else r["next_attempt_at"],
+                "next_attempt_at": r["next_attempt_at"],
             }
         )
     return state
