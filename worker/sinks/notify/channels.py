@@ -1,7 +1,7 @@
 """How each receiver is spoken to: Alertmanager's API v2 and signed JSON webhooks.
 
 A channel sends a list of outbox rows and says how many were delivered (it starts no
-request past the round's deadline, so a claim's lease outlasts the round); a failure
+request past the round's deadline, which keeps the round's transaction short); a failure
 (a refused connection, a timeout, a status other than 2xx) raises `DeliveryFailed`
 naming the rows it leaves, and the actor schedules them again. httpx is the client:
 maintained, typed, with per-request timeouts and a connection pool per channel.

@@ -2,9 +2,10 @@
 
 Off the ingest path: the alert sink only inserts outbox rows, so a receiver that is
 down holds nothing but its own rows, which wait with backoff (`notify.retry_first_s`
-doubling up to `notify.retry_max_s`) in PostgreSQL, across restarts. Each round claims
-up to `notify.batch_size` due rows, sends them channel by channel (a channel's failure
-reschedules its rows and leaves the others alone), and marks them. Woken at once when
+doubling up to `notify.retry_max_s`) in PostgreSQL, across restarts. Each round locks
+up to `notify.batch_size` due rows, sends them channel by channel, concurrently (a
+channel's failure reschedules its rows and leaves the others alone), deletes what was
+delivered and commits (worker/sinks/notify/outbox.py). Woken at once when
 this process enqueued rows, otherwise every `notify.poll_s` (rows of other processes,
 retries). Every `notify.refresh_s` the active alerts are sent to Alertmanager again,
 as Prometheus does, so that Alertmanager keeps them firing; it resolves an alert
