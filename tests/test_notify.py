@@ -131,7 +131,7 @@ async def alertmanager_alerts(server: AlertmanagerServer, device: Device) -> lis
     return alerts
 
 
-async def test_alertmanager_shows_the_breach_with_its_labels_and_the_clear_resolves_it(
+async def test_alertmanager_shows_the_breach_with_its_labels_keeps_it_firing_and_the_clear_resolves_it(
     settings: Settings, pg: asyncpg.Connection, admin: RuleAdmin, alertmanager_server: AlertmanagerServer
 ) -> None:
     device = await new_device(pg, admin)
@@ -141,7 +141,8 @@ async def test_alertmanager_shows_the_breach_with_its_labels_and_the_clear_resol
             "INSERT INTO device_groups (user_id, name) VALUES ($1, $2) RETURNING id", user_id, name
         )
         await pg.execute("INSERT INTO device_group_members VALUES ($1, $2)", group, device.id)
-    notify = replace(QUICK, alertmanager_urls=[alertmanager_server.url])
+    # Refreshed every half second: valid for two, so only the refreshes keep it firing.
+    notify = replace(QUICK, alertmanager_urls=[alertmanager_server.url], refresh_s=0.5)
     async with running_daemon(replace(settings, notify=notify)):
         await publish(settings.mqtt.url, device.telemetry([25, 31]))
 
@@ -164,6 +165,12 @@ async def test_alertmanager_shows_the_breach_with_its_labels_and_the_clear_resol
         }
         assert alert["annotations"]["value"] == "31.0" and alert["annotations"]["threshold"] == "30.0"
         assert "above the threshold" in alert["annotations"]["message"]
+
+        async def refreshed() -> bool:
+            (again,) = await alertmanager_alerts(alertmanager_server, device)
+            return bool(again["endsAt"] > alert["endsAt"] and again["startsAt"] == alert["startsAt"])
+
+        await wait_for(refreshed)
 
         await publish(settings.mqtt.url, device.telemetry([20], start=time.time()))
 
