@@ -21,6 +21,15 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
     echo "note: no mosquitto on PATH; install it (apt-get install mosquitto / brew install mosquitto)" >&2
   fi
 fi
+# Alert notifications are tested against a real Prometheus Alertmanager (Debian's package).
+if [ "$extras" = test ] && ! command -v prometheus-alertmanager >/dev/null && [ ! -x /usr/bin/prometheus-alertmanager ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing prometheus-alertmanager (for the notification tests) with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-alertmanager >/dev/null
+  else
+    echo "note: no prometheus-alertmanager; the Alertmanager tests will skip (apt-get install prometheus-alertmanager)" >&2
+  fi
+fi
 # The tests validate docker-compose.yml offline with `docker-compose config` (no engine needed).
 if [ "$extras" = test ] && ! command -v docker-compose >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

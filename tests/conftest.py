@@ -1,6 +1,6 @@
 """Fixtures: real PostgreSQL, Redis and MQTT for every integration test; real Cassandra,
-Kafka, a MongoDB-protocol server (FerretDB) and a second MQTT 5 broker (HiveMQ CE) for the
-tests that ask for them.
+Kafka, a MongoDB-protocol server (FerretDB) and a second MQTT 5 broker (HiveMQ CE) and
+Alertmanager for the tests that ask for them.
 
 Services come from IOTFLOW_TEST_POSTGRES_URL / IOTFLOW_TEST_REDIS_URL /
 IOTFLOW_TEST_MQTT_URL / IOTFLOW_TEST_CASSANDRA_HOSTS / IOTFLOW_TEST_KAFKA_BOOTSTRAP /
@@ -41,6 +41,7 @@ from worker.stores.migrate import migrate
 from worker.stores.redis import delete_matching
 from worker.tools.embedded import EmbeddedServices, ServiceUrls
 from worker.tools.servers import (
+    AlertmanagerServer,
     CassandraServer,
     FerretDBServer,
     HiveMQServer,
@@ -337,6 +338,13 @@ def ferretdb_server() -> Iterator[FerretDBServer]:
     """The suite's own FerretDB 1.24 (tests of what it refuses ask for this one, whatever
     IOTFLOW_TEST_MONGODB_URL names)."""
     with _session_server(FerretDBServer, "ferretdb") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def alertmanager_server() -> Iterator[AlertmanagerServer]:
+    """The suite's own Prometheus Alertmanager (Debian's package), ready at /-/ready."""
+    with _session_server(AlertmanagerServer, "alertmanager") as server:
         yield server
 
 

@@ -6,15 +6,16 @@ import asyncio
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import asyncpg
 import orjson
 
 from worker.config import Settings
-from worker.tools import documents_bench
+from worker.tools import documents_bench, notify_bench
 from worker.tools.bench_support import Publishers, children, cpu_seconds
 from worker.tools.fleet_bench import fleet_messages
-from worker.tools.servers import FerretDBServer
+from worker.tools.servers import AlertmanagerServer, FerretDBServer
 
 
 def test_the_ceiling_takes_and_acknowledges_every_message_two_publishers_send(settings: Settings) -> None:
@@ -199,3 +200,16 @@ async def test_the_documents_bench_stores_every_document_it_counts(ferretdb_serv
     assert result.server_cpu_s is not None and result.server_cpu_s >= 0
     line = result.line()
     assert line.startswith("documents=300 ") and "inserts_per_s=" in line and "server_cpu_s_per_100k=" in line
+
+
+async def test_the_notify_bench_delivers_every_alert_of_the_storm_in_batches(
+    settings: Settings, alertmanager_server: AlertmanagerServer
+) -> None:
+    settings.notify = replace(settings.notify, batch_size=40)
+    runs = await notify_bench._bench(settings, 600, 100, 1, alertmanager_server.url)
+    plain, notify = sorted(runs, key=lambda run: run.label)
+    assert (plain.label, notify.label) == (notify_bench.PLAIN, notify_bench.NOTIFY)
+    assert plain.messages == notify.messages == 600 and plain.delivered_s is None
+    # The notify actor's first refresh may already see some of the storm's active alerts.
+    assert notify.received is not None and notify.received >= 100 and notify.posts is not None
+    assert sum(notify.posts) == notify.received and max(notify.posts) <= 40

@@ -168,3 +168,45 @@ def test_the_reference_table_and_the_example_file_list_every_setting() -> None:
         assert f"| `{setting}` | `{variable}` | `{default}` |" in table, setting
         section, key = setting.split(".")
         assert repr(example[section][key]) == default, f"example file: {setting}"
+
+
+def test_notification_channels_come_from_tables_or_a_json_list(tmp_path: Path) -> None:
+    secret = tmp_path / "hook-secret"
+    secret.write_text("from-a-file\n")
+    path = write(
+        tmp_path,
+        '[notify]\nalertmanager_urls = ["http://am-1:9093", "http://am-2:9093"]\n'
+        f'[[notify.webhooks]]\nurl = "https://hooks.example.com/a"\nsecret_file = "{secret}"\n'
+        'users = [7]\nrules = ["global/offline"]\n',
+    )
+    notify = load_settings(path, environ={}).notify
+    assert notify.alertmanager_urls == ["http://am-1:9093", "http://am-2:9093"]
+    (hook,) = notify.webhooks
+    assert (hook.secret, hook.users, hook.rules) == ("from-a-file", [7], ["global/offline"])
+    assert hook.channel == "webhook https://hooks.example.com/a"
+    env = {"IOTFLOW_NOTIFY_WEBHOOKS": '[{"url": "http://h/x", "name": "ops", "secret": "k"}]'}
+    (hook,) = load_settings(path, environ=env).notify.webhooks
+    assert (hook.channel, hook.secret) == ("webhook ops", "k")
+
+
+@pytest.mark.parametrize(
+    ("table", "setting", "problem"),
+    [
+        ('url = "https://h/x"', "notify.webhooks[0].secret", "is required (or secret_file)"),
+        ('secret = "k"', "notify.webhooks[0].url", "is required"),
+        ('url = "ftp://h/x"\nsecret = "k"', "notify.webhooks[0].url", "must be a URL with scheme"),
+        ('url = "https://h/x"\nsecret = "k"\nusers = ["bob"]', "notify.webhooks[0].users", "not an integer"),
+        ('url = "https://h/x"\nsecret = "k"\nheaders = 1', "notify.webhooks[0].headers", "unknown setting"),
+    ],
+)
+def test_a_bad_webhook_names_its_setting(tmp_path: Path, table: str, setting: str, problem: str) -> None:
+    path = write(tmp_path, f"[[notify.webhooks]]\n{table}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert caught.value.setting == setting and problem in caught.value.problem
+
+
+def test_an_alertmanager_url_must_be_http(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, environ={"IOTFLOW_NOTIFY_ALERTMANAGER_URLS": "am-1:9093"})
+    assert caught.value.setting.startswith("notify.alertmanager_urls")

@@ -40,3 +40,9 @@ def test_a_command_loads_only_its_own_group() -> None:
         if m == "jobs"
         or m.startswith(("jobs.", "worker.pipeline", "worker.tools", "worker.ops", "cryptography"))
     }
+
+
+def test_the_rules_decide_and_import_no_sink() -> None:
+    """Rules judge; a sink the pipeline wires stores and delivers what they decide."""
+    loaded = _modules_after_import("worker.rules.actor", "worker.rules.alert_admin")
+    assert not {m for m in loaded if m.startswith("worker.sinks")}

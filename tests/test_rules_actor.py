@@ -51,13 +51,13 @@ class Harness:
 
     def __init__(self, stores: Stores, clock: Clock) -> None:
         self.outbox: Mailbox[DecodedBatch] = Mailbox(16)
-        self.actor = RulesActor(stores, self.outbox, Metrics(), clock=clock)
+        self.sink = AlertSink(stores)
+        self.actor = RulesActor(stores, self.outbox, Metrics(), self.sink, clock=clock)
         # A busy machine can hold up an event loop past the default (1 s), and a stall
         # holds offline silence, which the injected clock would never make up for: only
         # the test about stalls has them, and decides when.
         self.actor.stall_s = 3600
         self.inbox = self.actor.mailbox
-        self.sink = AlertSink(stores)
         self.task = asyncio.create_task(self.actor.run())
 
     async def send(self, device_id: int, user_id: int, at: datetime, value: float) -> DecodedBatch:

@@ -525,6 +525,74 @@ class RulesSettings:
     )
 
 
+def _http_urls(value: Any) -> str | None:
+    check = _url("http", "https")
+    return next((f"{url!r}: {problem}" for url in value if (problem := check(url))), None)
+
+
+@dataclass
+class WebhookSettings:
+    """One webhook endpoint of `notify.webhooks` (a TOML array of tables, or a JSON list in the
+    environment): where to POST, how to sign, which alerts it wants."""
+
+    url: str = field(default="", metadata=_meta("https://hooks.example.com/iotflow", _url("http", "https")))
+    name: str = field(default="", metadata=_meta("ops", doc="the channel's name; empty: the URL"))
+    secret: str = field(default="", metadata=_meta("s3cr3t", doc="HMAC-SHA256 key of X-IoTFlow-Signature"))
+    secret_file: str = field(default="", metadata=_meta("/run/credentials/iotflow-worker.service/hook"))
+    rules: list[str] = field(default_factory=list, metadata=_meta('["global/hot"]', doc="only these rules"))
+    users: list[int] = field(default_factory=list, metadata=_meta("[7]", doc="only these users' devices"))
+
+    @property
+    def channel(self) -> str:
+        return f"webhook {self.name or self.url}"
+
+
+@dataclass
+class NotifySettings:
+    """Alert notifications (docs/rules.md): Alertmanager and signed webhooks, from an outbox."""
+
+    alertmanager_urls: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            "http://am-1:9093,http://am-2:9093",
+            _http_urls,
+            doc="Alertmanagers that get every alert (an HA pair: all of them)",
+        ),
+    )
+    webhooks: list[WebhookSettings] = field(
+        default_factory=list,
+        metadata=_meta(
+            '[{url = "https://hooks.example.com/iotflow", secret = "…"}]', doc="webhook endpoints"
+        ),
+    )
+    timeout_s: float = field(default=10.0, metadata=_meta("10", _positive, doc="per HTTP request"))
+    retry_first_s: float = field(
+        default=1.0, metadata=_meta("1", _positive, doc="first wait after a failed delivery; doubles")
+    )
+    retry_max_s: float = field(default=300.0, metadata=_meta("300", _positive, doc="longest wait"))
+    batch_size: int = field(
+        default=500,
+        metadata=_meta("500", _positive, doc="alerts per Alertmanager POST, rows claimed at once"),
+    )
+    poll_s: float = field(
+        default=1.0, metadata=_meta("1", _positive, doc="how often the outbox is read for due rows")
+    )
+    refresh_s: float = field(
+        default=60.0,
+        metadata=_meta("60", _positive, doc="active alerts re-sent to Alertmanager; valid 4× as long"),
+    )
+    link_url: str = field(
+        default="",
+        metadata=_meta(
+            "https://iot.example.com/alerts/{alert_id}", doc="link annotation and generatorURL; {alert_id}"
+        ),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.alertmanager_urls or self.webhooks)
+
+
 @dataclass
 class JobsSettings:
     """arq jobs: rollups, reports, retention, sweeps."""
@@ -672,6 +740,7 @@ class Settings:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     rules: RulesSettings = field(default_factory=RulesSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -720,6 +789,7 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
         _load_section(section_field.name, section, table, environ)
     _check_cross_field(settings)
     _apply_password_files(settings)
+    _apply_webhook_secrets(settings.notify)
     return settings
 
 
@@ -824,6 +894,20 @@ def _coerce(value: Any, hint: Any, setting: str, example: str) -> Any:
             raise ConfigError(setting, f"{value!r} is not one of {', '.join(choices)}", example)
         return value
     if origin is list:
+        (item,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(item):  # an array of tables, each checked like a section
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(setting, f"{value!r} is not a list of tables", example)
+            tables = []
+            for index, table in enumerate(value):
+                entry = typing.cast(Any, item)()
+                _load_section(f"{setting}[{index}]", entry, table, {})
+                tables.append(entry)
+            return tables
+        if item is int:
+            if not isinstance(value, list):
+                raise ConfigError(setting, f"{value!r} is not a list of integers", example)
+            return [_coerce(v, int, setting, example) for v in value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(setting, f"{value!r} is not a list of strings", example)
         return value
@@ -931,7 +1015,11 @@ def _apply_password_files(settings: Settings) -> None:
 
 
 def _read_password_file(setting: str, path: str, name: str) -> str:
-    example = f"/run/credentials/iotflow-worker.service/{name}-password"
+    return _read_secret_file(setting, path, f"/run/credentials/iotflow-worker.service/{name}-password")
+
+
+def _read_secret_file(setting: str, path: str, example: str) -> str:
+    """A secret kept in a file: read once at start, its trailing newline stripped."""
     try:
         return Path(path).read_text("utf-8").rstrip("\r\n")
     except FileNotFoundError:
@@ -939,6 +1027,21 @@ def _read_password_file(setting: str, path: str, name: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(setting, f"{path} cannot be read: {reason}", example) from None
+
+
+def _apply_webhook_secrets(notify: NotifySettings) -> None:
+    """`secret_file` of each webhook, read as `password_file` is; a webhook needs a secret."""
+    for index, hook in enumerate(notify.webhooks):
+        setting = f"notify.webhooks[{index}]"
+        if not hook.url:
+            raise ConfigError(f"{setting}.url", "is required", "https://hooks.example.com/iotflow")
+        if hook.secret_file:
+            hook.secret = _read_secret_file(f"{setting}.secret_file", hook.secret_file, "/run/…/hook")
+        if not hook.secret:
+            raise ConfigError(f"{setting}.secret", "is required (or secret_file)", "a long random string")
+    names = [hook.channel for hook in notify.webhooks]
+    if len(set(names)) != len(names):
+        raise ConfigError("notify.webhooks", "two webhooks have the same name (or URL)", 'name = "ops"')
 
 
 def url_with_password(url: str, password: str) -> str:

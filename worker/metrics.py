@@ -52,6 +52,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hot_state_skipped": ("batches whose hot state was not written (Redis down): rebuilt later", ()),
     "hot_state_rebuilt": ("latest values rewritten from PostgreSQL after a Redis outage", ()),
     "alerts": ("alert events raised, by kind and severity", ("kind", "severity")),
+    "notifications_sent": ("alert notifications a receiver took, by kind of channel", ("channel",)),
+    "notifications_failed": ("alert notification attempts that failed (each retried)", ("channel",)),
     "mqtt_connects": ("MQTT sessions established (the first one included)", ()),
     "rate_limited": ("messages over their device's rate limit, dead-lettered", ()),
     "kafka_revocations": ("Kafka intake: partition revocations in a rebalance", ()),
@@ -81,6 +83,8 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "rules_loaded": ("alert rules in force", ()),
     "rules_invalid": ("malformed alert rules, not loaded", ()),
     "alerts_active": ("alerts fired and not resolved", ()),
+    "notifications_pending": ("alert notifications in the outbox not delivered yet", ()),
+    "notification_channel_failing": ("1 while a notification channel's last attempt failed", ("channel",)),
 }
 
 # Publish→commit, from the reading's own timestamp: device clocks and broker backlogs included.

@@ -42,6 +42,8 @@ from worker.sinks.alerts import AlertSink
 from worker.sinks.base import Sink
 from worker.sinks.hot_state import RebuildableHotState, latest_through_reads
 from worker.sinks.mirror import mirrored_readings
+from worker.sinks.notify.delivery import NotificationActor
+from worker.sinks.notify.outbox import NotificationOutbox
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.sinks.writer import BatchWriter
@@ -140,11 +142,18 @@ class Pipeline:
         # AlertSink stores the alerts a batch caused before its messages are acknowledged.
         stages: list[Actor] = []
         decoder_out = self.decoded
+        # One alert sink for both: the rules actor writes through it what no message caused.
+        # With channels configured it fills the notification outbox, which `notifier` sends.
+        notifier: list[Actor] = []
         if settings.rules.enabled:
-            self.rules = rules = RulesActor(stores, self.decoded, self.metrics)
+            outbox = NotificationOutbox(stores.postgres, settings.notify) if settings.notify.enabled else None
+            alerts = AlertSink(stores, outbox)
+            self.rules = rules = RulesActor(stores, self.decoded, self.metrics, alerts)
             decoder_out = rules.mailbox
             stages.append(rules)
-            sinks.append(AlertSink(stores))
+            sinks.append(alerts)
+            if outbox is not None:
+                notifier.append(NotificationActor(stores, outbox, self.metrics))
         rate_limiter = RateLimiter(
             stores.redis,
             stores.keys,
@@ -172,7 +181,7 @@ class Pipeline:
             settings.pipeline.slow_write_s,
             derived=derived,
         )
-        actors: list[Actor] = [self.intake, decoder, *stages, self.writer]
+        actors: list[Actor] = [self.intake, decoder, *stages, self.writer, *notifier]
         return ActorGroup(actors, helpers=[self._report, self._collect_when_idle])
 
     def mailbox_gauges(self) -> dict[tuple[str, ...], Callable[[], float]]:

@@ -6,11 +6,13 @@
     iotflow rules import FILE [--dry-run]
     iotflow alerts list [--active] [--device DEVICE] [--limit N] [--json]
     iotflow alerts ack ALERT_ID [--by NAME]
+    iotflow alerts test
 
 RULE is a JSON object or `key=value` pairs (values are read as JSON when they
 parse, as text otherwise): `type=threshold field=temperature condition=">" value=30`.
 DEVICE is a device id, device_key or MAC. Exit codes (worker.exit_codes): 0 done, 1
-refused (malformed rule, no such rule, group or alert), 2 an unknown device.
+refused (malformed rule, no such rule, group or alert; a notification channel that did
+not take the test), 2 an unknown device or no notification channel configured.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     ack.add_argument("alert_id", metavar="ALERT_ID")
     ack.add_argument("--by", default=None, help="who acknowledges (kept in the alert)")
     ack.set_defaults(handler=_alerts_ack)
+    test = alert_verbs.add_parser("test", help="send a test notification through every channel")
+    test.set_defaults(handler=_alerts_test)
 
 
 def _scope_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -221,10 +225,14 @@ def _rules_import(settings: Settings, args: argparse.Namespace) -> int:
 
 def _alerts_list(settings: Settings, args: argparse.Namespace) -> int:
     from worker.rules.alert_admin import list_alerts
+    from worker.sinks.notify.outbox import delivery_state
 
     async def work(admin: RuleAdmin) -> int:
         device = None if args.device is None else await find_device_id(admin.stores.postgres, args.device)
         alerts = await list_alerts(admin.documents, active=args.active, device_id=device, limit=args.limit)
+        state = await delivery_state(admin.stores.postgres, [alert["_id"] for alert in alerts])
+        for alert in alerts:
+            alert["notifications"] = state.get(alert["_id"], [])
         if args.json:
             print(orjson.dumps(alerts, option=orjson.OPT_INDENT_2, default=str).decode())
             return ExitCode.OK
@@ -234,6 +242,8 @@ def _alerts_list(settings: Settings, args: argparse.Namespace) -> int:
                 f"{alert['_id']}  {alert.get('status', '?'):8} {ack:3} {alert.get('severity', '?'):8} "
                 f"{alert.get('fired_at', '')}  {alert.get('message', '')}"
             )
+            for line in delivery_lines(alert.get("notifications", [])):
+                print(f"    {line}")
         if not alerts:
             print("no alerts")
         return ExitCode.OK
@@ -244,12 +254,41 @@ def _alerts_list(settings: Settings, args: argparse.Namespace) -> int:
 def _alerts_ack(settings: Settings, args: argparse.Namespace) -> int:
     from worker.rules.alert_admin import acknowledge
     from worker.sinks.alerts import AlertSink
+    from worker.sinks.notify.outbox import NotificationOutbox
 
     async def work(admin: RuleAdmin) -> int:
-        doc = await acknowledge(admin.documents, AlertSink(admin.stores), args.alert_id, args.by)
+        # The acknowledgement's webhooks go into the outbox; a running worker sends them.
+        notify = settings.notify
+        outbox = NotificationOutbox(admin.stores.postgres, notify) if notify.enabled else None
+        doc = await acknowledge(admin.documents, AlertSink(admin.stores, outbox), args.alert_id, args.by)
         if doc is None:
             return _refuse("alerts ack", f"there is no alert {args.alert_id!r}")
         print(f"acknowledged {args.alert_id} ({doc.get('status')}): {doc.get('message', '')}")
         return ExitCode.OK
 
     return _run(settings, work, "alerts ack")
+
+
+def delivery_lines(notifications: list[dict[str, Any]]) -> list[str]:
+    """One line per notification not delivered yet: failing (the last error) or pending."""
+    lines = []
+    for note in notifications:
+        state = f"failing: {note['last_error']}" if note["last_error"] else "pending"
+        lines.append(f"notify {note['channel']} {note['event']}: {state} (attempts {note['attempts']})")
+    return lines
+
+
+def _alerts_test(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.sinks.notify.probe import send_test
+
+    if not settings.notify.enabled:
+        print(
+            "iotflow: alerts test: no notification channel configured "
+            "(set notify.alertmanager_urls or notify.webhooks)",
+            file=sys.stderr,
+        )
+        return ExitCode.CONFIG
+    results = asyncio.run(send_test(settings.notify))
+    for channel, error in results:
+        print(f"{channel}: {'ok' if error is None else f'failed: {error}'}")
+    return ExitCode.OK if all(error is None for _, error in results) else ExitCode.FAILURE

@@ -32,11 +32,11 @@ from schemas.records import AlertEvent, DecodedBatch
 from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, retry_transient
 from worker.rules.evaluator import Clock, Evaluator, utc_now
+from worker.rules.events import AlertWriter
 from worker.rules.source import LoadedRules, RuleProblem, RuleSource, rules_channel
 from worker.rules.state import SavedState, load_state
 from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
-from worker.sinks.alerts import AlertSink
 from worker.stores import Stores
 from worker.stores import redis as redis_store
 
@@ -54,9 +54,11 @@ class RulesActor(MailboxActor[DecodedBatch]):
         stores: Stores,
         downstream: Mailbox[DecodedBatch],
         metrics: Metrics,
+        alerts: AlertWriter,
         clock: Clock = utc_now,
     ) -> None:
-        """The inbox (`self.mailbox`) is the actor's own, the size of `downstream`."""
+        """The inbox (`self.mailbox`) is the actor's own, the size of `downstream`; `alerts`
+        stores the events no message caused (the writer's alert sink)."""
         super().__init__(Mailbox(downstream.maxsize))
         self._stores = stores
         self._settings = stores.settings.rules
@@ -64,7 +66,7 @@ class RulesActor(MailboxActor[DecodedBatch]):
         self._metrics = metrics
         self._clock = clock
         self._source = RuleSource(stores.documents, stores.postgres)
-        self._sink = AlertSink(stores)  # for events that no message caused
+        self._sink = alerts
         self._channel = rules_channel(stores.keys)
         self._evaluator: Evaluator | None = None
         self._signature = ""

@@ -11,7 +11,7 @@ from typing import Any
 
 from schemas.records import AlertEvent
 from worker.rules.evaluator import Clock, utc_now
-from worker.sinks.alerts import AlertSink
+from worker.rules.events import AlertWriter
 from worker.stores.documents import DocumentStore
 
 
@@ -32,7 +32,7 @@ async def list_alerts(
 
 
 async def acknowledge(
-    documents: DocumentStore, sink: AlertSink, alert_id: str, by: str | None, clock: Clock = utc_now
+    documents: DocumentStore, sink: AlertWriter, alert_id: str, by: str | None, clock: Clock = utc_now
 ) -> dict[str, Any] | None:
     """Mark the alert acknowledged; None when there is no such alert. Idempotent."""
     doc = await documents.get("alerts", alert_id)

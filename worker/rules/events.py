@@ -10,20 +10,44 @@ device's silence passed the rule's duration).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from schemas.records import AlertEvent, EventKind
+
+COMPACT_TIME = "%Y%m%dT%H%M%S.%fZ"  # an alert id's event time
+
+
+class AlertWriter(Protocol):
+    """What stores and announces alert events (worker/sinks/alerts.py): rules decide, a sink
+    the pipeline wires stores and delivers."""
+
+    async def write_events(self, events: Sequence[AlertEvent]) -> None: ...
+
+    async def announce_pending(self) -> int: ...
+
+    async def reset(self) -> None: ...
 
 
 def alert_id(rule_uid: str, device_id: int, at: datetime) -> str:
     return f"{rule_uid}:{device_id}:{compact_time(at)}"
 
 
+def fired_at_of(alert_id: str) -> datetime:
+    """When the alert fired: the event time its id ends with (sliced: strptime costs more than
+    the rest of an Alertmanager alert, and a storm builds thousands)."""
+    t = alert_id.rsplit(":", 1)[-1]  # 20241122T051320.123456Z
+    if len(t) != 23 or t[8] != "T" or t[15] != "." or t[22] != "Z":
+        raise ValueError(f"{alert_id!r} does not end with an event time")
+    return datetime(
+        int(t[0:4]), int(t[4:6]), int(t[6:8]), int(t[9:11]), int(t[11:13]), int(t[13:15]), int(t[16:22]), UTC
+    )
+
+
 def compact_time(at: datetime) -> str:
     """UTC with microseconds, no separators that need quoting: 20241122T051320.123456Z."""
-    return at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return at.astimezone(UTC).strftime(COMPACT_TIME)
 
 
 def alert_document(event: AlertEvent) -> dict[str, Any]:
@@ -115,6 +139,24 @@ def notification(event: AlertEvent) -> dict[str, Any]:
         "details": event.details,
         "status": "resolved" if event.kind == "resolved" else "active",
         "at": event.at,
+    }
+
+
+def alert_notification(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The notification of an `alerts` document's current state (what its last event said)."""
+    resolved = doc.get("status") == "resolved"
+    return {
+        "event": "alert.resolved" if resolved else "alert.fired",
+        "alert_id": doc["_id"],
+        "rule_id": doc.get("rule_id"),
+        "device_id": doc.get("device_id"),
+        "user_id": doc.get("user_id"),
+        "alert_type": doc.get("alert_type"),
+        "severity": doc.get("severity"),
+        "message": doc.get("message"),
+        "details": doc.get("details") or {},
+        "status": "resolved" if resolved else "active",
+        "at": doc.get("resolved_at") if resolved else doc.get("fired_at"),
     }
 
 

@@ -1,19 +1,20 @@
 """Alert sink: alert events → `alerts` and `event_logs` documents, `alerts:{device_id}`, pub/sub.
 
 The writer calls it with every batch, like the other sinks, so a message is
-acknowledged only once the alerts it caused are stored. The rules actor keeps a
-second instance for the offline alerts its timer raises, which have no message;
-both use the connections of the one `Stores`.
+acknowledged only once the alerts it caused are stored. The rules actor is handed
+the same instance (the pipeline wires both) for the offline alerts its timer raises,
+which have no message.
 
 Idempotent by construction: alert and event-log keys are deterministic (see
 worker/rules/events.py); inserting an existing key is a no-op (a batch's documents go
 in one bulk insert per collection), updates set the
 same fields to the same values. Notifications are at least once: an event log
 entry is written first, with `notified: false`, and flipped after the Redis
-pipeline has run; an entry a crash left unflipped is announced by a redelivery of
+pipeline has run and the notification outbox has its rows (worker/sinks/notify/outbox.py:
+the flag is the commit point of both); an entry a crash left unflipped is announced by a redelivery of
 the same event, or at the latest by `announce_pending`, which the rules actor runs
 at start (a redelivered reading already judged raises no event to redeliver).
-Order-tolerant: the two instances write independently, so a resolution can be
+Order-tolerant: the two callers write independently, so a resolution can be
 stored before its alert; the alert's insert then applies the logged resolution.
 Each side logs before it touches `alerts`, so racing each other one of them sees
 the other's write.
@@ -35,6 +36,7 @@ from worker.rules.events import (
     notification,
 )
 from worker.rules.source import ALL
+from worker.sinks.notify.outbox import NotificationOutbox
 from worker.stores import Stores
 from worker.stores.documents import DocumentStore
 from worker.stores.keys import RECENT_ALERTS_TTL_S
@@ -45,8 +47,10 @@ log = structlog.get_logger("worker.sinks.alerts")
 class AlertSink:
     name = "alerts"
 
-    def __init__(self, stores: Stores) -> None:
+    def __init__(self, stores: Stores, outbox: NotificationOutbox | None = None) -> None:
+        """`outbox`: where notifications to Alertmanager and webhooks go (None: none configured)."""
         self._stores = stores
+        self._outbox = outbox
         self._docs = stores.documents
         self._keys = stores.keys
         self._recent = stores.settings.rules.recent_alerts
@@ -131,6 +135,8 @@ class AlertSink:
                 )
 
     async def _announce(self, events: Sequence[AlertEvent]) -> None:
+        if self._outbox is not None:
+            await self._outbox.enqueue(events)
         keys = self._keys
         async with self._stores.redis.pipeline(transaction=False) as pipe:
             for event in events:

@@ -36,8 +36,9 @@ log = structlog.get_logger("worker.stores")
 
 HEALTH_TIMEOUT_S = 2.0
 # The daemon's users of the pool at once: the time-series writer (one per write), the
-# registry, the rules source, the alert documents (two writers), a readiness probe.
-DEFAULT_POOL_SIZE = 6
+# registry, the rules source, the alert documents (two writers), a readiness probe, and
+# the notification actor's round (held while it sends).
+DEFAULT_POOL_SIZE = 7
 
 
 @dataclass(frozen=True, slots=True)
