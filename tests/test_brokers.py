@@ -115,7 +115,7 @@ async def _exits_2_naming_mqtt5(settings: Settings, port: int, tries: int = NO_M
     )
     assert code == 2
     errors = _errors(lines)
-    assert [e["event"] for e in errors] == ["supervisor.refused"], errors
+    assert [e["event"] for e in errors] == ["supervisor.refused", "daemon.stopped"], errors
     assert f"the broker at 127.0.0.1:{port} does not answer MQTT 5" in str(errors[0]["error"]), errors
     retries = [line for line in lines if line.get("event") == "mqtt.disconnected"]
     assert len(retries) == tries - 1, retries
@@ -179,7 +179,7 @@ async def test_the_password_setting_is_refused_when_wrong_and_never_logged(
         IOTFLOW_MQTT_PASSWORD="not-the-s3cret",
     )
     assert code == 2
-    assert [e["event"] for e in _errors(lines)] == ["supervisor.refused"]
+    assert [e["event"] for e in _errors(lines)] == ["supervisor.refused", "daemon.stopped"]
     assert "not-the-s3cret" not in repr(lines)
 
 
