@@ -456,3 +456,14 @@ async def test_metrics_hold_the_dead_letters_in_the_table_by_reason(
         await wait_for(lambda: counted({"unknown_device": 2.0, "bad_json": 1.0}))
         await pg.execute("DELETE FROM dead_letters WHERE reason LIKE 'bad_json%'")
         await wait_for(lambda: counted({"unknown_device": 2.0, "bad_json": 0.0}))
+
+
+# --- the bench ----------------------------------------------------------------------------------------
+
+
+async def test_the_replay_bench_stores_every_reading_it_counts(settings: Settings) -> None:
+    from worker.tools import deadletters_bench
+
+    result = await deadletters_bench.run(settings, 3000, 500)
+    assert (result.dead_letters, result.readings) == (3000, 6000)
+    assert result.rate > 0 and result.cpu_s > 0
