@@ -66,6 +66,13 @@ async def readings(pg: asyncpg.Connection) -> list[tuple[datetime, str, float]]:
     return [(row["timestamp"], row["label"], row["value"]) for row in rows]
 
 
+async def add_device(cli: Cli, key: str, *datapoints: str) -> None:
+    """`iotflow devices add KEY --datapoint …` (the usual fix of an unknown device)."""
+    argv = [word for point in datapoints for word in ("--datapoint", point)]
+    code, _, err = await cli("devices", "add", key, *argv)
+    assert (code, err) == (0, "")
+
+
 async def usage_error(cli: Cli, problem: str, *argv: str) -> None:
     """argparse's exit 2 with its line, before anything is connected to."""
     with pytest.raises(SystemExit) as exited:
@@ -90,7 +97,7 @@ async def test_an_unknown_device_added_later_is_replayed_at_its_receive_time_onc
 ) -> None:
     await reject(settings, [("devices/boiler-9/telemetry", orjson.dumps({"temperature": 21.5}))])
     assert (await reasons(pg))[0] == "unknown_device: key boiler-9 is not in devices"
-    assert (await cli("devices", "add", "boiler-9", "--datapoint", "temperature:°C"))[0] == 0
+    await add_device(cli, "boiler-9", "temperature:°C")
 
     code, out, err = await cli("deadletters", "replay")
     assert (code, err) == (0, "")
@@ -131,7 +138,7 @@ async def test_a_wrong_codec_label_fixed_in_the_codec_file_is_replayed(
 async def test_an_out_of_range_reading_is_replayed_once_the_range_is_wider(
     cli: Cli, settings: Settings, pg: asyncpg.Connection
 ) -> None:
-    assert (await cli("devices", "add", "oven-1", "--datapoint", "temperature:°C:-40:85"))[0] == 0
+    await add_device(cli, "oven-1", "temperature:°C:-40:85")
     await reject(settings, [("devices/oven-1/telemetry", orjson.dumps({"temperature": 120}))])
     before = await reasons(pg)
     assert before[0].startswith("out_of_range: temperature=120 outside [-40, 85]")
@@ -152,7 +159,7 @@ async def test_a_dead_letter_still_rejected_takes_its_new_reason(
     await reject(settings, [("devices/tank-1/telemetry", orjson.dumps({"level": 1e9}))])
     first = await pg.fetchrow("SELECT * FROM dead_letters")
     assert first["reason"].startswith("unknown_device")
-    assert (await cli("devices", "add", "tank-1", "--datapoint", "level:%:0:100"))[0] == 0
+    await add_device(cli, "tank-1", "level:%:0:100")
     code, out, _ = await cli("deadletters", "replay")
     assert code == 0 and "still rejected 1 (out_of_range 1)" in out
     again = await pg.fetchrow("SELECT * FROM dead_letters")
@@ -168,22 +175,24 @@ async def test_a_capped_payload_is_never_replayed_and_keeps_its_reason(
 ) -> None:
     settings.pipeline = replace(settings.pipeline, dead_letter_payload_bytes=16)
     payload = orjson.dumps({"temperature": 21.5, "humidity": 40})
-    await reject(settings, [("devices/boiler-7/telemetry", payload)])
-    assert (await cli("devices", "add", "boiler-7", "--datapoint", "temperature", "--datapoint", "humidity"))[
-        0
-    ] == 0
-    before = await pg.fetch("SELECT * FROM dead_letters")
+    long_topic = f"devices/{'k' * 2000}/telemetry"  # kept up to 1,024 characters
+    await reject(settings, [("devices/boiler-7/telemetry", payload), (long_topic, b"{}")])
+    await add_device(cli, "boiler-7", "temperature", "humidity")
+    before = await pg.fetch("SELECT * FROM dead_letters ORDER BY topic_size")
 
     code, out, _ = await cli("deadletters", "replay")
     assert code == 0
-    assert out == "replayed 0 dead letters (0 readings stored); still rejected 0; skipped as capped 1\n"
-    assert await pg.fetch("SELECT * FROM dead_letters") == before and await readings(pg) == []
+    assert out == "replayed 0 dead letters (0 readings stored); still rejected 0; skipped as capped 2\n"
+    assert await pg.fetch("SELECT * FROM dead_letters ORDER BY topic_size") == before
+    assert await readings(pg) == []
     code, out, _ = await cli("deadletters", "replay", "--dry-run")
     assert code == 0 and f"{before[0]['id']:>8}  devices/boiler-7/telemetry  -> skipped: capped" in out
 
     code, out, _ = await cli("deadletters", "show", str(before[0]["id"]))
     assert code == 0
     assert f"payload      {len(payload)} bytes, the first 16 kept (capped: never replayed)" in out
+    code, out, _ = await cli("deadletters", "show", str(before[1]["id"]))
+    assert code == 0 and f"(the first 1024 of {len(long_topic)} characters: capped, never replayed)" in out
 
 
 async def test_a_dry_run_says_what_each_would_become_and_touches_nothing(
@@ -196,9 +205,7 @@ async def test_a_dry_run_says_what_each_would_become_and_touches_nothing(
             ("devices/nobody/telemetry", orjson.dumps({"temperature": 1})),
         ],
     )
-    assert (await cli("devices", "add", "boiler-9", "--datapoint", "temperature", "--datapoint", "humidity"))[
-        0
-    ] == 0
+    await add_device(cli, "boiler-9", "temperature", "humidity")
 
     async def everything() -> list[object]:
         return [
@@ -230,7 +237,7 @@ async def test_replay_runs_beside_the_daemon_ingesting(
         for n in range(300)
     ]
     await reject(settings, rejected)
-    assert (await cli("devices", "add", "late-1", "--datapoint", "t"))[0] == 0
+    await add_device(cli, "late-1", "t")
     now_ms = int(time.time() * 1000)
     live = [
         ("devices/sim-json-01/telemetry", orjson.dumps({"ts": now_ms - n, "values": {"temperature": n}}))
@@ -265,7 +272,7 @@ async def test_a_replay_killed_mid_way_completes_on_the_next_run_without_a_dupli
             for n in range(total)
         ],
     )
-    assert (await cli("devices", "add", "late-2", "--datapoint", "t"))[0] == 0
+    await add_device(cli, "late-2", "t")
     ids = [row["id"] for row in await pg.fetch("SELECT id FROM dead_letters ORDER BY id")]
     # The second batch of ten waits on a row this test holds: the kill lands after the first commit.
     blocker = await asyncpg.connect(
@@ -300,6 +307,22 @@ async def test_a_replay_killed_mid_way_completes_on_the_next_run_without_a_dupli
     assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
     assert await pg.fetchval("SELECT count(*) FROM decoded_data") == total
     assert await pg.fetchval("SELECT count(DISTINCT timestamp) FROM decoded_data") == total
+
+
+async def test_a_malformed_codec_file_stops_a_replay_with_one_line_and_exit_2(
+    cli: Cli, settings: Settings, pg: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await reject(settings, [("devices/nobody/telemetry", orjson.dumps({"t": 1}))])
+    codecs = tmp_path / "codecs.toml"
+    codecs.write_text("[climate]\nlength = 0\n")
+    monkeypatch.setenv("IOTFLOW_PIPELINE_CODECS", str(codecs))
+    code, out, err = await cli("deadletters", "replay")
+    assert (code, out) == (2, "")
+    assert (
+        err
+        == f"iotflow: configuration error: {codecs}: codec 'climate': `length` must be a positive integer\n"
+    )
+    assert len(await reasons(pg)) == 1
 
 
 # --- list, show, purge ------------------------------------------------------------------------------
@@ -348,6 +371,15 @@ async def test_list_counts_per_reason_then_the_rows_filtered(
     code, out, _ = await cli("deadletters", "list", "--since", "-1h")
     assert (code, out) == (0, "no dead letters\n")
     await usage_error(cli, "invalid choice: 'misspelt'", "deadletters", "list", "--reason", "misspelt")
+
+
+def test_a_preview_is_one_short_line_of_text_or_hex() -> None:
+    from worker.cli.deadletters import preview
+
+    assert preview(b'{"t": 1,\n "h": 2}') == '{"t": 1, "h": 2}'
+    assert preview(b"x" * 100) == "x" * 39 + "…"
+    assert preview("é".encode() * 31 + b"\xc3") == "é" * 31  # the stored head ends mid-character
+    assert preview(b"\x00\x01\xfe") == "0x0001fe"
 
 
 def test_a_topic_filter_reads_as_mqtt_says() -> None:
@@ -467,3 +499,46 @@ async def test_the_replay_bench_stores_every_reading_it_counts(settings: Setting
     result = await deadletters_bench.run(settings, 3000, 500)
     assert (result.dead_letters, result.readings) == (3000, 6000)
     assert result.rate > 0 and result.cpu_s > 0
+
+
+# --- with Cassandra -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cassandra", "both"])
+async def test_with_cassandra_the_readings_reach_every_readings_store_before_the_dead_letter_leaves(
+    backend: str, cli: Cli, settings: Settings, pg: asyncpg.Connection, cassandra_hosts: str
+) -> None:
+    from worker.sinks.replay import replay_dead_letters
+    from worker.stores.cassandra_schema import migrate_cassandra
+    from worker.stores.dead_letters import Selection
+
+    from .helpers import with_cassandra
+
+    configured = with_cassandra(settings, cassandra_hosts, backend)
+    payload = orjson.dumps({"temperature": 21.5, "state": "open"})
+    await reject(configured, [("devices/boiler-9/telemetry", payload)])
+    await add_device(cli, "boiler-9", "temperature", "state")
+    device = await pg.fetchval("SELECT id FROM devices WHERE device_key = 'boiler-9'")
+    async with open_stores(configured) as stores:
+        cassandra = stores.cassandra
+        assert cassandra is not None
+        await migrate_cassandra(cassandra)
+        try:
+            tally = await replay_dead_letters(stores, Selection())
+            rows = await cassandra.execute(
+                f"SELECT timestamp, measurement_name, numeric_value, text_value "
+                f"FROM {configured.cassandra.keyspace}.device_data WHERE device_id = %s",
+                [device],
+            )
+            stored = sorted(
+                (r.timestamp.replace(tzinfo=UTC), r.measurement_name, r.numeric_value, r.text_value)
+                for r in rows.current_rows
+            )
+        finally:
+            await cassandra.execute(f"DROP KEYSPACE IF EXISTS {configured.cassandra.keyspace}")
+    assert (tally.replayed, sum(tally.rejected.values())) == (1, 0)
+    assert stored == [(RECEIVED, "state", None, "open"), (RECEIVED, "temperature", 21.5, None)]
+    expected = [] if backend == "cassandra" else [(RECEIVED, "temperature", 21.5)]
+    assert await readings(pg) == expected
+    assert await pg.fetchval("SELECT last_seen FROM devices WHERE id = $1", device) == RECEIVED
+    assert await reasons(pg) == []

@@ -104,18 +104,21 @@ def _stamp(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _text(payload: bytes) -> str | None:
-    """The payload as text when it is printable UTF-8 (new lines and tabs allowed)."""
+def _text(payload: bytes, head: bool = False) -> str | None:
+    """The payload as text when it is printable UTF-8 (new lines and tabs allowed). `head`:
+    the payload's first bytes, which may end inside a character."""
     try:
         text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    except UnicodeDecodeError as exc:
+        if not (head and exc.reason == "unexpected end of data"):
+            return None
+        text = payload[: exc.start].decode("utf-8")
     return text if all(c.isprintable() or c in "\n\r\t" for c in text) else None
 
 
 def preview(payload: bytes) -> str:
     """One short line: the text's start, or `0x` and hex for binary."""
-    text = _text(payload)
+    text = _text(payload, head=True)
     if text is None:
         return "0x" + payload[: PREVIEW_CHARS // 2].hex()
     text = " ".join(text.split())
@@ -210,14 +213,15 @@ def _show(settings: Settings, args: argparse.Namespace) -> int:
             shown |= {"payload": text} if text is not None else {"payload_hex": payload.hex()}
             print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
             return ExitCode.OK
-        kept = (
-            f"{row['payload_size']} bytes, the first {len(payload)} kept (capped: never replayed)"
-            if row["capped"]
-            else f"{len(payload)} bytes"
-        )
+        kept = f"{len(payload)} bytes"
+        if row["payload_size"] > len(payload):
+            kept = f"{row['payload_size']} bytes, the first {len(payload)} kept (capped: never replayed)"
+        topic = row["topic"]
+        if (row["topic_size"] or 0) > len(topic):
+            topic += f"  (the first {len(topic)} of {row['topic_size']} characters: capped, never replayed)"
         for name, value in [
             ("id", row["id"]),
-            ("topic", row["topic"]),
+            ("topic", topic),
             ("reason", row["reason"]),
             ("first seen", _stamp(row["received_at"])),
             ("last seen", _stamp(row["last_received_at"])),
