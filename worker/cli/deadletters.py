@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import structlog
 
 from schemas.records import Reason
 from worker.cli.times import EXAMPLES, time_argument
@@ -33,11 +31,11 @@ from worker.exit_codes import ExitCode
 from worker.stores import Stores
 from worker.stores.dead_letters import Selection
 
-log = structlog.get_logger("worker.cli.deadletters")
+if TYPE_CHECKING:
+    from worker.sinks.replay import Tally
 
 REASONS = [reason.value for reason in Reason]
 PREVIEW_CHARS = 40
-PROGRESS_LOG_S = 1.0  # off a TTY: a progress line after the first batch, then at most this often
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
@@ -264,20 +262,16 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _store(stores: Stores, args: argparse.Namespace) -> int:
-    from worker.sinks.replay import Tally, replay_dead_letters
+    from worker.sinks.replay import replay_dead_letters
 
     on_tty = sys.stderr.isatty()
-    last_line = 0.0
 
     def progress(tally: Tally, total: int) -> None:
-        nonlocal last_line
-        if on_tty:
-            print(f"\rreplaying: {tally.done}/{total}", end="", file=sys.stderr, flush=True)
-        elif time.monotonic() - last_line >= PROGRESS_LOG_S:
-            last_line = time.monotonic()
-            log.info("deadletters.progress", done=tally.done, of=total, replayed=tally.replayed)
+        print(f"\rreplaying: {tally.done}/{total}", end="", file=sys.stderr, flush=True)
 
-    tally = await replay_dead_letters(stores, _selection(args), args.batch_size, progress)
+    tally = await replay_dead_letters(
+        stores, _selection(args), args.batch_size, progress if on_tty else _quiet
+    )
     if on_tty and tally.done:
         print(file=sys.stderr)
     rejected = sum(tally.rejected.values())
@@ -287,6 +281,10 @@ async def _store(stores: Stores, args: argparse.Namespace) -> int:
         f"still rejected {rejected}{still}; skipped as capped {tally.capped}"
     )
     return ExitCode.OK
+
+
+def _quiet(tally: Tally, total: int) -> None:
+    """Off a terminal, only the summary line."""
 
 
 async def _dry_run(stores: Stores, args: argparse.Namespace) -> int:
