@@ -164,6 +164,11 @@ class Cli:
         out, err = self._capsys.readouterr()
         return code, out, err
 
+    def output(self) -> tuple[str, str]:
+        """What the last command printed (stdout, stderr), when it ended by SystemExit."""
+        captured = self._capsys.readouterr()
+        return captured.out, captured.err
+
 
 # --- the simulator on a thread ---------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "messages received and not yet acknowledged (MQTT: at most mqtt.receive_maximum)",
         (),
     ),
+    "dead_letters_held": ("dead letters in the table, by reason code (counted every 30 s)", ("reason",)),
     "outbox_backlog_batches": ("batches in the outboxes of readings stores that were down (both mode)", ()),
     "readings_stores_behind": ("readings stores down or behind, their batches in an outbox (both mode)", ()),
     "hot_state_stale": ("1 while Redis hot state misses batches, until it is rebuilt from PostgreSQL", ()),

@@ -13,16 +13,14 @@ import signal
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
 from schemas.records import DecodedBatch, RawMessage
 from worker.config import ConfigError, Settings
-from worker.decode.codecs import Codec, CodecConfigError, load_codecs
-from worker.decode.decoder import Decoder
-from worker.decode.parse import Limits
+from worker.decode.codecs import Codec, CodecConfigError
+from worker.decode.decoder import Decoder, configured_codecs, decode_limits
 from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
@@ -48,6 +46,7 @@ from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.sinks.writer import BatchWriter
 from worker.stores import Stores, open_stores
+from worker.stores.dead_letters import counts_by_reason
 from worker.stores.migrate import schema_problem
 
 if TYPE_CHECKING:
@@ -57,6 +56,9 @@ log = structlog.get_logger("worker.pipeline")
 
 # Readiness checks of stores rebuilt from the durable ones (docs/storage.md, "Redis is derived").
 DERIVABLE_CHECKS = frozenset({"redis"})
+# `iotflow_dead_letters_held` is counted this often (s): a GROUP BY over the whole table,
+# too slow for every scrape when it holds millions of rows.
+DEAD_LETTERS_HELD_REFRESH_S = 30.0
 
 
 def readings_sinks(stores: Stores, metrics: Metrics) -> list[Sink]:
@@ -97,7 +99,7 @@ class Pipeline:
             self.intake = KafkaIntake(settings.kafka, self.raw, metrics)
         else:
             self.intake = MqttIntake(settings.mqtt, self.raw, metrics)
-        self.codecs = load_codecs(Path(pipeline.codecs) if pipeline.codecs else None)
+        self.codecs = configured_codecs(settings)
         self.rules: RulesActor | None = None
         self.decoder: Decoder | None = None
 
@@ -111,12 +113,7 @@ class Pipeline:
             self.budget,
             cache_size=settings.pipeline.device_cache_size,
         )
-        limits = Limits(
-            max_payload_bytes=settings.pipeline.max_payload_bytes,
-            max_future_s=settings.pipeline.max_future_s,
-            max_age_s=settings.pipeline.max_age_s,
-            keep_text=settings.timeseries.uses_cassandra,  # text_value (docs/storage.md)
-        )
+        limits = decode_limits(settings)
         sinks: list[Sink] = readings_sinks(stores, self.metrics)
         hot_state = RedisHotStateWriter(stores.redis, stores.keys)
         # Derived: rebuilt from the readings store after a Redis outage, so never waited for.
@@ -182,7 +179,7 @@ class Pipeline:
             derived=derived,
         )
         actors: list[Actor] = [self.intake, decoder, *stages, self.writer, *notifier]
-        return ActorGroup(actors, helpers=[self._report, self._collect_when_idle])
+        return ActorGroup(actors, helpers=[self._report, self._collect_when_idle, self._count_dead_letters])
 
     def mailbox_gauges(self) -> dict[tuple[str, ...], Callable[[], float]]:
         """Messages waiting for each stage, by the stage that takes them: one unit for all,
@@ -228,6 +225,25 @@ class Pipeline:
         the `sinks` check instead."""
         both = frozenset({"cassandra"}) if self.settings.timeseries.backend == "both" else frozenset()
         return DERIVABLE_CHECKS | both
+
+    async def _count_dead_letters(self) -> None:
+        """Keep `iotflow_dead_letters_held` (by reason code) up to date; a reason no longer
+        held reads 0, and while PostgreSQL is away the last counts stay."""
+        gauges = self.metrics.labeled_gauges
+        gauges.setdefault("dead_letters_held", {})
+        while True:
+            try:
+                async with self.stores.postgres.acquire() as conn:
+                    counts = await counts_by_reason(conn)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+            else:
+                held = dict.fromkeys(gauges["dead_letters_held"], 0)
+                held.update({(code,): n for code, n in counts.items()})
+                # A new dict, swapped in whole: a scrape may be reading the old one.
+                gauges["dead_letters_held"] = {key: partial(float, n) for key, n in held.items()}
+            await asyncio.sleep(DEAD_LETTERS_HELD_REFRESH_S)
 
     async def _collect_when_idle(self) -> None:
         counters = self.metrics.counters
@@ -339,7 +355,7 @@ class Daemon:
         running = self.settings
         try:
             loaded = self._load_settings()
-            codecs = load_codecs(Path(loaded.pipeline.codecs) if loaded.pipeline.codecs else None)
+            codecs = configured_codecs(loaded)
         except (ConfigError, CodecConfigError, OSError) as exc:
             log.error("reload.failed", error=str(exc), hint="the running settings stay in force")
             return

@@ -8,6 +8,7 @@ check.py   check
 rules.py   rules …, alerts …
 devices.py devices add|import|list|show|remove, devices meta set|get, devices near
            (device_csv.py reads the import file; device_ref.py: a device argument in any command)
+deadletters.py  deadletters list|show|replay|purge
 jobs.py    jobs …, report …
 tools.py   simulate, demo, bench
 query.py   query device

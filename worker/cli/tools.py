@@ -86,6 +86,12 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "(worker.tools.outbox_bench; the Cassandra IOTFLOW_CASSANDRA_HOSTS names, else with --embedded "
         "one of its own, killed and restarted once for the outage; else both mode with Cassandra down)",
     )
+    bench.add_argument(
+        "--deadletters",
+        action="store_true",
+        help="instead: the replay of --messages dead letters of a 1,000-device fleet "
+        "(worker.tools.deadletters_bench): dead letters/s and CPU-seconds per 100k",
+    )
     bench.set_defaults(handler=_bench)
 
 
@@ -138,6 +144,11 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         needed.append("cassandra")
     if _lacks_extra("bench", *needed):
         return ExitCode.CONFIG
+    if args.deadletters:
+        from worker.sinks.replay import BATCH_SIZE
+        from worker.tools.deadletters_bench import run_deadletters_bench
+
+        return run_deadletters_bench(settings, args.messages, BATCH_SIZE, args.embedded)
     if args.timeseries != "postgres":
         from worker.tools.outbox_bench import run_timeseries_bench
 

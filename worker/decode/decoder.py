@@ -6,6 +6,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Mapping
 from itertools import repeat
+from pathlib import Path
 
 from schemas.records import (
     DEAD_LETTER_REASON_CHARS,
@@ -17,7 +18,8 @@ from schemas.records import (
     Reason,
     TextReading,
 )
-from worker.decode.codecs import Codec
+from worker.config import Settings
+from worker.decode.codecs import Codec, load_codecs
 from worker.decode.parse import TOPIC_CACHE_MAX, DeviceRef, Limits, MessageParser, ParsedMessage, Rejected
 from worker.decode.ranges import ValueRange, format_number
 from worker.decode.ratelimit import RateLimiter
@@ -26,6 +28,22 @@ from worker.metrics import Metrics
 from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
 from worker.runtime.mailbox import Mailbox
+
+
+def decode_limits(settings: Settings) -> Limits:
+    """What the settings allow of a message (the daemon and a dead-letter replay alike)."""
+    pipeline = settings.pipeline
+    return Limits(
+        max_payload_bytes=pipeline.max_payload_bytes,
+        max_future_s=pipeline.max_future_s,
+        max_age_s=pipeline.max_age_s,
+        keep_text=settings.timeseries.uses_cassandra,  # text_value (docs/storage.md)
+    )
+
+
+def configured_codecs(settings: Settings) -> dict[str, Codec]:
+    """The codec file of `pipeline.codecs`, or the built-in one; CodecConfigError if malformed."""
+    return load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
 
 
 class Decoder(MailboxActor[RawMessage]):
@@ -211,7 +229,13 @@ def _dead(message: RawMessage, reason: Reason, detail: str) -> DeadLetter:
         reason=reason,
         detail=detail[:detail_cap].replace("\x00", "\\x00"),
         received_at=message.received_at,
-        fingerprint=hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + message.payload).digest(),
+        fingerprint=fingerprint(topic, message.payload),
         topic_size=len(topic),
         reason_size=reason_size,
     )
+
+
+def fingerprint(topic: str, payload: bytes) -> bytes:
+    """A dead letter's key, `sha256(topic \\0 payload)`, its topic NUL-escaped as stored: a
+    redelivery finds its row, and so does a replay of the row."""
+    return hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + payload).digest()
