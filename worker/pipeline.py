@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from schemas.records import DecodedBatch, RawMessage
+from worker.api.probes import Readiness, probe_routes
+from worker.api.server import HttpServer
 from worker.config import ConfigError, Settings
 from worker.decode.codecs import Codec, CodecConfigError, load_codecs
 from worker.decode.decoder import Decoder
@@ -26,7 +28,6 @@ from worker.decode.parse import Limits
 from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
-from worker.http import HealthServer, Readiness
 from worker.intake.mqtt import MqttIntake
 from worker.logging import configure_logging
 from worker.metrics import Metrics
@@ -287,7 +288,7 @@ class Daemon:
         )
         self.ready = asyncio.Event()
         self.metrics.counted["pipeline_restarts"] = lambda: float(self.supervisor.restarts_total)
-        self.health: HealthServer | None = None
+        self.http: HttpServer | None = None
 
     async def _build(self) -> ActorGroup:
         assert self._stores is not None  # run() opened them before starting the supervisor
@@ -374,9 +375,9 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.settings.http.enabled:
-                    self.health = HealthServer(self.settings.http, self.metrics, self._readiness)
+                    self.http = HttpServer(self.settings.http, probe_routes(self.metrics, self._readiness))
                     try:
-                        await self.health.start()
+                        await self.http.start()
                     except OSError as exc:  # the port is taken, or http.host is not this host's
                         log.error(
                             "http.unavailable",
@@ -387,7 +388,7 @@ class Daemon:
                         )
                         code = ExitCode.CONFIG  # a restart would meet the same port
                         return code
-                    stack.push_async_callback(self.health.stop)
+                    stack.push_async_callback(self.http.stop)
                 try:
                     self._stores = await self._open_stores(stack)
                 except Refused as exc:
