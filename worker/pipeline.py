@@ -312,6 +312,15 @@ class Daemon:
             return Readiness({"pipeline": False, **await self._stores.health()})
         return Readiness({"pipeline": False, "stores": False})
 
+    def _http_server(self) -> HttpServer:
+        """The probes always; the device API with `http.api`, on the stores once open."""
+        subapps = {}
+        if self.settings.http.api:
+            from worker.api.app import PREFIX, api_app
+
+            subapps[PREFIX] = api_app(self.settings.http, lambda: self._stores)
+        return HttpServer(self.settings.http, probe_routes(self.metrics, self._readiness), subapps)
+
     def request_stop(self) -> None:
         self.supervisor.request_stop()
 
@@ -375,7 +384,7 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.settings.http.enabled:
-                    self.http = HttpServer(self.settings.http, probe_routes(self.metrics, self._readiness))
+                    self.http = self._http_server()
                     try:
                         await self.http.start()
                     except OSError as exc:  # the port is taken, or http.host is not this host's

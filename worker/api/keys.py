@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from worker.retry import is_transient
 from worker.stores.keys import API_KEY_TTL_S, RedisKeys
+from worker.stores.postgres import Connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,7 @@ def key_sha256(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def set_key(conn: asyncpg.Connection | asyncpg.Pool, device_id: int, key: str | None) -> str | None:
+async def set_key(conn: Connection | asyncpg.Pool, device_id: int, key: str | None) -> str | None:
     """Give the device `key` (None: no key); returns the hex SHA-256 of the key it had, if any,
     for the caller to drop from the cache."""
     digest = bytes.fromhex(key_sha256(key)) if key is not None else None

@@ -16,13 +16,23 @@ log = structlog.get_logger("worker.http")
 
 # Stopping: requests in progress get this long to finish before they are cancelled.
 SHUTDOWN_TIMEOUT_S = 5.0
+# The largest request body read; a larger one is answered 413 before it is read.
+MAX_BODY_BYTES = 256 * 1024
 
 
 class HttpServer:
-    def __init__(self, settings: HttpSettings, routes: list[web.RouteDef]) -> None:
+    def __init__(
+        self,
+        settings: HttpSettings,
+        routes: list[web.RouteDef],
+        subapps: dict[str, web.Application] | None = None,
+    ) -> None:
+        """`routes` at the root (the probes), each of `subapps` under its prefix (the API)."""
         self._settings = settings
-        self._app = web.Application()
+        self._app = web.Application(client_max_size=MAX_BODY_BYTES)
         self._app.add_routes(routes)
+        for prefix, subapp in (subapps or {}).items():
+            self._app.add_subapp(prefix, subapp)
         # No access log: one line per request would flood the journal (a summary is in /metrics).
         self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         self._started = False
