@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import asyncpg
 from aiohttp import web
 
-from worker.api.auth import require_admin
+from worker.api.auth import caller, require_admin
 from worker.api.devices import register_handler
-from worker.api.errors import RETRY_AFTER_S, ApiError, Handler, json_errors
+from worker.api.errors import RETRY_AFTER_S, ApiError, Handler, json_errors, json_response
+from worker.api.keys import DeviceKeys
+from worker.api.reads import device_status, find, history
 from worker.config import HttpSettings
 from worker.stores import Stores
 
@@ -33,5 +36,33 @@ def api_app(settings: HttpSettings, stores: Callable[[], Stores | None]) -> web.
 
         return handle
 
+    async def device(request: web.Request) -> tuple[Stores, asyncpg.Record]:
+        """The stores and the device `{id}` names, once the caller may read it: an admin,
+        or the device itself (a device asking for any other, known or not, is refused)."""
+        current = opened()
+        owner = await caller(
+            request, settings.admin_tokens, DeviceKeys(current.postgres, current.redis, current.keys)
+        )
+        try:
+            row = await find(current, request.match_info["id"])
+        except ApiError:
+            if owner is None:
+                raise
+            row = None
+        if owner is not None and (row is None or row["id"] != owner.device_id):
+            raise ApiError(403, "forbidden", "a device key reads only its own device")
+        assert row is not None
+        return current, row
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        current, row = await device(request)
+        return json_response(await device_status(current, row))
+
+    async def readings(request: web.Request) -> web.StreamResponse:
+        current, row = await device(request)
+        return json_response(await history(current, int(row["id"]), request))
+
     app.router.add_post("/devices/register", admin(register_handler))
+    app.router.add_get("/devices/{id}/status", status)
+    app.router.add_get("/telemetry/{id}", readings)
     return app

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from worker.api.errors import ApiError
+from worker.api.keys import DeviceKeys, KeyOwner
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -19,8 +20,27 @@ def bearer_token(request: web.Request) -> str | None:
 
 def require_admin(request: web.Request, tokens: Sequence[str]) -> None:
     """ApiError 401 unless the request carries one of `tokens` (none configured: no admin)."""
-    given = bearer_token(request)
-    if given is not None and any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens):
+    if is_admin(request, tokens):
         return
     detail = "an admin token is needed (Authorization: Bearer …)"
     raise ApiError(401, "unauthorized", detail, {"WWW-Authenticate": 'Bearer realm="iotflow"'})
+
+
+def is_admin(request: web.Request, tokens: Sequence[str]) -> bool:
+    given = bearer_token(request)
+    return given is not None and any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens)
+
+
+async def caller(request: web.Request, tokens: Sequence[str], keys: DeviceKeys) -> KeyOwner | None:
+    """None for an admin, else the device whose key the request carries; ApiError 401 for
+    no credential or a wrong one, 403 for a device that is not active."""
+    if is_admin(request, tokens):
+        return None
+    key = request.headers.get("X-API-Key", "")
+    owner = await keys.owner(key) if key else None
+    if owner is None:
+        detail = "unknown API key" if key else "a device key (X-API-Key) or an admin token is needed"
+        raise ApiError(401, "unauthorized", detail, {"WWW-Authenticate": 'Bearer realm="iotflow"'})
+    if owner.status != "active":
+        raise ApiError(403, "device_disabled", f"the device is {owner.status}")
+    return owner
