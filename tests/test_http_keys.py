@@ -45,12 +45,13 @@ async def test_rotate_prints_a_key_once_and_stores_only_its_hash(
     assert row["api_key_sha256"] == hashlib.sha256(key.encode()).digest()
     assert key not in repr(dict(row))
     keys = DeviceKeys(stores.postgres, stores.redis, stores.keys)
-    assert await keys.owner(key) == KeyOwner(row["id"], row["user_id"], "active")
+    assert await keys.owner(key) == KeyOwner(row["id"], row["user_id"], "active", DEVICE)
     cached = stores.keys.device_api_key(hashlib.sha256(key.encode()).hexdigest())
     assert await stores.redis.hgetall(cached) == {
         b"device_id": str(row["id"]).encode(),
         b"user_id": str(row["user_id"]).encode() if row["user_id"] else b"",
         b"status": b"active",
+        b"device_key": DEVICE.encode(),
     }
     assert 0 < await stores.redis.ttl(cached) <= API_KEY_TTL_S
     for name in await stores.redis.keys(f"{stores.keys.prefix}*"):

@@ -13,14 +13,21 @@ from worker.api.devices import register_handler
 from worker.api.errors import RETRY_AFTER_S, ApiError, Handler, json_errors, json_response
 from worker.api.keys import DeviceKeys
 from worker.api.reads import device_status, find, history
-from worker.config import HttpSettings
+from worker.api.telemetry import TelemetryRoute
+from worker.config import Settings
+from worker.intake.http import HttpIntake
 from worker.stores import Stores
 
 PREFIX = "/api/v1"
 
 
-def api_app(settings: HttpSettings, stores: Callable[[], Stores | None]) -> web.Application:
+def api_app(
+    settings: Settings, stores: Callable[[], Stores | None], intake: Callable[[], HttpIntake | None]
+) -> web.Application:
+    """`stores` and `intake`: the daemon's, None while it starts (or restarts its pipeline)."""
+    http = settings.http
     app = web.Application(middlewares=[json_errors])
+    telemetry = TelemetryRoute(intake, settings.pipeline.rate_limit_window_s)
 
     def opened() -> Stores:
         current = stores()
@@ -31,7 +38,7 @@ def api_app(settings: HttpSettings, stores: Callable[[], Stores | None]) -> web.
 
     def admin(route: Callable[[Stores], Handler]) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            require_admin(request, settings.admin_tokens)
+            require_admin(request, http.admin_tokens)
             return await route(opened())(request)
 
         return handle
@@ -41,7 +48,7 @@ def api_app(settings: HttpSettings, stores: Callable[[], Stores | None]) -> web.
         or the device itself (a device asking for any other, known or not, is refused)."""
         current = opened()
         owner = await caller(
-            request, settings.admin_tokens, DeviceKeys(current.postgres, current.redis, current.keys)
+            request, http.admin_tokens, DeviceKeys(current.postgres, current.redis, current.keys)
         )
         try:
             row = await find(current, request.match_info["id"])
@@ -62,7 +69,16 @@ def api_app(settings: HttpSettings, stores: Callable[[], Stores | None]) -> web.
         current, row = await device(request)
         return json_response(await history(current, int(row["id"]), request))
 
+    async def post_telemetry(request: web.Request) -> web.StreamResponse:
+        current = opened()
+        keys = DeviceKeys(current.postgres, current.redis, current.keys)
+        owner = await caller(request, http.admin_tokens, keys)
+        if owner is None:
+            raise ApiError(403, "forbidden", "telemetry is posted with the device's own key (X-API-Key)")
+        return await telemetry.post(request, owner.device_key)
+
     app.router.add_post("/devices/register", admin(register_handler))
+    app.router.add_post("/telemetry", post_telemetry)
     app.router.add_get("/devices/{id}/status", status)
     app.router.add_get("/telemetry/{id}", readings)
     return app

@@ -2,7 +2,7 @@
 
 A key is 32 random bytes (URL-safe text): it cannot be guessed, so a fast hash is enough and
 the hash is also the cache's key, `device:apikey:{sha256}` (a hash {device_id, user_id,
-status}, one hour). The key itself is printed once, to whoever issued it, and is never
+status, device_key}, one hour). The key itself is printed once, to whoever issued it, and is never
 logged, counted or named in an error. With Redis away, PostgreSQL answers: a check never
 depends on the derivable store. Rotating or revoking deletes the cached entry of the old
 key, so the change is seen at once; if Redis is away then, the entry expires within its TTL.
@@ -27,6 +27,7 @@ class KeyOwner:
     device_id: int
     user_id: int | None
     status: str
+    device_key: str  # its telemetry topic's level: devices/{device_key}/telemetry
 
 
 def new_key() -> str:
@@ -69,11 +70,10 @@ class DeviceKeys:
             if not is_transient(exc):
                 raise
             return await self._from_postgres(digest)
-        if cached:
-            user = cached[b"user_id"]
-            return KeyOwner(
-                int(cached[b"device_id"]), int(user) if user else None, cached[b"status"].decode()
-            )
+        if cached.get(b"device_key"):
+            user = int(cached[b"user_id"]) if cached[b"user_id"] else None
+            status, device_key = cached[b"status"].decode(), cached[b"device_key"].decode()
+            return KeyOwner(int(cached[b"device_id"]), user, status, device_key)
         owner = await self._from_postgres(digest)
         if owner is not None:
             try:
@@ -88,15 +88,19 @@ class DeviceKeys:
 
     async def _from_postgres(self, digest: str) -> KeyOwner | None:
         row = await self._postgres.fetchrow(
-            "SELECT id, user_id, status FROM devices WHERE api_key_sha256 = $1", bytes.fromhex(digest)
+            "SELECT id, user_id, status, device_key FROM devices WHERE api_key_sha256 = $1",
+            bytes.fromhex(digest),
         )
-        return KeyOwner(row["id"], row["user_id"], row["status"]) if row is not None else None
+        if row is None:
+            return None
+        return KeyOwner(row["id"], row["user_id"], row["status"], row["device_key"])
 
     async def _cache(self, name: str, owner: KeyOwner) -> None:
         fields = {
             "device_id": owner.device_id,
             "user_id": "" if owner.user_id is None else owner.user_id,
             "status": owner.status,
+            "device_key": owner.device_key,
         }
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(name, mapping=fields)
