@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -18,8 +19,10 @@ import orjson
 import pytest
 
 from worker.config import Settings
+from worker.tools.embedded import free_port
 
-from .helpers import running_daemon
+from .helpers import running_daemon, wait_for, worker_process
+from .test_outages import proxied
 
 TOKEN = "tok-" + "c" * 32
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -129,3 +132,107 @@ async def test_over_the_rate_limit_is_429_with_retry_after(settings: Settings) -
         assert [status for status, _, _ in answers] == [200, 200, 429]
         _, headers, body = answers[2]
         assert body["error"] == "rate_limited" and headers["Retry-After"] == "60"
+
+
+async def test_kill_9_while_twenty_clients_post_loses_no_reading_answered_200(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    port = free_port()
+    env = {
+        "IOTFLOW_HTTP_ENABLED": "true",
+        "IOTFLOW_HTTP_HOST": "127.0.0.1",
+        "IOTFLOW_HTTP_PORT": str(port),
+        "IOTFLOW_HTTP_API": "true",
+        "IOTFLOW_HTTP_ADMIN_TOKENS": TOKEN,
+    }
+    base = f"http://127.0.0.1:{port}/api/v1"
+    answered: list[datetime] = []
+    start = int(time.time() * 1000) - 3_600_000
+    async with worker_process(settings, **env) as worker, aiohttp.ClientSession() as client:
+        await worker.wait_for_event("supervisor.ready")
+        body = {"device_key": "killed-1", "datapoints": [{"label": "temperature"}]}
+        async with client.post(f"{base}/devices/register", json=body, headers=ADMIN) as response:
+            assert response.status == 201
+            device = await response.json()
+        headers = {"X-API-Key": device["api_key"]}
+
+        async def post_until_it_dies(n: int) -> None:
+            for i in range(100_000):
+                ts = start + n * 100_000 + i
+                reading = {"ts": ts, "values": {"temperature": float(i)}}
+                try:
+                    async with client.post(f"{base}/telemetry", json=reading, headers=headers) as response:
+                        if response.status == 200:
+                            answered.append(datetime.fromtimestamp(ts / 1000, UTC))
+                except aiohttp.ClientError:
+                    return
+
+        clients = [asyncio.create_task(post_until_it_dies(n)) for n in range(20)]
+        try:
+
+            async def enough() -> bool:
+                return len(answered) >= 300
+
+            await wait_for(enough, timeout=60)
+            await worker.kill()
+            await asyncio.wait_for(asyncio.gather(*clients), 60)
+        finally:
+            for task in clients:
+                task.cancel()
+    rows = await pg.fetch("SELECT timestamp FROM decoded_data WHERE device_id = $1", device["device_id"])
+    stored = [row["timestamp"] for row in rows]
+    assert len(stored) == len(set(stored))
+    assert set(answered) <= set(stored), f"{len(set(answered) - set(stored))} answered 200 and lost"
+
+
+async def test_with_redis_away_keys_are_checked_and_telemetry_is_stored(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    proxy, url = await proxied(settings.redis.url)
+    settings.redis = replace(settings.redis, url=url)
+    settings.storage = replace(settings.storage, write_timeout_s=2.0)
+    try:
+        async for api in _api(settings):
+            assert (await api.post(_timed(0)))[0] == 200  # the key is cached in Redis now
+            proxy.cut()
+            status, _, body = await api.post([_timed(1), _timed(2)])
+            assert (status, body) == (200, {"accepted": 4})
+            assert await _readings(pg, api.device_id) == 6
+            status, _, body = await api.post(_timed(3), {"X-API-Key": api.key + "x"})
+            assert (status, body["error"]) == (401, "unauthorized")
+            async with api.client.get(
+                f"{api.base}/devices/poster-1/status", headers={"X-API-Key": api.key}
+            ) as got:
+                assert got.status == 200
+                assert (await got.json())["latest"] == {"temperature": 20.2, "humidity": 50.0}
+            await proxy.restore()
+    finally:
+        await proxy.stop()
+
+
+async def test_with_postgres_away_no_request_is_answered_200_until_it_is_stored(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    proxy, url = await proxied(settings.postgres.url)
+    settings.postgres = replace(settings.postgres, url=url)
+    try:
+        async for api in _api(settings):
+            assert (await api.post(_timed(0)))[0] == 200  # the key and the device are cached now
+            proxy.cut()
+            waiting = [asyncio.create_task(api.post(_timed(n))) for n in range(1, 6)]
+            try:
+                done, _ = await asyncio.wait(waiting, timeout=3)
+                for task in done:  # none stored, so none may say 200
+                    assert task.result()[0] == 503, task.result()
+                assert await _readings(pg, api.device_id) == 2
+                await proxy.restore()
+                answers = await asyncio.wait_for(asyncio.gather(*waiting), 60)
+            finally:
+                for task in waiting:
+                    task.cancel()
+            stored = await _readings(pg, api.device_id)
+            # Every 200 is stored; a 503 may be too (stored, then the pipeline restarted before its ack).
+            assert 2 + 2 * sum(1 for status, _, _ in answers if status == 200) <= stored <= 12
+            assert all(status in (200, 503) for status, _, _ in answers)
+    finally:
+        await proxy.stop()

@@ -68,7 +68,8 @@ class HttpIntake(Actor):
         self._limits = limits
         self._mids = itertools.count(1)
         self._waiting: dict[int, _Waiting] = {}
-        self._by_fingerprint: dict[bytes, _Waiting] = {}
+        # Identical bodies at once share a fingerprint, and so a dead letter: each gets it.
+        self._by_fingerprint: dict[bytes, list[_Waiting]] = {}
         self._closed = False
         self.outcomes = _OutcomeSink(self)
 
@@ -82,7 +83,7 @@ class HttpIntake(Actor):
         fingerprint = hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + payload).digest()
         waiting = _Waiting(asyncio.get_running_loop().create_future(), fingerprint)
         self._waiting[mid] = waiting
-        self._by_fingerprint[fingerprint] = waiting
+        self._by_fingerprint.setdefault(fingerprint, []).append(waiting)
         received_at = time.time()
         try:
             await self._mailbox.put(RawMessage(topic, payload, received_at, AckToken(0, mid, HTTP_PARTITION)))
@@ -90,7 +91,9 @@ class HttpIntake(Actor):
             await waiting.future
         finally:
             self._waiting.pop(mid, None)
-            if self._by_fingerprint.get(fingerprint) is waiting:
+            same = self._by_fingerprint[fingerprint]
+            same.remove(waiting)
+            if not same:
                 del self._by_fingerprint[fingerprint]
         if waiting.dead_letter is not None:
             return Outcome(0, waiting.dead_letter)
@@ -110,8 +113,7 @@ class HttpIntake(Actor):
 
     def saw_dead_letters(self, dead_letters: list[DeadLetter]) -> None:
         for dead_letter in dead_letters:
-            waiting = self._by_fingerprint.get(dead_letter.fingerprint)
-            if waiting is not None:
+            for waiting in self._by_fingerprint.get(dead_letter.fingerprint, ()):
                 waiting.dead_letter = dead_letter
 
     async def run(self) -> None:
