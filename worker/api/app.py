@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import asyncpg
+import orjson
 from aiohttp import web
 
 from worker.api.auth import caller, require_admin
 from worker.api.devices import register_handler
 from worker.api.errors import RETRY_AFTER_S, ApiError, Handler, json_errors, json_response
 from worker.api.keys import DeviceKeys
+from worker.api.openapi import DOCUMENT
 from worker.api.reads import device_status, find, history
 from worker.api.telemetry import TelemetryRoute
 from worker.config import Settings
@@ -77,6 +79,12 @@ def api_app(
             raise ApiError(403, "forbidden", "telemetry is posted with the device's own key (X-API-Key)")
         return await telemetry.post(request, owner.device_key)
 
+    document = orjson.dumps(DOCUMENT)
+
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=document, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/devices/register", admin(register_handler))
     app.router.add_post("/telemetry", post_telemetry)
     app.router.add_get("/devices/{id}/status", status)
