@@ -17,7 +17,8 @@ import pytest
 
 from worker.api.reads import device_status
 from worker.config import Settings
-from worker.stores import open_stores
+from worker.rules.source import COLLECTION
+from worker.stores import Stores, open_stores
 
 from .helpers import Cli, publish, running_daemon, wait_for_count
 from .test_cli_errors import closed_port
@@ -149,3 +150,31 @@ async def test_with_redis_away_the_status_comes_from_postgres(api: Api, settings
             status = await device_status(stores, row)
     assert status["latest"] == {"temperature": 20.0 + READINGS - 1, "humidity": 50.0 + READINGS - 1}
     assert status["device_id"] == api.device_id and status["last_seen"]
+
+
+async def test_config_reads_with_an_etag_and_writes_honour_if_match(api: Api, stores: Stores) -> None:
+    own = {"X-API-Key": api.key}
+    url = f"{api.base}/devices/reader-1/config"
+    async with api.client.get(url, headers=own) as response:
+        assert response.status == 200 and response.headers["ETag"] == '"1"'
+        doc = await response.json()
+        assert doc["device_id"] == api.device_id and doc["settings"] == {} and doc["config_version"] == 1
+    settings = {"thresholds": {"temperature": {"max": 30, "unit": "°C"}}}
+    async with api.client.put(url, json={"settings": settings}, headers=own) as response:
+        assert response.status == 401  # a device reads its config, an admin writes it
+    async with api.client.put(
+        url, json={"settings": settings}, headers={**ADMIN, "If-Match": '"1"'}
+    ) as response:
+        assert response.status == 200 and response.headers["ETag"] == '"2"'
+    stored = await stores.documents.get(COLLECTION, f"device:{api.device_id}")
+    assert stored is not None and stored["settings"] == settings and stored["config_version"] == 2
+    async with api.client.put(url, json={"settings": {}}, headers={**ADMIN, "If-Match": '"1"'}) as response:
+        assert response.status == 412 and (await response.json())["error"] == "stale_config"
+    bad = {"alerts": [{"type": "threshold", "field": "temperature", "condition": "~", "value": 1}]}
+    async with api.client.put(url, json={"settings": bad}, headers=ADMIN) as response:
+        body = await response.json()
+        assert response.status == 422 and body["error"] == "invalid_config" and "condition" in body["detail"]
+    async with api.client.get(url, headers=ADMIN) as response:
+        assert response.headers["ETag"] == '"2"' and (await response.json())["settings"] == settings
+    async with api.client.get(f"{api.base}/devices/reader-2/config", headers=own) as response:
+        assert response.status == 403

@@ -10,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from worker.api.auth import caller, require_admin
-from worker.api.devices import register_handler
+from worker.api.configs import get_config, put_config
+from worker.api.devices import json_object, register_handler
 from worker.api.errors import RETRY_AFTER_S, ApiError, Handler, json_errors, json_response
 from worker.api.keys import DeviceKeys
 from worker.api.openapi import DOCUMENT
@@ -79,6 +80,16 @@ def api_app(
             raise ApiError(403, "forbidden", "telemetry is posted with the device's own key (X-API-Key)")
         return await telemetry.post(request, owner.device_key)
 
+    async def read_config(request: web.Request) -> web.StreamResponse:
+        current, row = await device(request)
+        return await get_config(current, row)
+
+    async def write_config(request: web.Request) -> web.StreamResponse:
+        require_admin(request, http.admin_tokens)
+        current = opened()
+        row = await find(current, request.match_info["id"])
+        return await put_config(current, row, request, await json_object(request))
+
     document = orjson.dumps(DOCUMENT)
 
     async def openapi(request: web.Request) -> web.StreamResponse:
@@ -89,4 +100,6 @@ def api_app(
     app.router.add_post("/telemetry", post_telemetry)
     app.router.add_get("/devices/{id}/status", status)
     app.router.add_get("/telemetry/{id}", readings)
+    app.router.add_get("/devices/{id}/config", read_config)
+    app.router.add_put("/devices/{id}/config", write_config)
     return app

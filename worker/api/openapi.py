@@ -30,6 +30,15 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 
 
 _TIME = {"type": "string"}
+_CONFIG = {
+    "type": "object",
+    "properties": {
+        "device_id": {"type": "integer"},
+        "user_id": {"type": "integer", "nullable": True},
+        "config_version": {"type": "integer"},
+        "settings": {"type": "object"},
+    },
+}
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "IoTFlow worker device API", "version": "1"},
@@ -177,6 +186,49 @@ DOCUMENT: dict[str, Any] = {
                     **_ERRORS,
                 },
             }
+        },
+        "/devices/{id}/config": {
+            "get": {
+                "summary": "the device's config document; its ETag is its config_version",
+                "security": [{"device": []}, {"admin": []}],
+                "parameters": [_DEVICE_PARAM],
+                "responses": {
+                    "200": _answer("the config document", _CONFIG),
+                    "403": _answer("a device key asking for another device, or a device not active"),
+                    "404": _answer("an admin asking for a device none is"),
+                    **_ERRORS,
+                },
+            },
+            "put": {
+                "summary": "replace the settings (rules checked); If-Match: only that version",
+                "security": [{"admin": []}],
+                "parameters": [
+                    _DEVICE_PARAM,
+                    {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["settings"],
+                                "additionalProperties": False,
+                                "properties": {"settings": {"type": "object"}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _answer("stored, with its new ETag", _CONFIG),
+                    "400": _answer("the body is not JSON"),
+                    "404": _answer("no such device"),
+                    "412": _answer("stale_config: If-Match names another version"),
+                    "413": _answer("the body is over 256 KiB"),
+                    "422": _answer("invalid_body, or invalid_config naming the faulty rule field"),
+                    **_ERRORS,
+                },
+            },
         },
         "/openapi.json": {
             "get": {
