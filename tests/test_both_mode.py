@@ -15,8 +15,8 @@ import asyncpg
 import orjson
 import pytest
 
+from worker.api.probes import Readiness
 from worker.config import Settings
-from worker.http import Readiness
 from worker.sinks.outbox import decode_batch
 
 from .helpers import running_daemon, wait_for, wait_for_committed, wait_for_count, worker_process
@@ -121,9 +121,9 @@ async def test_with_cassandra_away_the_worker_is_ready_and_says_it_is_degraded(
         async with running_daemon(both) as daemon:
             await publish(settings.mqtt.url, json_messages(0, 30))
             await wait_for_committed(daemon, 30, timeout=60)
-            assert daemon.health is not None
-            status, body = await asyncio.to_thread(_get, daemon.health.port, "/readyz")
-            _, metrics = await asyncio.to_thread(_get, daemon.health.port, "/metrics")
+            assert daemon.http is not None
+            status, body = await asyncio.to_thread(_get, daemon.http.port, "/readyz")
+            _, metrics = await asyncio.to_thread(_get, daemon.http.port, "/metrics")
             stored = await pg.fetchval("SELECT count(*) FROM decoded_data")
     readiness = orjson.loads(body)
     assert status == 200, readiness

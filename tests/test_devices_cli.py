@@ -317,6 +317,8 @@ async def test_every_command_takes_a_device_by_id_key_or_mac(cli: Cli, pg: async
 UNKNOWN_DEVICE_COMMANDS = [
     ("devices", "show", "{}"),
     ("devices", "remove", "{}"),
+    ("devices", "key", "rotate", "{}"),
+    ("devices", "key", "revoke", "{}"),
     ("devices", "meta", "get", "{}"),
     ("devices", "meta", "set", "{}", "--tag", "a=b"),
     ("query", "device", "{}", "--from", "2026-01-01T00:00Z", "--to", "2026-01-02T00:00Z"),

@@ -55,8 +55,8 @@ async def test_metrics_count_exactly_what_was_sent(settings: Settings, pg: async
             return daemon.metrics.counters["messages_committed"] == total
 
         await wait_for(all_committed)
-        assert daemon.health is not None
-        text, samples = await asyncio.to_thread(_scrape, daemon.health.port)
+        assert daemon.http is not None
+        text, samples = await asyncio.to_thread(_scrape, daemon.http.port)
 
     assert "# HELP iotflow_messages_committed_total" in text
     assert "# TYPE iotflow_commit_latency_seconds histogram" in text
@@ -106,8 +106,8 @@ async def _scrape_after_traffic(settings: Settings) -> str:
             return daemon.metrics.counters["messages_committed"] == len(messages)
 
         await wait_for(all_committed)
-        assert daemon.health is not None
-        text, _ = await asyncio.to_thread(_scrape, daemon.health.port)
+        assert daemon.http is not None
+        text, _ = await asyncio.to_thread(_scrape, daemon.http.port)
         return text
 
 

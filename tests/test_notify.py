@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+import aiohttp
 import asyncpg
-import httpx
 import orjson
 import pytest
 
@@ -122,12 +122,11 @@ async def test_a_webhook_gets_fired_acknowledged_and_resolved_signed(
 
 async def alertmanager_alerts(server: AlertmanagerServer, device: Device) -> list[dict[str, Any]]:
     """The alerts Alertmanager holds for the device and does not count as resolved."""
-    async with httpx.AsyncClient() as client:
-        answer = await client.get(
-            f"{server.url}/api/v2/alerts", params={"filter": f'device_id="{device.id}"'}
-        )
-    answer.raise_for_status()
-    alerts: list[dict[str, Any]] = answer.json()
+    async with (
+        aiohttp.ClientSession(raise_for_status=True) as client,
+        client.get(f"{server.url}/api/v2/alerts", params={"filter": f'device_id="{device.id}"'}) as answer,
+    ):
+        alerts: list[dict[str, Any]] = await answer.json()
     return alerts
 
 
@@ -289,7 +288,7 @@ async def test_alerts_test_reports_each_channel_and_fails_when_one_does_not_take
         monkeypatch.setenv("IOTFLOW_NOTIFY_WEBHOOKS", orjson.dumps(hooks).decode())
         code, out, _ = await cli("alerts", "test")
         assert code == 1
-        assert out.splitlines()[-1].startswith("webhook down: failed: ConnectError")
+        assert out.splitlines()[-1].startswith("webhook down: failed: ClientConnectorError: Cannot connect")
 
     monkeypatch.delenv("IOTFLOW_NOTIFY_ALERTMANAGER_URLS")
     monkeypatch.delenv("IOTFLOW_NOTIFY_WEBHOOKS")

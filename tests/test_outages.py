@@ -142,8 +142,8 @@ async def test_during_a_redis_outage_the_worker_is_ready_and_says_redis_is_degra
     settings.http = replace(settings.http, enabled=True, port=0)
     try:
         async with running_daemon(settings) as daemon:
-            assert daemon.health is not None
-            port = daemon.health.port
+            assert daemon.http is not None
+            port = daemon.http.port
             proxy.cut()
             await publish(settings.mqtt.url, json_messages(0, 20))
             await wait_for_committed(daemon, 20, timeout=30)  # acknowledged: stored in PostgreSQL

@@ -717,6 +717,20 @@ class HttpSettings:
     enabled: bool = field(default=True, metadata=_meta("true"))
     host: str = field(default="127.0.0.1", metadata=_meta("0.0.0.0"))
     port: int = field(default=8081, metadata=_meta("8081", _non_negative))
+    api: bool = field(
+        default=False, metadata=_meta("true", doc="serve the device API under /api/v1 (docs/api.md)")
+    )
+    admin_tokens: list[str] = field(
+        default_factory=list,
+        metadata=_meta("tok-ops-1,tok-ops-2", doc="the API's admin tokens (Authorization: Bearer …)"),
+    )
+    admin_tokens_file: str = field(
+        default="",
+        metadata=_meta(
+            "/run/credentials/iotflow-worker.service/admin-tokens",
+            doc="a file of admin tokens, one a line, added to http.admin_tokens",
+        ),
+    )
 
 
 @dataclass
@@ -790,6 +804,7 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
     _check_cross_field(settings)
     _apply_password_files(settings)
     _apply_webhook_secrets(settings.notify)
+    _apply_admin_tokens_file(settings.http)
     return settings
 
 
@@ -965,6 +980,10 @@ def _check_cross_field(settings: Settings) -> None:
             f"file {settings.pipeline.codecs} does not exist",
             "/etc/iotflow/codecs.toml",
         )
+    if settings.http.api and not settings.http.enabled:
+        raise ConfigError(
+            "http.api", "needs http.enabled = true (the API is served by the HTTP server)", "true"
+        )
     kafka = settings.kafka
     if kafka.raw_topic == kafka.processed_topic:
         raise ConfigError("kafka.processed_topic", "must differ from kafka.raw_topic", "processed-iot-data")
@@ -1042,6 +1061,16 @@ def _apply_webhook_secrets(notify: NotifySettings) -> None:
     names = [hook.channel for hook in notify.webhooks]
     if len(set(names)) != len(names):
         raise ConfigError("notify.webhooks", "two webhooks have the same name (or URL)", 'name = "ops"')
+
+
+def _apply_admin_tokens_file(http: HttpSettings) -> None:
+    """`http.admin_tokens_file` (systemd's LoadCredential=, like the password files): its
+    non-blank lines join `http.admin_tokens`. A token is never put in a message."""
+    if not http.admin_tokens_file:
+        return
+    example = "/run/credentials/iotflow-worker.service/admin-tokens"
+    text = _read_secret_file("http.admin_tokens_file", http.admin_tokens_file, example)
+    http.admin_tokens = [*http.admin_tokens, *(line.strip() for line in text.splitlines() if line.strip())]
 
 
 def url_with_password(url: str, password: str) -> str:

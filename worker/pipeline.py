@@ -11,20 +11,22 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
 
-from schemas.records import DecodedBatch, RawMessage
+from schemas.records import AckToken, DecodedBatch, RawMessage
+from worker.api.probes import Readiness, probe_routes
+from worker.api.server import HttpServer
 from worker.config import ConfigError, Settings
 from worker.decode.codecs import Codec, CodecConfigError
 from worker.decode.decoder import Decoder, configured_codecs, decode_limits
 from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
-from worker.http import HealthServer, Readiness
+from worker.intake.http import HTTP_PARTITION, HttpIntake
 from worker.intake.mqtt import MqttIntake
 from worker.logging import configure_logging
 from worker.metrics import Metrics
@@ -79,6 +81,9 @@ def readings_sinks(stores: Stores, metrics: Metrics) -> list[Sink]:
     return [mirrored_readings(PostgresTimeseriesWriter(stores), cassandra, stores, metrics)]
 
 
+Acknowledge = Callable[[Iterable[AckToken]], int]
+
+
 class Pipeline:
     """One incarnation of the actor group; the supervisor builds a new one after a crash."""
 
@@ -102,6 +107,7 @@ class Pipeline:
         self.codecs = configured_codecs(settings)
         self.rules: RulesActor | None = None
         self.decoder: Decoder | None = None
+        self.http_intake: HttpIntake | None = None
 
     def build(self) -> ActorGroup:
         stores, settings = self.stores, self.settings
@@ -115,6 +121,11 @@ class Pipeline:
         )
         limits = decode_limits(settings)
         sinks: list[Sink] = readings_sinks(stores, self.metrics)
+        acknowledge: Acknowledge = self.intake.ack
+        if settings.http.api:  # HTTP telemetry beside MQTT or Kafka: the same actors
+            self.http_intake = HttpIntake(self.raw, self.metrics, self.codecs, limits)
+            sinks.append(self.http_intake.outcomes)
+            acknowledge = partial(_route_acks, self.intake.ack, self.http_intake.ack)
         hot_state = RedisHotStateWriter(stores.redis, stores.keys)
         # Derived: rebuilt from the readings store after a Redis outage, so never waited for.
         latest = None if settings.timeseries.uses_postgres else latest_through_reads(stores, "cassandra")
@@ -171,14 +182,15 @@ class Pipeline:
         self.writer = BatchWriter(
             self.decoded,
             sinks,
-            self.intake.ack,
+            acknowledge,
             self.metrics,
             settings.pipeline.batch_size,
             settings.pipeline.flush_interval_ms / 1000,
             settings.pipeline.slow_write_s,
             derived=derived,
         )
-        actors: list[Actor] = [self.intake, decoder, *stages, self.writer, *notifier]
+        intakes: list[Actor] = [self.intake] if self.http_intake is None else [self.intake, self.http_intake]
+        actors: list[Actor] = [*intakes, decoder, *stages, self.writer, *notifier]
         return ActorGroup(actors, helpers=[self._report, self._collect_when_idle, self._count_dead_letters])
 
     def mailbox_gauges(self) -> dict[tuple[str, ...], Callable[[], float]]:
@@ -277,6 +289,18 @@ class Pipeline:
             mark = latency.snapshot()
 
 
+def _route_acks(
+    intake: Callable[[Iterable[AckToken]], int],
+    http: Callable[[Iterable[AckToken]], int],
+    tokens: list[AckToken],
+) -> int:
+    """HTTP intake's tokens to it, the others to MQTT or Kafka intake."""
+    ours = [token for token in tokens if token.partition == HTTP_PARTITION]
+    if not ours:
+        return intake(tokens)
+    return http(ours) + intake([token for token in tokens if token.partition != HTTP_PARTITION])
+
+
 def _messages_in(mailbox: Mailbox[DecodedBatch]) -> float:
     return float(sum(batch.messages for batch in mailbox))
 
@@ -312,7 +336,7 @@ class Daemon:
         )
         self.ready = asyncio.Event()
         self.metrics.counted["pipeline_restarts"] = lambda: float(self.supervisor.restarts_total)
-        self.health: HealthServer | None = None
+        self.http: HttpServer | None = None
 
     async def _build(self) -> ActorGroup:
         assert self._stores is not None  # run() opened them before starting the supervisor
@@ -335,6 +359,18 @@ class Daemon:
         if self._stores is not None:
             return Readiness({"pipeline": False, **await self._stores.health()})
         return Readiness({"pipeline": False, "stores": False})
+
+    def _http_server(self) -> HttpServer:
+        """The probes always; the device API with `http.api`, on the stores once open."""
+        subapps = {}
+        if self.settings.http.api:
+            from worker.api.app import PREFIX, api_app
+
+            subapps[PREFIX] = api_app(self.settings, lambda: self._stores, self._http_intake)
+        return HttpServer(self.settings.http, probe_routes(self.metrics, self._readiness), subapps)
+
+    def _http_intake(self) -> HttpIntake | None:
+        return self.pipeline.http_intake if self.pipeline is not None else None
 
     def request_stop(self) -> None:
         self.supervisor.request_stop()
@@ -399,9 +435,9 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.settings.http.enabled:
-                    self.health = HealthServer(self.settings.http, self.metrics, self._readiness)
+                    self.http = self._http_server()
                     try:
-                        await self.health.start()
+                        await self.http.start()
                     except OSError as exc:  # the port is taken, or http.host is not this host's
                         log.error(
                             "http.unavailable",
@@ -412,7 +448,7 @@ class Daemon:
                         )
                         code = ExitCode.CONFIG  # a restart would meet the same port
                         return code
-                    stack.push_async_callback(self.health.stop)
+                    stack.push_async_callback(self.http.stop)
                 try:
                     self._stores = await self._open_stores(stack)
                 except Refused as exc:

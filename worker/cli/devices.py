@@ -6,6 +6,7 @@
     iotflow devices list [--json]
     iotflow devices show DEVICE [--json]
     iotflow devices remove DEVICE
+    iotflow devices key rotate|revoke DEVICE
     iotflow devices meta set DEVICE [--tag K=V]… [--untag K]… [--location LON,LAT]
                                     [--field K=V]… [--note TEXT]
     iotflow devices meta get DEVICE
@@ -19,7 +20,9 @@ what they touched. A tag is `key=value` (or a bare label) in the metadata docume
 they parse, as text otherwise. The location is a GeoJSON Point; `near` uses MongoDB's
 2dsphere index, or on PostgreSQL JSONB a bounding box on an index of the coordinates
 followed by the exact distance (worker/stores/documents.py). Both answer with the
-same documents, nearest first. Exit codes: 0 done, 2 bad input, a conflict with a
+same documents, nearest first. `key rotate` prints a new HTTP API key (the only time it is
+shown; only its hash is stored) and `key revoke` leaves the device without one: either way
+the old key stops working at once (worker/api/keys.py). Exit codes: 0 done, 2 bad input, a conflict with a
 stored device or an unknown device (one line on stderr).
 """
 
@@ -37,6 +40,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from worker.api.keys import DeviceKeys
 from worker.cli.device_ref import DEVICE_HELP
 from worker.config import Settings
 from worker.exit_codes import ExitCode
@@ -92,6 +96,11 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     removing = verbs.add_parser("remove", help="delete a device and its datapoints (readings stay)")
     removing.add_argument("device", metavar="DEVICE", help=DEVICE_HELP)
     removing.set_defaults(handler=_remove)
+
+    key = verbs.add_parser("key", help="issue a new HTTP API key, or revoke the device's key")
+    key.add_argument("action", choices=("rotate", "revoke"), help="rotate: print a new key; revoke: no key")
+    key.add_argument("device", metavar="DEVICE", help=DEVICE_HELP)
+    key.set_defaults(handler=_key)
 
     meta = verbs.add_parser("meta", help="set or show a device's metadata document")
     meta_verbs = meta.add_subparsers(dest="meta_verb", required=True, metavar="VERB")
@@ -396,6 +405,46 @@ def _remove(settings: Settings, args: argparse.Namespace) -> int:
         return ExitCode.OK
 
     return _run(settings, args, work)
+
+
+def _key(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.api.keys import new_key, set_key
+
+    async def work(stores: Stores) -> int:
+        device = await find_device(stores.postgres, args.device)
+        key = new_key() if args.action == "rotate" else None
+        old = await set_key(stores.postgres, device["id"], key)
+        if old is not None:
+            await _forget_key(DeviceKeys(stores.postgres, stores.redis, stores.keys), old)
+        if key is not None:
+            print(key)  # alone on stdout, for KEY=$(iotflow devices key rotate …); shown this once
+            print(
+                f"iotflow: devices key: new API key of {device['device_key']} (id {device['id']})",
+                file=sys.stderr,
+            )
+        else:
+            state = "revoked" if old is not None else "had none"
+            print(f"API key of device {device['device_key']} (id {device['id']}) {state}")
+        return ExitCode.OK
+
+    return _run(settings, args, work)
+
+
+async def _forget_key(keys: DeviceKeys, old: str) -> None:
+    """Drop the old key's cache entry; with Redis away it expires within its TTL."""
+    from worker.retry import describe, is_transient
+    from worker.stores.keys import API_KEY_TTL_S
+
+    try:
+        await keys.forget(old)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        print(
+            f"iotflow: devices key: stored, but Redis did not answer ({describe(exc)}): the old key "
+            f"works on until its cache entry expires, within {API_KEY_TTL_S // 60} minutes",
+            file=sys.stderr,
+        )
 
 
 def _meta_set(settings: Settings, args: argparse.Namespace) -> int:

@@ -12,30 +12,11 @@ so that they all read the same:
 from __future__ import annotations
 
 import argparse
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
-EXAMPLES = "now, -24h, -15m, -7d or ISO-8601 like 2026-11-21T10:00Z"
+from worker.times import EXAMPLES, RELATIVE, parse_time
 
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-_RELATIVE = re.compile(r"-(\d+)([smhdw])")
-
-
-def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """The UTC moment `text` names; ValueError with the accepted forms otherwise."""
-    now = now or datetime.now(UTC)
-    word = text.strip()
-    if word.lower() == "now":
-        return now
-    relative = _RELATIVE.fullmatch(word)
-    if relative:
-        amount, unit = relative.groups()
-        return now - timedelta(**{_UNITS[unit]: int(amount)})
-    try:
-        moment = datetime.fromisoformat(word.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is not a time (use {EXAMPLES})") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+__all__ = ["EXAMPLES", "attach_relative_times", "parse_time", "time_argument"]
 
 
 def attach_relative_times(argv: list[str]) -> list[str]:
@@ -45,7 +26,7 @@ def attach_relative_times(argv: list[str]) -> list[str]:
     joined: list[str] = []
     for word in argv:
         previous = joined[-1] if joined else ""
-        if _RELATIVE.fullmatch(word) and previous.startswith("--") and "=" not in previous:
+        if RELATIVE.fullmatch(word) and previous.startswith("--") and "=" not in previous:
             joined[-1] = f"{previous}={word}"
         else:
             joined.append(word)

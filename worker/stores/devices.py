@@ -126,15 +126,21 @@ def parse_datapoint(text: str) -> DatapointSpec:
     parts = text.split(":")
     if len(parts) not in (1, 2, 4):
         raise BadSpec(f"datapoint {text!r} is not LABEL[:UNIT[:MIN:MAX]]")
-    label = _plain(parts[0], "datapoint label")
+    label = parts[0]
     unit = parts[1] if len(parts) > 1 else ""
+    low, high = (_bound(parts[2], label), _bound(parts[3], label)) if len(parts) == 4 else (None, None)
+    return datapoint_spec(label, unit or None, low, high)
+
+
+def datapoint_spec(label: str, unit: str | None, low: float | None, high: float | None) -> DatapointSpec:
+    """A datapoint from its parts (the bounds finite numbers or None); BadSpec names the problem."""
+    label = _plain(label, "datapoint label")
     if unit:
         _plain(unit, f"datapoint {label}: unit")
         if len(unit) > MAX_UNIT_CHARS:
             raise BadSpec(f"datapoint {label}: unit {unit!r} is longer than {MAX_UNIT_CHARS} characters")
-    low, high = (_bound(parts[2], label), _bound(parts[3], label)) if len(parts) == 4 else (None, None)
     if low is not None and high is not None and not low < high:
-        raise BadSpec(f"datapoint {label}: MIN {parts[2]} must be less than MAX {parts[3]}")
+        raise BadSpec(f"datapoint {label}: MIN {low:g} must be less than MAX {high:g}")
     return DatapointSpec(label, unit or None, low, high)
 
 
@@ -143,10 +149,11 @@ def device_spec(
     mac: str | None = None,
     name: str | None = None,
     user: str | None = None,
-    datapoints: Iterable[str] = (),
+    datapoints: Iterable[str | DatapointSpec] = (),
 ) -> DeviceSpec:
-    """A DeviceSpec from text as typed (empty text: not given); BadSpec names the problem."""
-    points = tuple(parse_datapoint(text) for text in datapoints)
+    """A DeviceSpec from text as typed (empty text: not given) and datapoints as typed
+    (`LABEL[:UNIT[:MIN:MAX]]`) or checked (datapoint_spec); BadSpec names the problem."""
+    points = tuple(p if isinstance(p, DatapointSpec) else parse_datapoint(p) for p in datapoints)
     labels = [point.label for point in points]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 LATEST_TTL_S = 600  # device:latest:{id}
 STATUS_TTL_S = 300  # device:status:{id}
 RECENT_ALERTS_TTL_S = 86400  # alerts:{device_id}
+API_KEY_TTL_S = 3600  # device:apikey:{sha256}: a revocation another host missed lasts at most this
 
 
 _MARK = 918273645546372819  # a device id no prefix or name contains
@@ -44,6 +45,10 @@ class RedisKeys:
         """Metadata cache of a device by `mac` or device `key`: one JSON string with its id,
         user, status, datapoints and ranges (docs/decoding.md)."""
         return f"{self.prefix}device:{kind}:{value}"
+
+    def device_api_key(self, key_sha256: str) -> str:
+        """The owner of a device API key, by the hex SHA-256 of the key (never the key itself)."""
+        return f"{self.prefix}device:apikey:{key_sha256}"
 
     def rate_limit(self, device_id: int, window: int) -> str:
         """Messages of a device in one rate-limit window (`window` = epoch s // window length)."""

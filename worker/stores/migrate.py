@@ -214,6 +214,7 @@ MIGRATIONS = (
     Migration(14, "no duplicate timestamp index", _drop_timestamp_index),
     Migration(15, "outbox", _sql_file("0015_outbox.sql")),
     Migration(17, "document indexes", _sql_file("0017_document_indexes.sql")),
+    Migration(20, "device api keys", _sql_file("0020_device_api_keys.sql")),
     Migration(21, "notification outbox", _sql_file("0021_notifications.sql")),
 )
 

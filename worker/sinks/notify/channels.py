@@ -3,8 +3,9 @@
 A channel sends a list of outbox rows and says how many were delivered (it starts no
 request past the round's deadline, which keeps the round's transaction short); a failure
 (a refused connection, a timeout, a status other than 2xx) raises `DeliveryFailed`
-naming the rows it leaves, and the actor schedules them again. httpx is the client:
-maintained, typed, with per-request timeouts and a connection pool per channel.
+naming the rows it leaves, and the actor schedules them again. The client is aiohttp's,
+the library the daemon's HTTP server already runs on: one session (a connection pool and
+a timeout per request) shared by the channels.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from worker.config import NotifySettings, WebhookSettings
@@ -101,7 +102,7 @@ def alertmanager_alert(
 class AlertmanagerChannel:
     """`POST {url}/api/v2/alerts` with lists of up to `notify.batch_size` alerts."""
 
-    def __init__(self, url: str, settings: NotifySettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, url: str, settings: NotifySettings, client: aiohttp.ClientSession) -> None:
         self.name = alertmanager_channel(url)
         self.endpoint = url.rstrip("/") + "/api/v2/alerts"
         self._settings = settings
@@ -112,14 +113,7 @@ class AlertmanagerChannel:
         return 4 * self._settings.refresh_s  # as Prometheus: four missed refreshes resolve it
 
     async def post(self, alerts: list[dict[str, Any]]) -> None:
-        try:
-            response = await self._client.post(
-                self.endpoint, content=orjson.dumps(alerts), headers={"Content-Type": "application/json"}
-            )
-        except httpx.HTTPError as exc:
-            raise DeliveryFailed([], describe(exc)) from exc
-        if not response.is_success:
-            raise DeliveryFailed([], f"HTTP {response.status_code}: {response.text[:200]}")
+        await post_json(self._client, self.endpoint, orjson.dumps(alerts), {})
 
     async def send(self, rows: Sequence[OutboxRow], facts: DeviceFacts, deadline: float) -> int:
         """How many of `rows` were delivered before `deadline` (monotonic) came."""
@@ -143,7 +137,7 @@ class AlertmanagerChannel:
 class WebhookChannel:
     """One signed `POST` per event, in outbox order; the first failure leaves the rest."""
 
-    def __init__(self, hook: WebhookSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, hook: WebhookSettings, client: aiohttp.ClientSession) -> None:
         self.name = hook.channel
         self._hook = hook
         self._client = client
@@ -152,17 +146,11 @@ class WebhookChannel:
         content = orjson.dumps(body)
         timestamp = str(int(time.time()))
         headers = {
-            "Content-Type": "application/json",
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self._hook.secret, timestamp, content),
             EVENT_KEY_HEADER: event_key,
         }
-        try:
-            response = await self._client.post(self._hook.url, content=content, headers=headers)
-        except httpx.HTTPError as exc:
-            raise DeliveryFailed([], describe(exc)) from exc
-        if not response.is_success:
-            raise DeliveryFailed([], f"HTTP {response.status_code}: {response.text[:200]}")
+        await post_json(self._client, self._hook.url, content, headers)
 
     async def send(self, rows: Sequence[OutboxRow], facts: DeviceFacts, deadline: float) -> int:
         """How many of `rows` were delivered before `deadline` (monotonic) came."""
@@ -179,11 +167,27 @@ class WebhookChannel:
 Channel = AlertmanagerChannel | WebhookChannel
 
 
-def http_client(settings: NotifySettings) -> httpx.AsyncClient:
-    return httpx.AsyncClient(timeout=settings.timeout_s, headers={"User-Agent": USER_AGENT})
+def http_client(settings: NotifySettings) -> aiohttp.ClientSession:
+    """The channels' session; opened in the loop that uses it, closed by its owner."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=settings.timeout_s), headers={"User-Agent": USER_AGENT}
+    )
 
 
-def build_channels(settings: NotifySettings, client: httpx.AsyncClient) -> dict[str, Channel]:
+async def post_json(client: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> None:
+    """POST a JSON body; DeliveryFailed (naming no rows yet) unless the answer is 2xx."""
+    try:
+        async with client.post(
+            url, data=body, headers={"Content-Type": "application/json", **headers}
+        ) as response:
+            if not 200 <= response.status < 300:
+                text = await response.text(errors="replace")
+                raise DeliveryFailed([], f"HTTP {response.status}: {text[:200]}")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise DeliveryFailed([], describe(exc)) from exc
+
+
+def build_channels(settings: NotifySettings, client: aiohttp.ClientSession) -> dict[str, Channel]:
     channels: dict[str, Channel] = {}
     for url in settings.alertmanager_urls:
         channels[alertmanager_channel(url)] = AlertmanagerChannel(url, settings, client)

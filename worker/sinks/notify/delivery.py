@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 
-import httpx
+import aiohttp
 import structlog
 
 from worker.metrics import Metrics
@@ -57,7 +57,7 @@ class NotificationActor(Actor):
         self._outbox = outbox
         self._settings = outbox.settings
         self._metrics = metrics
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._channels: dict[str, Channel] = {}
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
@@ -120,7 +120,7 @@ class NotificationActor(Actor):
     async def close(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await self._client.aclose()
+                await self._client.close()
             self._client = None
 
     # --- delivery ------------------------------------------------------------------------------
