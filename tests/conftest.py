@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 
 from worker.config import Settings
 from worker.logging import configure_logging
+from worker.rules.admin import RuleAdmin, open_admin
 from worker.stores import Stores, open_stores
 from worker.stores.migrate import migrate
 from worker.stores.redis import delete_matching
@@ -250,6 +251,13 @@ async def partitioned(pg: asyncpg.Connection) -> None:
     """Skips the test where `decoded_data` is a TimescaleDB hypertable, not range partitions."""
     if await is_hypertable(pg):
         pytest.skip("needs native range partitions: decoded_data is a TimescaleDB hypertable here")
+
+
+@pytest.fixture
+async def admin(settings: Settings) -> AsyncIterator[RuleAdmin]:
+    """The rules' admin (what `iotflow rules` uses), on the test's schema."""
+    async with open_admin(settings) as opened:
+        yield opened
 
 
 @pytest.fixture

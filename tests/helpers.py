@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from worker.cli import main
 from worker.config import Settings
 from worker.pipeline import Daemon
 from worker.stores.documents import PostgresDocumentStore
+from worker.tools.embedded import free_port
 from worker.tools.simulate import simulate
 
 from .conftest import worker_env
@@ -435,3 +437,25 @@ def with_cassandra(settings: Settings, hosts: str, backend: str, data_dir: Path 
     if data_dir is not None:
         configured.storage = replace(settings.storage, data_dir=str(data_dir), write_timeout_s=1.0)
     return configured
+
+
+@contextlib.contextmanager
+def password_mosquitto(directory: Path, username: str, password: str) -> Iterator[int]:
+    """A Mosquitto of its own that admits `username` with `password` and nobody else; its port."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    subprocess.run(
+        [passwd, "-b", "-c", str(directory / "passwd"), username, password], check=True, timeout=30
+    )
+    port = free_port()
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {directory / 'passwd'}"]
+    if os.geteuid() == 0:
+        lines.insert(0, "user root")
+    (directory / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    broker = subprocess.Popen([mosquitto, "-c", str(directory / "mosquitto.conf")], stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, broker)
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(5)

@@ -26,7 +26,7 @@ from worker.intake.mqtt_protocol import NoMqtt5Answer, OlderProtocol, open_conne
 from worker.tools.embedded import free_port
 from worker.tools.servers import HiveMQServer
 
-from .helpers import publish, wait_for_count, wait_listening, worker_process
+from .helpers import password_mosquitto, publish, wait_for_count, wait_listening, worker_process
 from .test_outages import json_messages
 from .test_refusals import _errors, run_to_exit
 
@@ -136,21 +136,8 @@ async def test_the_worker_exits_2_when_a_broker_gives_no_connack(settings: Setti
 @pytest.fixture
 def password_broker(tmp_path: Path) -> Iterator[int]:
     """A Mosquitto that admits `worker` with password `s3cr:t` and nobody else."""
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    subprocess.run([passwd, "-b", "-c", str(tmp_path / "passwd"), "worker", "s3cr:t"], check=True, timeout=30)
-    port = free_port()
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {tmp_path / 'passwd'}"]
-    if os.geteuid() == 0:
-        lines.insert(0, "user root")
-    (tmp_path / "mosquitto.conf").write_text("\n".join(lines) + "\n")
-    broker = subprocess.Popen([mosquitto, "-c", str(tmp_path / "mosquitto.conf")], stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(port, broker)
+    with password_mosquitto(tmp_path, "worker", "s3cr:t") as port:
         yield port
-    finally:
-        broker.terminate()
-        broker.wait(5)
 
 
 async def test_username_and_password_file_settings_log_in(password_broker: int, tmp_path: Path) -> None:

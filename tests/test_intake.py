@@ -33,7 +33,7 @@ from worker.metrics import Metrics
 from worker.runtime.mailbox import Mailbox
 from worker.tools.embedded import free_port
 
-from .helpers import background, publish, wait_listening
+from .helpers import background, password_mosquitto, publish, wait_listening
 from .tcpproxy import TcpProxy
 
 _ids = itertools.count()
@@ -239,21 +239,8 @@ async def _gather(mailbox: Mailbox[RawMessage], count: int) -> list[RawMessage]:
 @pytest.fixture
 def password_broker(tmp_path: Path) -> Iterator[int]:
     """A Mosquitto that admits `us@er` with password `p:ss` and nobody else."""
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    subprocess.run([passwd, "-b", "-c", str(tmp_path / "passwd"), "us@er", "p:ss"], check=True, timeout=30)
-    port = free_port()
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {tmp_path / 'passwd'}"]
-    if os.geteuid() == 0:
-        lines.insert(0, "user root")
-    (tmp_path / "mosquitto.conf").write_text("\n".join(lines) + "\n")
-    broker = subprocess.Popen([mosquitto, "-c", str(tmp_path / "mosquitto.conf")], stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(port, broker)
+    with password_mosquitto(tmp_path, "us@er", "p:ss") as port:
         yield port
-    finally:
-        broker.terminate()
-        broker.wait(5)
 
 
 async def test_the_credentials_come_from_the_url_and_a_wrong_one_is_refused(password_broker: int) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -20,41 +19,18 @@ import orjson
 import pytest
 
 from worker.config import NotifySettings, Settings, WebhookSettings
-from worker.rules.admin import RuleAdmin, open_admin
+from worker.rules.admin import RuleAdmin
 from worker.rules.model import Scope
 from worker.tools.bench_support import parse_metrics
 from worker.tools.servers import AlertmanagerServer
 
 from .helpers import Cli, publish, running_daemon, wait_for, wait_for_committed, worker_process
+from .test_rules_pipeline import HOT, Device
 from .webhook_receiver import WebhookReceiver
 
-HOT = {"id": "hot", "type": "threshold", "field": "temperature", "condition": ">", "value": 30, "unit": "°C"}
 SECRET = "test-secret-0123456789"
 # Retries within a test's patience: a receiver back up is noticed within a second.
 QUICK = NotifySettings(poll_s=0.1, retry_first_s=0.1, retry_max_s=0.5, timeout_s=5)
-
-
-@dataclass(frozen=True)
-class Device:
-    id: int
-    key: str
-
-    def telemetry(self, values: list[float], start: float | None = None) -> list[tuple[str, bytes]]:
-        """One message per value, a second apart, ending about now unless `start` says otherwise."""
-        first = (start if start is not None else time.time() - len(values)) * 1000
-        return [
-            (
-                f"devices/{self.key}/telemetry",
-                orjson.dumps({"ts": int(first + i * 1000), "values": {"temperature": v}}),
-            )
-            for i, v in enumerate(values)
-        ]
-
-
-@pytest.fixture
-async def admin(settings: Settings) -> AsyncIterator[RuleAdmin]:
-    async with open_admin(settings) as opened:
-        yield opened
 
 
 async def new_device(pg: asyncpg.Connection, admin: RuleAdmin) -> Device:
@@ -68,7 +44,7 @@ async def new_device(pg: asyncpg.Connection, admin: RuleAdmin) -> Device:
         "INSERT INTO datapoints (device_id, label, unit) VALUES ($1, 'temperature', '°C')", device_id
     )
     await admin.set_rule(Scope("device", device_id), HOT)
-    return Device(device_id, key)
+    return Device(device_id, user_id, key)
 
 
 def with_webhook(settings: Settings, receiver: WebhookReceiver, **quick: Any) -> Settings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -20,7 +20,7 @@ from schemas.records import AlertEvent, DecodedBatch, Reading
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.rules.actor import RulesActor
-from worker.rules.admin import RuleAdmin, open_admin
+from worker.rules.admin import RuleAdmin
 from worker.rules.evaluator import Evaluator
 from worker.rules.model import Scope, parse_rule
 from worker.rules.ruleset import RuleSet
@@ -118,12 +118,6 @@ async def next_message(pubsub: aioredis.client.PubSub, timeout: float = 20.0) ->
         if message:
             return message
     return None
-
-
-@pytest.fixture
-async def admin(settings: Settings) -> AsyncIterator[RuleAdmin]:
-    async with open_admin(settings) as opened:
-        yield opened
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from worker.config import Settings
 from worker.pipeline import Daemon
-from worker.rules.admin import RuleAdmin, open_admin
+from worker.rules.admin import RuleAdmin
 from worker.rules.events import compact_time
 from worker.rules.model import Scope
 
@@ -65,12 +65,6 @@ class Device:
             )
             for i, v in enumerate(values)
         ]
-
-
-@pytest.fixture
-async def admin(settings: Settings) -> AsyncIterator[RuleAdmin]:
-    async with open_admin(settings) as opened:
-        yield opened
 
 
 @pytest.fixture
