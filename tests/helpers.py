@@ -457,5 +457,14 @@ def password_mosquitto(directory: Path, username: str, password: str) -> Iterato
         wait_listening(port, broker)
         yield port
     finally:
-        broker.terminate()
-        broker.wait(5)
+        stop_process(broker)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`: a test's own server never outlives it."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

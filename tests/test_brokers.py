@@ -26,7 +26,7 @@ from worker.intake.mqtt_protocol import NoMqtt5Answer, OlderProtocol, open_conne
 from worker.tools.embedded import free_port
 from worker.tools.servers import HiveMQServer
 
-from .helpers import password_mosquitto, publish, wait_for_count, wait_listening, worker_process
+from .helpers import password_mosquitto, publish, stop_process, wait_for_count, wait_listening, worker_process
 from .test_outages import json_messages
 from .test_refusals import _errors, run_to_exit
 
@@ -54,12 +54,7 @@ def amqtt_broker(tmp_path: Path) -> Iterator[int]:
         wait_listening(port, broker)
         yield port
     finally:
-        broker.terminate()
-        try:
-            broker.wait(10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop_process(broker)
 
 
 @contextlib.asynccontextmanager

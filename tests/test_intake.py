@@ -33,7 +33,7 @@ from worker.metrics import Metrics
 from worker.runtime.mailbox import Mailbox
 from worker.tools.embedded import free_port
 
-from .helpers import background, password_mosquitto, publish, wait_listening
+from .helpers import background, password_mosquitto, publish, stop_process, wait_listening
 from .tcpproxy import TcpProxy
 
 _ids = itertools.count()
@@ -299,8 +299,7 @@ def acl_broker(tmp_path: Path) -> Iterator[int]:
             subprocess.run(admin + command, check=True, capture_output=True, timeout=30)
         yield port
     finally:
-        broker.terminate()
-        broker.wait(5)
+        stop_process(broker)
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", "hivemq"])

@@ -20,7 +20,7 @@ import pytest
 from worker.config import Settings
 from worker.tools.embedded import free_port
 
-from .helpers import wait_listening, worker_process
+from .helpers import stop_process, wait_listening, worker_process
 
 TIMEOUT_S = 60  # generous: the verdict is the exit code, not how fast it came
 
@@ -110,8 +110,7 @@ def closed_broker(tmp_path: Path) -> Iterator[str]:
         wait_listening(port, broker)
         yield f"mqtt://127.0.0.1:{port}"
     finally:
-        broker.terminate()
-        broker.wait(5)
+        stop_process(broker)
 
 
 async def test_a_broker_refusing_us_exits_2_with_one_line(settings: Settings, closed_broker: str) -> None:

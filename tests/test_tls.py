@@ -25,7 +25,7 @@ from worker.decode.codecs import load_codecs
 from worker.tools.embedded import free_port
 from worker.tools.simulate import build_fleet, message_stream, readings_per_message
 
-from .helpers import running_daemon, wait_for_count, wait_listening
+from .helpers import running_daemon, stop_process, wait_for_count, wait_listening
 
 ROOT = Path(__file__).parent.parent
 DEVICE = "f2-aabbccddee01"  # the simulator's first F2 controller, registered by the fixture
@@ -84,12 +84,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         wait_listening(port, broker)
         yield Broker(port, pki)
     finally:
-        broker.terminate()
-        try:
-            broker.wait(10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop_process(broker)
 
 
 def tls(certs_dir: Path, name: str | None) -> aiomqtt.TLSParameters:
