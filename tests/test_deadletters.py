@@ -473,7 +473,8 @@ async def test_metrics_hold_the_dead_letters_in_the_table_by_reason(
     monkeypatch.setattr("worker.pipeline.DEAD_LETTERS_HELD_REFRESH_S", 0.05)
     settings.http = replace(settings.http, enabled=True, port=0)
     async with running_daemon(settings) as daemon:
-        port = daemon.health.port
+        assert daemon.http is not None
+        port = daemon.http.port
         await publish(
             settings.mqtt.url,
             [
