@@ -13,6 +13,7 @@ import pytest
 from worker.config import Settings
 from worker.decode.codecs import load_codecs
 from worker.intake.mqtt import connect
+from worker.tools.embedded import ServiceUrls
 from worker.tools.simulate import build_fleet, message_stream, readings_per_message
 
 from .helpers import background, notify_socket, simulator, wait_for, wait_for_count, worker_process
@@ -109,7 +110,7 @@ async def test_sigterm_drains_acks_and_exits_0_telling_systemd(
 
 @pytest.mark.usefixtures("broker_settings")
 async def test_shared_subscription_splits_one_stream_between_workers(
-    settings: Settings, pg: asyncpg.Connection
+    settings: Settings, pg: asyncpg.Connection, mqtt_url: str, service_urls: ServiceUrls
 ) -> None:
     total = 600
     env = {"IOTFLOW_MQTT_SHARED_GROUP": f"g{os.getpid()}"}
@@ -129,7 +130,11 @@ async def test_shared_subscription_splits_one_stream_between_workers(
         assert [await worker.wait() for worker in workers] == [0, 0]
     assert await pg.fetchval("SELECT count(*) FROM decoded_data") == expected_readings(total)
     shares = [_last_committed(worker.records()) for worker in workers]
-    assert sum(shares) == total and min(shares) > 0, shares
+    assert sum(shares) == total, shares  # the group took the stream once, whoever took what
+    if mqtt_url == service_urls.mqtt_url:
+        # Mosquitto hands a group's messages round robin; HiveMQ may give a whole burst to
+        # one member (docs/brokers.md), so only Mosquitto's split is the broker's promise.
+        assert min(shares) > 0, shares
 
 
 def _last_committed(records: list[dict[str, object]]) -> int:
