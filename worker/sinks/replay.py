@@ -179,6 +179,23 @@ def _verdicts(letters: list[DeadLetter]) -> dict[bytes, DeadLetter]:
     return found
 
 
+async def _batches(
+    stores: Stores, selection: Selection, batch_size: int
+) -> AsyncIterator[tuple[list[dict[str, Any]], int]]:
+    """The selected dead letters a batch at a time, oldest id first, up to the highest id
+    selected now (rows stored later are left to a later run); each with the rows to go through."""
+    async with stores.postgres.acquire() as conn:
+        top, replayable, capped = await replay_bounds(conn, selection)
+    after = 0
+    while True:
+        async with stores.postgres.acquire() as conn:
+            rows = await replay_batch(conn, selection, after, top, batch_size)
+        if not rows:
+            return
+        yield rows, replayable + capped
+        after = rows[-1]["id"]
+
+
 async def replay_dead_letters(
     stores: Stores,
     selection: Selection,
@@ -189,14 +206,7 @@ async def replay_dead_letters(
     highest id selected now; `progress(tally so far, rows to go through)` after each batch."""
     replay = DeadLetterReplay(stores)
     total = Tally()
-    async with stores.postgres.acquire() as conn:
-        top, replayable, capped = await replay_bounds(conn, selection)
-    after = 0
-    while True:
-        async with stores.postgres.acquire() as conn:
-            rows = await replay_batch(conn, selection, after, top, batch_size)
-        if not rows:
-            return total
+    async for rows, to_go_through in _batches(stores, selection, batch_size):
         for attempt in range(_ROLLBACK_RETRIES):
             try:
                 done = await replay.replay(rows)
@@ -205,8 +215,8 @@ async def replay_dead_letters(
                 if attempt == _ROLLBACK_RETRIES - 1:
                     raise
         total.add(done)
-        after = rows[-1]["id"]
-        progress(total, replayable + capped)
+        progress(total, to_go_through)
+    return total
 
 
 async def judge_dead_letters(
@@ -214,14 +224,6 @@ async def judge_dead_letters(
 ) -> AsyncIterator[Verdict]:
     """What each selected dead letter would become now, oldest id first; nothing is written."""
     replay = DeadLetterReplay(stores, dry_run=True)
-    async with stores.postgres.acquire() as conn:
-        top, _, _ = await replay_bounds(conn, selection)
-    after = 0
-    while True:
-        async with stores.postgres.acquire() as conn:
-            rows = await replay_batch(conn, selection, after, top, batch_size)
-        if not rows:
-            return
+    async for rows, _ in _batches(stores, selection, batch_size):
         for verdict in await replay.judge(rows):
             yield verdict
-        after = rows[-1]["id"]
