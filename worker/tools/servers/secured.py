@@ -16,12 +16,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from worker.ops.certs import CertStore
-from worker.tools.embedded import _chown_tree, _ensure_traversable, _pg_run_as, free_port
+from worker.tools.embedded import (
+    MOSQUITTO_CONF_TEMPLATE,
+    _chown_tree,
+    _ensure_traversable,
+    _find_mosquitto,
+    _pg_run_as,
+    free_port,
+)
 from worker.tools.servers.ferretdb import FerretDBServer
 from worker.tools.servers.process import ServerProcess
 from worker.tools.servers.toolchains import ServerUnavailable
 
-__all__ = ["SecuredFerretDBServer", "SecuredPostgresServer", "SecuredRedisServer", "server_pki"]
+__all__ = [
+    "SecuredFerretDBServer",
+    "SecuredMosquittoServer",
+    "SecuredPostgresServer",
+    "SecuredRedisServer",
+    "server_pki",
+]
 
 USER = "iotflow"
 DATABASE = "iotflow"
@@ -57,27 +70,27 @@ def _postgres_bindir() -> Path:
 
 
 class SecuredPostgresServer(ServerProcess):
-    """`ssl = on`, and only `hostssl` connections with SCRAM passwords in pg_hba.conf."""
+    """`ssl = on`, and only `hostssl` connections with SCRAM passwords in pg_hba.conf (`host`
+    ones too with `plain`)."""
 
     name = "postgres-tls"
 
-    def __init__(self, directory: Path, pki: CertStore, password: str) -> None:
+    def __init__(self, directory: Path, pki: CertStore, password: str, *, plain: bool = False) -> None:
+        """`plain`: also take the password without TLS (the bench compares the two paths)."""
         super().__init__(directory)
         self.port = free_port()
         self.password = password
+        self.plain = plain
         self._pki = pki
         self._bindir = _postgres_bindir()
         self._run_as = _pg_run_as()
         self._data = directory / "data"
 
-    def url(self, password: str | None = None) -> str:
-        """The URL of the database over verified TLS; no password unless given."""
+    def url(self, password: str | None = None, *, tls: bool = True) -> str:
+        """The URL of the database over verified TLS (or none: `tls=False`); no password unless given."""
         secret = f":{password}" if password else ""
-        ca = self._pki.cert_path("ca")
-        return (
-            f"postgresql://{USER}{secret}@127.0.0.1:{self.port}/{DATABASE}"
-            f"?sslmode=verify-full&sslrootcert={ca}"
-        )
+        query = f"sslmode=verify-full&sslrootcert={self._pki.cert_path('ca')}" if tls else "sslmode=disable"
+        return f"postgresql://{USER}{secret}@127.0.0.1:{self.port}/{DATABASE}?{query}"
 
     def prepare(self) -> None:
         scratch = self.directory / "init"
@@ -120,8 +133,9 @@ class SecuredPostgresServer(ServerProcess):
         shutil.copy(self._pki.cert_path("server"), self._data / "server.crt")
         shutil.copy(self._pki.key_path("server"), self._data / "server.key")
         (self._data / "server.key").chmod(0o600)
+        without_tls = "scram-sha-256" if self.plain else "reject"
         (self._data / "pg_hba.conf").write_text(
-            "hostssl all all 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 reject\n"
+            f"hostssl all all 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 {without_tls}\n"
         )
         if self._run_as is not None:
             _chown_tree(self._data, self._run_as)
@@ -151,24 +165,28 @@ class SecuredRedisServer(ServerProcess):
 
     name = "redis-tls"
 
-    def __init__(self, directory: Path, pki: CertStore, password: str) -> None:
+    def __init__(self, directory: Path, pki: CertStore, password: str, *, plain: bool = False) -> None:
+        """`plain`: a port without TLS too (the bench compares the two paths)."""
         super().__init__(directory)
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(binary).exists():
             raise ServerUnavailable("no redis-server with TLS (Debian: apt-get install redis-server)")
         self._binary = binary
         self.port = free_port()
+        self.plain_port = free_port() if plain else 0
         self.password = password
         self._pki = pki
 
-    def url(self, password: str | None = None) -> str:
+    def url(self, password: str | None = None, *, tls: bool = True) -> str:
         secret = f":{password}" if password else ""
+        if not tls:
+            return f"redis://{USER}{secret}@127.0.0.1:{self.plain_port}/0"
         return f"rediss://{USER}{secret}@127.0.0.1:{self.port}/0?ssl_ca_certs={self._pki.cert_path('ca')}"
 
     def prepare(self) -> None:
         lines = [
             "bind 127.0.0.1",
-            "port 0",
+            f"port {self.plain_port}",
             f"tls-port {self.port}",
             f"tls-cert-file {self._pki.cert_path('server')}",
             f"tls-key-file {self._pki.key_path('server')}",
@@ -219,3 +237,46 @@ class SecuredFerretDBServer(FerretDBServer):
             f"--setup-username={USER}",
             f"--setup-password={self.password}",
         ]
+
+
+class SecuredMosquittoServer(ServerProcess):
+    """Mosquitto with the embedded broker's at-least-once settings on a plain listener and a
+    TLS one (server certificate only, anonymous clients), for the bench's plain/TLS runs."""
+
+    name = "mosquitto-tls"
+
+    def __init__(self, directory: Path, pki: CertStore) -> None:
+        super().__init__(directory)
+        binary = _find_mosquitto()
+        if binary is None:
+            raise ServerUnavailable("no mosquitto (Debian: apt-get install mosquitto)")
+        self._binary = binary
+        self.port = free_port()
+        self.tls_port = free_port()
+        self._pki = pki
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.tls_port}"
+
+    def prepare(self) -> None:
+        lines = [MOSQUITTO_CONF_TEMPLATE.format(host="127.0.0.1", port=self.port).rstrip()]
+        if os.geteuid() == 0:
+            lines.insert(0, "user root")  # the key is 0600, root's
+        lines += [
+            f"listener {self.tls_port} 127.0.0.1",
+            f"cafile {self._pki.cert_path('ca')}",
+            f"certfile {self._pki.cert_path('server')}",
+            f"keyfile {self._pki.key_path('server')}",
+        ]
+        (self.directory / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+
+    def command(self) -> Sequence[str]:
+        return [self._binary, "-c", str(self.directory / "mosquitto.conf")]
+
+    def problem(self) -> str | None:
+        return _accepts_tcp(self.tls_port) or _accepts_tcp(self.port)
