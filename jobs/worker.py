@@ -60,7 +60,26 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
-    return RedisSettings.from_dsn(settings.redis.url)
+    """arq's connection settings from `redis.url`, read by redis-py's own URL parser, so the
+    queue connects as the daemon's client does: arq's `from_dsn` keeps a percent-encoded
+    password encoded and drops the TLS options (`ssl_ca_certs`, `ssl_certfile`, …)."""
+    from redis.asyncio.connection import SSLConnection, parse_url
+
+    url: dict[str, Any] = dict(parse_url(settings.redis.url))
+    tls = url.get("connection_class") is SSLConnection
+    options: dict[str, Any] = {
+        "host": url.get("host", "localhost"),
+        "port": url.get("port", 6379),
+        "database": url.get("db", 0),
+        "username": url.get("username"),
+        "password": url.get("password"),
+        "ssl": tls,
+    }
+    if tls:
+        for name in ("ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname"):
+            if name in url:
+                options[name] = url[name]
+    return RedisSettings(**options)
 
 
 def worker_options(

@@ -144,6 +144,23 @@ def test_bench_compare_fleet_floods_both_fleets_and_gives_their_ratio(settings: 
     assert asyncio.run(_schemas(settings, "bench_%")) == 0  # dropped
 
 
+def test_bench_tls_floods_plain_and_tls_hops_and_gives_their_ratio(settings: Settings) -> None:
+    """On servers of its own (Debian's PostgreSQL and redis-server, a Mosquitto with a TLS
+    listener): every run writes every reading; the ratio is printed, not judged here."""
+    command = ["bench", "--tls", "--messages", "400", "--devices", "4", "--repeat", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", *command],
+        env=_services_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "plain #1: " in result.stdout and "tls #1: " in result.stdout
+    assert " 0 lost" in result.stdout.split("tls #1: ")[1]
+    assert "TLS / plain " in result.stdout
+
+
 def test_bench_compare_fleet_needs_a_registered_fleet(settings: Settings) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "worker", "bench", "--compare-fleet", "40", "--first-contact"],

@@ -221,6 +221,13 @@ class DocumentSettings:
         default="mongodb://127.0.0.1:27017", metadata=_meta("mongodb://mongo:27017", _url("mongodb"))
     )
     mongodb_database: str = field(default="iotflow", metadata=_meta("iotflow"))
+    mongodb_password_file: str = field(
+        default="",
+        metadata=_meta(
+            "mongodb-password",
+            doc="a file whose content replaces the password in documents.mongodb_url (empty file: no change)",
+        ),
+    )
 
 
 def _replication(value: Any) -> str | None:
@@ -1012,40 +1019,53 @@ def _check_extras(settings: Settings) -> None:
 
 
 def _apply_password_files(settings: Settings) -> None:
-    """`postgres.password_file`, `redis.password_file`: the password goes into the URL, so every
-    user of the URL (the daemon, the jobs, the commands) gets it; `mqtt.password_file` becomes
-    `mqtt.password`. Meant for systemd's LoadCredential= (the units set
-    IOTFLOW_*_PASSWORD_FILE=%d/…); an empty file changes nothing."""
-    sections: tuple[tuple[str, PostgresSettings | RedisSettings | MqttSettings], ...] = (
-        ("postgres", settings.postgres),
-        ("redis", settings.redis),
-        ("mqtt", settings.mqtt),
+    """`postgres.password_file`, `redis.password_file`, `documents.mongodb_password_file`: the
+    password goes into the URL, so every user of the URL (the daemon, the jobs, the commands)
+    gets it; `mqtt.password_file` becomes `mqtt.password`. Meant for systemd's LoadCredential=
+    (see `_read_secret_file`); an empty file changes nothing."""
+    mqtt = settings.mqtt
+    if mqtt.password_file:
+        mqtt.password = _read_password_file("mqtt.password_file", mqtt.password_file, "mqtt") or mqtt.password
+    urls: tuple[tuple[str, Any, str, str], ...] = (
+        ("postgres.password_file", settings.postgres, "url", "postgres"),
+        ("redis.password_file", settings.redis, "url", "redis"),
+        ("documents.mongodb_password_file", settings.documents, "mongodb_url", "mongodb"),
     )
-    for name, section in sections:
-        if not section.password_file:
-            continue
-        password = _read_password_file(f"{name}.password_file", section.password_file, name)
-        if not password:
-            continue
-        if isinstance(section, MqttSettings):
-            section.password = password
-        else:
-            section.url = url_with_password(section.url, password)
+    for setting, section, url_field, name in urls:
+        path = getattr(section, setting.rpartition(".")[2])
+        password = _read_password_file(setting, path, name) if path else ""
+        if password:
+            setattr(section, url_field, url_with_password(getattr(section, url_field), password))
 
 
 def _read_password_file(setting: str, path: str, name: str) -> str:
-    return _read_secret_file(setting, path, f"/run/credentials/iotflow-worker.service/{name}-password")
+    return _read_secret_file(setting, path, f"{name}-password")
+
+
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # where systemd's LoadCredential= puts a unit's secrets
+
+
+def secret_path(path: str) -> Path:
+    """Where a `…_file` setting points: a relative path is a credential's name inside
+    `$CREDENTIALS_DIRECTORY` when systemd set one (LoadCredential=), else relative to the
+    working directory; an absolute path is itself."""
+    directory = os.environ.get(CREDENTIALS_ENV)
+    resolved = Path(path)
+    return Path(directory) / resolved if directory and not resolved.is_absolute() else resolved
 
 
 def _read_secret_file(setting: str, path: str, example: str) -> str:
-    """A secret kept in a file: read once at start, its trailing newline stripped."""
+    """A secret kept in a file (`secret_path`): read once at start, its trailing newline
+    stripped. The one reader of every `…_file` secret, so each follows the same rule."""
+    where = secret_path(path)
+    shown = str(where) if str(where) == path else f"{where} (${CREDENTIALS_ENV}/{path})"
     try:
-        return Path(path).read_text("utf-8").rstrip("\r\n")
+        return where.read_text("utf-8").rstrip("\r\n")
     except FileNotFoundError:
-        raise ConfigError(setting, f"file {path} does not exist", example) from None
+        raise ConfigError(setting, f"file {shown} does not exist", example) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(setting, f"{path} cannot be read: {reason}", example) from None
+        raise ConfigError(setting, f"{shown} cannot be read: {reason}", example) from None
 
 
 def _apply_webhook_secrets(notify: NotifySettings) -> None:

@@ -50,6 +50,7 @@ from worker.sinks.writer import BatchWriter
 from worker.stores import Stores, open_stores
 from worker.stores.dead_letters import counts_by_reason
 from worker.stores.migrate import schema_problem
+from worker.stores.naming import refused_by_store
 
 if TYPE_CHECKING:
     from worker.intake.kafka import KafkaIntake
@@ -502,10 +503,8 @@ class Daemon:
                     return stores
             except Exception as exc:
                 refused = refusal(exc)
-                if isinstance(refused, Refused):
-                    raise refused from None
                 if refused is not None:
-                    raise Refused(describe(exc)) from exc
+                    raise refused_by_store(refused, self.settings) from exc
                 if not is_transient(exc):
                     raise
                 delay = next(delays)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -73,6 +74,15 @@ class Refused(Exception):
     exist): a configuration problem that waiting will not fix, so the daemon exits 2."""
 
     hint = "check the store's URL and credentials"  # what the operator should do about it
+
+
+class CertificateRefused(Refused):
+    """A TLS handshake failed on a certificate, raised for a driver that lets the ssl module's
+    bare error out (asyncpg): `driver` says whose, so the report can name the store."""
+
+    def __init__(self, driver: str, error: str) -> None:
+        super().__init__(error)
+        self.driver = driver
 
 
 REFUSAL_ERRORS: tuple[type[BaseException], ...] = (
@@ -166,6 +176,8 @@ def refusal(exc: BaseException | None) -> BaseException | None:
             return exc
         if _is_cassandra_refusal(exc):
             return exc
+        if is_certificate_refusal(exc):
+            return exc
         if isinstance(exc, BaseExceptionGroup):
             for inner in exc.exceptions:
                 found = refusal(inner)
@@ -178,8 +190,29 @@ def refusal(exc: BaseException | None) -> BaseException | None:
 
 
 def _is_mongo_auth_failure(exc: BaseException) -> bool:
-    # pymongo reports a failed authentication as OperationFailure code 18 (AuthenticationFailed).
-    return type(exc).__name__ == "OperationFailure" and getattr(exc, "code", None) == 18
+    # pymongo reports a failed authentication as OperationFailure code 18 (AuthenticationFailed),
+    # a command the user may not run (or run without logging in) as code 13 (Unauthorized).
+    return type(exc).__name__ == "OperationFailure" and getattr(exc, "code", None) in (13, 18)
+
+
+# What OpenSSL says when the server's certificate is not trusted (unknown CA, wrong host
+# name, expired) or the server turned our client certificate down. The drivers keep it as
+# an ssl error (asyncpg) or only as text in their own error (redis-py, PyMongo).
+_CERTIFICATE_REFUSALS = (
+    "CERTIFICATE_VERIFY_FAILED",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_CERTIFICATE_REQUIRED",
+    "ALERT_CERTIFICATE_UNKNOWN",
+)
+
+
+def is_certificate_refusal(exc: BaseException) -> bool:
+    """A TLS handshake that failed on a certificate: trying again meets the same one."""
+    if isinstance(exc, (ssl.SSLCertVerificationError, CertificateRefused)):
+        return True
+    text = str(exc)
+    return any(words in text for words in _CERTIFICATE_REFUSALS)
 
 
 def _is_cassandra_refusal(exc: BaseException) -> bool:

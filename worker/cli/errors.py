@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncpg
 
-from worker.config import Settings, redact_url
+from worker.config import Settings
 from worker.exit_codes import ExitCode
 from worker.retry import Unreachable, describe, is_transient, refusal
+from worker.stores.naming import settings_to_check, store_address
 
 DEBUG_HINT = "run with IOTFLOW_LOG_LEVEL=debug for the traceback"
 
@@ -43,7 +44,8 @@ def explain(exc: BaseException, settings: Settings) -> tuple[ExitCode, str] | No
     if refused is not None:
         return (
             ExitCode.CONFIG,
-            f"{server(refused, settings)} refused us ({describe(refused)}): check its URL and credentials",
+            f"{server(refused, settings)} refused us ({describe(refused)}): "
+            f"check {settings_to_check(refused)}",
         )
     if isinstance(exc, _UNMIGRATED_POSTGRES):
         return ExitCode.CONFIG, (
@@ -61,18 +63,7 @@ def unexpected(exc: BaseException) -> str:
 
 def server(exc: BaseException, settings: Settings) -> str:
     """Which store an error came from, by its driver, and its configured address."""
-    driver = type(exc).__module__.partition(".")[0]
-    if driver == "asyncpg":
-        return f"postgres at {redact_url(settings.postgres.url)}"
-    if driver in ("redis", "arq"):
-        return f"redis at {redact_url(settings.redis.url)}"
-    if driver in ("pymongo", "motor"):
-        return f"mongodb at {redact_url(settings.documents.mongodb_url)}"
-    if driver == "cassandra":
-        return f"cassandra at {','.join(settings.cassandra.hosts)} port {settings.cassandra.port}"
-    if driver == "aiokafka":
-        return f"kafka at {settings.kafka.bootstrap}"
-    return "a server"
+    return store_address(exc, settings)
 
 
 def _single(exc: BaseException) -> BaseException:

@@ -92,6 +92,12 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="instead: the replay of --messages dead letters of a 1,000-device fleet "
         "(worker.tools.deadletters_bench): dead letters/s and CPU-seconds per 100k",
     )
+    bench.add_argument(
+        "--tls",
+        action="store_true",
+        help="instead: the worker's CPU per 100k messages with TLS on its MQTT, PostgreSQL and Redis "
+        "hops against plain TCP, alternated, on servers of the bench's own (worker.tools.bench_tls)",
+    )
     bench.set_defaults(handler=_bench)
 
 
@@ -149,6 +155,10 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         from worker.tools.deadletters_bench import run_deadletters_bench
 
         return run_deadletters_bench(settings, args.messages, BATCH_SIZE, args.embedded)
+    if args.tls:
+        from worker.tools.bench_tls import tls_bench
+
+        return ExitCode.OK if tls_bench(settings, args) else ExitCode.FAILURE
     if args.timeseries != "postgres":
         from worker.tools.outbox_bench import run_timeseries_bench
 

@@ -15,7 +15,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from worker.config import PostgresSettings, redact_url
-from worker.retry import Unreachable, describe, is_transient
+from worker.retry import CertificateRefused, Unreachable, describe, is_certificate_refusal, is_transient
 
 # A connection of its own or one borrowed from a pool: the callers here take either.
 Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
@@ -39,6 +39,8 @@ def _naming_the_server(settings: PostgresSettings) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
+        if is_certificate_refusal(exc):  # asyncpg's is the ssl module's, which names no server
+            raise CertificateRefused("asyncpg", describe(exc)) from exc
         if not is_transient(exc):
             raise  # a refusal (password, database) or a bug: as it is
         raise Unreachable("postgres", redact_url(settings.url), describe(exc)) from exc
