@@ -30,6 +30,16 @@ if [ "$extras" = test ] && ! command -v prometheus-alertmanager >/dev/null && [ 
     echo "note: no prometheus-alertmanager; the Alertmanager tests will skip (apt-get install prometheus-alertmanager)" >&2
   fi
 fi
+# The secured-store tests run Debian's PostgreSQL and redis-server (the embedded ones are built
+# without TLS); policy-rc.d or no init system keeps apt from starting them as services.
+if [ "$extras" = test ] && { ! command -v redis-server >/dev/null || ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing postgresql and redis-server (for the TLS tests) with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server >/dev/null
+  else
+    echo "note: no postgresql/redis-server; the secured-store tests will skip (apt-get install postgresql redis-server)" >&2
+  fi
+fi
 # The tests validate docker-compose.yml offline with `docker-compose config` (no engine needed).
 if [ "$extras" = test ] && ! command -v docker-compose >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
