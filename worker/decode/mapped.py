@@ -1,0 +1,248 @@
+"""A message on a mapped topic into readings (docs/decoding.md, "Mappings"): pure, no I/O.
+
+A `MappedTopic` is what one topic says under its mapping, worked out once per topic (the
+parser remembers it): the device, the label around each path. Every rejection names the
+mapping, so a dead letter says which rule the payload missed.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from fnmatch import fnmatchcase
+from typing import Any, NamedTuple
+
+import orjson
+
+from schemas.records import Reason
+from worker.decode.mappings import FieldRule, Mapping
+from worker.decode.parse import (
+    MAX_LABEL_LENGTH,
+    DeviceRef,
+    Ignored,
+    Limits,
+    ParsedMessage,
+    Rejected,
+    parse_timestamp,
+)
+
+_TRUE = frozenset({"true", "on", "yes", "1", "open", "online"})
+_FALSE = frozenset({"false", "off", "no", "0", "closed", "offline"})
+_ALL = FieldRule(("*",))  # a mapping without fields: every value of the payload
+_NO_TEXT_COLUMN = "text value, kept only where the store has a text column"
+
+
+class MappedTopic(NamedTuple):
+    mapping: Mapping
+    device: DeviceRef
+    prefix: str  # label = prefix + path + suffix
+    suffix: str
+
+
+def mapped_topic(mapping: Mapping, levels: list[str]) -> MappedTopic:
+    values = {name: level for name, level in zip(mapping.levels, levels, strict=True) if name is not None}
+    device = levels[mapping.device]
+    if not device:
+        raise Rejected(Reason.BAD_TOPIC, f"mapping {mapping.name}: the device level is empty")
+    before, _, after = mapping.label.partition("{path}")
+    try:
+        prefix, suffix = before.format(**values), after.format(**values)
+    except (KeyError, IndexError, ValueError) as exc:  # the loader checked the names: a brace in a level
+        raise Rejected(Reason.BAD_TOPIC, f"mapping {mapping.name}: label: {exc}") from None
+    return MappedTopic(mapping, DeviceRef("key", device), prefix, suffix)
+
+
+def parse_mapped(topic: MappedTopic, payload: bytes, received_at: float, limits: Limits) -> ParsedMessage:
+    mapping = topic.mapping
+    if mapping.payload == "value":
+        return _parse_value(topic, payload, received_at, limits)
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise Rejected(Reason.BAD_JSON, f"mapping {mapping.name}: {exc}") from None
+    for path, allowed in mapping.when:
+        if _at(document, path) not in allowed:
+            raise Ignored
+    root = _at(document, mapping.root) if mapping.root else document
+    if not isinstance(root, dict | list):
+        where = ".".join(mapping.root) or "the payload"
+        raise Rejected(Reason.BAD_PAYLOAD, f"mapping {mapping.name}: no object at {where}")
+    timestamp = _timestamp(mapping, root, received_at, limits)
+    labels: list[str] = []
+    values: list[float] = []
+    units: list[str | None] = []
+    skipped: list[str] = []
+    texts: list[str | None] | None = None
+    taken: set[str] = set()
+    selected = 0  # values found, stored or deliberately left out
+    prefix, suffix = topic.prefix, topic.suffix
+    time_path = ".".join(mapping.time) if mapping.time else None
+    for rule in mapping.fields or (_ALL,):
+        found: list[tuple[str, Any]] = []
+        _select(root, rule.path, 0, "", found)
+        selected += len(found)
+        for where, raw in found:
+            if where in taken or where == time_path or (mapping.ignore and _ignored(mapping.ignore, where)):
+                continue
+            taken.add(where)
+            label = rule.name or (prefix + where + suffix if prefix or suffix else where)
+            if not 0 < len(label) <= MAX_LABEL_LENGTH or "\x00" in label:
+                skipped.append(f"{label[:40]!r}: not a usable measurement name")
+                continue
+            value, text, problem = _convert(rule, raw, limits.keep_text)
+            if problem is not None:
+                if rule.exact:  # asked for by name: say why it is not stored
+                    skipped.append(f"{where}: {problem}")
+                continue  # a wildcard takes what the store can keep
+            if text is not None:
+                if texts is None:
+                    texts = [None] * len(values)
+                texts.append(text)
+            elif texts is not None:
+                texts.append(None)
+            labels.append(label)
+            values.append(value)
+            units.append(rule.unit)
+    if not values:
+        if selected and not skipped:
+            raise Ignored  # all it holds is left out on purpose (ignored, or text without a column)
+        detail = "; ".join(skipped) or "no value at " + ", ".join(
+            ".".join(rule.path) or "the root" for rule in mapping.fields or (_ALL,)
+        )
+        raise Rejected(Reason.NO_NUMERIC_VALUES, f"mapping {mapping.name}: {detail}")
+    return ParsedMessage(topic.device, labels, values, [timestamp] * len(values), units, skipped, texts)
+
+
+def _parse_value(topic: MappedTopic, payload: bytes, received_at: float, limits: Limits) -> ParsedMessage:
+    mapping = topic.mapping
+    try:
+        raw: Any = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise Rejected(Reason.BAD_PAYLOAD, f"mapping {mapping.name}: the payload is not UTF-8 text") from None
+    rule = mapping.value_rule
+    if rule.type in ("auto", "number"):
+        raw = _number(raw) if _number(raw) is not None else raw
+    value, text, problem = _convert(rule, raw, limits.keep_text)
+    if problem is _NO_TEXT_COLUMN:
+        raise Ignored  # a text entity, and no store to keep its text
+    if problem is not None:
+        raise Rejected(Reason.NO_NUMERIC_VALUES, f"mapping {mapping.name}: {problem}")
+    label = topic.prefix + topic.suffix
+    timestamp = parse_timestamp(None, received_at, limits)
+    texts: list[str | None] | None = None if text is None else [text]
+    return ParsedMessage(topic.device, [label], [value], [timestamp], [rule.unit], [], texts)
+
+
+def _select(node: Any, path: tuple[str, ...], index: int, where: str, out: list[tuple[str, Any]]) -> None:
+    """(path, value) of every leaf under `path`: an object or array found is taken whole."""
+    if index == len(path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                _select(value, path, index, f"{where}.{key}" if where else key, out)
+        elif isinstance(node, list):
+            for position, value in enumerate(node):
+                _select(value, path, index, f"{where}.{position}" if where else str(position), out)
+        else:
+            out.append((where, node))
+        return
+    segment = path[index]
+    if isinstance(node, dict):
+        if "*" not in segment:
+            if segment in node:
+                _select(node[segment], path, index + 1, f"{where}.{segment}" if where else segment, out)
+            return
+        for key, value in node.items():
+            if segment == "*" or fnmatchcase(key, segment):
+                _select(value, path, index + 1, f"{where}.{key}" if where else key, out)
+    elif isinstance(node, list):
+        for position, value in enumerate(node):
+            if segment == "*" or segment == str(position):
+                _select(value, path, index + 1, f"{where}.{position}" if where else str(position), out)
+
+
+def _at(document: Any, path: tuple[str, ...]) -> Any:
+    for segment in path:
+        if isinstance(document, dict):
+            document = document.get(segment)
+        elif isinstance(document, list) and segment.isdigit() and int(segment) < len(document):
+            document = document[int(segment)]
+        else:
+            return None
+    return document
+
+
+def _ignored(patterns: tuple[tuple[str, ...], ...], path: str) -> bool:
+    """A pattern ignores its path and everything under it (`update` ignores `update.state`)."""
+    segments = path.split(".")
+    return any(
+        len(pattern) <= len(segments)
+        and all(
+            p == "*" or p == s or ("*" in p and fnmatchcase(s, p))
+            for p, s in zip(pattern, segments, strict=False)
+        )
+        for pattern in patterns
+    )
+
+
+def _timestamp(mapping: Mapping, root: Any, received_at: float, limits: Limits) -> datetime:
+    if mapping.time is None or mapping.time_format == "none":
+        return parse_timestamp(None, received_at, limits)
+    value = _at(root, mapping.time)
+    where = f"mapping {mapping.name}: time {'.'.join(mapping.time)}"
+    if value is None:
+        raise Rejected(Reason.BAD_TIMESTAMP, f"{where} is missing")
+    fmt = mapping.time_format
+    if fmt == "iso":
+        if not isinstance(value, str):
+            raise Rejected(Reason.BAD_TIMESTAMP, f"{where} is not ISO-8601 text")
+    else:
+        number = _number(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise Rejected(Reason.BAD_TIMESTAMP, f"{where} is not an epoch in {fmt}")
+        value = number / 1000.0 if fmt == "ms" else float(number)
+    try:
+        return parse_timestamp(value, received_at, limits)
+    except Rejected as exc:
+        raise Rejected(exc.reason, f"{where}: {exc.detail}") from None
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _convert(rule: FieldRule, raw: Any, keep_text: bool) -> tuple[float, str | None, str | None]:
+    """(number, text, problem): a number to store, or a text (then the number is 0.0), or why not."""
+    kind = rule.type
+    if kind == "text" or (kind == "auto" and isinstance(raw, str)):
+        if raw is None or isinstance(raw, dict | list):
+            return 0.0, None, "no text value"
+        if not keep_text:
+            return 0.0, None, _NO_TEXT_COLUMN
+        text = raw if isinstance(raw, str) else orjson.dumps(raw).decode()
+        return 0.0, text, None
+    if kind == "boolean" or isinstance(raw, bool):
+        if isinstance(raw, bool):
+            number = 1.0 if raw else 0.0
+        elif isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            number = 1.0 if raw.strip().lower() in _TRUE else 0.0
+        elif isinstance(raw, int | float) and raw in (0, 1):
+            number = float(raw)
+        else:
+            return 0.0, None, f"{str(raw)[:40]!r} is not a boolean"
+        return number, None, None
+    if kind == "number" and isinstance(raw, str):
+        parsed = _number(raw)
+        raw = raw if parsed is None else parsed
+    if not isinstance(raw, int | float):
+        return 0.0, None, f"{type(raw).__name__} value, not a number"
+    if not math.isfinite(raw):
+        return 0.0, None, "not a finite number"
+    if rule.scale != 1.0 or rule.offset != 0.0:
+        value = float(f"{raw * rule.scale + rule.offset:.12g}")  # 12 digits: no binary noise
+        if not math.isfinite(value):
+            return 0.0, None, "not a finite number"
+        return value, None, None
+    return float(raw), None, None
