@@ -103,7 +103,12 @@ def test_a_wildcard_over_an_array_with_a_time_in_ms_a_boolean_a_scale_and_a_name
         "relay": 1.0,
         "temperature": 21.5,
     }
-    assert parsed.units == ["W", "W", None, "°C"]
+    assert dict(zip(parsed.labels, parsed.units or [], strict=True)) == {
+        "channels.0.power": "W",
+        "channels.1.power": "W",
+        "relay": None,
+        "temperature": "°C",
+    }
     assert parsed.timestamps[0] == datetime.fromtimestamp(at / 1000, UTC)
     # Text asked for by its exact path: kept where the store has a text column, said otherwise.
     assert parsed.skipped == ["note: text value, kept only where the store has a text column"]

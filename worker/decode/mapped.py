@@ -30,6 +30,8 @@ _TRUE = frozenset({"true", "on", "yes", "1", "open", "online"})
 _FALSE = frozenset({"false", "off", "no", "0", "closed", "offline"})
 _ALL = FieldRule(("*",))  # a mapping without fields: every value of the payload
 _NO_TEXT_COLUMN = "text value, kept only where the store has a text column"
+_UNJUDGED, _UNSELECTED = object(), object()
+JUDGED_MAX = 10_000  # paths remembered per mapping
 
 
 class MappedTopic(NamedTuple):
@@ -68,41 +70,50 @@ def parse_mapped(topic: MappedTopic, payload: bytes, received_at: float, limits:
         where = ".".join(mapping.root) or "the payload"
         raise Rejected(Reason.BAD_PAYLOAD, f"mapping {mapping.name}: no object at {where}")
     timestamp = _timestamp(mapping, root, received_at, limits)
+    leaves: list[tuple[str, Any]] = []
+    _leaves(root, "", leaves)
     labels: list[str] = []
     values: list[float] = []
     units: list[str | None] = []
     skipped: list[str] = []
     texts: list[str | None] | None = None
-    taken: set[str] = set()
-    selected = 0  # values found, stored or deliberately left out
+    selected = 0  # values a rule takes, stored or deliberately left out
     prefix, suffix = topic.prefix, topic.suffix
-    time_path = ".".join(mapping.time) if mapping.time else None
-    for rule in mapping.fields or (_ALL,):
-        found: list[tuple[str, Any]] = []
-        _select(root, rule.path, 0, "", found)
-        selected += len(found)
-        for where, raw in found:
-            if where in taken or where == time_path or (mapping.ignore and _ignored(mapping.ignore, where)):
-                continue
-            taken.add(where)
-            label = rule.name or (prefix + where + suffix if prefix or suffix else where)
-            if not 0 < len(label) <= MAX_LABEL_LENGTH or "\x00" in label:
-                skipped.append(f"{label[:40]!r}: not a usable measurement name")
-                continue
-            value, text, problem = _convert(rule, raw, limits.keep_text)
+    judged = mapping.judged
+    keep_text = limits.keep_text
+    for where, raw in leaves:
+        rule = judged.get(where, _UNJUDGED)
+        if rule is _UNJUDGED:
+            rule = _judge(mapping, where)
+        if rule is _UNSELECTED:
+            continue
+        selected += 1
+        if rule is None:
+            continue
+        assert isinstance(rule, FieldRule)
+        label = rule.name or (prefix + where + suffix if prefix or suffix else where)
+        if not 0 < len(label) <= MAX_LABEL_LENGTH or "\x00" in label:
+            skipped.append(f"{label[:40]!r}: not a usable measurement name")
+            continue
+        kind = type(raw)
+        if (kind is float or kind is int) and rule.plain:  # the common case, without a call
+            value: float = float(raw)
+            text = None
+        else:
+            value, text, problem = _convert(rule, raw, keep_text)
             if problem is not None:
                 if rule.exact:  # asked for by name: say why it is not stored
                     skipped.append(f"{where}: {problem}")
                 continue  # a wildcard takes what the store can keep
-            if text is not None:
-                if texts is None:
-                    texts = [None] * len(values)
-                texts.append(text)
-            elif texts is not None:
-                texts.append(None)
-            labels.append(label)
-            values.append(value)
-            units.append(rule.unit)
+        if text is not None:
+            if texts is None:
+                texts = [None] * len(values)
+            texts.append(text)
+        elif texts is not None:
+            texts.append(None)
+        labels.append(label)
+        values.append(value)
+        units.append(rule.unit)
     if not values:
         if selected and not skipped:
             raise Ignored  # all it holds is left out on purpose (ignored, or text without a column)
@@ -111,6 +122,27 @@ def parse_mapped(topic: MappedTopic, payload: bytes, received_at: float, limits:
         )
         raise Rejected(Reason.NO_NUMERIC_VALUES, f"mapping {mapping.name}: {detail}")
     return ParsedMessage(topic.device, labels, values, [timestamp] * len(values), units, skipped, texts)
+
+
+def _judge(mapping: Mapping, where: str) -> FieldRule | object | None:
+    """The first rule whose path selects `where` (None: ignored on purpose; _UNSELECTED: no
+    rule, or the time), remembered for the next message of the same shape."""
+    judged = mapping.judged
+    if len(judged) >= JUDGED_MAX:  # a device inventing keys: forget, at the cost of judging again
+        judged.clear()
+    segments = where.split(".")
+    found: FieldRule | object | None = _UNSELECTED
+    if mapping.time == tuple(segments):
+        pass  # the time is no value
+    elif mapping.ignore and _ignored(mapping.ignore, segments):
+        found = None
+    else:
+        for rule in mapping.fields or (_ALL,):
+            if _selects(rule.path, segments):
+                found = rule
+                break
+    judged[where] = found  # type: ignore[assignment]  # _UNSELECTED is a sentinel object
+    return found
 
 
 def _parse_value(topic: MappedTopic, payload: bytes, received_at: float, limits: Limits) -> ParsedMessage:
@@ -133,31 +165,22 @@ def _parse_value(topic: MappedTopic, payload: bytes, received_at: float, limits:
     return ParsedMessage(topic.device, [label], [value], [timestamp], [rule.unit], [], texts)
 
 
-def _select(node: Any, path: tuple[str, ...], index: int, where: str, out: list[tuple[str, Any]]) -> None:
-    """(path, value) of every leaf under `path`: an object or array found is taken whole."""
-    if index == len(path):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                _select(value, path, index, f"{where}.{key}" if where else key, out)
-        elif isinstance(node, list):
-            for position, value in enumerate(node):
-                _select(value, path, index, f"{where}.{position}" if where else str(position), out)
-        else:
-            out.append((where, node))
-        return
-    segment = path[index]
-    if isinstance(node, dict):
-        if "*" not in segment:
-            if segment in node:
-                _select(node[segment], path, index + 1, f"{where}.{segment}" if where else segment, out)
-            return
+def _leaves(node: Any, where: str, out: list[tuple[str, Any]]) -> None:
+    """(path, value) of every value under `node`, objects and arrays walked through."""
+    if type(node) is dict:
         for key, value in node.items():
-            if segment == "*" or fnmatchcase(key, segment):
-                _select(value, path, index + 1, f"{where}.{key}" if where else key, out)
-    elif isinstance(node, list):
+            path = f"{where}.{key}" if where else key
+            if type(value) is dict or type(value) is list:
+                _leaves(value, path, out)
+            else:
+                out.append((path, value))
+    elif type(node) is list:
         for position, value in enumerate(node):
-            if segment == "*" or segment == str(position):
-                _select(value, path, index + 1, f"{where}.{position}" if where else str(position), out)
+            path = f"{where}.{position}" if where else str(position)
+            if type(value) is dict or type(value) is list:
+                _leaves(value, path, out)
+            else:
+                out.append((path, value))
 
 
 def _at(document: Any, path: tuple[str, ...]) -> Any:
@@ -171,16 +194,17 @@ def _at(document: Any, path: tuple[str, ...]) -> Any:
     return document
 
 
-def _ignored(patterns: tuple[tuple[str, ...], ...], path: str) -> bool:
+def _ignored(patterns: tuple[tuple[str, ...], ...], segments: list[str]) -> bool:
     """A pattern ignores its path and everything under it (`update` ignores `update.state`)."""
-    segments = path.split(".")
-    return any(
-        len(pattern) <= len(segments)
-        and all(
-            p == "*" or p == s or ("*" in p and fnmatchcase(s, p))
-            for p, s in zip(pattern, segments, strict=False)
-        )
-        for pattern in patterns
+    return any(_selects(pattern, segments) for pattern in patterns)
+
+
+def _selects(pattern: tuple[str, ...], segments: list[str]) -> bool:
+    """`pattern` names these segments or a parent of theirs: `ENERGY.*` selects `ENERGY.Power`,
+    `*` every value, `POWER*` `POWER1`; an array's positions are segments `0`, `1`, …"""
+    return len(pattern) <= len(segments) and all(
+        want == have or want == "*" or ("*" in want and fnmatchcase(have, want))
+        for want, have in zip(pattern, segments, strict=False)
     )
 
 

@@ -53,6 +53,12 @@ class FieldRule:
     scale: float = 1.0
     offset: float = 0.0
     type: FieldType = "auto"
+    # A JSON number taken as it is (no type to convert to, no scale or offset): the fast path.
+    plain: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plain = self.type in ("auto", "number") and self.scale == 1.0 and self.offset == 0.0
+        object.__setattr__(self, "plain", plain)
 
     @property
     def exact(self) -> bool:
@@ -76,6 +82,10 @@ class Mapping:
     fields: tuple[FieldRule, ...] = ()  # none: every value of the payload
     ignore: tuple[tuple[str, ...], ...] = ()
     value_rule: FieldRule = field(default_factory=lambda: FieldRule(()))  # payload = "value"
+    # A payload's path → the rule taking it, None for a path left out on purpose (ignored, the
+    # time), absent for one no rule selects: a device repeats its shape, so a path is judged
+    # once (worker/decode/mapped.py). Filled as messages come; bounded there.
+    judged: dict[str, FieldRule | None] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def filter(self) -> str:
