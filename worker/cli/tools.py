@@ -92,6 +92,12 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="instead: the replay of --messages dead letters of a 1,000-device fleet "
         "(worker.tools.deadletters_bench): dead letters/s and CPU-seconds per 100k",
     )
+    bench.add_argument(
+        "--mappings",
+        action="store_true",
+        help="instead: built-in JSON against mapped JSON and the tasmota profile's rules, alternated "
+        "(worker.tools.mappings_bench): CPU-seconds per 100k readings and their ratios",
+    )
     bench.set_defaults(handler=_bench)
 
 
@@ -149,6 +155,10 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         from worker.tools.deadletters_bench import run_deadletters_bench
 
         return run_deadletters_bench(settings, args.messages, BATCH_SIZE, args.embedded)
+    if args.mappings:
+        from worker.tools.mappings_bench import run_mappings_bench
+
+        return run_mappings_bench(settings, args)
     if args.timeseries != "postgres":
         from worker.tools.outbox_bench import run_timeseries_bench
 
