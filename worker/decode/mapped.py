@@ -62,16 +62,21 @@ def parse_mapped(topic: MappedTopic, payload: bytes, received_at: float, limits:
         document = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise Rejected(Reason.BAD_JSON, f"mapping {mapping.name}: {exc}") from None
-    for path, allowed in mapping.when:
-        if _at(document, path) not in allowed:
-            raise Ignored
+    if mapping.when:
+        for path, allowed in mapping.when:
+            if _at(document, path) not in allowed:
+                raise Ignored
     root = _at(document, mapping.root) if mapping.root else document
-    if not isinstance(root, dict | list):
+    if type(root) is not dict and type(root) is not list:
         where = ".".join(mapping.root) or "the payload"
         raise Rejected(Reason.BAD_PAYLOAD, f"mapping {mapping.name}: no object at {where}")
     timestamp = _timestamp(mapping, root, received_at, limits)
+    judged, paths = mapping.judged, mapping.paths
+    if len(judged) >= JUDGED_MAX or len(paths) >= JUDGED_MAX:
+        judged.clear()  # a device inventing keys: forget, at the cost of judging again
+        paths.clear()
     leaves: list[tuple[str, Any]] = []
-    _leaves(root, "", leaves)
+    _leaves(root, "", leaves, paths)
     labels: list[str] = []
     values: list[float] = []
     units: list[str | None] = []
@@ -79,32 +84,37 @@ def parse_mapped(topic: MappedTopic, payload: bytes, received_at: float, limits:
     texts: list[str | None] | None = None
     selected = 0  # values a rule takes, stored or deliberately left out
     prefix, suffix = topic.prefix, topic.suffix
-    judged = mapping.judged
+    affixed = bool(prefix or suffix)
     keep_text = limits.keep_text
     for where, raw in leaves:
-        rule = judged.get(where, _UNJUDGED)
-        if rule is _UNJUDGED:
-            rule = _judge(mapping, where)
-        if rule is _UNSELECTED:
+        take = judged.get(where, _UNJUDGED)
+        if take is _UNJUDGED:
+            take = judged[where] = _judge(mapping, where)
+        if take is _UNSELECTED:
             continue
         selected += 1
-        if rule is None:
+        if take is None:
             continue
-        assert isinstance(rule, FieldRule)
-        label = rule.name or (prefix + where + suffix if prefix or suffix else where)
-        if not 0 < len(label) <= MAX_LABEL_LENGTH or "\x00" in label:
-            skipped.append(f"{label[:40]!r}: not a usable measurement name")
+        entry: _Take = take  # type: ignore[assignment]  # the sentinels are behind
+        rule, label, plain = entry
+        if affixed and rule.name is None:
+            label = _usable(prefix + where + suffix)
+        if label is None:
+            skipped.append(f"{(prefix + where + suffix)[:40]!r}: not a usable measurement name")
             continue
         kind = type(raw)
-        if (kind is float or kind is int) and rule.plain:  # the common case, without a call
-            value: float = float(raw)
-            text = None
-        else:
-            value, text, problem = _convert(rule, raw, keep_text)
-            if problem is not None:
-                if rule.exact:  # asked for by name: say why it is not stored
-                    skipped.append(f"{where}: {problem}")
-                continue  # a wildcard takes what the store can keep
+        if plain and (kind is float or kind is int):  # the common case, without a call
+            labels.append(label)
+            values.append(float(raw))
+            units.append(rule.unit)
+            if texts is not None:
+                texts.append(None)
+            continue
+        value, text, problem = _convert(rule, raw, keep_text)
+        if problem is not None:
+            if rule.exact:  # asked for by name: say why it is not stored
+                skipped.append(f"{where}: {problem}")
+            continue  # a wildcard takes what the store can keep
         if text is not None:
             if texts is None:
                 texts = [None] * len(values)
@@ -124,25 +134,31 @@ def parse_mapped(topic: MappedTopic, payload: bytes, received_at: float, limits:
     return ParsedMessage(topic.device, labels, values, [timestamp] * len(values), units, skipped, texts)
 
 
-def _judge(mapping: Mapping, where: str) -> FieldRule | object | None:
-    """The first rule whose path selects `where` (None: ignored on purpose; _UNSELECTED: no
-    rule, or the time), remembered for the next message of the same shape."""
-    judged = mapping.judged
-    if len(judged) >= JUDGED_MAX:  # a device inventing keys: forget, at the cost of judging again
-        judged.clear()
+class _Take(NamedTuple):
+    """A path a rule takes: the rule, the label when the topic adds nothing to it (None:
+    unusable), and whether a JSON number is taken as it is."""
+
+    rule: FieldRule
+    label: str | None
+    plain: bool
+
+
+def _usable(label: str) -> str | None:
+    return label if 0 < len(label) <= MAX_LABEL_LENGTH and "\x00" not in label else None
+
+
+def _judge(mapping: Mapping, where: str) -> object:
+    """What becomes of the value at `where`: a _Take for the first rule selecting it, None
+    when ignored on purpose, _UNSELECTED when no rule selects it (or it is the time)."""
     segments = where.split(".")
-    found: FieldRule | object | None = _UNSELECTED
     if mapping.time == tuple(segments):
-        pass  # the time is no value
-    elif mapping.ignore and _ignored(mapping.ignore, segments):
-        found = None
-    else:
-        for rule in mapping.fields or (_ALL,):
-            if _selects(rule.path, segments):
-                found = rule
-                break
-    judged[where] = found  # type: ignore[assignment]  # _UNSELECTED is a sentinel object
-    return found
+        return _UNSELECTED  # the time is no value
+    if mapping.ignore and _ignored(mapping.ignore, segments):
+        return None
+    for rule in mapping.fields or (_ALL,):
+        if _selects(rule.path, segments):
+            return _Take(rule, _usable(rule.name or where), rule.plain)
+    return _UNSELECTED
 
 
 def _parse_value(topic: MappedTopic, payload: bytes, received_at: float, limits: Limits) -> ParsedMessage:
@@ -165,22 +181,22 @@ def _parse_value(topic: MappedTopic, payload: bytes, received_at: float, limits:
     return ParsedMessage(topic.device, [label], [value], [timestamp], [rule.unit], [], texts)
 
 
-def _leaves(node: Any, where: str, out: list[tuple[str, Any]]) -> None:
-    """(path, value) of every value under `node`, objects and arrays walked through."""
-    if type(node) is dict:
-        for key, value in node.items():
-            path = f"{where}.{key}" if where else key
-            if type(value) is dict or type(value) is list:
-                _leaves(value, path, out)
-            else:
-                out.append((path, value))
-    elif type(node) is list:
-        for position, value in enumerate(node):
-            path = f"{where}.{position}" if where else str(position)
-            if type(value) is dict or type(value) is list:
-                _leaves(value, path, out)
-            else:
-                out.append((path, value))
+def _leaves(node: Any, where: str, out: list[tuple[str, Any]], paths: dict[tuple[str, Any], str]) -> None:
+    """(path, value) of every value under `node`, objects and arrays walked through. A path is
+    built once per mapping (`paths`): the same string object each message, its hash kept."""
+    items = node.items() if type(node) is dict else enumerate(node)
+    for key, value in items:
+        if not where and type(key) is str:
+            path = key
+        else:
+            found = paths.get((where, key))
+            if found is None:
+                found = paths[where, key] = f"{where}.{key}" if where else str(key)
+            path = found
+        if type(value) is dict or type(value) is list:
+            _leaves(value, path, out, paths)
+        else:
+            out.append((path, value))
 
 
 def _at(document: Any, path: tuple[str, ...]) -> Any:
@@ -209,25 +225,38 @@ def _selects(pattern: tuple[str, ...], segments: list[str]) -> bool:
 
 
 def _timestamp(mapping: Mapping, root: Any, received_at: float, limits: Limits) -> datetime:
-    if mapping.time is None or mapping.time_format == "none":
+    path, fmt = mapping.time, mapping.time_format
+    if path is None or fmt == "none":
         return parse_timestamp(None, received_at, limits)
-    value = _at(root, mapping.time)
-    where = f"mapping {mapping.name}: time {'.'.join(mapping.time)}"
-    if value is None:
-        raise Rejected(Reason.BAD_TIMESTAMP, f"{where} is missing")
-    fmt = mapping.time_format
-    if fmt == "iso":
-        if not isinstance(value, str):
-            raise Rejected(Reason.BAD_TIMESTAMP, f"{where} is not ISO-8601 text")
+    value: Any = root.get(path[0]) if len(path) == 1 and type(root) is dict else _at(root, path)
+    kind = type(value)
+    if fmt != "iso" and (kind is int or kind is float):  # the common case: finite, JSON has no inf
+        value = value / 1000.0 if fmt == "ms" else float(value)
     else:
-        number = _number(value) if isinstance(value, str) else value
-        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
-            raise Rejected(Reason.BAD_TIMESTAMP, f"{where} is not an epoch in {fmt}")
-        value = number / 1000.0 if fmt == "ms" else float(number)
+        value = _time_value(mapping, value)
     try:
         return parse_timestamp(value, received_at, limits)
     except Rejected as exc:
-        raise Rejected(exc.reason, f"{where}: {exc.detail}") from None
+        raise Rejected(exc.reason, f"{_time_where(mapping)}: {exc.detail}") from None
+
+
+def _time_value(mapping: Mapping, value: Any) -> Any:
+    """The time field's value as parse_timestamp takes it, or Rejected naming the mapping."""
+    fmt = mapping.time_format
+    if value is None:
+        raise Rejected(Reason.BAD_TIMESTAMP, f"{_time_where(mapping)} is missing")
+    if fmt == "iso":
+        if not isinstance(value, str):
+            raise Rejected(Reason.BAD_TIMESTAMP, f"{_time_where(mapping)} is not ISO-8601 text")
+        return value
+    number = _number(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        raise Rejected(Reason.BAD_TIMESTAMP, f"{_time_where(mapping)} is not an epoch in {fmt}")
+    return number / 1000.0 if fmt == "ms" else float(number)
+
+
+def _time_where(mapping: Mapping) -> str:
+    return f"mapping {mapping.name}: time {'.'.join(mapping.time or ())}"
 
 
 def _number(text: str) -> float | None:

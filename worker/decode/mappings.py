@@ -82,10 +82,11 @@ class Mapping:
     fields: tuple[FieldRule, ...] = ()  # none: every value of the payload
     ignore: tuple[tuple[str, ...], ...] = ()
     value_rule: FieldRule = field(default_factory=lambda: FieldRule(()))  # payload = "value"
-    # A payload's path → the rule taking it, None for a path left out on purpose (ignored, the
-    # time), absent for one no rule selects: a device repeats its shape, so a path is judged
-    # once (worker/decode/mapped.py). Filled as messages come; bounded there.
-    judged: dict[str, FieldRule | None] = field(default_factory=dict, compare=False, repr=False)
+    # A payload's path → what becomes of its value, and (object path, key) → the path: a device
+    # repeats its shape, so a path is built and judged once (worker/decode/mapped.py). Filled
+    # as messages come; bounded there.
+    judged: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    paths: dict[tuple[str, Any], str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def filter(self) -> str:
