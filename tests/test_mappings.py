@@ -144,6 +144,9 @@ def test_iso_time_is_checked_like_every_other_time(tmp_path: Path) -> None:
 def test_a_bare_value(tmp_path: Path) -> None:
     parsed = _parse(_mappings(tmp_path), "site/north/gauge/tank-1/level", b" 143.5\n")
     assert (_readings(parsed), parsed.units, parsed.device.value) == ({"level": 143.5}, ["cm"], "tank-1")
+    with pytest.raises(Rejected) as caught:  # a datapoint label longer than one can be
+        _parse(_mappings(tmp_path), f"site/north/gauge/tank-1/{'x' * 200}", b"1")
+    assert caught.value.reason == Reason.BAD_TOPIC and caught.value.detail.startswith("mapping site.gauge:")
 
 
 def test_a_payload_missing_its_rule_is_a_dead_letter_naming_the_mapping(tmp_path: Path) -> None:

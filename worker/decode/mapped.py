@@ -167,15 +167,20 @@ def _parse_value(topic: MappedTopic, payload: bytes, received_at: float, limits:
         raw: Any = payload.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise Rejected(Reason.BAD_PAYLOAD, f"mapping {mapping.name}: the payload is not UTF-8 text") from None
+    label = _usable(topic.prefix + topic.suffix)
+    if label is None:
+        raise Rejected(
+            Reason.BAD_TOPIC, f"mapping {mapping.name}: the label is not a usable measurement name"
+        )
     rule = mapping.value_rule
     if rule.type in ("auto", "number"):
-        raw = _number(raw) if _number(raw) is not None else raw
+        number = _number(raw)
+        raw = raw if number is None else number
     value, text, problem = _convert(rule, raw, limits.keep_text)
     if problem is _NO_TEXT_COLUMN:
         raise Ignored  # a text entity, and no store to keep its text
     if problem is not None:
         raise Rejected(Reason.NO_NUMERIC_VALUES, f"mapping {mapping.name}: {problem}")
-    label = topic.prefix + topic.suffix
     timestamp = parse_timestamp(None, received_at, limits)
     texts: list[str | None] | None = None if text is None else [text]
     return ParsedMessage(topic.device, [label], [value], [timestamp], [rule.unit], [], texts)
