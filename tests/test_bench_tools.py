@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
 
 import asyncpg
 import orjson
 
 from worker.config import Settings
+from worker.decode.codecs import load_codecs
+from worker.decode.mappings import load_mappings
+from worker.decode.parse import Limits, MessageParser
 from worker.tools import documents_bench, notify_bench
 from worker.tools.bench_support import Publishers, children, cpu_seconds
 from worker.tools.fleet_bench import fleet_messages
+from worker.tools.mappings_bench import FORMS, bench_mapping_file, form_stream
 from worker.tools.servers import AlertmanagerServer, FerretDBServer
 
 
@@ -230,3 +238,18 @@ async def test_the_notify_bench_delivers_every_alert_of_the_storm_in_batches(
     # The notify actor's first refresh may already see some of the storm's active alerts.
     assert notify.received is not None and notify.received >= 100 and notify.posts is not None
     assert sum(notify.posts) == notify.received and max(notify.posts) <= 40
+
+
+def test_the_mappings_bench_forms_give_three_readings_each_at_times_of_their_own(tmp_path: Path) -> None:
+    """What `iotflow bench --mappings` floods (its loss check wants messages × 3 rows: no
+    two messages of a device may share a time, which would make a duplicate row)."""
+    mappings = load_mappings([], [bench_mapping_file(tmp_path)])
+    parser = MessageParser(load_codecs(), Limits(), mappings=mappings)
+    now = time.time()
+    for form in FORMS:
+        seen: set[tuple[str, datetime]] = set()
+        for topic, payload in itertools.islice(form_stream(form, 4, 8), 40):
+            parsed = parser.parse(topic, payload, now)
+            assert len(parsed.values) == 3 and parsed.device.value.startswith("bench-0000")
+            seen.add((parsed.device.value, parsed.timestamps[0]))
+        assert len(seen) == 40, form

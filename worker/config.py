@@ -384,6 +384,22 @@ class PipelineSettings:
 
 
 @dataclass
+class DecodeSettings:
+    """Topic and JSON mappings beside the built-in layouts (docs/decoding.md, "Mappings")."""
+
+    profiles: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            '["tasmota", "zigbee2mqtt"]', doc="shipped mappings to use: tasmota, zigbee2mqtt, shelly, esphome"
+        ),
+    )
+    mappings: list[str] = field(
+        default_factory=list,
+        metadata=_meta('["/etc/iotflow/mappings/plugs.toml"]', doc="mapping files of your own"),
+    )
+
+
+@dataclass
 class StorageSettings:
     """What the stores share: the local data directory and the outage rules (docs/storage.md)."""
 
@@ -759,6 +775,7 @@ class Settings:
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     rules: RulesSettings = field(default_factory=RulesSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
@@ -987,6 +1004,11 @@ def _check_cross_field(settings: Settings) -> None:
             f"file {settings.pipeline.codecs} does not exist",
             "/etc/iotflow/codecs.toml",
         )
+    for index, path in enumerate(settings.decode.mappings):
+        if not Path(path).is_file():
+            raise ConfigError(
+                f"decode.mappings[{index}]", f"file {path} does not exist", "/etc/iotflow/mappings/plugs.toml"
+            )
     if settings.http.api and not settings.http.enabled:
         raise ConfigError(
             "http.api", "needs http.enabled = true (the API is served by the HTTP server)", "true"

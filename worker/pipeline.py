@@ -22,12 +22,13 @@ from worker.api.probes import Readiness, probe_routes
 from worker.api.server import HttpServer
 from worker.config import ConfigError, Settings
 from worker.decode.codecs import Codec, CodecConfigError
-from worker.decode.decoder import Decoder, configured_codecs, decode_limits
+from worker.decode.decoder import Decoder, configured_codecs, configured_mappings, decode_limits
+from worker.decode.mappings import MappingSet
 from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
 from worker.intake.http import HTTP_PARTITION, HttpIntake
-from worker.intake.mqtt import MqttIntake
+from worker.intake.mqtt import MqttIntake, subscribed
 from worker.logging import configure_logging
 from worker.metrics import Metrics
 from worker.reload import apply_reloadable, changed_settings, needs_restart
@@ -98,14 +99,15 @@ class Pipeline:
         self.raw: Mailbox[RawMessage] = Mailbox(pipeline.mailbox_size)
         # Decoded batches hold up to a decoder batch each; a few are enough to keep the writer busy.
         self.decoded: Mailbox[DecodedBatch] = Mailbox(max(4, pipeline.mailbox_size // Decoder.batch_max))
+        self.codecs = configured_codecs(settings)
+        self.mappings = configured_mappings(settings)
         self.intake: MqttIntake | KafkaIntake
         if settings.intake.source == "kafka":
             from worker.intake.kafka import KafkaIntake
 
             self.intake = KafkaIntake(settings.kafka, self.raw, metrics)
-        else:
-            self.intake = MqttIntake(settings.mqtt, self.raw, metrics)
-        self.codecs = configured_codecs(settings)
+        else:  # the mappings' topics beside mqtt.topics, shared like them under mqtt.shared_group
+            self.intake = MqttIntake(subscribed(settings.mqtt, self.mappings.filters), self.raw, metrics)
         self.rules: RulesActor | None = None
         self.decoder: Decoder | None = None
         self.http_intake: HttpIntake | None = None
@@ -179,6 +181,7 @@ class Pipeline:
             rate_limiter,
             keep_raw=bridge_raw,
             topic_cache_size=settings.pipeline.device_cache_size,
+            mappings=self.mappings,
         )
         self.writer = BatchWriter(
             self.decoded,
@@ -209,13 +212,14 @@ class Pipeline:
         if self.rules is not None:
             await self.rules.loaded.wait()
 
-    async def reload(self, codecs: dict[str, Codec]) -> int:
-        """Decode with `codecs` from now on and read every device's metadata afresh;
-        the number of cached device entries dropped from Redis."""
+    async def reload(self, codecs: dict[str, Codec], mappings: MappingSet) -> int:
+        """Decode with `codecs` and `mappings` from now on and read every device's metadata
+        afresh; the number of cached device entries dropped from Redis."""
         self.codecs = codecs
+        self.mappings = mappings
         if self.decoder is None:
             return 0
-        self.decoder.use_codecs(codecs)
+        self.decoder.use_codecs(codecs, mappings)
         return await self.decoder.registry.reread()
 
     async def readiness(self) -> dict[str, bool]:
@@ -393,17 +397,20 @@ class Daemon:
         try:
             loaded = self._load_settings()
             codecs = configured_codecs(loaded)
+            mappings = configured_mappings(loaded)
         except (ConfigError, CodecConfigError, OSError) as exc:
             log.error("reload.failed", error=str(exc), hint="the running settings stay in force")
             return
         changed = changed_settings(running, loaded)
         restart = needs_restart(changed)
+        if self.pipeline is not None and mappings.filters != self.pipeline.mappings.filters:
+            restart.append("subscriptions")  # taken at connect: the new mappings' topics wait for a restart
         level_changed = running.log.level != loaded.log.level
         apply_reloadable(running, loaded)
         dropped, reread = 0, self.pipeline is not None  # no pipeline yet: still starting
         try:
             if self.pipeline is not None:
-                dropped = await self.pipeline.reload(codecs)
+                dropped = await self.pipeline.reload(codecs, mappings)
         except Exception as exc:  # the settings are in force; only the device caches may be stale
             log.error("reload.devices_failed", error=describe(exc), hint="send SIGHUP again")
             reread = False
@@ -412,6 +419,7 @@ class Daemon:
             log_level=running.log.level,
             codecs=sorted(codecs),
             codec_file=running.pipeline.codecs or "built-in",
+            mappings=[mapping.name for mapping in mappings.mappings],
             devices_reread=reread,
             cache_entries_dropped=dropped,
             changed=[name for name in changed if name not in restart],

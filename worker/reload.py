@@ -1,8 +1,10 @@
 """What SIGHUP may change in a running daemon, and what it may not.
 
 A reload reads the settings again (the same file and environment as at start) and
-compares them with the running ones. The log level and the codec file (`pipeline.codecs`,
-read again even when its name did not change) take effect at once; device metadata —
+compares them with the running ones. The log level, the codec file (`pipeline.codecs`) and
+the mappings (`decode.profiles`, `decode.mappings`), files read again even when their names
+did not change, take effect at once (a mapping's new topic filter waits for a restart, which
+subscribes to it); device metadata —
 a datapoint's plausible range above all — is read afresh from PostgreSQL, since the
 caches are dropped. Rules need no signal: they reload on their own (docs/rules.md).
 Anything else that differs (a store's URL, a mailbox size, …) is held by connections
@@ -18,7 +20,7 @@ from typing import Any
 from worker.config import Settings
 
 # Settings a reload applies; every other difference wants a restart.
-RELOADABLE = frozenset({"log.level", "pipeline.codecs"})
+RELOADABLE = frozenset({"log.level", "pipeline.codecs", "decode.profiles", "decode.mappings"})
 
 
 def flatten(settings: Settings) -> dict[str, Any]:
@@ -45,3 +47,4 @@ def apply_reloadable(running: Settings, loaded: Settings) -> None:
     next incarnation of the pipeline after a crash is built with them too)."""
     running.log = dataclasses.replace(running.log, level=loaded.log.level)
     running.pipeline = dataclasses.replace(running.pipeline, codecs=loaded.pipeline.codecs)
+    running.decode = dataclasses.replace(loaded.decode)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import worker
-from worker.cli import certs, check, daemon, deadletters, devices, errors, jobs, query, rules, tools
+from worker.cli import certs, check, daemon, deadletters, devices, errors, jobs, mappings, query, rules, tools
 from worker.cli.times import attach_relative_times
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
@@ -33,6 +33,7 @@ COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction[Any]], None], ...] = 
     rules.add_commands,
     devices.add_commands,
     deadletters.add_commands,
+    mappings.add_commands,
     jobs.add_commands,
     tools.add_commands,
     certs.add_commands,

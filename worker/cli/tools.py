@@ -98,6 +98,12 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="instead: the worker's CPU per 100k messages with TLS on its MQTT, PostgreSQL and Redis "
         "hops against plain TCP, alternated, on servers of the bench's own (worker.tools.bench_tls)",
     )
+    bench.add_argument(
+        "--mappings",
+        action="store_true",
+        help="instead: built-in JSON against mapped JSON and the tasmota profile's rules, alternated "
+        "(worker.tools.mappings_bench): CPU-seconds per 100k readings and their ratios",
+    )
     bench.set_defaults(handler=_bench)
 
 
@@ -159,6 +165,10 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         from worker.tools.bench_tls import tls_bench
 
         return ExitCode.OK if tls_bench(settings, args) else ExitCode.FAILURE
+    if args.mappings:
+        from worker.tools.mappings_bench import run_mappings_bench
+
+        return run_mappings_bench(settings, args)
     if args.timeseries != "postgres":
         from worker.tools.outbox_bench import run_timeseries_bench
 

@@ -20,7 +20,16 @@ from schemas.records import (
 )
 from worker.config import Settings
 from worker.decode.codecs import Codec, load_codecs
-from worker.decode.parse import TOPIC_CACHE_MAX, DeviceRef, Limits, MessageParser, ParsedMessage, Rejected
+from worker.decode.mappings import MappingSet, load_mappings
+from worker.decode.parse import (
+    TOPIC_CACHE_MAX,
+    DeviceRef,
+    Ignored,
+    Limits,
+    MessageParser,
+    ParsedMessage,
+    Rejected,
+)
 from worker.decode.ranges import ValueRange, format_number
 from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import Device, DeviceRegistry
@@ -46,6 +55,12 @@ def configured_codecs(settings: Settings) -> dict[str, Codec]:
     return load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
 
 
+def configured_mappings(settings: Settings) -> MappingSet:
+    """The profiles of `decode.profiles` and the files of `decode.mappings`;
+    MappingConfigError (a CodecConfigError) if one is malformed."""
+    return load_mappings(settings.decode.profiles, settings.decode.mappings)
+
+
 class Decoder(MailboxActor[RawMessage]):
     name = "decoder"
     batch_max = 2000
@@ -61,13 +76,14 @@ class Decoder(MailboxActor[RawMessage]):
         rate_limiter: RateLimiter | None = None,
         keep_raw: bool = False,
         topic_cache_size: int = TOPIC_CACHE_MAX,
+        mappings: MappingSet | None = None,
     ) -> None:
         super().__init__(mailbox)
         self._keep_raw = keep_raw  # the Kafka bridge publishes the messages as received
         self._downstream = downstream
         self._limits = limits
         self._topic_cache_size = topic_cache_size
-        self._parser = MessageParser(codecs, limits, topic_cache_size)
+        self._parser = MessageParser(codecs, limits, topic_cache_size, mappings)
         self._registry = registry
         self._metrics = metrics
         self._rate_limiter = rate_limiter if rate_limiter is not None and rate_limiter.enabled else None
@@ -76,10 +92,10 @@ class Decoder(MailboxActor[RawMessage]):
     def registry(self) -> DeviceRegistry:
         return self._registry
 
-    def use_codecs(self, codecs: dict[str, Codec]) -> None:
-        """Decode with these codecs from the next message on (a reload); the topics the
-        parser remembered name the old ones, so it starts afresh."""
-        self._parser = MessageParser(codecs, self._limits, self._topic_cache_size)
+    def use_codecs(self, codecs: dict[str, Codec], mappings: MappingSet | None = None) -> None:
+        """Decode with these codecs and mappings from the next message on (a reload); the
+        topics the parser remembered name the old ones, so it starts afresh."""
+        self._parser = MessageParser(codecs, self._limits, self._topic_cache_size, mappings)
 
     async def handle(self, items: list[RawMessage]) -> None:
         # Device lookups may hit PostgreSQL/Redis: wait out an outage rather than crash,
@@ -105,6 +121,8 @@ class Decoder(MailboxActor[RawMessage]):
                 parsed.append((message, parse(message.topic, message.payload, message.received_at)))
             except Rejected as exc:
                 batch.dead_letters.append(_dead(message, exc.reason, exc.detail))
+            except Ignored:
+                pass  # acknowledged with the batch, nothing to store
         if parsed:
             await self._resolve(parsed, batch)
         return batch

@@ -11,13 +11,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
 
 from schemas.records import Reason
 from worker.decode.codecs import Codec, FrameError, OutOfRange
 from worker.stores.devices import canonical_mac
+
+if TYPE_CHECKING:
+    from worker.decode.mapped import MappedTopic
+    from worker.decode.mappings import MappingSet
 
 _T = TypeVar("_T")
 
@@ -29,6 +33,11 @@ class Rejected(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class Ignored(Exception):
+    """The message is on a topic to ignore, or a mapping's `when` says it is not its kind:
+    acknowledged, neither stored nor dead-lettered."""
 
 
 class DeviceRef(NamedTuple):
@@ -94,14 +103,29 @@ def normalise_mac(text: str) -> str:
 class MessageParser:
     """Parses messages, remembering what each topic it has seen says (a device keeps its
     topics): after the first message, a topic costs one dict lookup. Rejected topics are not
-    remembered; past `cache_size` topics the memory starts afresh."""
+    remembered; past `cache_size` topics the memory starts afresh. With mappings
+    (worker/decode/mappings.py) a new topic goes to the most specific of them and the
+    built-in layouts, unless it is one to ignore."""
 
-    def __init__(self, codecs: dict[str, Codec], limits: Limits, cache_size: int = TOPIC_CACHE_MAX) -> None:
+    def __init__(
+        self,
+        codecs: dict[str, Codec],
+        limits: Limits,
+        cache_size: int = TOPIC_CACHE_MAX,
+        mappings: MappingSet | None = None,
+    ) -> None:
         self._codecs = codecs
         self._limits = limits
         self._cache_size = cache_size
+        self._mappings = mappings or None
         self._f2: dict[str, _F2Topic] = {}
         self._json: dict[str, DeviceRef] = {}
+        self._mapped: dict[str, MappedTopic] = {}
+        if self._mappings is not None:
+            from worker.decode import mapped  # here: it builds on this module
+
+            self._mapped_topic = mapped.mapped_topic
+            self._parse_mapped = mapped.parse_mapped
         # (sensor mode, label) → the labels `{label}.{name}`: every device's `room1` topics
         # share one tuple of strings, not one each.
         self._labels: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -116,7 +140,19 @@ class MessageParser:
         device = self._json.get(topic)
         if device is not None:
             return _parse_json_telemetry(device, payload, received_at, limits)
+        mapped = self._mapped.get(topic)
+        if mapped is not None:
+            return self._parse_mapped(mapped, payload, received_at, limits)
         levels = topic.split("/")
+        if self._mappings is not None:
+            if self._mappings.ignored(topic):
+                raise Ignored
+            route = self._mappings.route(levels)
+            if route is None:
+                raise Rejected(Reason.UNSUPPORTED_TOPIC, f"{topic!r} matches no mapping or built-in layout")
+            if not isinstance(route, str):
+                found = self._remember(self._mapped, topic, self._mapped_topic(route, levels))
+                return self._parse_mapped(found, payload, received_at, limits)
         if len(levels) == 5 and levels[0] in ("tele", "stat"):
             f2 = self._remember(self._f2, topic, _f2_topic(levels, self._codecs, self._labels))
             return _parse_f2(f2, payload, received_at, limits)
@@ -126,19 +162,25 @@ class MessageParser:
         raise Rejected(Reason.UNSUPPORTED_TOPIC, f"{topic!r} matches no known topic layout")
 
     def _remember(self, cache: dict[str, _T], topic: str, value: _T) -> _T:
-        if len(self._f2) + len(self._json) >= self._cache_size:
+        if len(self._f2) + len(self._json) + len(self._mapped) >= self._cache_size:
             self._f2.clear()  # a flood of distinct topics: forget them, at the cost of parsing
             self._json.clear()
+            self._mapped.clear()
             self._labels.clear()
         cache[topic] = value
         return value
 
 
 def parse_message(
-    topic: str, payload: bytes, received_at: float, codecs: dict[str, Codec], limits: Limits
+    topic: str,
+    payload: bytes,
+    received_at: float,
+    codecs: dict[str, Codec],
+    limits: Limits,
+    mappings: MappingSet | None = None,
 ) -> ParsedMessage:
     """One message, without a parser's topic memory (tests, one-off tools)."""
-    return MessageParser(codecs, limits).parse(topic, payload, received_at)
+    return MessageParser(codecs, limits, mappings=mappings).parse(topic, payload, received_at)
 
 
 def _f2_topic(

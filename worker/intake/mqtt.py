@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 import time
 from collections.abc import Iterable
@@ -140,6 +141,12 @@ def not_mqtt5(settings: MqttSettings, exc: MqttError) -> Refused:
         f"the broker at {host}:{port} does not answer MQTT 5 ({exc}): an MQTT 3.1.1-only broker? "
         "The worker speaks MQTT 5 only (docs/brokers.md)"
     )
+
+
+def subscribed(settings: MqttSettings, mapped: Iterable[str]) -> MqttSettings:
+    """`mqtt.topics` and the topic filters of the enabled mappings, each once."""
+    topics = list(dict.fromkeys([*settings.topics, *mapped]))
+    return settings if topics == settings.topics else dataclasses.replace(settings, topics=topics)
 
 
 def subscription_filters(settings: MqttSettings) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 
 from schemas.records import AckToken, DeadLetter, DecodedBatch, RawMessage, Reason
-from worker.decode.decoder import Decoder, configured_codecs, decode_limits, fingerprint
+from worker.decode.decoder import Decoder, configured_codecs, configured_mappings, decode_limits, fingerprint
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.metrics import Metrics
 from worker.runtime.mailbox import Mailbox
@@ -115,7 +115,13 @@ class DeadLetterReplay:
         )
         # The daemon's decoder, used for its `decode` alone: its mailboxes stay empty.
         self._decoder = Decoder(
-            Mailbox(1), Mailbox(1), configured_codecs(settings), decode_limits(settings), registry, Metrics()
+            Mailbox(1),
+            Mailbox(1),
+            configured_codecs(settings),
+            decode_limits(settings),
+            registry,
+            Metrics(),
+            mappings=configured_mappings(settings),
         )
         self._writer = None if dry_run else ReadingsWriter(stores)
 

@@ -6,8 +6,9 @@ worker that should do 10k. This publisher frames PUBLISH packets itself and
 writes them in batches, with a window of unacknowledged packet ids, and counts
 PUBACKs so a run knows the broker took every message.
 
-Run as `python -m worker.tools.bench_publisher URL COUNT DEVICES FIRST_DEVICE [RATE]`
-(RATE in messages/s; absent or 0: as fast as the broker takes them). It connects,
+Run as `python -m worker.tools.bench_publisher URL COUNT DEVICES FIRST_DEVICE [RATE [FORM]]`
+(RATE in messages/s; absent or 0: as fast as the broker takes them; FORM `climate`, the
+default, or a JSON form of worker.tools.mappings_bench). It connects,
 prints `ready`, and starts when a line arrives on stdin, so the bench starts its clock
 for all publishers at once and counts neither their start-up nor their connecting. A
 flood (no RATE) builds its messages before `ready`, so the publisher spends its time on
@@ -61,14 +62,21 @@ def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
     return _packet(0x32, _string(topic.encode()) + struct.pack(">H", packet_id) + payload)
 
 
-async def publish(url: str, count: int, devices: int, first: int, rate: float = 0.0) -> dict[str, float]:
+async def publish(
+    url: str, count: int, devices: int, first: int, rate: float = 0.0, form: str = "climate"
+) -> dict[str, float]:
     parsed = urlparse(url)
     reader, writer = await asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 1883)
     writer.write(connect_packet(f"iotflow-bench-pub-{first}-{time.time_ns()}"))
     connack = await reader.readexactly(4)
     if connack[0] != 0x20 or connack[3] != 0:
         raise RuntimeError(f"broker refused the connection: {connack!r}")
-    stream = message_stream(build_fleet(devices, "climate", first=first), load_codecs(), "climate")
+    if form == "climate":
+        stream = message_stream(build_fleet(devices, "climate", first=first), load_codecs(), "climate")
+    else:
+        from worker.tools.mappings_bench import form_stream
+
+        stream = form_stream(form, devices, first)
     if rate <= 0:  # a flood: everything built beforehand
         stream = iter([next(stream) for _ in range(count)])
     print("ready", flush=True)
@@ -115,7 +123,8 @@ async def publish(url: str, count: int, devices: int, first: int, rate: float = 
 def main() -> None:
     url, count, devices, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     rate = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-    print(orjson.dumps(asyncio.run(publish(url, count, devices, first, rate))).decode(), flush=True)
+    form = sys.argv[6] if len(sys.argv) > 6 else "climate"
+    print(orjson.dumps(asyncio.run(publish(url, count, devices, first, rate, form))).decode(), flush=True)
 
 
 if __name__ == "__main__":

@@ -81,14 +81,20 @@ class Publishers:
     connected and waiting until `go`."""
 
     def __init__(
-        self, settings: Settings, messages: int, devices: int, count: int, rate: float = 0.0
+        self,
+        settings: Settings,
+        messages: int,
+        devices: int,
+        count: int,
+        rate: float = 0.0,
+        form: str = "climate",  # or a form of worker.tools.mappings_bench
     ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         for index in range(count):
             share = messages // count + (1 if index < messages % count else 0)
             first = index * devices // count
             slice_devices = (index + 1) * devices // count - first
-            command = [settings.mqtt.url, str(share), str(slice_devices), str(first), str(rate / count)]
+            command = [settings.mqtt.url, str(share), str(slice_devices), str(first), str(rate / count), form]
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "worker.tools.bench_publisher", *command],
@@ -138,6 +144,7 @@ def measure_worker(
     *,
     processes: int = 1,
     warm: bool = False,
+    form: str = "climate",
 ) -> RunResult:
     """One run of `messages` against a new `iotflow run`. `warm`: first a message per device
     and process, not measured, so the run sees the fleet as a long-running daemon does (its
@@ -176,10 +183,10 @@ def measure_worker(
         before = 0
         if warm:  # at the run's pace: a paced run's latency quantiles (since start) count these too
             # A shared group deals messages round robin: N per device let most reach every process.
-            pubs = Publishers(settings, devices * processes, devices, publishers, rate)
+            pubs = Publishers(settings, devices * processes, devices, publishers, rate, form)
             pubs.wait(pubs.go())
             before = _await_commits(ports, 0, devices * processes, worker, f"{label} (warm-up)")
-        pubs = Publishers(settings, messages, devices, publishers, rate)
+        pubs = Publishers(settings, messages, devices, publishers, rate, form)
         roles = {pid: "worker" for pid in pids} | {proc.pid: "publishers" for proc in pubs.procs}
         by_role_before = _cpu_by_role(roles)
         cpu_before, waited_before = cpu_seconds(pids), _runqueue_wait_s(pids)
