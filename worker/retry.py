@@ -75,6 +75,13 @@ class Refused(Exception):
     hint = "check the store's URL and credentials"  # what the operator should do about it
 
 
+class SettingRefused(Refused):
+    """Refused for a reason one setting names: a login, the server's certificate or ours, a
+    key file. The message starts with that setting (`kafka.password: …`) and holds no secret."""
+
+    hint = "fix the setting the message names"
+
+
 REFUSAL_ERRORS: tuple[type[BaseException], ...] = (
     Refused,
     # Class 28 (wrong password, unknown role, pg_hba rejection) and a database that does not exist.
