@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ import structlog
 
 from worker.config import CassandraSettings
 from worker.retry import SettingRefused
-from worker.stores.tls import client_context, is_hostname_mismatch, verify_problem
+from worker.stores.tls import client_context, tls_refusal
 
 if TYPE_CHECKING:
     from cassandra.cluster import Cluster, ResponseFuture, ResultSet, Session
@@ -142,39 +141,17 @@ def connect_refusal(settings: CassandraSettings, exc: BaseException) -> SettingR
     import cassandra
 
     for node, error in errors.items():
-        where = f"the node at {_address(node)}"
+        where = f"the node at {node}"  # an EndPoint prints as host:port
         if isinstance(error, cassandra.AuthenticationFailed):
             if not settings.username:
                 return SettingRefused(f"cassandra.username: {where} asks for a login and none is configured")
             return SettingRefused(
                 f"cassandra.password: {where} refused the login of user {settings.username!r}"
             )
-        tls_error = _tls_error(error)
-        problem = verify_problem(tls_error) if tls_error is not None else None
-        if problem is not None:
-            setting = "cassandra.check_hostname" if is_hostname_mismatch(tls_error) else "cassandra.ca_file"
-            return SettingRefused(f"{setting}: the certificate of {where} is not trusted ({problem})")
-        if isinstance(tls_error, ssl.SSLError):
-            return SettingRefused(
-                f"cassandra.cert_file: {where} refused the TLS handshake ({tls_error.reason or tls_error})"
-            )
+        refused = tls_refusal("cassandra", "cassandra.tls", where, error)
+        if refused is not None:
+            return refused
     return None
-
-
-def _tls_error(error: BaseException) -> BaseException | None:
-    """The ssl error a node's connect failed with, itself or as its cause."""
-    seen: BaseException | None = error
-    for _ in range(5):
-        if seen is None:
-            return None
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _address(node: Any) -> str:
-    return str(getattr(node, "address", node)) + (f":{node.port}" if getattr(node, "port", None) else "")
 
 
 async def bridge(response: ResponseFuture) -> ResultSet:

@@ -15,7 +15,6 @@ more itself and raises `SettingRefused`, naming the setting, when that is what i
 from __future__ import annotations
 
 import asyncio
-import ssl
 from typing import Any, Protocol
 
 import aiokafka.errors as kafka_errors
@@ -24,10 +23,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.protocol.admin import ApiVersionRequest
 
 from worker.config import KafkaSettings
 from worker.retry import Refused, SettingRefused, describe, is_transient
-from worker.stores.tls import client_context, is_hostname_mismatch, verify_problem
+from worker.stores.tls import client_context, tls_refusal
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +97,7 @@ async def diagnose(settings: KafkaSettings) -> SettingRefused | None:
     arguments = security(settings)
     for server in servers(settings):
         host, _, port = server.rpartition(":")
+        conn = None
         try:
             conn = await create_conn(
                 host,
@@ -105,26 +106,23 @@ async def diagnose(settings: KafkaSettings) -> SettingRefused | None:
                 request_timeout_ms=settings.request_timeout_ms,
                 **arguments,
             )
+            # Under TLS 1.3 a broker refuses our certificate (or its absence) only after the
+            # handshake, with an alert that the first answer meets.
+            await conn.send(ApiVersionRequest())
         except Exception as exc:
             refused = _refusal(settings, server, exc)
             if refused is not None:
                 return refused
-            continue
-        conn.close()
+        finally:
+            if conn is not None:
+                conn.close()
     return None
 
 
 def _refusal(settings: KafkaSettings, server: str, exc: BaseException) -> SettingRefused | None:
-    problem = verify_problem(exc)
-    if problem is not None:
-        setting = "kafka.check_hostname" if is_hostname_mismatch(exc) else "kafka.ca_file"
-        return SettingRefused(
-            f"{setting}: the certificate of the broker at {server} is not trusted ({problem})"
-        )
-    if isinstance(exc, ssl.SSLError):  # the broker ended the handshake: our certificate, or none
-        return SettingRefused(
-            f"kafka.cert_file: the broker at {server} refused the TLS handshake ({exc.reason or exc})"
-        )
+    refused = tls_refusal("kafka", "kafka.security_protocol", f"the broker at {server}", exc)
+    if refused is not None:
+        return refused
     if isinstance(exc, kafka_errors.UnsupportedSaslMechanismError):
         return SettingRefused(
             f"kafka.sasl_mechanism: the broker at {server} does not offer {settings.sasl_mechanism}"

@@ -35,12 +35,43 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
-def verify_problem(exc: BaseException) -> str | None:
-    """What a TLS error says about the server's certificate, None when it is not about that."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return exc.verify_message or str(exc)
+# The alerts a server ends a handshake with when it does not take our certificate (or its absence).
+_CERTIFICATE_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
+
+
+def tls_refusal(store: str, tls_setting: str, where: str, error: BaseException) -> SettingRefused | None:
+    """A failed TLS handshake as a refusal naming the setting to fix, None when `error` is not
+    one. `tls_setting`: the store's setting that turns TLS on (`kafka.security_protocol`).
+    The Cassandra driver keeps only the text of the ssl error (in an OSError): it is read too."""
+    failed = tls_error(error)
+    if isinstance(failed, ssl.SSLCertVerificationError):
+        text = failed.verify_message or str(failed)
+        verify = True
+    elif failed is not None:
+        text = str(failed.reason or failed)
+        verify = False
+    elif isinstance(error, OSError) and "[SSL" in str(error):
+        text = str(error).rpartition("Last error: ")[2] or str(error)
+        verify = "CERTIFICATE_VERIFY_FAILED" in text
+    else:
+        return None
+    if verify:
+        setting = f"{store}.check_hostname" if "mismatch" in text.lower() else f"{store}.ca_file"
+        return SettingRefused(f"{setting}: the certificate of {where} is not trusted ({text})")
+    if any(alert in text for alert in _CERTIFICATE_ALERTS):
+        return SettingRefused(f"{store}.cert_file: {where} refused our TLS client certificate ({text})")
+    if "WRONG_VERSION_NUMBER" in text:
+        return SettingRefused(f"{tls_setting}: {where} does not answer TLS ({text})")
+    return SettingRefused(f"{tls_setting}: the TLS handshake with {where} failed ({text})")
+
+
+def tls_error(error: BaseException) -> ssl.SSLError | None:
+    """The ssl error `error` is or wraps (a driver's connection error keeps it as its cause)."""
+    seen: BaseException | None = error
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
     return None
-
-
-def is_hostname_mismatch(exc: BaseException | None) -> bool:
-    return isinstance(exc, ssl.SSLCertVerificationError) and "mismatch" in (exc.verify_message or "").lower()
