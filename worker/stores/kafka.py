@@ -15,6 +15,7 @@ more itself and raises `SettingRefused`, naming the setting, when that is what i
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Protocol
 
 import aiokafka.errors as kafka_errors
@@ -53,6 +54,19 @@ _AUTHENTICATION_ERRORS = (
     kafka_errors.AuthenticationMethodNotSupported,
     kafka_errors.SaslAuthenticationFailed,
 )
+
+
+class _ReportedByUs(logging.Filter):
+    """Drops aiokafka's line for each bootstrap server it could not connect to: `start` reports
+    the failure once, as a refusal naming the setting or as the outage its caller waits out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != 'Unable connect to "%s:%s": %s'
+
+
+_CLIENT_LOG = logging.getLogger("aiokafka")  # aiokafka.client logs under this name
+if not any(isinstance(f, _ReportedByUs) for f in _CLIENT_LOG.filters):
+    _CLIENT_LOG.addFilter(_ReportedByUs())
 
 
 def servers(settings: KafkaSettings) -> list[str]:
