@@ -6,10 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs12
-
 __all__ = ["TlsIdentity", "write_pkcs12"]
 
 
@@ -25,6 +21,10 @@ class TlsIdentity:
 
 def write_pkcs12(cert_file: Path, key_file: Path, keystore: Path, password: str) -> Path:
     """`cert_file` and `key_file` (PEM) as one PKCS12 keystore under `password`."""
+    from cryptography import x509  # here: only a secured server needs it
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
     cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
     key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
     data = pkcs12.serialize_key_and_certificates(
