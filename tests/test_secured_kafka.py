@@ -6,6 +6,8 @@ and one line naming the setting; the password is in no log line, metric or /read
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -293,3 +295,17 @@ def test_secured_kafka_password_file_is_read_once_its_newline_stripped(tmp_path:
     )
     assert settings.kafka.password == "s3cret"
     assert "s3cret" not in repr(settings.kafka)
+
+
+@pytest.mark.parametrize("extra", [[], ["--kafka", "--kafka-bootstrap", "127.0.0.1:9092"]])
+def test_secured_kafka_bench_tls_needs_the_bench_s_own_kafka(extra: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "bench", "--kafka-tls", *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "iotflow bench: --kafka-tls needs --kafka and the bench's own Kafka (no --kafka-bootstrap)"
+    )

@@ -209,7 +209,7 @@ def _secured_broker(directory: Path) -> tuple[TlsIdentity, dict[str, str]]:
     certs = directory / "certs"
     for verb in (["init"], ["broker", "127.0.0.1"]):
         subprocess.run(
-            [sys.executable, "-m", "worker", "certs", "--dir", str(certs), *verb],
+            [sys.executable, "-m", "worker", "certs", *verb, "--dir", str(certs)],
             check=True,
             capture_output=True,
         )
