@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 
 from worker.config import Settings
 from worker.logging import configure_logging
+from worker.ops.certs import CertStore
 from worker.rules.admin import RuleAdmin, open_admin
 from worker.stores import Stores, open_stores
 from worker.stores.migrate import migrate
@@ -50,6 +51,7 @@ from worker.tools.servers import (
     ServerProcess,
     ServerUnavailable,
 )
+from worker.tools.servers.keystore import TlsIdentity, write_pkcs12
 from worker.tools.simulate import register_fleet
 
 configure_logging("warning", "console")
@@ -320,6 +322,50 @@ def cassandra_server() -> Iterator[CassandraServer]:
 
 
 @pytest.fixture(scope="session")
+def store_certs() -> Iterator[CertStore]:
+    """The project's own CA (`iotflow certs`) for the secured Kafka and Cassandra: a server
+    certificate for 127.0.0.1 (`server`, also as a PKCS12 keystore) and a client's (`iotflow-worker`)."""
+    with services_dir("store-certs") as directory:
+        certs = CertStore(directory)
+        certs.init()
+        certs.broker("127.0.0.1", sans=["localhost"])
+        certs.client("iotflow-worker")
+        yield certs
+
+
+@pytest.fixture(scope="session")
+def store_tls(store_certs: CertStore) -> TlsIdentity:
+    keystore = write_pkcs12(
+        store_certs.cert_path("server"),
+        store_certs.key_path("server"),
+        store_certs.dir / "server.p12",
+        "changeit",
+    )
+    return TlsIdentity(keystore, "changeit", store_certs.cert_path("ca"))
+
+
+# The SASL user of the suite's Kafka (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512): a password that
+# is this session's own, so that a test can look for it in every log line and answer.
+KAFKA_USER = "iotflow"
+KAFKA_PASSWORD = f"kafka-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def secured_cassandra_server(store_tls: TlsIdentity) -> Iterator[CassandraServer]:
+    """A Cassandra node of its own with logins (PasswordAuthenticator) and client encryption
+    (optional: plain and TLS on one port): the authenticator is the whole node's, and the suite's
+    other Cassandra tests log in to none. Started only by the tests that ask for it."""
+
+    def make(directory: Path) -> CassandraServer:
+        server = CassandraServer(directory, tls=store_tls)
+        server.heap = "768m"
+        return server
+
+    with _session_server(make, "secured-cassandra") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def cassandra_hosts(request: pytest.FixtureRequest) -> str:
     """IOTFLOW_TEST_CASSANDRA_HOSTS (host[:port],…), or the suite's own node's."""
     given = os.environ.get("IOTFLOW_TEST_CASSANDRA_HOSTS", "")
@@ -327,9 +373,11 @@ def cassandra_hosts(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def kafka_server() -> Iterator[KafkaServer]:
-    """The suite's own Kafka 4 KRaft node (tests that kill and restart it ask for this one)."""
-    with _session_server(KafkaServer, "kafka") as server:
+def kafka_server(store_tls: TlsIdentity) -> Iterator[KafkaServer]:
+    """The suite's own Kafka 4 KRaft node (tests that kill and restart it ask for this one),
+    with its secured listeners beside the plain one (SASL_SSL for KAFKA_USER, and MTLS)."""
+    make = partial(KafkaServer, tls=store_tls, users={KAFKA_USER: KAFKA_PASSWORD})
+    with _session_server(make, "kafka") as server:
         yield server
 
 

@@ -311,6 +311,40 @@ class CassandraSettings:
             "7776000", _non_negative, doc="default TTL of device_data and user_data (migrate); 0: none"
         ),
     )
+    username: str = field(
+        default="", metadata=_meta("iotflow", doc="login (PasswordAuthenticator); empty: none")
+    )
+    password: str = field(
+        default="",
+        repr=False,  # never in a log line or a traceback
+        metadata=_meta("secret", doc="the login's password; better: password_file"),
+    )
+    password_file: str = field(
+        default="",
+        metadata=_meta(
+            "/run/credentials/iotflow-worker.service/cassandra-password",
+            doc="a file whose content is cassandra.password (empty file: no change)",
+        ),
+    )
+    tls: bool = field(default=False, metadata=_meta("true", doc="client encryption: TLS to every node"))
+    ca_file: str = field(
+        default="",
+        metadata=_meta(
+            "/etc/iotflow/cassandra-ca.pem",
+            doc="CA the nodes' certificates are checked against (TLS; empty: the system's)",
+        ),
+    )
+    cert_file: str = field(
+        default="",
+        metadata=_meta("/etc/iotflow/cassandra-client.pem", doc="client certificate (TLS, optional)"),
+    )
+    key_file: str = field(
+        default="", metadata=_meta("/etc/iotflow/cassandra-client.key", doc="the client certificate's key")
+    )
+    check_hostname: bool = field(
+        default=True,
+        metadata=_meta("false", doc="the node's certificate must name the contact point (TLS)"),
+    )
 
 
 @dataclass
@@ -521,6 +555,54 @@ class KafkaSettings:
     max_poll_records: int = field(
         default=2000, metadata=_meta("2000", _positive, doc="records Kafka intake takes per fetch")
     )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = field(
+        default="PLAINTEXT",
+        metadata=_meta("SASL_SSL", doc="PLAINTEXT, SSL (TLS), SASL_PLAINTEXT (a login), SASL_SSL (both)"),
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = field(
+        default="PLAIN", metadata=_meta("SCRAM-SHA-512", doc="how the login is proven (SASL_*)")
+    )
+    username: str = field(default="", metadata=_meta("iotflow", doc="SASL user name (SASL_*)"))
+    password: str = field(
+        default="",
+        repr=False,  # never in a log line or a traceback
+        metadata=_meta("secret", doc="SASL password (SASL_*); better: password_file"),
+    )
+    password_file: str = field(
+        default="",
+        metadata=_meta(
+            "/run/credentials/iotflow-worker.service/kafka-password",
+            doc="a file whose content is kafka.password (empty file: no change)",
+        ),
+    )
+    ca_file: str = field(
+        default="",
+        metadata=_meta(
+            "/etc/iotflow/kafka-ca.pem",
+            doc="CA the brokers' certificates are checked against (SSL, SASL_SSL; empty: the system's)",
+        ),
+    )
+    cert_file: str = field(
+        default="",
+        metadata=_meta("/etc/iotflow/kafka-client.pem", doc="client certificate (SSL, SASL_SSL; optional)"),
+    )
+    key_file: str = field(
+        default="", metadata=_meta("/etc/iotflow/kafka-client.key", doc="the client certificate's key")
+    )
+    check_hostname: bool = field(
+        default=True,
+        metadata=_meta(
+            "false", doc="the broker's certificate must name the host it is reached at (SSL, SASL_SSL)"
+        ),
+    )
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
 
 
 @dataclass
@@ -827,6 +909,7 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
         _load_section(section_field.name, section, table, environ)
     _check_cross_field(settings)
     _apply_password_files(settings)
+    _apply_store_security(settings)
     _apply_webhook_secrets(settings.notify)
     _apply_admin_tokens_file(settings.http)
     return settings
@@ -1058,6 +1141,58 @@ def _apply_password_files(settings: Settings) -> None:
         password = _read_password_file(setting, path, name) if path else ""
         if password:
             setattr(section, url_field, url_with_password(getattr(section, url_field), password))
+
+
+def _apply_store_security(settings: Settings) -> None:
+    """Kafka's and Cassandra's logins and TLS files: `password_file` becomes `password` (as
+    `mqtt.password_file` does), then what cannot work together is refused here, at start,
+    rather than by the server later."""
+    kafka, cassandra = settings.kafka, settings.cassandra
+    for name, section in (("kafka", kafka), ("cassandra", cassandra)):
+        if section.password_file:
+            password = _read_password_file(f"{name}.password_file", section.password_file, name)
+            if password:
+                section.password = password
+    if kafka.sasl and not (kafka.username and kafka.password):
+        raise ConfigError(
+            "kafka.username",
+            f"security_protocol {kafka.security_protocol} needs kafka.username and kafka.password "
+            "(or kafka.password_file)",
+            "iotflow",
+        )
+    if not kafka.sasl and (kafka.username or kafka.password):
+        raise ConfigError(
+            "kafka.security_protocol",
+            f"{kafka.security_protocol} sends no login: kafka.username/password need a SASL_ protocol",
+            "SASL_SSL",
+        )
+    if not kafka.tls and (kafka.ca_file or kafka.cert_file):
+        raise ConfigError(
+            "kafka.security_protocol",
+            f"{kafka.security_protocol} is not TLS: kafka.ca_file/cert_file need SSL or SASL_SSL",
+            "SASL_SSL",
+        )
+    if bool(cassandra.username) != bool(cassandra.password):
+        raise ConfigError(
+            "cassandra.username",
+            "cassandra.username and cassandra.password (or password_file) must be given together",
+            "iotflow",
+        )
+    if not cassandra.tls and (cassandra.ca_file or cassandra.cert_file):
+        raise ConfigError("cassandra.tls", "cassandra.ca_file/cert_file need cassandra.tls = true", "true")
+    for name, section in (("kafka", kafka), ("cassandra", cassandra)):
+        if bool(section.cert_file) != bool(section.key_file):
+            raise ConfigError(
+                f"{name}.cert_file",
+                "client certificate and key must be given together",
+                "/etc/iotflow/client.pem",
+            )
+        for path_setting in ("ca_file", "cert_file", "key_file"):
+            path = getattr(section, path_setting)
+            if path and not Path(path).is_file():
+                raise ConfigError(
+                    f"{name}.{path_setting}", f"file {path} does not exist", "/etc/iotflow/ca.pem"
+                )
 
 
 def _read_password_file(setting: str, path: str, name: str) -> str:

@@ -85,6 +85,13 @@ class CertificateRefused(Refused):
         self.driver = driver
 
 
+class SettingRefused(Refused):
+    """Refused for a reason one setting names: a login, the server's certificate or ours, a
+    key file. The message starts with that setting (`kafka.password: …`) and holds no secret."""
+
+    hint = "fix the setting the message names"
+
+
 REFUSAL_ERRORS: tuple[type[BaseException], ...] = (
     Refused,
     # Class 28 (wrong password, unknown role, pg_hba rejection) and a database that does not exist.

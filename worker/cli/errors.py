@@ -5,6 +5,7 @@ try/except of its own for what every command can meet:
 
     a server unreachable (worker.retry.Unreachable, or a driver's own error)  exit 1, naming it
     a server refusing our credentials, or the database named does not exist  exit 2
+    a login or a certificate refused (either way), naming the setting        exit 2
     a PostgreSQL schema not migrated, or behind                               exit 2, "run `iotflow migrate`"
 
 Anything else is a bug: one line too, exit 1, and the traceback only with
@@ -17,7 +18,7 @@ import asyncpg
 
 from worker.config import Settings
 from worker.exit_codes import ExitCode
-from worker.retry import Unreachable, describe, is_transient, refusal
+from worker.retry import SettingRefused, Unreachable, describe, is_transient, refusal
 from worker.stores.naming import settings_to_check, store_address
 
 DEBUG_HINT = "run with IOTFLOW_LOG_LEVEL=debug for the traceback"
@@ -41,6 +42,8 @@ def explain(exc: BaseException, settings: Settings) -> tuple[ExitCode, str] | No
     if isinstance(exc, SchemaNotReady):
         return ExitCode.CONFIG, str(exc)
     refused = refusal(exc)
+    if isinstance(refused, SettingRefused):  # its message names the store and the setting
+        return ExitCode.CONFIG, str(refused)
     if refused is not None:
         return (
             ExitCode.CONFIG,

@@ -79,6 +79,12 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     bench.add_argument("--kafka-partitions", type=int, default=6, help="partitions of the bench's topics")
     bench.add_argument(
+        "--kafka-tls",
+        action="store_true",
+        help="with --kafka: also the bridge over SASL_SSL (SCRAM-SHA-512) to the bench's own Kafka, "
+        "alternated with the plain bridge: the CPU TLS and the login add",
+    )
+    bench.add_argument(
         "--timeseries",
         choices=("postgres", "cassandra", "both"),
         default="postgres",
@@ -147,6 +153,12 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.compare_fleet and args.first_contact:
         print(
             "iotflow bench: --compare-fleet floods a registered fleet; drop --first-contact", file=sys.stderr
+        )
+        return ExitCode.CONFIG
+    if args.kafka_tls and (not args.kafka or args.kafka_bootstrap):
+        print(
+            "iotflow bench: --kafka-tls needs --kafka and the bench's own Kafka (no --kafka-bootstrap)",
+            file=sys.stderr,
         )
         return ExitCode.CONFIG
     needed = ["tools"]

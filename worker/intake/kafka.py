@@ -36,7 +36,7 @@ from worker.metrics import Metrics
 from worker.retry import Backoff, is_transient
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
-from worker.stores.kafka import create_consumer
+from worker.stores.kafka import create_consumer, start
 
 log = structlog.get_logger("worker.intake")
 
@@ -99,7 +99,7 @@ class KafkaIntake(Actor):
             consumer = create_consumer(self._settings)
             try:
                 consumer.subscribe([self._settings.raw_topic], listener=_Rebalance(self))
-                await consumer.start()
+                await start(consumer, self._settings)
                 self._consumer = consumer
                 failures = 0
                 await self._session(consumer)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from worker.config import CassandraSettings
+from worker.retry import SettingRefused
+from worker.stores.tls import client_context, tls_refusal
 
 if TYPE_CHECKING:
     from cassandra.cluster import Cluster, ResponseFuture, ResultSet, Session
@@ -94,7 +96,8 @@ def _retry_policy() -> Any:
 
 def build_cluster(settings: CassandraSettings) -> Cluster:
     """A `Cluster` (no connection yet): token-aware over DC-aware round robin, the configured
-    consistency and timeouts in the default execution profile."""
+    consistency and timeouts in the default execution profile, the login (PasswordAuthenticator)
+    and client encryption when configured."""
     from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 
@@ -104,8 +107,20 @@ def build_cluster(settings: CassandraSettings) -> Cluster:
         consistency_level=consistency_level(settings.consistency),
         request_timeout=settings.request_timeout_s,
     )
+    auth_provider = None
+    if settings.username:
+        from cassandra.auth import PlainTextAuthProvider
+
+        auth_provider = PlainTextAuthProvider(username=settings.username, password=settings.password)
+    ssl_context = None
+    if settings.tls:
+        ssl_context = client_context(
+            "cassandra", settings.ca_file, settings.cert_file, settings.key_file, settings.check_hostname
+        )
     return Cluster(
         contact_points=list(settings.hosts),
+        auth_provider=auth_provider,
+        ssl_context=ssl_context,
         port=settings.port,
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         connection_class=connection_class(),
@@ -115,6 +130,28 @@ def build_cluster(settings: CassandraSettings) -> Cluster:
         reconnection_policy=ExponentialReconnectionPolicy(1.0, RECONNECT_MAX_S),
         protocol_version=4,  # Cassandra 3.0 and later; skips the driver's downgrade probing
     )
+
+
+def connect_refusal(settings: CassandraSettings, exc: BaseException) -> SettingRefused | None:
+    """A failed connect that our settings caused, as `SettingRefused` naming the setting: a node
+    refused the login, or a TLS handshake failed (either side's certificate). None for an outage."""
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ != "NoHostAvailable" or not isinstance(errors, dict):
+        return None
+    import cassandra
+
+    for node, error in errors.items():
+        where = f"the node at {node}"  # an EndPoint prints as host:port
+        if isinstance(error, cassandra.AuthenticationFailed):
+            if not settings.username:
+                return SettingRefused(f"cassandra.username: {where} asks for a login and none is configured")
+            return SettingRefused(
+                f"cassandra.password: {where} refused the login of user {settings.username!r}"
+            )
+        refused = tls_refusal("cassandra", "cassandra.tls", where, error)
+        if refused is not None:
+            return refused
+    return None
 
 
 async def bridge(response: ResponseFuture) -> ResultSet:
@@ -174,8 +211,11 @@ class CassandraStore:
         cluster = build_cluster(self.settings)
         try:
             session = await asyncio.to_thread(cluster.connect)  # it blocks
-        except BaseException:
+        except BaseException as exc:
             self._connecting = None  # the driver shut this cluster down; the next call starts afresh
+            refused = connect_refusal(self.settings, exc)
+            if refused is not None:
+                raise refused from exc
             raise
         self._cluster, self._session = cluster, session
         log.info("cassandra.connected", hosts=self.settings.hosts, local_dc=self.settings.local_dc)

@@ -11,6 +11,10 @@
    records from the worker's readiness (its first fetch) to the last commit;
 3. the same with two Kafka-intake processes in one consumer group.
 
+With `--kafka-tls` the bridge floods of 1. alternate with a third kind, the bridge over
+SASL_SSL (SCRAM-SHA-512, certificates from `iotflow certs`) to the same broker's secured
+listener, and the bridge alone is measured over both: the CPU that TLS and the login add.
+
 The broker is an Apache Kafka 4 KRaft node of the bench's own (worker.tools.servers,
 in a temporary directory), unless `--kafka-bootstrap` names another; the bridge runs
 with its defaults, the idempotent producer included.
@@ -22,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -52,6 +57,7 @@ from worker.tools.bench_support import (
 from worker.tools.embedded import free_port
 from worker.tools.servers import KafkaServer
 from worker.tools.servers.kafka import KAFKA_VERSION
+from worker.tools.servers.keystore import TlsIdentity, write_pkcs12
 from worker.tools.simulate import build_fleet, message_stream
 
 
@@ -75,15 +81,29 @@ def kafka_bench(
     """The three Kafka measurements; prints their table and the ratios to the MQTT floods
     (`floods_off`, and the bridge-off floods run here between the bridge-on ones).
     Whether every run wrote every reading."""
+    secured: dict[str, str] = {}  # the bridge's settings for the SASL_SSL listener (--kafka-tls)
     with contextlib.ExitStack() as stack:
         bootstrap = args.kafka_bootstrap
         if not bootstrap:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotflow-kafka-")))
+            tls, users = _secured_broker(directory) if args.kafka_tls else (None, {})
             # Kafka's default initial rebalance delay (the tests' node has none): two intake
             # processes started together join one rebalance, instead of the first one
             # draining the topic before the second holds a partition.
-            server = KafkaServer(directory, properties={"group.initial.rebalance.delay.ms": "3000"})
+            server = KafkaServer(
+                directory, properties={"group.initial.rebalance.delay.ms": "3000"}, tls=tls, users=users
+            )
             bootstrap = stack.enter_context(server).bootstrap
+            if tls is not None:
+                ((user, password),) = users.items()
+                secured = {
+                    "IOTFLOW_KAFKA_BOOTSTRAP": server.sasl_ssl_bootstrap,
+                    "IOTFLOW_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                    "IOTFLOW_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                    "IOTFLOW_KAFKA_USERNAME": user,
+                    "IOTFLOW_KAFKA_PASSWORD": password,
+                    "IOTFLOW_KAFKA_CA_FILE": str(tls.ca_file),
+                }
         kafka = replace(settings.kafka, bootstrap=bootstrap, partitions=args.kafka_partitions)
         names = ("bridge-raw", "bridge-processed", "raw", "processed", "sink-raw", "sink-processed")
         topics = {name: f"bench-{name}-{stamp}" for name in names}
@@ -100,6 +120,22 @@ def kafka_bench(
             f"(1 raw record + {READINGS_PER_MESSAGE} readings), {sink_cpu * 100_000:.2f} CPU-s per 100k",
             flush=True,
         )
+        if secured:
+            sink_tls = replace(
+                sink_kafka,
+                bootstrap=secured["IOTFLOW_KAFKA_BOOTSTRAP"],
+                security_protocol="SASL_SSL",
+                sasl_mechanism="SCRAM-SHA-512",
+                username=secured["IOTFLOW_KAFKA_USERNAME"],
+                password=secured["IOTFLOW_KAFKA_PASSWORD"],
+                ca_file=secured["IOTFLOW_KAFKA_CA_FILE"],
+            )
+            tls_cpu = asyncio.run(_measure_sink(sink_tls, args.messages, args.devices))
+            print(
+                f"kafka: the bridge alone over SASL_SSL: {tls_cpu * 1e6:.1f} µs CPU per message, "
+                f"{tls_cpu * 100_000:.2f} CPU-s per 100k ({tls_cpu / sink_cpu - 1:+.1%} on PLAINTEXT)",
+                flush=True,
+            )
         common = {"IOTFLOW_KAFKA_BOOTSTRAP": bootstrap, "IOTFLOW_RULES_ENABLED": "false"}
         bridge_env = {
             **common,
@@ -110,8 +146,12 @@ def kafka_bench(
         # The machine's speed drifts between runs: alternate bridge off and on.
         unbridged: list[RunResult] = []
         bridged: list[RunResult] = []
+        bridged_tls: list[RunResult] = []
+        kinds = [(unbridged, common, "off"), (bridged, bridge_env, "on")]
+        if secured:
+            kinds.append((bridged_tls, {**bridge_env, **secured}, "on, SASL_SSL"))
         for n in range(1, args.repeat + 1):
-            for runs, env, label in ((unbridged, common, "off"), (bridged, bridge_env, "on")):
+            for runs, env, label in kinds:
                 runs.append(
                     measure_worker(
                         settings,
@@ -156,9 +196,25 @@ def kafka_bench(
             _measure_intake(settings, args.messages, intake_env, 2, f"Kafka intake, 2 processes #{n}")
             for n in range(1, args.repeat + 1)
         ]
-    _report(floods_off, unbridged, bridged, paced, ones, twos)
-    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in [*unbridged, *bridged, *paced])
+    _report(floods_off, unbridged, bridged, paced, ones, twos, bridged_tls)
+    floods = [*unbridged, *bridged, *bridged_tls, *paced]
+    whole = all(r.rows == r.messages * READINGS_PER_MESSAGE for r in floods)
     return whole and all(i.rows == i.expected_rows for i in [*ones, *twos])
+
+
+def _secured_broker(directory: Path) -> tuple[TlsIdentity, dict[str, str]]:
+    """A CA and the broker's certificate for 127.0.0.1, made by `iotflow certs` (its own
+    process: the daemon's tooling does not import the CA's module), as a PKCS12 keystore;
+    and a SCRAM user with a password of this run's."""
+    certs = directory / "certs"
+    for verb in (["init"], ["broker", "127.0.0.1"]):
+        subprocess.run(
+            [sys.executable, "-m", "worker", "certs", *verb, "--dir", str(certs)],
+            check=True,
+            capture_output=True,
+        )
+    keystore = write_pkcs12(certs / "server.crt", certs / "server.key", directory / "server.p12", "bench")
+    return TlsIdentity(keystore, "bench", certs / "ca.crt"), {"iotflow-bench": secrets.token_urlsafe(16)}
 
 
 def _envelopes(messages: int, devices: int) -> list[tuple[bytes, bytes]]:
@@ -323,13 +379,14 @@ def _report(
     paced: list[RunResult],
     ones: list[IntakeResult],
     twos: list[IntakeResult],
+    bridged_tls: list[RunResult],
 ) -> None:
     mqtt = mean_rate(floods_off)
     print(
         f"\n{'kafka run':<30} {'msg/s':>9} {'readings/s':>11} {'of MQTT flood':>14} "
         f"{'CPU s/100k':>11} {'peak RSS MB':>12} {'loss':>6}"
     )
-    for r in [*unbridged, *bridged, *paced]:
+    for r in [*unbridged, *bridged, *bridged_tls, *paced]:
         print(
             f"{r.label:<30} {r.rate:>9,.0f} {r.rate * READINGS_PER_MESSAGE:>11,.0f} {r.rate / mqtt:>14.0%} "
             f"{r.cpu_per_100k:>11.1f} {r.peak_rss_mb:>12.1f} {r.messages * READINGS_PER_MESSAGE - r.rows:>6}"
@@ -351,6 +408,12 @@ def _report(
         f"bridge cost, worker CPU in the floods: {on_cpu:.1f} against {off_cpu:.1f} CPU-s per 100k messages "
         f"({on_cpu / off_cpu - 1:+.1%})"
     )
+    if bridged_tls:
+        tls_cpu = sum(r.cpu_per_100k for r in bridged_tls) / len(bridged_tls)
+        print(
+            f"bridge over SASL_SSL, worker CPU in the floods: {tls_cpu:.1f} against {on_cpu:.1f} CPU-s per "
+            f"100k messages over PLAINTEXT ({tls_cpu / on_cpu - 1:+.1%}; target ≤ 15%)"
+        )
     paced_off, paced_on = paced
     print(
         f"bridge cost, worker CPU paced: {paced_on.cpu_per_100k:.1f} against {paced_off.cpu_per_100k:.1f} "
@@ -360,7 +423,7 @@ def _report(
     print(f"Kafka intake, 1 process / MQTT flood: {one / mqtt:.0%} (target ≥ 100%)")
     print(f"Kafka intake, 2 processes / 1 process: {two / one:.2f}× (target ≥ 1.5× where the cores allow)")
     print(f"cores: {os.cpu_count()} (shared by the broker, PostgreSQL, Redis, the publisher and the workers)")
-    runs: list[RunResult | IntakeResult] = [*unbridged, *bridged, *paced, *ones, *twos]
+    runs: list[RunResult | IntakeResult] = [*unbridged, *bridged, *bridged_tls, *paced, *ones, *twos]
     print(
         "\n"
         + orjson.dumps(

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from worker.tools.embedded import free_port
+from worker.tools.servers.keystore import TlsIdentity
 from worker.tools.servers.process import ServerProcess
 from worker.tools.servers.toolchains import find_java, maven_classpath
 
@@ -89,6 +90,18 @@ cdc_raw_directory: {data}/cdc_raw
 auto_snapshot: false
 """
 
+# With `secured`: logins (the superuser cassandra/cassandra is made at start) and client
+# encryption, optional, so that the plain readiness probe still has its answer on the same port.
+SECURED_YAML = """\
+authenticator: PasswordAuthenticator
+client_encryption_options:
+  enabled: true
+  optional: true
+  keystore: {keystore}
+  keystore_password: {password}
+  store_type: PKCS12
+"""
+
 # CQL native protocol v4: OPTIONS (opcode 5) on stream 0, answered by SUPPORTED (opcode 6).
 _OPTIONS = struct.pack("!BBhBi", 0x04, 0, 0, 0x05, 0)
 
@@ -104,13 +117,18 @@ class CassandraServer(ServerProcess):
     """A one-node cluster (datacenter `datacenter1`) on free loopback ports, heap 1 GB.
 
     `durable_acks`: the commit log is synced before a write is acknowledged (`batch`), so a
-    kill -9 loses nothing acknowledged; else Cassandra's default (`periodic`, 10 s)."""
+    kill -9 loses nothing acknowledged; else Cassandra's default (`periodic`, 10 s).
+    `tls`: logins (PasswordAuthenticator, superuser cassandra/cassandra) and client encryption
+    with this identity, beside plain connections on the same port."""
 
     name = "cassandra"
     heap = "1G"
 
-    def __init__(self, directory: Path, *, durable_acks: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, durable_acks: bool = False, tls: TlsIdentity | None = None
+    ) -> None:
         super().__init__(directory)
+        self.tls = tls
         self.commitlog = COMMITLOG_BATCH if durable_acks else COMMITLOG_PERIODIC
         self.port = free_port()
         self.storage_port = free_port()
@@ -128,6 +146,11 @@ class CassandraServer(ServerProcess):
         (self.directory / "cassandra.yaml").write_text(
             CASSANDRA_YAML.format(
                 port=self.port, storage_port=self.storage_port, data=self.directory, commitlog=self.commitlog
+            )
+            + (
+                SECURED_YAML.format(keystore=self.tls.keystore, password=self.tls.password)
+                if self.tls
+                else ""
             )
         )
 
