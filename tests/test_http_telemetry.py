@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from worker.config import Settings
+from worker.decode.parse import MessageParser, ParsedMessage
 from worker.tools.embedded import free_port
 
 from .helpers import running_daemon, wait_for, worker_process
@@ -89,6 +90,21 @@ async def test_a_200_means_the_readings_are_stored_and_a_retry_stores_nothing_tw
     status, _, _ = await api.post(first)  # a client that got no answer sends it again
     assert status == 200
     assert await _readings(pg, api.device_id) == 7
+
+
+async def test_a_body_is_parsed_once(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer's count comes from the decoder's parse, not from parsing the body again."""
+    parses: list[str] = []
+    parse = MessageParser.parse
+
+    def counted(self: MessageParser, topic: str, payload: bytes, received_at: float) -> ParsedMessage:
+        parses.append(topic)
+        return parse(self, topic, payload, received_at)
+
+    monkeypatch.setattr(MessageParser, "parse", counted)
+    status, _, body = await api.post([_timed(0), _timed(1)])
+    assert (status, body) == (200, {"accepted": 4})
+    assert parses == ["devices/poster-1/telemetry"]
 
 
 async def test_twenty_concurrent_requests_all_land(api: Api, pg: asyncpg.Connection) -> None:

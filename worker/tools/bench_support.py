@@ -36,6 +36,7 @@ __all__ = [
     "children",
     "count_rows",
     "cpu_seconds",
+    "drain",
     "drop_run",
     "histogram_quantile",
     "mean_cpu",
@@ -170,7 +171,7 @@ def measure_worker(
                 break
         else:
             raise RuntimeError("the worker exited before it was ready")
-        _drain(worker)
+        drain(worker)
         ports = [port + index for index in range(processes)]
         pids = [worker.pid, *children(worker.pid)]
         before = 0
@@ -313,7 +314,7 @@ def mean_cpu(runs: list[RunResult]) -> float:
     return sum(r.cpu_per_100k for r in runs) / len(runs)
 
 
-def _drain(proc: subprocess.Popen[bytes]) -> None:
+def drain(proc: subprocess.Popen[bytes]) -> None:
     """Keep its stdout read in the background, so its logging never blocks it."""
 
     def read() -> None:
