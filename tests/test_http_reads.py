@@ -5,6 +5,7 @@ status comes from PostgreSQL and the readings store."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -178,3 +179,21 @@ async def test_config_reads_with_an_etag_and_writes_honour_if_match(api: Api, st
         assert response.headers["ETag"] == '"2"' and (await response.json())["settings"] == settings
     async with api.client.get(f"{api.base}/devices/reader-2/config", headers=own) as response:
         assert response.status == 403
+
+
+async def test_concurrent_config_writes_of_one_version_let_exactly_one_win(api: Api, stores: Stores) -> None:
+    url = f"{api.base}/devices/reader-1/config"
+
+    async def put(n: int, headers: dict[str, str]) -> int:
+        body = {"settings": {"thresholds": {"temperature": {"max": 30 + n}}}}
+        async with api.client.put(url, json=body, headers=headers) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(put(n, {**ADMIN, "If-Match": '"1"'}) for n in range(10)))
+    assert sorted(statuses) == [200] + [412] * 9
+    stored = await stores.documents.get(COLLECTION, f"device:{api.device_id}")
+    assert stored is not None and stored["config_version"] == 2
+    # Without If-Match each write is applied in turn, none lost to another's version.
+    assert await asyncio.gather(*(put(n, ADMIN) for n in range(10))) == [200] * 10
+    stored = await stores.documents.get(COLLECTION, f"device:{api.device_id}")
+    assert stored is not None and stored["config_version"] == 12
