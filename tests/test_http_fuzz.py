@@ -16,11 +16,13 @@ import orjson
 
 from worker.api.openapi import DOCUMENT
 from worker.config import Settings
+from worker.ops.certs import CertStore
 from worker.tools.embedded import free_port
 
 from .helpers import worker_process
 
 TOKEN = "tok-" + "f" * 32
+MAC = "aa:bb:cc:00:00:01"  # fuzzed-1's
 RATE_LIMIT = 30  # messages per device and minute
 # Bounded: a few hundred requests in all, the same ones every run.
 FUZZ = ["--max-examples", "25", "--seed", "1", "--generation-deterministic", "--no-shrink", "--workers", "1"]
@@ -94,6 +96,7 @@ def _probes(key: str, other_key: str) -> list[tuple[str, str, dict[str, str], by
         ("post", "/telemetry", device, BIG, 413),
         ("post", "/telemetry", {}, reading, 401),
         ("post", "/telemetry", admin, reading, 403),
+        ("post", "/telemetry", other, reading, 200),
         ("put", "/devices/fuzzed-1/config", admin, config, 200),
         ("put", "/devices/fuzzed-1/config", {**admin, "If-Match": '"999"'}, config, 412),
         ("put", "/devices/fuzzed-1/config", admin, b"{", 400),
@@ -101,18 +104,30 @@ def _probes(key: str, other_key: str) -> list[tuple[str, str, dict[str, str], by
         ("put", "/devices/fuzzed-1/config", admin, BIG, 413),
         ("put", "/devices/fuzzed-1/config", {}, config, 401),
         ("put", "/devices/nobody/config", admin, config, 404),
-    ]
-    # The fuzz has posted too, with this key: enough more to be over the limit for certain.
-    probes += [("post", "/telemetry", other, reading, 200)]
-    probes += [("post", "/telemetry", other, reading, 0)] * RATE_LIMIT + [
-        ("post", "/telemetry", other, reading, 429)
+        ("post", f"/certs/devices/{MAC}", admin, None, 201),
+        ("post", f"/certs/devices/{MAC}", admin, None, 409),
+        ("post", "/certs/devices/aa:bb:cc:dd:ee:ff", admin, None, 404),
+        ("post", "/certs/devices/nope", admin, None, 422),
+        ("post", f"/certs/devices/{MAC}", {}, None, 401),
     ]
     return probes
 
 
+async def _over_the_limit(client: aiohttp.ClientSession, base: str, key: str) -> int:
+    """Posts until the device is refused (a window may turn meanwhile: then it takes more)."""
+    for n in range(3 * RATE_LIMIT):
+        reading = {"ts": int(time.time() * 1000) - 5_000 - n, "values": {"temperature": 21.5}}
+        async with client.post(f"{base}/telemetry", json=reading, headers={"X-API-Key": key}) as response:
+            if response.status != 200:
+                return response.status
+    return 200
+
+
 async def test_the_openapi_document_survives_schemathesis(settings: Settings, tmp_path: Path) -> None:
     port = free_port()
+    CertStore(tmp_path / "certs").init()
     env = {
+        "IOTFLOW_HTTP_CA_DIR": str(tmp_path / "certs"),
         "IOTFLOW_HTTP_ENABLED": "true",
         "IOTFLOW_HTTP_PORT": str(port),
         "IOTFLOW_HTTP_API": "true",
@@ -125,8 +140,9 @@ async def test_the_openapi_document_survives_schemathesis(settings: Settings, tm
         admin = {"Authorization": f"Bearer {TOKEN}"}
         async with aiohttp.ClientSession() as client:
             keys = []
-            for name in ("fuzzed-1", "fuzzed-2"):
+            for name, mac in (("fuzzed-1", MAC), ("fuzzed-2", None)):
                 body: dict[str, Any] = {"device_key": name, "datapoints": [{"label": "temperature"}]}
+                body |= {"mac": mac} if mac else {}
                 async with client.post(f"{base}/devices/register", json=body, headers=admin) as response:
                     assert response.status == 201
                     keys.append((await response.json())["api_key"])
@@ -144,6 +160,7 @@ async def test_the_openapi_document_survives_schemathesis(settings: Settings, tm
                         await response.text(),
                     )
                     answered.add((method, _template(path.split("?")[0], method), str(response.status)))
+            answered.add(("post", "/telemetry", str(await _over_the_limit(client, base, keys[1]))))
         log = daemon.output
     assert "Traceback" not in log
     errors = [r for r in daemon.records() if r.get("level") in ("error", "critical")]
