@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -22,32 +22,15 @@ from worker.rules.source import COLLECTION
 from worker.stores import Stores, open_stores
 
 from .helpers import Cli, publish, running_daemon, wait_for_count
+from .http_api import ADMIN, TOKEN, Api, register
 from .test_cli_errors import closed_port
 
-TOKEN = "tok-" + "b" * 32
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 READINGS = 5
-
-
-@dataclass
-class Api:
-    base: str
-    client: aiohttp.ClientSession
-    device_id: int
-    key: str
-    other_key: str
-
-    async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        async with self.client.get(f"{self.base}{path}", headers=headers or {}) as response:
-            return response.status, await response.json()
 
 
 async def _register(client: aiohttp.ClientSession, base: str, key: str) -> dict[str, Any]:
     body = {"device_key": key, "datapoints": [{"label": "temperature", "unit": "°C"}, {"label": "humidity"}]}
-    async with client.post(f"{base}/devices/register", json=body, headers=ADMIN) as response:
-        assert response.status == 201
-        answer: dict[str, Any] = await response.json()
-        return answer
+    return await register(client, base, body)
 
 
 @pytest.fixture

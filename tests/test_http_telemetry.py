@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import asyncpg
-import orjson
 import pytest
 
 from worker.config import Settings
@@ -23,26 +22,8 @@ from worker.decode.parse import MessageParser, ParsedMessage
 from worker.tools.embedded import free_port
 
 from .helpers import running_daemon, wait_for, worker_process
+from .http_api import ADMIN, TOKEN, Api, register
 from .test_outages import proxied
-
-TOKEN = "tok-" + "c" * 32
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@dataclass
-class Api:
-    base: str
-    client: aiohttp.ClientSession
-    device_id: int
-    key: str
-
-    async def post(
-        self, body: bytes | Any, headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], Any]:
-        data = body if isinstance(body, bytes) else orjson.dumps(body)
-        headers = {"X-API-Key": self.key} if headers is None else headers
-        async with self.client.post(f"{self.base}/telemetry", data=data, headers=headers) as response:
-            return response.status, dict(response.headers), await response.json()
 
 
 async def _api(settings: Settings) -> AsyncIterator[Api]:
@@ -54,9 +35,7 @@ async def _api(settings: Settings) -> AsyncIterator[Api]:
             "device_key": "poster-1",
             "datapoints": [{"label": "temperature"}, {"label": "humidity", "min": 0, "max": 100}],
         }
-        async with client.post(f"{base}/devices/register", json=body, headers=ADMIN) as response:
-            assert response.status == 201
-            device = await response.json()
+        device = await register(client, base, body)
         yield Api(base, client, device["device_id"], device["api_key"])
 
 
@@ -166,10 +145,9 @@ async def test_kill_9_while_twenty_clients_post_loses_no_reading_answered_200(
     start = int(time.time() * 1000) - 3_600_000
     async with worker_process(settings, **env) as worker, aiohttp.ClientSession() as client:
         await worker.wait_for_event("supervisor.ready")
-        body = {"device_key": "killed-1", "datapoints": [{"label": "temperature"}]}
-        async with client.post(f"{base}/devices/register", json=body, headers=ADMIN) as response:
-            assert response.status == 201
-            device = await response.json()
+        device = await register(
+            client, base, {"device_key": "killed-1", "datapoints": [{"label": "temperature"}]}
+        )
         headers = {"X-API-Key": device["api_key"]}
 
         async def post_until_it_dies(n: int) -> None:
