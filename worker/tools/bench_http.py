@@ -41,6 +41,7 @@ from worker.tools.bench_support import (
     mean_cpu,
     measure_worker,
     peak_rss_mb,
+    runqueue_wait_s,
     truncate,
 )
 from worker.tools.embedded import free_port
@@ -60,6 +61,8 @@ class HttpRun:
     rows: int
     statuses: dict[str, int]
     latencies_ms: list[float]
+    clients_cpu_s: float  # the client processes', for who limited the run
+    waited_s: float  # the daemon runnable but waiting for a core (busy machine)
 
     @property
     def rate(self) -> float:
@@ -253,7 +256,9 @@ def _http_run(
             if proc.stdout.readline().strip() != b"ready":
                 raise RuntimeError("an HTTP client did not start")
         rows_before = asyncio.run(count_rows(settings))  # the warm-up's
-        cpu_before = cpu_seconds([daemon.pid])
+        client_pids = [proc.pid for proc in procs]
+        cpu_before, clients_before = cpu_seconds([daemon.pid]), cpu_seconds(client_pids)
+        waited_before = runqueue_wait_s([daemon.pid])
         started = time.monotonic()
         for proc in procs:
             assert proc.stdin is not None
@@ -263,7 +268,8 @@ def _http_run(
         for proc in procs:
             assert proc.stdout is not None
             results.append(orjson.loads(proc.stdout.readline()))
-        cpu = cpu_seconds([daemon.pid]) - cpu_before
+        cpu, waited = cpu_seconds([daemon.pid]) - cpu_before, runqueue_wait_s([daemon.pid]) - waited_before
+        clients_cpu = cpu_seconds(client_pids) - clients_before
         ended = max(result["last"] for result in results)
         statuses: dict[str, int] = {}
         for result in results:
@@ -279,11 +285,14 @@ def _http_run(
             asyncio.run(count_rows(settings)) - rows_before,
             statuses,
             [ms for result in results for ms in result["latencies_ms"]],
+            clients_cpu,
+            waited,
         )
         print(
             f"  {label}: {run.rate:,.0f} req/s, {run.readings / run.seconds:,.0f} readings/s, "
             f"{run.cpu_per_100k:.2f} CPU-s/100k readings, {run.peak_rss_mb:.0f} MB, answers {statuses}, "
-            f"{run.loss} lost",
+            f"{run.loss} lost; in {run.seconds:.1f} s: daemon {cpu:.1f} CPU-s (waited for a core "
+            f"{waited:.1f} s), clients {clients_cpu:.1f} CPU-s",
             flush=True,
         )
         return run

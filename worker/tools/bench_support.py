@@ -44,6 +44,7 @@ __all__ = [
     "measure_worker",
     "parse_metrics",
     "peak_rss_mb",
+    "runqueue_wait_s",
     "scrape_metrics",
     "truncate",
 ]
@@ -183,7 +184,7 @@ def measure_worker(
         pubs = Publishers(settings, messages, devices, publishers, rate)
         roles = {pid: "worker" for pid in pids} | {proc.pid: "publishers" for proc in pubs.procs}
         by_role_before = _cpu_by_role(roles)
-        cpu_before, waited_before = cpu_seconds(pids), _runqueue_wait_s(pids)
+        cpu_before, waited_before = cpu_seconds(pids), runqueue_wait_s(pids)
         started = pubs.go()
         _await_commits(ports, before, messages, worker, label)
         seconds = time.monotonic() - started
@@ -191,7 +192,7 @@ def measure_worker(
         by_role = _cpu_by_role(roles)
         cpu_by_role = {role: round(by_role[role] - by_role_before.get(role, 0.0), 2) for role in by_role}
         # Time the worker was runnable but not running: how much the machine, not the worker, held it back.
-        cpu_by_role["worker runqueue wait"] = round(_runqueue_wait_s(pids) - waited_before, 2)
+        cpu_by_role["worker runqueue wait"] = round(runqueue_wait_s(pids) - waited_before, 2)
         publisher_rate = pubs.wait(started)
         peak_rss = max(peak_rss_mb(pid) for pid in pids)
         scraped = [scrape_metrics(p) for p in ports]
@@ -278,7 +279,7 @@ def _cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
     return totals
 
 
-def _runqueue_wait_s(pids: list[int]) -> float:
+def runqueue_wait_s(pids: list[int]) -> float:
     """Seconds the threads of these processes spent runnable, waiting for a core
     (the second field of /proc/PID/task/TID/schedstat)."""
     total = 0
