@@ -20,7 +20,12 @@ class AckToken(NamedTuple):
 
     generation: int  # which connection or assignment delivered it; stale tokens are not acked
     mid: int  # MQTT packet id (0 for QoS 0); Kafka: the record's offset
-    partition: int = -1  # Kafka: the partition of raw_topic; -1 for MQTT
+    partition: int = -1  # Kafka: the partition of raw_topic; -1 for MQTT; HTTP_PARTITION
+
+
+# AckToken.partition of a message posted over HTTP (worker/intake/http.py), whose request
+# is answered with how many readings it stored (DecodedBatch.answered).
+HTTP_PARTITION = -2
 
 
 @dataclass(slots=True)
@@ -141,6 +146,9 @@ class DecodedBatch:
     device_users: dict[int, int | None] = field(default_factory=dict)
     alerts: list[AlertEvent] = field(default_factory=list)  # raised by the rules actor
     raw: list[RawMessage] = field(default_factory=list)  # the messages themselves, for the Kafka bridge
+    # Readings of each HTTP_PARTITION message that became readings: its request's answer,
+    # counted by the decoder so that the body is parsed once.
+    answered: dict[AckToken, int] = field(default_factory=dict)
     # When decoding began (monotonic): the writer's flush deadline counts from its oldest
     # batch's, so time spent queued behind the previous commit counts as waiting.
     created: float = field(default_factory=time.monotonic)
@@ -154,3 +162,4 @@ class DecodedBatch:
         self.device_users.update(other.device_users)
         self.alerts.extend(other.alerts)
         self.raw.extend(other.raw)
+        self.answered.update(other.answered)

@@ -169,6 +169,26 @@ def test_bench_tls_floods_plain_and_tls_hops_and_gives_their_ratio(settings: Set
     assert "TLS / plain " in result.stdout
 
 
+def test_bench_http_stores_every_reading_answered_200_beside_the_mqtt_path(settings: Settings) -> None:
+    command = ["bench", "--http", "--messages", "300", "--devices", "4", "--repeat", "1"]
+    command += ["--http-requests", "200", "--http-connections", "20"]
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", *command],
+        env=_services_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = next(line for line in result.stdout.splitlines() if line.startswith('[{"label"'))
+    runs = {row["label"]: row for row in orjson.loads(table)}
+    assert runs["http ×10 flood #1"]["statuses"] == {"200": 200}
+    assert runs["http ×10 flood #1"]["rows"] == runs["http ×10 flood #1"]["readings"] == 2000
+    assert runs["http ×1 flood #1"]["rows"] == 200
+    assert "CPU-s per 100k readings, HTTP ×10 / MQTT: " in result.stdout
+    assert asyncio.run(_schemas(settings, "bench_%")) == 0  # dropped
+
+
 def test_bench_compare_fleet_needs_a_registered_fleet(settings: Settings) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "worker", "bench", "--compare-fleet", "40", "--first-contact"],

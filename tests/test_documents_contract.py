@@ -162,6 +162,22 @@ async def test_update_upsert_and_find(docs_stores: Stores) -> None:
     assert (await docs.get("event_logs", "e1") or {}).get("seen") is None  # replaced whole
 
 
+async def test_replace_versioned_writes_only_over_the_version_named(docs_stores: Stores) -> None:
+    docs = docs_stores.documents
+    assert (
+        await docs.replace_versioned("device_configs", "d:1", {"v": 1, "n": "a"}, "v", 0) is True
+    )  # none yet
+    assert await docs.replace_versioned("device_configs", "d:1", {"v": 1, "n": "b"}, "v", 0) is False
+    assert await docs.replace_versioned("device_configs", "d:1", {"v": 2, "n": "c"}, "v", 2) is False
+    assert await docs.replace_versioned("device_configs", "d:1", {"v": 2, "n": "d"}, "v", 1) is True
+    assert (await docs.get("device_configs", "d:1") or {}).get("n") == "d"
+    await docs.upsert("device_configs", "d:2", {"n": "no version yet"})  # counts as 0
+    assert await docs.replace_versioned("device_configs", "d:2", {"v": 1}, "v", 1) is False
+    assert await docs.replace_versioned("device_configs", "d:2", {"v": 1}, "v", 0) is True
+    assert await docs.replace_versioned("device_configs", "absent", {"v": 4}, "v", 3) is False
+    assert await docs.get("device_configs", "absent") is None
+
+
 async def test_scan_reads_the_whole_collection_in_key_order_a_page_at_a_time(docs_stores: Stores) -> None:
     docs = docs_stores.documents
     await docs.upsert_many("device_configs", {f"device:{n}": {"device_id": n} for n in (3, 10, 1, 2, 20)})

@@ -5,9 +5,10 @@ status comes from PostgreSQL and the readings store."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -21,32 +22,15 @@ from worker.rules.source import COLLECTION
 from worker.stores import Stores, open_stores
 
 from .helpers import Cli, publish, running_daemon, wait_for_count
+from .http_api import ADMIN, TOKEN, Api, register
 from .test_cli_errors import closed_port
 
-TOKEN = "tok-" + "b" * 32
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 READINGS = 5
-
-
-@dataclass
-class Api:
-    base: str
-    client: aiohttp.ClientSession
-    device_id: int
-    key: str
-    other_key: str
-
-    async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        async with self.client.get(f"{self.base}{path}", headers=headers or {}) as response:
-            return response.status, await response.json()
 
 
 async def _register(client: aiohttp.ClientSession, base: str, key: str) -> dict[str, Any]:
     body = {"device_key": key, "datapoints": [{"label": "temperature", "unit": "°C"}, {"label": "humidity"}]}
-    async with client.post(f"{base}/devices/register", json=body, headers=ADMIN) as response:
-        assert response.status == 201
-        answer: dict[str, Any] = await response.json()
-        return answer
+    return await register(client, base, body)
 
 
 @pytest.fixture
@@ -178,3 +162,21 @@ async def test_config_reads_with_an_etag_and_writes_honour_if_match(api: Api, st
         assert response.headers["ETag"] == '"2"' and (await response.json())["settings"] == settings
     async with api.client.get(f"{api.base}/devices/reader-2/config", headers=own) as response:
         assert response.status == 403
+
+
+async def test_concurrent_config_writes_of_one_version_let_exactly_one_win(api: Api, stores: Stores) -> None:
+    url = f"{api.base}/devices/reader-1/config"
+
+    async def put(n: int, headers: dict[str, str]) -> int:
+        body = {"settings": {"thresholds": {"temperature": {"max": 30 + n}}}}
+        async with api.client.put(url, json=body, headers=headers) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(put(n, {**ADMIN, "If-Match": '"1"'}) for n in range(10)))
+    assert sorted(statuses) == [200] + [412] * 9
+    stored = await stores.documents.get(COLLECTION, f"device:{api.device_id}")
+    assert stored is not None and stored["config_version"] == 2
+    # Without If-Match each write is applied in turn, none lost to another's version.
+    assert await asyncio.gather(*(put(n, ADMIN) for n in range(10))) == [200] * 10
+    stored = await stores.documents.get(COLLECTION, f"device:{api.device_id}")
+    assert stored is not None and stored["config_version"] == 12

@@ -9,39 +9,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import asyncpg
-import orjson
 import pytest
 
 from worker.config import Settings
+from worker.decode.parse import MessageParser, ParsedMessage
 from worker.tools.embedded import free_port
 
 from .helpers import running_daemon, wait_for, worker_process
+from .http_api import ADMIN, TOKEN, Api, register
 from .test_outages import proxied
-
-TOKEN = "tok-" + "c" * 32
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@dataclass
-class Api:
-    base: str
-    client: aiohttp.ClientSession
-    device_id: int
-    key: str
-
-    async def post(
-        self, body: bytes | Any, headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], Any]:
-        data = body if isinstance(body, bytes) else orjson.dumps(body)
-        headers = {"X-API-Key": self.key} if headers is None else headers
-        async with self.client.post(f"{self.base}/telemetry", data=data, headers=headers) as response:
-            return response.status, dict(response.headers), await response.json()
 
 
 async def _api(settings: Settings) -> AsyncIterator[Api]:
@@ -53,9 +35,7 @@ async def _api(settings: Settings) -> AsyncIterator[Api]:
             "device_key": "poster-1",
             "datapoints": [{"label": "temperature"}, {"label": "humidity", "min": 0, "max": 100}],
         }
-        async with client.post(f"{base}/devices/register", json=body, headers=ADMIN) as response:
-            assert response.status == 201
-            device = await response.json()
+        device = await register(client, base, body)
         yield Api(base, client, device["device_id"], device["api_key"])
 
 
@@ -89,6 +69,21 @@ async def test_a_200_means_the_readings_are_stored_and_a_retry_stores_nothing_tw
     status, _, _ = await api.post(first)  # a client that got no answer sends it again
     assert status == 200
     assert await _readings(pg, api.device_id) == 7
+
+
+async def test_a_body_is_parsed_once(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer's count comes from the decoder's parse, not from parsing the body again."""
+    parses: list[str] = []
+    parse = MessageParser.parse
+
+    def counted(self: MessageParser, topic: str, payload: bytes, received_at: float) -> ParsedMessage:
+        parses.append(topic)
+        return parse(self, topic, payload, received_at)
+
+    monkeypatch.setattr(MessageParser, "parse", counted)
+    status, _, body = await api.post([_timed(0), _timed(1)])
+    assert (status, body) == (200, {"accepted": 4})
+    assert parses == ["devices/poster-1/telemetry"]
 
 
 async def test_twenty_concurrent_requests_all_land(api: Api, pg: asyncpg.Connection) -> None:
@@ -150,10 +145,9 @@ async def test_kill_9_while_twenty_clients_post_loses_no_reading_answered_200(
     start = int(time.time() * 1000) - 3_600_000
     async with worker_process(settings, **env) as worker, aiohttp.ClientSession() as client:
         await worker.wait_for_event("supervisor.ready")
-        body = {"device_key": "killed-1", "datapoints": [{"label": "temperature"}]}
-        async with client.post(f"{base}/devices/register", json=body, headers=ADMIN) as response:
-            assert response.status == 201
-            device = await response.json()
+        device = await register(
+            client, base, {"device_key": "killed-1", "datapoints": [{"label": "temperature"}]}
+        )
         headers = {"X-API-Key": device["api_key"]}
 
         async def post_until_it_dies(n: int) -> None:

@@ -82,8 +82,8 @@ def test_an_outbox_record_leaves_out_only_what_no_readings_store_writes() -> Non
     replayed from its outbox would otherwise miss it without a word."""
     import dataclasses
 
-    # The broker's, the counters', other sinks', the writer's clock.
-    left_out = {"acks", "messages", "alerts", "raw", "created"}
+    # The broker's, the counters', other sinks', the writer's clock, the HTTP answers'.
+    left_out = {"acks", "messages", "alerts", "raw", "created", "answered"}
     kept = {"readings", "texts", "dead_letters", "device_users"}
     assert {f.name for f in dataclasses.fields(DecodedBatch)} == left_out | kept
 

@@ -836,6 +836,13 @@ class HttpSettings:
             doc="a file of admin tokens, one a line, added to http.admin_tokens",
         ),
     )
+    ca_dir: str = field(
+        default="",
+        metadata=_meta(
+            "/etc/iotflow/certs",
+            doc="the `iotflow certs` directory whose CA signs device certificates for the API; '': none",
+        ),
+    )
 
 
 @dataclass

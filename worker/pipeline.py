@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from schemas.records import AckToken, DecodedBatch, RawMessage
+from schemas.records import HTTP_PARTITION, AckToken, DecodedBatch, RawMessage
 from worker.api.probes import Readiness, probe_routes
 from worker.api.server import HttpServer
 from worker.config import ConfigError, Settings
@@ -27,7 +27,7 @@ from worker.decode.mappings import MappingSet
 from worker.decode.ratelimit import RateLimiter
 from worker.decode.registry import DatapointBudget, DeviceRegistry
 from worker.exit_codes import ExitCode
-from worker.intake.http import HTTP_PARTITION, HttpIntake
+from worker.intake.http import HttpIntake
 from worker.intake.mqtt import MqttIntake, subscribed
 from worker.logging import configure_logging
 from worker.metrics import Metrics
@@ -126,7 +126,7 @@ class Pipeline:
         sinks: list[Sink] = readings_sinks(stores, self.metrics)
         acknowledge: Acknowledge = self.intake.ack
         if settings.http.api:  # HTTP telemetry beside MQTT or Kafka: the same actors
-            self.http_intake = HttpIntake(self.raw, self.metrics, self.codecs, limits)
+            self.http_intake = HttpIntake(self.raw, self.metrics)
             sinks.append(self.http_intake.outcomes)
             acknowledge = partial(_route_acks, self.intake.ack, self.http_intake.ack)
         hot_state = RedisHotStateWriter(stores.redis, stores.keys)

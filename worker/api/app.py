@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from worker.api.auth import caller, require_admin
+from worker.api.certs import issue_device_certificate
 from worker.api.configs import get_config, put_config
 from worker.api.devices import json_object, register_handler
 from worker.api.errors import RETRY_AFTER_S, ApiError, Handler, json_errors, json_response
@@ -90,6 +91,12 @@ def api_app(
         row = await find(current, request.match_info["id"])
         return await put_config(current, row, request, await json_object(request))
 
+    def certificate(current: Stores) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await issue_device_certificate(current, http.ca_dir, request)
+
+        return handle
+
     document = orjson.dumps(DOCUMENT)
 
     async def openapi(request: web.Request) -> web.StreamResponse:
@@ -102,4 +109,5 @@ def api_app(
     app.router.add_get("/telemetry/{id}", readings)
     app.router.add_get("/devices/{id}/config", read_config)
     app.router.add_put("/devices/{id}/config", write_config)
+    app.router.add_post("/certs/devices/{mac}", admin(certificate))
     return app

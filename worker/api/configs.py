@@ -1,7 +1,8 @@
 """`GET`/`PUT /api/v1/devices/{id}/config`: the device's config document (`device_configs`,
 key `device:{id}`), versioned by `config_version`, which is its ETag. A PUT replaces the
 `settings` (the rules in it are checked as `iotflow rules` checks them, and running
-workers are told to reload them); with `If-Match`, only the version it names is replaced."""
+workers are told to reload them); with `If-Match`, only the version it names is replaced,
+and of two writes of one version (with or without `If-Match`) only the first succeeds."""
 
 from __future__ import annotations
 
@@ -40,12 +41,16 @@ async def put_config(stores: Stores, device: asyncpg.Record, request: web.Reques
     _, errors = parse_settings(body["settings"], scope)
     if errors:
         raise ApiError(422, "invalid_config", str(errors[0]))
-    doc = await _current(stores, device)
-    version = int(doc.get("config_version") or 0)
     wanted = request.headers.get("If-Match")
-    if wanted is not None and wanted.strip() not in ("*", _etag(version)):
-        raise ApiError(412, "stale_config", f"the config is at version {version} now ({_etag(version)})")
-    doc.update(settings=body["settings"], config_version=version + 1)
-    await stores.documents.upsert(COLLECTION, scope.key, doc)
+    while True:
+        doc = await _current(stores, device)
+        version = int(doc.get("config_version") or 0)
+        if wanted is not None and wanted.strip() not in ("*", _etag(version)):
+            raise ApiError(412, "stale_config", f"the config is at version {version} now ({_etag(version)})")
+        doc.update(settings=body["settings"], config_version=version + 1)
+        # Compare-and-set: of two PUTs that read this version, only one writes it. The other
+        # reads again: its If-Match names a version that is gone (412), or it had none.
+        if await stores.documents.replace_versioned(COLLECTION, scope.key, doc, "config_version", version):
+            break
     await RuleAdmin(stores).announce(scope.key)
     return json_response(doc, headers={"ETag": _etag(version + 1)})

@@ -230,6 +230,45 @@ DOCUMENT: dict[str, Any] = {
                 },
             },
         },
+        "/certs/devices/{mac}": {
+            "post": {
+                "summary": "a certificate for the device with this MAC from the CA in http.ca_dir",
+                "security": [{"admin": []}],
+                "parameters": [
+                    {
+                        "name": "mac",
+                        "in": "path",
+                        "required": True,
+                        "description": "the device's MAC, any spelling (aa:bb:cc:dd:ee:01, AABBCCDDEE01)",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "201": _answer(
+                        "issued; the private key is shown this once",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "device_id": {"type": "integer"},
+                                "device": {"type": "string"},
+                                "certificate": {"type": "string"},
+                                "private_key": {"type": "string"},
+                                "ca_certificate": {"type": "string"},
+                            },
+                        },
+                    ),
+                    "404": _answer("not_configured: no http.ca_dir; unknown_device: no device has the MAC"),
+                    "409": _answer(
+                        "certificate_exists: the device has one (iotflow certs device MAC --force)"
+                    ),
+                    "422": _answer("invalid_mac: not a MAC address"),
+                    "401": _ERRORS["401"],
+                    "503": _answer(
+                        "no_ca: no CA in http.ca_dir, or the worker cannot write there; or starting"
+                    ),
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "summary": "this document",

@@ -7,8 +7,11 @@ into one line and exit 2) where uvicorn calls sys.exit, and uses less CPU per re
 
 from __future__ import annotations
 
+import logging
+
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from worker.config import HttpSettings
 
@@ -18,6 +21,26 @@ log = structlog.get_logger("worker.http")
 SHUTDOWN_TIMEOUT_S = 5.0
 # The largest request body read; a larger one is answered 413 before it is read.
 MAX_BODY_BYTES = 256 * 1024
+
+
+class _BadRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a client's bad bytes, answered 400) as an
+    error with a traceback; it is the client's, so it is one info line saying what was wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            remote = record.getMessage().rpartition(" from ")[2]
+            reason = " ".join(exc.message.split())
+            record.msg, record.args = "http.bad_request from %s: %s", (remote, reason)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# The server's own log (requests it could not parse or answer), with the filter above.
+_server_log = logging.getLogger("worker.http.server")
+_server_log.addFilter(_BadRequests())
 
 
 class HttpServer:
@@ -34,7 +57,9 @@ class HttpServer:
         for prefix, subapp in (subapps or {}).items():
             self._app.add_subapp(prefix, subapp)
         # No access log: one line per request would flood the journal (a summary is in /metrics).
-        self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        self._runner = web.AppRunner(
+            self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S, logger=_server_log
+        )
         self._started = False
 
     async def start(self) -> None:

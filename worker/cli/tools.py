@@ -110,6 +110,21 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="instead: built-in JSON against mapped JSON and the tasmota profile's rules, alternated "
         "(worker.tools.mappings_bench): CPU-seconds per 100k readings and their ratios",
     )
+    bench.add_argument(
+        "--http",
+        action="store_true",
+        help="instead: the HTTP intake beside the MQTT path (worker.tools.bench_http): requests/s, "
+        "CPU-seconds per 100k readings, p99 at half rate, peak RSS, with 1- and 10-reading requests",
+    )
+    bench.add_argument(
+        "--http-requests", type=int, default=20_000, help="requests per HTTP run (default 20,000)"
+    )
+    bench.add_argument(
+        "--http-connections",
+        type=int,
+        default=1000,
+        help="keep-alive connections of the HTTP runs, over --publishers client processes (default 1,000)",
+    )
     bench.set_defaults(handler=_bench)
 
 
@@ -181,6 +196,10 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         from worker.tools.mappings_bench import run_mappings_bench
 
         return run_mappings_bench(settings, args)
+    if args.http:
+        from worker.tools.bench_http import run_http_bench
+
+        return run_http_bench(settings, args)
     if args.timeseries != "postgres":
         from worker.tools.outbox_bench import run_timeseries_bench
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from schemas.records import (
     DEAD_LETTER_REASON_CHARS,
     DEAD_LETTER_TOPIC_CHARS,
+    HTTP_PARTITION,
     DeadLetter,
     DecodedBatch,
     RawMessage,
@@ -186,6 +187,8 @@ class Decoder(MailboxActor[RawMessage]):
                     batch.dead_letters.append(_dead(message, Reason.OUT_OF_RANGE, detail))
                     continue
             users[device.id] = device.user_id
+            if message.ack.partition == HTTP_PARTITION:
+                batch.answered[message.ack] = len(result.values)
             if result.texts is None:
                 readings.extend(
                     map(Reading, result.timestamps, repeat(device.id), ids, result.values, result.labels)

@@ -4,8 +4,9 @@ durable store has the batch (and the dead letter, for a message the decoder refu
 
 A request waits on a future keyed by its ack token. Tokens of this intake carry
 `HTTP_PARTITION`, so the pipeline hands them here and the rest to MQTT or Kafka intake.
-Which messages became dead letters, and why, is seen by `outcomes`, a sink written before
-the acknowledgement, matching them by the dead letter's fingerprint. Nothing waits
+What became of each message is seen by `outcomes`, a sink written before the
+acknowledgement: the readings the decoder counted for its token (the body is parsed once,
+by the decoder), or its dead letter, matched by fingerprint. Nothing waits
 unbounded: a full mailbox is refused at once (Busy), and a pipeline that stops fails every
 request still waiting (Unavailable); a client then retries, which stores nothing twice
 (readings are keyed by time, device and datapoint; dead letters by fingerprint).
@@ -20,14 +21,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from schemas.records import AckToken, DeadLetter, DecodedBatch, RawMessage
-from worker.decode.codecs import Codec
-from worker.decode.parse import Limits, Rejected, parse_message
+from schemas.records import HTTP_PARTITION, AckToken, DeadLetter, DecodedBatch, RawMessage
 from worker.metrics import Metrics
 from worker.runtime.actor import Actor
 from worker.runtime.mailbox import Mailbox
-
-HTTP_PARTITION = -2  # in AckToken.partition: MQTT's are -1, Kafka's a partition number
 
 
 class Busy(Exception):
@@ -49,6 +46,7 @@ class _Waiting:
     future: asyncio.Future[None]
     fingerprint: bytes
     dead_letter: DeadLetter | None = None
+    readings: int = 0
 
 
 class HttpIntake(Actor):
@@ -58,14 +56,10 @@ class HttpIntake(Actor):
 
     name = "http_intake"
 
-    def __init__(
-        self, mailbox: Mailbox[RawMessage], metrics: Metrics, codecs: dict[str, Codec], limits: Limits
-    ) -> None:
+    def __init__(self, mailbox: Mailbox[RawMessage], metrics: Metrics) -> None:
         self._stopped = asyncio.Event()
         self._mailbox = mailbox
         self._metrics = metrics
-        self._codecs = codecs
-        self._limits = limits
         self._mids = itertools.count(1)
         self._waiting: dict[int, _Waiting] = {}
         # Identical bodies at once share a fingerprint, and so a dead letter: each gets it.
@@ -95,12 +89,7 @@ class HttpIntake(Actor):
             same.remove(waiting)
             if not same:
                 del self._by_fingerprint[fingerprint]
-        if waiting.dead_letter is not None:
-            return Outcome(0, waiting.dead_letter)
-        try:
-            return Outcome(len(parse_message(topic, payload, received_at, self._codecs, self._limits).values))
-        except Rejected:  # the decoder took what this parse refuses: nothing to count
-            return Outcome(0)
+        return Outcome(waiting.readings, waiting.dead_letter)
 
     def ack(self, tokens: Iterable[AckToken]) -> int:
         done = 0
@@ -111,8 +100,13 @@ class HttpIntake(Actor):
                 done += 1
         return done
 
-    def saw_dead_letters(self, dead_letters: list[DeadLetter]) -> None:
-        for dead_letter in dead_letters:
+    def saw(self, batch: DecodedBatch) -> None:
+        """The batch's outcomes for the requests waiting on its messages."""
+        for token, readings in batch.answered.items():
+            waiting = self._waiting.get(token.mid)
+            if waiting is not None:
+                waiting.readings = readings
+        for dead_letter in batch.dead_letters:
             for waiting in self._by_fingerprint.get(dead_letter.fingerprint, ()):
                 waiting.dead_letter = dead_letter
 
@@ -141,8 +135,8 @@ class _OutcomeSink:
         self._intake = intake
 
     async def write(self, batch: DecodedBatch) -> int | None:
-        if batch.dead_letters:
-            self._intake.saw_dead_letters(batch.dead_letters)
+        if batch.answered or batch.dead_letters:
+            self._intake.saw(batch)
         return None
 
     async def reset(self) -> None:

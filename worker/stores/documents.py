@@ -67,6 +67,13 @@ class DocumentStore(Protocol):
     async def update(self, collection: str, key: str, changes: Document) -> bool:
         """Set top-level fields of an existing document; False when there is none."""
 
+    async def replace_versioned(
+        self, collection: str, key: str, doc: Document, field: str, expected: int
+    ) -> bool:
+        """Store `doc` under `key` if the stored one's integer `field` is `expected` (a missing
+        field, or no document, counts as 0), in one atomic step: of two writers that read the
+        same version, one wins and the other gets False."""
+
     async def update_many(self, collection: str, keys: Collection[str], changes: Document) -> int:
         """`update` of each of `keys` with the same changes; how many documents exist."""
 
@@ -233,6 +240,25 @@ class PostgresDocumentStore:
             _dumps(changes),
         )
         return bool(status.endswith(" 1"))
+
+    async def replace_versioned(
+        self, collection: str, key: str, doc: Document, field: str, expected: int
+    ) -> bool:
+        # One statement: the row lock taken by the update (or the insert's conflict) makes a
+        # second writer re-check the version the first one wrote.
+        stored = "coalesce((documents.doc ->> $4)::bigint, 0)"
+        if expected == 0:
+            sql = (
+                "INSERT INTO documents (collection, key, doc) VALUES ($1, $2, $3::jsonb) "
+                "ON CONFLICT (collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now() "
+                f"WHERE {stored} = $5 RETURNING 1"
+            )
+        else:
+            sql = (
+                "UPDATE documents SET doc = $3::jsonb, updated_at = now() "
+                f"WHERE collection = $1 AND key = $2 AND {stored} = $5 RETURNING 1"
+            )
+        return await self._pool.fetchval(sql, collection, key, _dumps(doc), field, expected) is not None
 
     async def update_many(self, collection: str, keys: Collection[str], changes: Document) -> int:
         if not keys:
@@ -418,6 +444,22 @@ class MongoDocumentStore:
     async def update(self, collection: str, key: str, changes: Document) -> bool:
         result = await self._db[collection].update_one({"_id": key}, {"$set": changes})
         return bool(result.matched_count)
+
+    async def replace_versioned(
+        self, collection: str, key: str, doc: Document, field: str, expected: int
+    ) -> bool:
+        from pymongo.errors import DuplicateKeyError
+
+        version: Document = {field: expected}
+        if expected == 0:  # no document yet: the upsert inserts; one already there refuses it
+            version = {"$or": [{field: 0}, {field: None}]}
+        try:
+            result = await self._db[collection].replace_one(
+                {"_id": key, **version}, {**doc, "_id": key}, upsert=expected == 0
+            )
+        except DuplicateKeyError:  # another writer's document is there, at another version
+            return False
+        return bool(result.matched_count or result.upserted_id is not None)
 
     async def update_many(self, collection: str, keys: Collection[str], changes: Document) -> int:
         if not keys:

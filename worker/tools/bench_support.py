@@ -36,6 +36,7 @@ __all__ = [
     "children",
     "count_rows",
     "cpu_seconds",
+    "drain",
     "drop_run",
     "histogram_quantile",
     "mean_cpu",
@@ -43,6 +44,7 @@ __all__ = [
     "measure_worker",
     "parse_metrics",
     "peak_rss_mb",
+    "runqueue_wait_s",
     "scrape_metrics",
     "truncate",
 ]
@@ -177,7 +179,7 @@ def measure_worker(
                 break
         else:
             raise RuntimeError("the worker exited before it was ready")
-        _drain(worker)
+        drain(worker)
         ports = [port + index for index in range(processes)]
         pids = [worker.pid, *children(worker.pid)]
         before = 0
@@ -189,7 +191,7 @@ def measure_worker(
         pubs = Publishers(settings, messages, devices, publishers, rate, form)
         roles = {pid: "worker" for pid in pids} | {proc.pid: "publishers" for proc in pubs.procs}
         by_role_before = _cpu_by_role(roles)
-        cpu_before, waited_before = cpu_seconds(pids), _runqueue_wait_s(pids)
+        cpu_before, waited_before = cpu_seconds(pids), runqueue_wait_s(pids)
         started = pubs.go()
         _await_commits(ports, before, messages, worker, label)
         seconds = time.monotonic() - started
@@ -197,7 +199,7 @@ def measure_worker(
         by_role = _cpu_by_role(roles)
         cpu_by_role = {role: round(by_role[role] - by_role_before.get(role, 0.0), 2) for role in by_role}
         # Time the worker was runnable but not running: how much the machine, not the worker, held it back.
-        cpu_by_role["worker runqueue wait"] = round(_runqueue_wait_s(pids) - waited_before, 2)
+        cpu_by_role["worker runqueue wait"] = round(runqueue_wait_s(pids) - waited_before, 2)
         publisher_rate = pubs.wait(started)
         peak_rss = max(peak_rss_mb(pid) for pid in pids)
         scraped = [scrape_metrics(p) for p in ports]
@@ -284,7 +286,7 @@ def _cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
     return totals
 
 
-def _runqueue_wait_s(pids: list[int]) -> float:
+def runqueue_wait_s(pids: list[int]) -> float:
     """Seconds the threads of these processes spent runnable, waiting for a core
     (the second field of /proc/PID/task/TID/schedstat)."""
     total = 0
@@ -320,7 +322,7 @@ def mean_cpu(runs: list[RunResult]) -> float:
     return sum(r.cpu_per_100k for r in runs) / len(runs)
 
 
-def _drain(proc: subprocess.Popen[bytes]) -> None:
+def drain(proc: subprocess.Popen[bytes]) -> None:
     """Keep its stdout read in the background, so its logging never blocks it."""
 
     def read() -> None:
