@@ -1,8 +1,9 @@
 """docker-compose.yml: valid for `docker-compose config`, its profiles hold what the docs
 say (`edge` is Mosquitto, PostgreSQL, Redis, migrate, worker and jobs, nothing else), and
 it is safe by default: the stores on an internal network with no host port, published
-ports on 127.0.0.1, passwords from .env, exact image tags, a healthcheck on every
-long-running service, no anonymous broker."""
+ports on 127.0.0.1, passwords only as Docker secrets (files in ./secrets, each service the
+ones it needs, none in an environment or a command), exact image tags, a healthcheck on
+every long-running service, no anonymous broker."""
 
 from __future__ import annotations
 
@@ -18,15 +19,31 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).parent.parent
-STORES = {"mosquitto-auth", "mosquitto", "postgres", "redis", "migrate"}  # no profile: in every profile
+# No profile: in every profile.
+STORES = {"secrets-check", "mosquitto-auth", "mosquitto", "postgres", "redis", "migrate"}
 DATA_STORES = {"postgres", "redis", "mongodb", "cassandra", "kafka"}
-# What .env.example asks for; a test below checks it is exactly what compose requires.
-PASSWORDS = {
-    "POSTGRES_PASSWORD": "pg-secret",
-    "REDIS_PASSWORD": "redis-secret",
-    "MONGODB_PASSWORD": "mongo-secret",
-    "MQTT_WORKER_PASSWORD": "worker-secret",
-    "MQTT_DEVICE_PASSWORD": "device-secret",
+# The secrets each service mounts: what it logs in with, nothing more.
+PG, REDIS, MONGO = "postgres-password", "redis-password", "mongodb-password"
+MQTT_WORKER, MQTT_DEVICE = "mqtt-worker-password", "mqtt-device-password"
+NEEDS = {
+    "secrets-check": set(),
+    "mosquitto-auth": {MQTT_WORKER, MQTT_DEVICE},
+    "mosquitto": {MQTT_WORKER},  # its healthcheck logs in
+    "postgres": {PG},
+    "redis": {REDIS},
+    "mongodb": {MONGO},
+    "cassandra": set(),
+    "kafka": set(),
+    "migrate": {PG},
+    "mongodb-migrate": {PG, MONGO},
+    "worker": {MQTT_WORKER, PG, REDIS, MONGO},
+    "jobs": {PG, REDIS, MONGO},
+    "edge-worker": {MQTT_WORKER, PG, REDIS},
+    "edge-jobs": {PG, REDIS},
+    "simulator": {MQTT_DEVICE, PG},
+    "kafka-migrate": {PG, MONGO},
+    "connector": {MQTT_WORKER, PG, REDIS, MONGO},
+    "processor": {PG, REDIS, MONGO},
 }
 
 pytestmark = pytest.mark.skipif(
@@ -37,9 +54,9 @@ pytestmark = pytest.mark.skipif(
 
 def _run_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` with these variables and nothing of the caller's .env or
-    environment: `--env-file .env.example`, where every password is empty, so a
-    developer's .env is not read."""
-    environ = {k: v for k, v in os.environ.items() if k not in PASSWORDS and k != "MQTT_BIND"}
+    environment (`--env-file .env.example`, so a developer's .env is not read). It does
+    not look for the secret files: secrets-check does, when the stack starts."""
+    environ = {k: v for k, v in os.environ.items() if k != "MQTT_BIND"}
     return subprocess.run(
         [
             "docker-compose",
@@ -54,7 +71,7 @@ def _run_config(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
         capture_output=True,
         text=True,
         timeout=60,
-        env=environ | (PASSWORDS if env is None else env),
+        env=environ | (env or {}),
     )
 
 
@@ -194,24 +211,144 @@ def _host_ip(port: str) -> str | None:
     return parts[0] if len(parts) == 3 and parts[0] not in ("", "0.0.0.0", "::") else None
 
 
-def test_without_the_passwords_compose_refuses_and_says_where_they_go() -> None:
-    for missing in PASSWORDS:
-        result = _run_config("-q", env={k: v for k, v in PASSWORDS.items() if k != missing})
-        assert result.returncode != 0, missing
-        assert f"set {missing} in .env (see .env.example)" in result.stderr, result.stderr
-    config = _config()
-    for value in PASSWORDS.values():
-        assert value in config  # each reaches the services that need it
-    assert not re.search(r"iotflow:iotflow@|POSTGRES_PASSWORD: iotflow\b", config)
-
-
-def test_the_env_example_lists_what_compose_requires_and_env_is_not_committed() -> None:
-    required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "docker-compose.yml").read_text(encoding="utf-8")))
+def test_the_env_example_sets_no_password_and_env_is_not_committed() -> None:
+    """Compose reads no password from .env any more: the only variable it reads is
+    MQTT_BIND, which .env.example shows commented out."""
+    compose = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    assert set(re.findall(r"(?<!\$)\$\{(\w+)", compose)) == {"MQTT_BIND"}
     example = (ROOT / ".env.example").read_text(encoding="utf-8")
-    listed = set(re.findall(r"(?m)^(\w+)=", example))
-    assert required == listed == set(PASSWORDS)
-    assert re.findall(r"(?m)^\w+=(.*)$", example) == [""] * len(listed)  # no default password
+    assert not re.findall(r"(?m)^\w+=", example)  # nothing set by default
+    assert re.findall(r"(?m)^#(\w+)=", example) == ["MQTT_BIND"]
     assert ".env" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def _texts(service: dict[str, Any]) -> list[str]:
+    """What `docker inspect` shows of a service: its environment, command and healthcheck."""
+    texts = [f"{key}={value}" for key, value in (service.get("environment") or {}).items()]
+    for part in ("command", "entrypoint"):
+        value = service.get(part) or []
+        texts += [value] if isinstance(value, str) else value
+    texts += (service.get("healthcheck") or {}).get("test") or []
+    return texts
+
+
+def test_no_password_is_in_any_environment_command_or_healthcheck() -> None:
+    """Each password is read from /run/secrets where it is used: no URL carries one, no
+    variable holds one, and a command or healthcheck that logs in reads the file then."""
+    for name, service in _parsed()["services"].items():
+        for key in service.get("environment") or {}:
+            if re.search(r"PASSWORD|PASS\b|AUTH|SECRET|TOKEN", key):
+                assert key.endswith("_FILE") or key == "SECRETS", (name, key)
+        for text in _texts(service):
+            assert not re.search(r"\w+://[^/@\s]*:[^/@\s]*@", text), (name, text)  # user:password@
+            for login in re.findall(r"(?:-P|requirepass|REDISCLI_AUTH=)[ \t]*(.{0,22})", text):
+                assert login.startswith(('"$$(cat /run/secrets/', "$$(cat /run/secrets/")), (name, text)
+            assert "mosquitto_passwd -b" not in text, (name, text)  # the password as an argument
+
+
+def test_each_service_mounts_exactly_the_secrets_it_needs() -> None:
+    config = _parsed()
+    assert set(config["secrets"]) == {PG, REDIS, MONGO, MQTT_WORKER, MQTT_DEVICE}
+    for secret, spec in config["secrets"].items():  # files in ./secrets, which git ignores
+        assert spec == {"file": str(ROOT / "secrets" / secret)}, (secret, spec)
+    services = config["services"]
+    assert set(services) == set(NEEDS)
+    for name, service in services.items():
+        mounted = {entry["source"] for entry in service.get("secrets") or []}
+        assert mounted == NEEDS[name], name
+        for entry in service.get("secrets") or []:
+            assert set(entry) == {"source"}, entry  # at /run/secrets/<name>, the default
+        if mounted:  # never started before secrets-check has looked at the files
+            assert services[name]["depends_on"]["secrets-check"] == {
+                "condition": "service_completed_successfully"
+            }, name
+        for text in _texts(service):  # whatever a service reads from /run/secrets is mounted
+            assert set(re.findall(r"/run/secrets/([\w-]+)", text)) <= mounted, (name, text)
+        for secret in mounted:  # and whatever is mounted is read
+            assert any(f"/run/secrets/{secret}" in text for text in _texts(service)), (name, secret)
+
+
+def test_the_workers_file_settings_are_real_settings_and_fill_in_the_urls(tmp_path: Path) -> None:
+    """Each iotflow service's environment, with its secrets where it mounts them, loads
+    with the worker's own load_settings into URLs that carry the password; the simulator
+    logs in as `device`, every other MQTT client as `iotflow`."""
+    from worker.config import load_settings
+
+    for secret in (PG, REDIS, MONGO, MQTT_WORKER, MQTT_DEVICE):
+        (tmp_path / secret).write_text(f"pw-{secret}\n")
+    for name, service in _parsed()["services"].items():
+        environment = service.get("environment") or {}
+        if "build" not in service:
+            continue
+        for key in ("POSTGRES", "REDIS", "DOCUMENTS_MONGODB"):
+            if f"IOTFLOW_{key}_URL" in environment:
+                assert f"IOTFLOW_{key}_PASSWORD_FILE" in environment, (name, key)
+        environ = {k: v.replace("/run/secrets/", f"{tmp_path}/") for k, v in environment.items()}
+        settings = load_settings(environ=environ)
+        assert settings.postgres.url == f"postgresql://iotflow:pw-{PG}@postgres:5432/iotflow", name
+        if "IOTFLOW_REDIS_URL" in environment:
+            assert settings.redis.url == f"redis://:pw-{REDIS}@redis:6379/0", name
+        if "IOTFLOW_DOCUMENTS_MONGODB_URL" in environment:
+            assert settings.documents.mongodb_url.startswith(
+                f"mongodb://iotflow:pw-{MONGO}@mongodb:27017/"
+            ), name
+        if "IOTFLOW_MQTT_URL" in environment:
+            user, secret = ("device", MQTT_DEVICE) if name == "simulator" else ("iotflow", MQTT_WORKER)
+            assert (settings.mqtt.username, settings.mqtt.password) == (user, f"pw-{secret}"), name
+
+
+def _secrets_check(directory: Path) -> subprocess.CompletedProcess[str]:
+    """secrets-check's own script, run here by sh on `directory` in place of ./secrets."""
+    service = _parsed()["services"]["secrets-check"]
+    assert service["volumes"] == [f"{ROOT / 'secrets'}:/secrets:ro"], service["volumes"]
+    assert service["command"][:2] == ["sh", "-c"]
+    script = service["command"][2].replace("$$", "$").replace("/secrets/", f"{directory}/")
+    return subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": os.environ["PATH"], "SECRETS": service["environment"]["SECRETS"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _refused(result: subprocess.CompletedProcess[str]) -> set[str]:
+    """The secrets secrets-check's one line names ("… for each of: a b (docs/…)")."""
+    assert result.returncode == 1 and result.stdout == "", result
+    named = re.fullmatch(
+        r"secrets-check: [^:]+:((?: [\w-]+)+) \(docs/operations\.md[^\n]*\)\n", result.stderr
+    )
+    assert named is not None, result.stderr
+    return set(named.group(1).split())
+
+
+def test_secrets_check_stops_compose_with_one_line_while_a_file_is_missing(tmp_path: Path) -> None:
+    secrets = set(_parsed()["secrets"])
+    assert set(_parsed()["services"]["secrets-check"]["environment"]["SECRETS"].split()) == secrets
+    assert _refused(_secrets_check(tmp_path)) == secrets
+    for secret in secrets:
+        (tmp_path / secret).write_text("0123abcd\n")
+        (tmp_path / secret).chmod(0o644)
+    assert _secrets_check(tmp_path).returncode == 0
+    (tmp_path / PG).write_text("")  # empty
+    (tmp_path / MONGO).chmod(0o600)  # unreadable by the stores' and the workers' users
+    os.remove(tmp_path / REDIS)
+    (tmp_path / REDIS).mkdir()  # what a bind of a missing file leaves behind
+    assert _refused(_secrets_check(tmp_path)) == {PG, MONGO, REDIS}
+
+
+def test_the_secret_files_are_ignored_by_git_and_their_readme_is_not() -> None:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, timeout=30).returncode == 0
+
+    for secret in _parsed()["secrets"]:
+        assert ignored(f"secrets/{secret}"), secret
+    assert ignored("secrets/anything-else")
+    assert not ignored("secrets/README.md")
+    assert (ROOT / "secrets" / "README.md").is_file()  # so ./secrets exists in a checkout
 
 
 def test_the_stores_are_on_the_internal_network_only_and_publish_nothing() -> None:
@@ -234,7 +371,7 @@ def test_published_ports_are_on_127_0_0_1_unless_mqtt_bind_says_otherwise() -> N
         for port in ports:
             assert _host_ip(port) == "127.0.0.1", (name, port)
             assert "front" in services[name]["networks"], name  # an internal network cannot publish
-    opened = _parsed(env=PASSWORDS | {"MQTT_BIND": "0.0.0.0"})["services"]
+    opened = _parsed(env={"MQTT_BIND": "0.0.0.0"})["services"]
     assert [_host_ip(p) for p in opened["mosquitto"]["ports"]] == [None]  # the devices' port only
     assert all(_host_ip(p) == "127.0.0.1" for name in ("worker", "connector") for p in opened[name]["ports"])
 
@@ -276,7 +413,9 @@ def test_the_broker_takes_no_anonymous_client() -> None:
     assert any(v.endswith(":/mosquitto/auth:ro") for v in mosquitto["volumes"]), mosquitto["volumes"]
     assert passwd.group(1).startswith("/mosquitto/auth/")
     assert mosquitto["depends_on"]["mosquitto-auth"]["condition"] == "service_completed_successfully"
-    for name, service in services.items():  # every MQTT client logs in
-        url = service.get("environment", {}).get("IOTFLOW_MQTT_URL")
-        if url:
-            assert re.match(r"mqtt://(iotflow|device):[^@]+@mosquitto:1883$", url), (name, url)
+    for name, service in services.items():  # every MQTT client logs in, with a secret
+        environment = service.get("environment", {})
+        if "IOTFLOW_MQTT_URL" in environment:
+            assert environment["IOTFLOW_MQTT_URL"] == "mqtt://mosquitto:1883", name
+            assert environment["IOTFLOW_MQTT_USERNAME"] in ("iotflow", "device"), name
+            assert environment["IOTFLOW_MQTT_PASSWORD_FILE"].startswith("/run/secrets/mqtt-"), name

@@ -141,7 +141,8 @@ def _lacks_extra(command: str, *needed: str) -> bool:
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     if _lacks_extra("simulate", "simulator"):
         return ExitCode.CONFIG
-    from worker.tools.simulate import build_fleet, register_fleet, simulate
+    from worker.config import redact_url
+    from worker.tools.simulate import LoginRefused, build_fleet, register_fleet, simulate
 
     if args.register:
         from worker.stores.devices import DeviceConflict
@@ -152,7 +153,18 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         except DeviceConflict as exc:  # a device of the fleet was added otherwise before
             print(f"iotflow: simulate --register: {exc}", file=sys.stderr)
             return ExitCode.CONFIG
-    simulate(settings.mqtt.url, args.devices, args.rate, args.count, args.profile, first=args.first_device)
+    mqtt = settings.mqtt
+    try:
+        simulate(
+            mqtt.url, args.devices, args.rate, args.count, args.profile, first=args.first_device,
+            username=mqtt.username, password=mqtt.password,
+        )  # fmt: skip
+    except LoginRefused as exc:
+        print(
+            f"iotflow: simulate: mqtt broker at {redact_url(mqtt.url)} refused the login: {exc}",
+            file=sys.stderr,
+        )
+        return ExitCode.CONFIG
     return ExitCode.OK
 
 

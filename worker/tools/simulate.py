@@ -13,15 +13,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import orjson
 import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.reasoncodes import ReasonCode
 
 from worker.config import PostgresSettings, redact_url
 from worker.decode.codecs import Codec, load_codecs
-from worker.retry import Unreachable, describe
+from worker.retry import Refused, Unreachable, describe
 from worker.stores.devices import DatapointSpec, DeviceSpec, add_devices
 from worker.stores.postgres import connect
 from worker.tools import fleet
@@ -159,15 +160,28 @@ async def register_fleet(settings: PostgresSettings, devices: list[SimDevice] | 
         await conn.close()
 
 
-class Publisher:
-    """A paho client on its own network thread: publish() queues, the thread sends."""
+class LoginRefused(Refused):
+    """The broker answered the simulator's CONNECT with a failure: its credentials (or an
+    ACL), which waiting will not fix."""
 
-    def __init__(self, url: str, client_id: str, qos: int = 1) -> None:
+
+class Publisher:
+    """A paho client on its own network thread: publish() queues, the thread sends.
+    `username` and `password` win over the URL's, as `mqtt.username` and `mqtt.password`
+    (or its file) do for the worker."""
+
+    def __init__(
+        self, url: str, client_id: str, qos: int = 1, *, username: str = "", password: str = ""
+    ) -> None:
         parsed = urlparse(url)
         self.qos = qos
+        self.refused: LoginRefused | None = None
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-        if parsed.username:
-            self.client.username_pw_set(parsed.username, parsed.password)
+        username = username or unquote(parsed.username or "")
+        password = password or unquote(parsed.password or "")
+        if username:
+            self.client.username_pw_set(username, password or None)
+        self.client.on_connect = self._on_connect
         if parsed.scheme == "mqtts":
             self.client.tls_set()
         self.client.max_inflight_messages_set(2000)
@@ -180,6 +194,14 @@ class Publisher:
         except OSError as exc:  # refused, unknown host, unreachable: one line naming the broker
             raise Unreachable("mqtt broker", redact_url(url), describe(exc)) from exc
         self.client.loop_start()
+
+    def _on_connect(
+        self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, properties: object
+    ) -> None:
+        if reason.is_failure and self.refused is None:
+            self.refused = LoginRefused(
+                f"CONNACK {reason.value} ({reason}): check mqtt.username and mqtt.password_file"
+            )
 
     def _on_publish(self, *args: object) -> None:
         with self._lock:
@@ -195,7 +217,7 @@ class Publisher:
     def close(self, expected: int, timeout: float = 60.0) -> bool:
         """Wait until the broker acknowledged `expected` messages; True when it did."""
         deadline = time.monotonic() + timeout
-        while self.qos and self._acked < expected and time.monotonic() < deadline:
+        while self.qos and self._acked < expected and time.monotonic() < deadline and not self.refused:
             time.sleep(0.01)
         self.client.disconnect()
         self.client.loop_stop()
@@ -211,18 +233,28 @@ def simulate(
     client_id: str = "",
     first: int = 0,
     stop: threading.Event | None = None,
+    *,
+    username: str = "",
+    password: str = "",
 ) -> int:
     """Publish at `rate` messages/s (0: as fast as possible) until `count`, or until `stop`
-    is set (checked between chunks of 100); return messages sent."""
+    is set (checked between chunks of 100); return messages sent. LoginRefused when the
+    broker refuses the login (`username`/`password` win over the URL's)."""
     codecs = load_codecs()
     fleet_devices = build_fleet(devices, profile, first=first)
     stream = message_stream(fleet_devices, codecs, profile)
-    publisher = Publisher(url, client_id or f"iotflow-sim-{time.time_ns()}")
+    publisher = Publisher(
+        url, client_id or f"iotflow-sim-{time.time_ns()}", username=username, password=password
+    )
     sent = 0
     started = time.monotonic()
     last_report = started
     try:
-        while (count is None or sent < count) and not (stop is not None and stop.is_set()):
+        while (
+            (count is None or sent < count)
+            and not (stop is not None and stop.is_set())
+            and not publisher.refused
+        ):
             chunk = 100 if count is None else min(100, count - sent)
             for _ in range(chunk):
                 publisher.publish(*next(stream))
@@ -234,7 +266,7 @@ def simulate(
                 elif ahead > 0:
                     time.sleep(ahead)
             # Keep what waits unacknowledged bounded: never more than a few thousand ahead.
-            while sent - publisher.acked > 5000:
+            while sent - publisher.acked > 5000 and not publisher.refused:
                 time.sleep(0.001)
             now = time.monotonic()
             if now - last_report >= 5:
@@ -243,6 +275,8 @@ def simulate(
     except KeyboardInterrupt:
         pass
     confirmed = publisher.close(sent)
+    if publisher.refused:
+        raise publisher.refused
     elapsed = time.monotonic() - started
     log.info("simulate.done", sent=sent, confirmed=confirmed, seconds=round(elapsed, 2),
              rate=round(sent / elapsed, 1) if elapsed else None)  # fmt: skip
