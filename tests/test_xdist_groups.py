@@ -33,6 +33,8 @@ def ran(request):
 TESTS = """
 import pytest
 
+pytestmark = pytest.mark.shares("built")
+
 @pytest.fixture(scope="module")
 def built():
     from conftest import record
@@ -54,7 +56,7 @@ def test_uses_the_module_fixture(built, n):
 
 def run_suite(tmp_path: Path, **env: str) -> list[tuple[str, str]]:
     """Run the small suite on two workers; (what, worker) for each record it made."""
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers = shares\n")
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_demo.py").write_text(TESTS)
     record = tmp_path / "record.txt"

@@ -13,7 +13,6 @@ the grouping saves time and never decides a verdict.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -33,18 +32,15 @@ _SHARED_BROKERS = ("IOTFLOW_TEST_MQTT_URL", "IOTFLOW_TEST_HIVEMQ_URL")
 
 
 def _needs(item: pytest.Item) -> set[str]:
-    """The session servers and module-scoped fixtures a test shares with others."""
-    found: set[str] = set()
-    definitions = getattr(item, "_fixtureinfo", None)
+    """What a test shares with others: the session servers it asks for (their fixtures are
+    named `*_server`), and what its file declares it shares (`pytestmark =
+    pytest.mark.shares("name")`: a module-scoped fixture that another worker would build again)."""
+    found = {str(mark.args[0]) for mark in item.iter_markers("shares") if mark.args}
     for name in getattr(item, "fixturenames", ()):
         if name in _INDIRECT:
             found.add(_INDIRECT[name])
-        defs = definitions.name2fixturedefs.get(name, ()) if definitions else ()
-        scopes = {d.scope for d in defs}
-        if "session" in scopes and name.endswith("_server"):
+        elif name.endswith("_server"):
             found.add(name)
-        if "module" in scopes:
-            found.add(item.nodeid.split("::")[0])
     callspec = getattr(item, "callspec", None)
     for value in callspec.params.values() if callspec else ():
         if isinstance(value, str) and value in _BY_PARAM:
@@ -73,22 +69,18 @@ def groups(items: list[pytest.Item]) -> dict[str, str]:
     return {nodeid: names[root(keys[0])] for nodeid, keys in needs.items() if keys}
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test's group as its closest xdist_group mark, before xdist's own hook reads it
+    (pytest-xdist 3.8 reads no mark under pytest 9.2's structured node ids:
+    https://github.com/pytest-dev/pytest-xdist/issues/1386; pyproject.toml keeps pytest
+    below 9.2 for that)."""
     if not config.getoption("loadgroup", default=False):  # set on xdist's workers only
-        return (yield)
+        return
     if any(os.environ.get(name) for name in _SHARED_BROKERS):
         chosen = dict.fromkeys((item.nodeid for item in items), "shared-broker")
     else:
         chosen = groups(items)
-    named = [(item, chosen[item.nodeid]) for item in items if item.nodeid in chosen]
-    for item, group in named:  # before xdist's own hook reads the marks
-        item.add_marker(pytest.mark.xdist_group(group))
-    result = yield
-    for item, group in named:
-        # xdist tells its scheduler a test's group by a node id ending in "@group", set
-        # through `_nodeid`; pytest 9.2's node ids are structured and ignore that (pytest-xdist
-        # 3.8 groups nothing then: https://github.com/pytest-dev/pytest-xdist/issues/1386).
-        if not item.nodeid.endswith(f"@{group}"):
-            item._id = type(item._id).parse(f"{item.nodeid}@{group}")
-    return result
+    for item in items:
+        if item.nodeid in chosen:
+            item.add_marker(pytest.mark.xdist_group(chosen[item.nodeid]))
