@@ -56,6 +56,9 @@ from worker.tools.simulate import register_fleet
 
 configure_logging("warning", "console")
 
+# Which tests share a worker when ./scripts/test spreads the suite over two (pytest-xdist).
+pytest_plugins = ("tests.xdist_groups",)
+
 # Threads that outlive their work by design: the event loop's executor, asyncio's child
 # watchers (one per subprocess, ending just after it is reaped) and cassandra-driver's
 # libev reactor (one per process, started by the first connection, never stopped).
@@ -297,18 +300,20 @@ def unavailable(reason: str) -> NoReturn:
 
 @contextlib.contextmanager
 def _session_server(make: Callable[[Path], Server], name: str) -> Iterator[Server]:
-    """One server of the suite's own for the whole session, stopped at its end."""
+    """One server of the suite's own for the whole session, killed at its end: its data goes
+    with its directory, and a graceful stop (Cassandra's drain) would only add seconds."""
     with services_dir(name) as directory:
         try:
             server = make(directory)
         except ServerUnavailable as exc:
             unavailable(f"{name}: {exc}")
-        with server:
-            _session_servers.append(server)
-            try:
-                yield server
-            finally:
-                _session_servers.remove(server)
+        server.start()
+        _session_servers.append(server)
+        try:
+            yield server
+        finally:
+            _session_servers.remove(server)
+            server.kill()
 
 
 @pytest.fixture(scope="session")

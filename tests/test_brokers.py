@@ -33,6 +33,10 @@ from .test_refusals import _errors, run_to_exit
 _ids = itertools.count()
 
 
+# A module-scoped fixture: on one worker only (tests/xdist_groups.py).
+pytestmark = pytest.mark.shares("brokers-module")
+
+
 @pytest.fixture
 def amqtt_broker(tmp_path: Path) -> Iterator[int]:
     """The `amqtt` broker (MQTT 3.1.1 only) on a free port, anonymous clients allowed."""

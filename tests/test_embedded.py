@@ -20,6 +20,9 @@ from worker.tools.embedded import EmbeddedServices, ServiceUrls, free_port
 
 from .conftest import services_dir
 
+# A module-scoped fixture: on one worker only (tests/xdist_groups.py).
+pytestmark = pytest.mark.shares("embedded-module")
+
 
 @pytest.fixture(scope="module")
 def services() -> Iterator[ServiceUrls]:

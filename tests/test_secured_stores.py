@@ -50,6 +50,9 @@ SECRETS = tuple(
 TIMEOUT_S = 60.0  # generous: the verdicts are exit codes and rows, not how fast they came
 ROWS = "SELECT count(*) FROM decoded_data"
 
+# Module-scoped servers: on one worker only (tests/xdist_groups.py).
+pytestmark = pytest.mark.shares("secured-stores")
+
 
 @dataclass(frozen=True)
 class Secured:

@@ -34,6 +34,10 @@ REVOKED = "f2-aabbccddee03"
 WORKER = "iotflow-worker"
 
 
+# A module-scoped fixture: on one worker only (tests/xdist_groups.py).
+pytestmark = pytest.mark.shares("tls-module")
+
+
 @dataclass(frozen=True)
 class Broker:
     port: int
