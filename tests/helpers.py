@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import aiohttp
 import aiomqtt
 import asyncpg
 import orjson
@@ -126,6 +127,21 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def wait_ready(http: aiohttp.ClientSession, base: str, bodies: list[str], timeout: float) -> None:
+    """Until the daemon at `base` answers /readyz 200; every verbose body it gave is kept in
+    `bodies` (to be searched for what must never appear there, such as a password)."""
+
+    async def ready() -> bool:
+        try:
+            async with http.get(f"{base}/readyz?verbose=1") as response:
+                bodies.append(await response.text())
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(ready, timeout=timeout)
 
 
 async def wait_for_count(conn: asyncpg.Connection, query: str, expected: int, timeout: float = 20.0) -> int:

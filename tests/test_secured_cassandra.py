@@ -24,7 +24,7 @@ from worker.stores.cassandra import CassandraStore
 from worker.tools.embedded import free_port
 from worker.tools.servers import CassandraServer
 
-from .helpers import iotflow_process, publish, wait_for, with_cassandra, worker_process
+from .helpers import iotflow_process, publish, wait_for, wait_ready, with_cassandra, worker_process
 from .test_outages import json_messages
 
 TIMEOUT_S = 90  # generous: the verdict is the exit code or the rows, not how fast they came
@@ -146,16 +146,7 @@ async def test_secured_cassandra_migrate_writer_reads_and_check_over_tls_with_a_
         }
         async with iotflow_process(daemon_env, "run") as worker, aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{port}"
-
-            async def ready() -> bool:
-                try:
-                    async with http.get(f"{base}/readyz?verbose=1") as response:
-                        readyz.append(await response.text())
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(ready, timeout=TIMEOUT_S)
+            await wait_ready(http, base, readyz, TIMEOUT_S)
             await publish(settings.mqtt.url, json_messages(0, 30))
             device_id = await pg.fetchval("SELECT id FROM devices WHERE device_key = 'sim-json-01'")
 

@@ -22,7 +22,7 @@ from worker.ops.certs import CertStore
 from worker.tools.embedded import free_port
 from worker.tools.servers import KafkaServer
 
-from .helpers import iotflow_process, publish, wait_for, wait_for_count, worker_process
+from .helpers import iotflow_process, publish, wait_for_count, wait_ready, worker_process
 from .kafka import kafka_settings, produce, read_topic
 from .test_end_to_end import simulated_messages
 from .test_kafka_intake import envelopes, expected_rows, kafka_env
@@ -88,16 +88,7 @@ async def test_secured_kafka_bridge_moves_data_over_sasl_ssl_and_the_password_sh
     bodies: list[str] = []
     async with worker_process(settings, **env) as worker, aiohttp.ClientSession() as http:
         base = f"http://127.0.0.1:{port}"
-
-        async def ready() -> bool:
-            try:
-                async with http.get(f"{base}/readyz?verbose=1") as response:
-                    bodies.append(await response.text())
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(ready, timeout=TIMEOUT_S)
+        await wait_ready(http, base, bodies, TIMEOUT_S)
         await publish(settings.mqtt.url, messages)
         await wait_for_count(
             pg, "SELECT count(*) FROM decoded_data", expected_rows(messages), timeout=TIMEOUT_S
