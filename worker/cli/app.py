@@ -116,3 +116,20 @@ def config_error(problem: object) -> ExitCode:
     line = " ".join(str(problem).split())  # one line, whatever the problem's text holds
     print(f"iotflow: configuration error: {line}", file=sys.stderr)
     return ExitCode.CONFIG
+
+
+def decode_files_error(settings: Settings) -> ExitCode | None:
+    """The codec and mapping files the daemon would decode with, read now: a broken one is
+    `config_error`'s line and exit 2, before any store is reached."""
+    from worker.decode.codecs import CodecConfigError, load_codecs
+    from worker.decode.mappings import MappingConfigError, load_mappings
+
+    try:
+        load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
+    except CodecConfigError as exc:
+        return config_error(f"pipeline.codecs: {exc}")
+    try:
+        load_mappings(settings.decode.profiles, settings.decode.mappings)
+    except MappingConfigError as exc:
+        return config_error(exc)
+    return None

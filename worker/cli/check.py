@@ -16,7 +16,6 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
@@ -61,18 +60,10 @@ Probe = Callable[[Settings], Awaitable[Found]]
 
 
 def _check(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.cli.app import config_error
-    from worker.decode.codecs import CodecConfigError, load_codecs
-    from worker.decode.mappings import MappingConfigError, load_mappings
+    from worker.cli.app import decode_files_error
 
-    try:
-        load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
-    except CodecConfigError as exc:
-        return config_error(f"pipeline.codecs: {exc}")
-    try:
-        load_mappings(settings.decode.profiles, settings.decode.mappings)
-    except MappingConfigError as exc:
-        return config_error(exc)
+    if (failed := decode_files_error(settings)) is not None:
+        return failed
     # The lines are the report; a driver's info lines would only interleave with them.
     configure_logging("warning", settings.log.format)
     lines = [Line("config", "valid", str(args.config or ""))]

@@ -48,19 +48,11 @@ def _processes(value: str) -> int | str:
 
 
 def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.cli.app import config_error
-    from worker.decode.codecs import CodecConfigError, load_codecs
-    from worker.decode.mappings import MappingConfigError, load_mappings
+    from worker.cli.app import config_error, decode_files_error
     from worker.runtime import processes
 
-    try:
-        load_codecs(Path(settings.pipeline.codecs) if settings.pipeline.codecs else None)
-    except CodecConfigError as exc:
-        return config_error(f"pipeline.codecs: {exc}")
-    try:
-        load_mappings(settings.decode.profiles, settings.decode.mappings)
-    except MappingConfigError as exc:
-        return config_error(exc)
+    if (failed := decode_files_error(settings)) is not None:
+        return failed
     count = processes.process_count(
         args.processes if args.processes is not None else settings.runtime.processes
     )

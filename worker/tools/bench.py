@@ -33,10 +33,8 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -50,6 +48,7 @@ from worker.tools.bench_support import (
     READINGS_PER_MESSAGE,
     Publishers,
     RunResult,
+    bench_services,
     cpu_seconds,
     drop_run,
     mean_cpu,
@@ -85,20 +84,9 @@ class CeilingResult:
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     """PostgreSQL and Redis are the configured ones (or embedded with --embedded); the broker
-    is always a Mosquitto of our own with the at-least-once settings of deploy/mosquitto.conf,
-    since a stock one (max_queued_messages 1000) drops what a busy subscriber cannot take."""
+    is always one of the bench's own (bench_services)."""
     configure_logging("warning", "json")
-    from worker.tools.embedded import EmbeddedServices
-
-    with (
-        tempfile.TemporaryDirectory(prefix="iotflow-bench-") as data_dir,
-        EmbeddedServices(Path(data_dir), postgres=args.embedded, redis=args.embedded) as services,
-    ):
-        urls = services.start()
-        if args.embedded:
-            settings.postgres = replace(settings.postgres, url=urls.postgres_url)
-            settings.redis = replace(settings.redis, url=urls.redis_url)
-        settings.mqtt = replace(settings.mqtt, url=urls.mqtt_url)
+    with bench_services(settings, args.embedded):
         return _bench(settings, args)
 
 

@@ -19,11 +19,9 @@ import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,8 +32,10 @@ from worker.stores.migrate import migrate
 from worker.tools.bench_support import (
     READINGS_PER_MESSAGE,
     RunResult,
+    bench_services,
     count_rows,
     cpu_seconds,
+    daemon_env,
     drain,
     drop_run,
     mean_cpu,
@@ -85,17 +85,7 @@ class HttpRun:
 def run_http_bench(settings: Settings, args: argparse.Namespace) -> int:
     """PostgreSQL and Redis as `iotflow bench` has them (embedded with --embedded); a Mosquitto of its own."""
     configure_logging("warning", "json")
-    from worker.tools.embedded import EmbeddedServices
-
-    with (
-        tempfile.TemporaryDirectory(prefix="iotflow-bench-") as data_dir,
-        EmbeddedServices(Path(data_dir), postgres=args.embedded, redis=args.embedded) as services,
-    ):
-        urls = services.start()
-        if args.embedded:
-            settings.postgres = replace(settings.postgres, url=urls.postgres_url)
-            settings.redis = replace(settings.redis, url=urls.redis_url)
-        settings.mqtt = replace(settings.mqtt, url=urls.mqtt_url)
+    with bench_services(settings, args.embedded):
         stamp = int(time.time())
         settings.postgres = replace(settings.postgres, schema=f"bench_{stamp}")
         settings.redis = replace(settings.redis, key_prefix=f"bench:{stamp}:")
@@ -170,19 +160,10 @@ async def _prepare(settings: Settings, devices: int) -> None:
 def _daemon(settings: Settings, token: str) -> tuple[subprocess.Popen[bytes], int]:
     """A new `iotflow run` with the API on and rules off, ready; its HTTP port."""
     port = free_port()
-    env = {
-        **os.environ,
-        "IOTFLOW_MQTT_URL": settings.mqtt.url,
-        "IOTFLOW_MQTT_CLIENT_ID": f"iotflow-bench-{time.time_ns()}",
-        "IOTFLOW_POSTGRES_URL": settings.postgres.url,
-        "IOTFLOW_POSTGRES_SCHEMA": settings.postgres.schema,
-        "IOTFLOW_REDIS_URL": settings.redis.url,
-        "IOTFLOW_REDIS_KEY_PREFIX": settings.redis.key_prefix,
-        "IOTFLOW_HTTP_PORT": str(port),
+    env = daemon_env(settings, port) | {
         "IOTFLOW_HTTP_API": "true",
         "IOTFLOW_HTTP_ADMIN_TOKENS": token,
         "IOTFLOW_RULES_ENABLED": "false",
-        "IOTFLOW_LOG_FORMAT": "json",
     }
     daemon = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.PIPE)
     assert daemon.stdout is not None

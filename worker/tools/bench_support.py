@@ -15,10 +15,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import asyncpg
@@ -27,7 +29,7 @@ import orjson
 from worker.config import Settings
 from worker.stores.postgres import connect
 from worker.stores.redis import delete_matching
-from worker.tools.embedded import free_port
+from worker.tools.embedded import EmbeddedServices, free_port
 
 __all__ = [
     "READINGS_PER_MESSAGE",
@@ -135,6 +137,40 @@ class Publishers:
                 proc.wait()
 
 
+@contextlib.contextmanager
+def bench_services(settings: Settings, embedded: bool) -> Iterator[None]:
+    """`settings` pointed, for the block, at a Mosquitto of the bench's own (with the
+    at-least-once settings of deploy/mosquitto.conf: a stock one, max_queued_messages 1000,
+    drops what a busy subscriber cannot take) and, with `embedded`, at an embedded PostgreSQL
+    and Redis; else at the configured ones."""
+    with (
+        tempfile.TemporaryDirectory(prefix="iotflow-bench-") as data_dir,
+        EmbeddedServices(Path(data_dir), postgres=embedded, redis=embedded) as services,
+    ):
+        urls = services.start()
+        if embedded:
+            settings.postgres = replace(settings.postgres, url=urls.postgres_url)
+            settings.redis = replace(settings.redis, url=urls.redis_url)
+        settings.mqtt = replace(settings.mqtt, url=urls.mqtt_url)
+        yield
+
+
+def daemon_env(settings: Settings, port: int) -> dict[str, str]:
+    """The environment of a bench's `iotflow run`: these stores and broker, a client id of
+    its own, its HTTP server on `port`, JSON logs (readiness is read from them)."""
+    return {
+        **os.environ,
+        "IOTFLOW_MQTT_URL": settings.mqtt.url,
+        "IOTFLOW_MQTT_CLIENT_ID": f"iotflow-bench-{time.time_ns()}",
+        "IOTFLOW_POSTGRES_URL": settings.postgres.url,
+        "IOTFLOW_POSTGRES_SCHEMA": settings.postgres.schema,
+        "IOTFLOW_REDIS_URL": settings.redis.url,
+        "IOTFLOW_REDIS_KEY_PREFIX": settings.redis.key_prefix,
+        "IOTFLOW_HTTP_PORT": str(port),
+        "IOTFLOW_LOG_FORMAT": "json",
+    }
+
+
 def measure_worker(
     settings: Settings,
     messages: int,
@@ -153,19 +189,7 @@ def measure_worker(
     caches hold the devices and their topics); else a process that meets its fleet during
     the run, as after a restart."""
     port = free_port()
-    env = {
-        **os.environ,
-        "IOTFLOW_MQTT_URL": settings.mqtt.url,
-        "IOTFLOW_MQTT_CLIENT_ID": f"iotflow-bench-{time.time_ns()}",
-        "IOTFLOW_POSTGRES_URL": settings.postgres.url,
-        "IOTFLOW_POSTGRES_SCHEMA": settings.postgres.schema,
-        "IOTFLOW_REDIS_URL": settings.redis.url,
-        "IOTFLOW_REDIS_KEY_PREFIX": settings.redis.key_prefix,
-        "IOTFLOW_HTTP_PORT": str(port),
-        "IOTFLOW_LOG_FORMAT": "json",
-        "IOTFLOW_RUNTIME_PROCESSES": str(processes),
-        **extra_env,
-    }
+    env = daemon_env(settings, port) | {"IOTFLOW_RUNTIME_PROCESSES": str(processes), **extra_env}
     if processes > 1:
         env["IOTFLOW_MQTT_SHARED_GROUP"] = f"bench{time.time_ns()}"
     asyncio.run(truncate(settings))
