@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import pytest
@@ -84,6 +84,17 @@ def _children() -> set[int]:
     return found
 
 
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended: each coroutine down its await chain, as file:line."""
+    places = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and getattr(awaited, "cr_frame", None) is not None:
+        frame = awaited.cr_frame
+        places.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}")
+        awaited = awaited.cr_await
+    return " > ".join(places) or "?"
+
+
 @pytest.fixture(autouse=True)
 async def nothing_left_running() -> AsyncIterator[None]:
     """Every test stops what it starts: after its own fixtures are done, no task, thread or
@@ -112,7 +123,7 @@ async def nothing_left_running() -> AsyncIterator[None]:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(os.waitpid, pid, 0)
-    problems = [f"task {t.get_coro()!r}" for t in left]
+    problems = [f"task {t.get_coro()!r} waiting at {_awaiting(t)}" for t in left]
     problems += [f"thread {t.name!r}" for t in new_threads]
     problems += [f"child process {pid}" for pid in new_children]
     if problems:

@@ -35,6 +35,7 @@ from worker.reload import apply_reloadable, changed_settings, needs_restart
 from worker.retry import STORE_BACKOFF, Refused, describe, is_transient, refusal
 from worker.rules.actor import RulesActor
 from worker.runtime.actor import Actor
+from worker.runtime.cancel import cancel_and_wait
 from worker.runtime.garbage import collect_when_idle
 from worker.runtime.mailbox import Mailbox
 from worker.runtime.signals import held_reload, held_stop_signal
@@ -480,9 +481,7 @@ class Daemon:
                 code = await self.supervisor.run()
                 return code
         finally:
-            for task in list(self._reloads):
-                task.cancel()
-            await asyncio.gather(*self._reloads, return_exceptions=True)
+            await cancel_and_wait(*self._reloads)
             self._stores = None
             counters = self.metrics.counters
             # The totals the last progress line (cancelled at shutdown) cannot have; at error

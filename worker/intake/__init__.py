@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from typing import Any
+
+from worker.runtime.cancel import cancel_and_wait
 
 
 async def read_until_stopped(reading: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
@@ -16,7 +17,6 @@ async def read_until_stopped(reading: Coroutine[Any, Any, None], stop: asyncio.E
         await asyncio.wait({reader, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopped.cancel()
-        if not reader.done():
-            reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await cancel_and_wait(reader)
+    if not reader.cancelled():
+        reader.result()

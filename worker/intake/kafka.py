@@ -35,6 +35,7 @@ from worker.intake import read_until_stopped
 from worker.metrics import Metrics
 from worker.retry import Backoff, is_transient
 from worker.runtime.actor import Actor
+from worker.runtime.cancel import cancel_and_wait
 from worker.runtime.mailbox import Mailbox
 from worker.stores.kafka import create_consumer, start
 
@@ -113,7 +114,8 @@ class KafkaIntake(Actor):
                 delay = backoff.delay(failures)
                 log.warning("kafka.disconnected", error=repr(exc), retry_in_s=round(delay, 2))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._close.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._close.wait()
             finally:
                 self._consumer = None
                 self.subscribed.clear()
@@ -132,9 +134,9 @@ class KafkaIntake(Actor):
             await self._close.wait()
             await self._commit(consumer)
         finally:
-            committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await committer
+            await cancel_and_wait(committer)
+            if not committer.cancelled():
+                committer.result()  # what ended the commit loop early
 
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
         mailbox, metrics = self._mailbox, self._metrics

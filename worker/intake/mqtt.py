@@ -35,6 +35,7 @@ from worker.intake.mqtt_protocol import (
 from worker.metrics import Metrics
 from worker.retry import Backoff, Refused
 from worker.runtime.actor import Actor
+from worker.runtime.cancel import cancel_and_wait
 from worker.runtime.mailbox import Mailbox
 
 log = structlog.get_logger("worker.intake")
@@ -199,7 +200,8 @@ class MqttIntake(Actor):
                 delay = backoff.delay(failures)
                 log.warning("mqtt.disconnected", error=str(exc), retry_in_s=round(delay, 2))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._close.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._close.wait()
             finally:
                 self._reading_stopped.set()
 
@@ -219,9 +221,7 @@ class MqttIntake(Actor):
                 await self._subscribe(connection)
                 await reading
             finally:
-                reading.cancel()
-                with contextlib.suppress(asyncio.CancelledError, MqttError):
-                    await reading  # what ended it is raised above, or by the SUBSCRIBE
+                await cancel_and_wait(reading)  # what ended it is raised above, or by the SUBSCRIBE
             self._reading_stopped.set()
             # Stay connected while the pipeline drains, so its acknowledgements reach the broker.
             await self._close.wait()

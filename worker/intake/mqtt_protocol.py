@@ -195,7 +195,8 @@ class MqttConnection(asyncio.Protocol):
             transport.resume_reading()
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._lost)
         finally:  # cancelled or timed out: do not leave the socket behind
             if not self._lost.done() and transport is not None:
                 transport.abort()

@@ -36,6 +36,7 @@ from worker.rules.events import AlertWriter
 from worker.rules.source import LoadedRules, RuleProblem, RuleSource, rules_channel
 from worker.rules.state import SavedState, load_state
 from worker.runtime.actor import MailboxActor
+from worker.runtime.cancel import cancel_and_wait
 from worker.runtime.mailbox import Mailbox
 from worker.stores import Stores
 from worker.stores import redis as redis_store
@@ -258,9 +259,7 @@ class RulesActor(MailboxActor[DecodedBatch]):
     async def _cancel_tasks(self) -> None:
         tasks = [t for t in (self._listener, self._reload) if t is not None]
         self._listener = self._reload = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
 
     # --- output ----------------------------------------------------------------------------------
 

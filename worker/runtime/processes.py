@@ -239,7 +239,8 @@ class ProcessSupervisor:
             if delay is None:
                 return ExitCode.FAILURE
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
             if self._stop.is_set():
                 return ExitCode.OK  # stopped during the backoff: nothing was running
 

@@ -23,6 +23,7 @@ import structlog
 from worker.exit_codes import ExitCode
 from worker.retry import Backoff, describe, refusal
 from worker.runtime.actor import Actor
+from worker.runtime.cancel import cancel_and_wait
 from worker.runtime.sdnotify import notify, watchdog_interval, watchdog_loop
 
 log = structlog.get_logger("worker.supervisor")
@@ -75,9 +76,7 @@ class ActorGroup:
         await self._close_actors()
 
     async def _cancel_tasks(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(*self.tasks)
 
     async def _close_actors(self) -> None:
         for actor in reversed(self.actors):
@@ -109,7 +108,8 @@ class Supervisor:
     async def wait_stopped(self, timeout: float) -> bool:
         """Wait up to `timeout` s for a stop request; True if one came."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._stop.wait()
         return self._stop.is_set()
 
     def install_signal_handlers(self) -> None:
@@ -217,7 +217,8 @@ class Supervisor:
         log.info("supervisor.stopping", timeout_s=self._policy.shutdown_timeout_s)
         started = time.monotonic()
         try:
-            await asyncio.wait_for(group.stop(), self._policy.shutdown_timeout_s)
+            async with asyncio.timeout(self._policy.shutdown_timeout_s):
+                await group.stop()
         except TimeoutError:
             # Whatever was not acknowledged stays with the broker and is redelivered.
             log.error("supervisor.shutdown_timeout", timeout_s=self._policy.shutdown_timeout_s)

@@ -35,6 +35,7 @@ import structlog
 from schemas.records import DecodedBatch, Reading
 from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, describe, is_transient
+from worker.runtime.cancel import cancel_and_wait
 from worker.sinks.base import Abandoned, Sink
 from worker.stores.timeseries import Source, Store, read_device
 
@@ -290,7 +291,6 @@ class RebuildableHotState:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         await self._abandoned.close()
         await self._inner.close()

@@ -56,7 +56,8 @@ class SendBuffer:
         while self.bytes and self.bytes + size > self.limit:
             self._released.clear()
             try:
-                await asyncio.wait_for(self._released.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._released.wait()
             except TimeoutError:
                 raise KafkaTimeoutError("no room in the send buffer") from None
         self.bytes += size

@@ -28,6 +28,7 @@ import structlog
 from schemas.records import DecodedBatch
 from worker.metrics import Metrics
 from worker.retry import STORE_BACKOFF, describe, is_transient
+from worker.runtime.cancel import cancel_and_wait
 from worker.sinks.base import Abandoned, Sink
 from worker.sinks.outbox import JournalOutbox, Outbox, PostgresOutbox, decode_batch, encode_batch
 from worker.stores import Stores
@@ -201,8 +202,7 @@ class MirroredReadings:
     async def close(self) -> None:
         for lane in self._lanes:
             if lane.task is not None:
-                lane.task.cancel()
-                await asyncio.gather(lane.task, return_exceptions=True)
+                await cancel_and_wait(lane.task)
         await self._abandoned.close()  # after the replayers: what they gave up on is in it
         for lane in self._lanes:
             await lane.outbox.close()

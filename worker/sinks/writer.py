@@ -29,6 +29,7 @@ from schemas.records import AckToken, DecodedBatch
 from worker.metrics import Metrics
 from worker.retry import retry_transient
 from worker.runtime.actor import MailboxActor
+from worker.runtime.cancel import cancel_and_wait
 from worker.runtime.mailbox import Mailbox
 from worker.sinks.base import Sink, Startable
 
@@ -192,7 +193,6 @@ class BatchWriter(MailboxActor[DecodedBatch]):
 
     async def close(self) -> None:
         if self._derived_write is not None:  # after a crash: drained() did not wait for it
-            self._derived_write.cancel()
-            await asyncio.gather(self._derived_write, return_exceptions=True)
+            await cancel_and_wait(self._derived_write)
         for sink in (*self._sinks, *self._derived):
             await sink.close()

@@ -96,7 +96,8 @@ class Stores:
     @staticmethod
     async def _check(probe: Awaitable[object]) -> bool:
         try:
-            return bool(await asyncio.wait_for(probe, HEALTH_TIMEOUT_S))
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                return bool(await probe)
         except Exception:
             return False
 

@@ -30,6 +30,7 @@ from worker.retry import describe, retry_transient
 from worker.rules.events import alert_notification
 from worker.rules.source import ALL
 from worker.runtime.actor import Actor
+from worker.runtime.cancel import cancel_and_wait
 from worker.sinks.notify.channels import (
     DEVICE_FACTS_SQL,
     AlertmanagerChannel,
@@ -111,10 +112,11 @@ class NotificationActor(Actor):
         is cancelled: its transaction rolls back, and its rows stay due."""
         self._stopping.set()
         try:
-            await asyncio.wait_for(asyncio.shield(self._finished.wait()), self._settings.timeout_s + 1)
+            async with asyncio.timeout(self._settings.timeout_s + 1):
+                await asyncio.shield(self._finished.wait())
         except TimeoutError:
             if self._task is not None:
-                self._task.cancel()
+                await cancel_and_wait(self._task)
             await self._finished.wait()
 
     async def close(self) -> None:
