@@ -43,4 +43,3 @@ async def test_what_a_task_raised_is_retrieved_not_raised() -> None:
     await cancel_and_wait(task)  # no "exception was never retrieved" report follows
     with pytest.raises(ValueError, match="lost connection"):
         task.result()
-
