@@ -419,3 +419,10 @@ def test_the_broker_takes_no_anonymous_client() -> None:
             assert environment["IOTFLOW_MQTT_URL"] == "mqtt://mosquitto:1883", name
             assert environment["IOTFLOW_MQTT_USERNAME"] in ("iotflow", "device"), name
             assert environment["IOTFLOW_MQTT_PASSWORD_FILE"].startswith("/run/secrets/mqtt-"), name
+
+
+def test_redis_reads_its_secret_as_root_then_runs_as_user_redis() -> None:
+    # The image's entrypoint drops to user redis only for a command that starts with
+    # redis-server, so the shell that reads the secret hands over to the entrypoint.
+    script = _parsed()["services"]["redis"]["command"][-1]
+    assert "exec docker-entrypoint.sh redis-server - " in script, script
