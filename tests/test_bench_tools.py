@@ -19,16 +19,17 @@ from worker.config import Settings
 from worker.decode.codecs import load_codecs
 from worker.decode.mappings import load_mappings
 from worker.decode.parse import Limits, MessageParser
-from worker.tools import documents_bench, notify_bench
-from worker.tools.bench_support import Publishers, children, cpu_seconds
-from worker.tools.fleet_bench import fleet_messages
-from worker.tools.mappings_bench import FORMS, bench_mapping_file, form_stream
+from worker.tools.bench import documents as documents_bench
+from worker.tools.bench import notify as notify_bench
+from worker.tools.bench.fleet import fleet_messages
+from worker.tools.bench.mappings import FORMS, bench_mapping_file, form_stream
+from worker.tools.bench.support import Publishers, children, cpu_seconds
 from worker.tools.servers import AlertmanagerServer, FerretDBServer
 
 
 def test_the_ceiling_takes_and_acknowledges_every_message_two_publishers_send(settings: Settings) -> None:
     total = 600  # below a stock Mosquitto's queue of 1000, should the ceiling lag
-    command = ["worker.tools.bench_ceiling", settings.mqtt.url, str(total), "60"]
+    command = ["worker.tools.bench.ceiling", settings.mqtt.url, str(total), "60"]
     ceiling = subprocess.Popen(
         [sys.executable, "-m", *command], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
@@ -119,7 +120,7 @@ def test_bench_timeseries_cassandra_needs_a_cassandra_or_embedded(settings: Sett
 async def test_the_bench_rules_are_on_the_labels_its_traffic_carries(
     settings: Settings, pg: asyncpg.Connection
 ) -> None:
-    from worker.tools.rules_bench import install_bench_rules
+    from worker.tools.bench.rules import install_bench_rules
     from worker.tools.simulate import build_fleet, register_fleet
 
     await register_fleet(settings.postgres, build_fleet(2, "climate"))
@@ -212,7 +213,7 @@ def test_the_fleet_bench_gives_each_fleet_devices_of_its_own() -> None:
 def test_the_fleet_bench_times_each_stage_of_each_fleet(settings: Settings) -> None:
     command = ["--fleets", "4,40", "--messages", "400", "--batch", "100", "--rounds", "2"]
     result = subprocess.run(
-        [sys.executable, "-m", "worker.tools.fleet_bench", *command],
+        [sys.executable, "-m", "worker.tools.bench.fleet", *command],
         env=_services_env(settings),
         capture_output=True,
         text=True,

@@ -497,7 +497,7 @@ async def test_metrics_hold_the_dead_letters_in_the_table_by_reason(
 
 
 async def test_the_replay_bench_stores_every_reading_it_counts(settings: Settings) -> None:
-    from worker.tools import deadletters_bench
+    from worker.tools.bench import deadletters as deadletters_bench
 
     result = await deadletters_bench.run(settings, 3000, 500)
     assert (result.dead_letters, result.readings) == (3000, 6000)

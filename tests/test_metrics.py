@@ -21,7 +21,7 @@ from worker.decode.registry import DatapointBudget
 from worker.metrics import LatencyHistogram, Metrics
 from worker.pipeline import Pipeline
 from worker.stores import Stores
-from worker.tools.bench_support import histogram_quantile, parse_metrics
+from worker.tools.bench.support import histogram_quantile, parse_metrics
 from worker.tools.simulate import build_fleet, message_stream, readings_per_message
 
 from .documented_metrics import Series, documented_series

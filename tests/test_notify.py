@@ -21,7 +21,7 @@ import pytest
 from worker.config import NotifySettings, Settings, WebhookSettings
 from worker.rules.admin import RuleAdmin
 from worker.rules.model import Scope
-from worker.tools.bench_support import parse_metrics
+from worker.tools.bench.support import parse_metrics
 from worker.tools.servers import AlertmanagerServer
 
 from .helpers import Cli, publish, running_daemon, wait_for, wait_for_committed, worker_process

@@ -24,8 +24,8 @@ from worker.stores import migrate as migrate_module
 from worker.stores.migrate import MigrationRefused, TimescaleProbe, migrate, use_timescale
 from worker.stores.partitions import is_partitioned
 from worker.stores.postgres import connect
+from worker.tools.bench.jobs import run_bench
 from worker.tools.embedded import ServiceUrls
-from worker.tools.jobs_bench import run_bench
 
 from .conftest import is_hypertable, make_settings
 

@@ -96,7 +96,7 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.tools.jobs_bench import default_connections, run_bench
+    from worker.tools.bench.jobs import default_connections, run_bench
 
     result = asyncio.run(
         run_bench(

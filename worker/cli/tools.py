@@ -89,31 +89,31 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         choices=("postgres", "cassandra", "both"),
         default="postgres",
         help="cassandra|both: the storage step of that backend beside PostgreSQL alone, in one run "
-        "(worker.tools.outbox_bench; the Cassandra IOTFLOW_CASSANDRA_HOSTS names, else with --embedded "
+        "(worker.tools.bench.outbox; the Cassandra IOTFLOW_CASSANDRA_HOSTS names, else with --embedded "
         "one of its own, killed and restarted once for the outage; else both mode with Cassandra down)",
     )
     bench.add_argument(
         "--deadletters",
         action="store_true",
         help="instead: the replay of --messages dead letters of a 1,000-device fleet "
-        "(worker.tools.deadletters_bench): dead letters/s and CPU-seconds per 100k",
+        "(worker.tools.bench.deadletters): dead letters/s and CPU-seconds per 100k",
     )
     bench.add_argument(
         "--tls",
         action="store_true",
         help="instead: the worker's CPU per 100k messages with TLS on its MQTT, PostgreSQL and Redis "
-        "hops against plain TCP, alternated, on servers of the bench's own (worker.tools.bench_tls)",
+        "hops against plain TCP, alternated, on servers of the bench's own (worker.tools.bench.tls)",
     )
     bench.add_argument(
         "--mappings",
         action="store_true",
         help="instead: built-in JSON against mapped JSON and the tasmota profile's rules, alternated "
-        "(worker.tools.mappings_bench): CPU-seconds per 100k readings and their ratios",
+        "(worker.tools.bench.mappings): CPU-seconds per 100k readings and their ratios",
     )
     bench.add_argument(
         "--http",
         action="store_true",
-        help="instead: the HTTP intake beside the MQTT path (worker.tools.bench_http): requests/s, "
+        help="instead: the HTTP intake beside the MQTT path (worker.tools.bench.http): requests/s, "
         "CPU-seconds per 100k readings, p99 at half rate, peak RSS, with 1- and 10-reading requests",
     )
     bench.add_argument(
@@ -197,25 +197,25 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         return ExitCode.CONFIG
     if args.deadletters:
         from worker.sinks.replay import BATCH_SIZE
-        from worker.tools.deadletters_bench import run_deadletters_bench
+        from worker.tools.bench.deadletters import run_deadletters_bench
 
         return run_deadletters_bench(settings, args.messages, BATCH_SIZE, args.embedded)
     if args.tls:
-        from worker.tools.bench_tls import tls_bench
+        from worker.tools.bench.tls import tls_bench
 
         return ExitCode.OK if tls_bench(settings, args) else ExitCode.FAILURE
     if args.mappings:
-        from worker.tools.mappings_bench import run_mappings_bench
+        from worker.tools.bench.mappings import run_mappings_bench
 
         return run_mappings_bench(settings, args)
     if args.http:
-        from worker.tools.bench_http import run_http_bench
+        from worker.tools.bench.http import run_http_bench
 
         return run_http_bench(settings, args)
     if args.timeseries != "postgres":
-        from worker.tools.outbox_bench import run_timeseries_bench
+        from worker.tools.bench.outbox import run_timeseries_bench
 
         return run_timeseries_bench(settings, args)
-    from worker.tools.bench import run_bench
+    from worker.tools.bench.pipeline import run_bench
 
     return run_bench(settings, args)

@@ -9,6 +9,7 @@ source       loading rules from `device_configs`, change detection
 state        what the evaluator resumes from after a start
 actor        the rules actor between decoder and writer
 admin        rules CRUD for the CLI; alert_admin: listing and acknowledging alerts
-cli          `iotflow rules …` and `iotflow alerts …`
-bench_support  rules for `iotflow bench`, and the evaluator cost measurement
+
+`iotflow rules …` and `iotflow alerts …` are in worker/cli; the rules' benchmark in
+worker/tools/bench/rules.py.
 """

@@ -1,4 +1,4 @@
-"""`python -m worker.tools.documents_bench`: how fast the MongoDB backend stores alert documents.
+"""`python -m worker.tools.bench.documents`: how fast the MongoDB backend stores alert documents.
 
 Writes N documents the way the alert sink does (worker/sinks/alerts.py): per batch of
 alert events, one unordered bulk insert of their `event_logs` entries and one of their
@@ -28,7 +28,7 @@ from worker.config import DocumentSettings
 from worker.logging import configure_logging
 from worker.rules.events import alert_document, alert_id, event_log_document
 from worker.stores.documents import MongoDocumentStore
-from worker.tools.bench_support import cpu_seconds
+from worker.tools.bench.support import cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ async def run(url: str, documents: int, batch: int, server_pid: int | None) -> D
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.tools.documents_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m worker.tools.bench.documents", description=__doc__)
     parser.add_argument(
         "--url", default="", help="a MongoDB-protocol server (default: a FerretDB of its own)"
     )

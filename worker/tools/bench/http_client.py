@@ -1,6 +1,6 @@
 """The HTTP bench's load generator: JSON telemetry over keep-alive connections, raw asyncio streams.
 
-Run as `python -m worker.tools.bench_http_client PORT CONNECTIONS REQUESTS BATCH RATE` with
+Run as `python -m worker.tools.bench.http_client PORT CONNECTIONS REQUESTS BATCH RATE` with
 the device keys of its slice of the fleet on stdin, one a line, then an empty line. It
 opens every connection, posts one unmeasured request per device (the daemon meets its
 fleet, as a long-running one has), prints `ready`, and starts on the next stdin line, so

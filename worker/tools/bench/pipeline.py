@@ -2,12 +2,12 @@
 
 One run, all separate processes, as in production: publisher processes (simulator
 messages, F2 climate frames with three readings each, sent by
-worker.tools.bench_publisher), Mosquitto, the worker (`iotflow run`), PostgreSQL and
+worker.tools.bench.publisher), Mosquitto, the worker (`iotflow run`), PostgreSQL and
 Redis. Every measurement starts its clock when all publishers are connected and told
 to go, and stops at the subscriber's last message (the ceiling) or the worker's last
 commit. It measures, in order:
 
-1. the ceiling (worker.tools.bench_ceiling): the leanest QoS 1 subscriber this machine
+1. the ceiling (worker.tools.bench.ceiling): the leanest QoS 1 subscriber this machine
    allows, fed the same flood;
 2. with --first-contact, the fleet's first contact: one message per device, none
    registered beforehand (pipeline.unknown_devices = register), as registrations/s;
@@ -20,7 +20,7 @@ commit. It measures, in order:
    message's own timestamp);
 5. with --processes N, floods of `iotflow run --processes N` alternated with the
    one-process floods: the ratio;
-6. with --kafka, the Kafka paths (worker.tools.bench_kafka).
+6. with --kafka, the Kafka paths (worker.tools.bench.kafka).
 
 Each run also prints the publishers' own send rate (start to their last PUBACK): where
 it is barely above the subscriber's rate, the publishers (or the broker) set the pace.
@@ -44,7 +44,7 @@ from worker.config import Settings
 from worker.logging import configure_logging
 from worker.stores.migrate import migrate
 from worker.stores.postgres import connect
-from worker.tools.bench_support import (
+from worker.tools.bench.support import (
     READINGS_PER_MESSAGE,
     Publishers,
     RunResult,
@@ -182,7 +182,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
         print(f"Redis keys under the run's prefix: {asyncio.run(_count_keys(settings)):,}")
         lost = [r for r in results if r.rows != r.messages * READINGS_PER_MESSAGE]
         if args.kafka:
-            from worker.tools.bench_kafka import kafka_bench
+            from worker.tools.bench.kafka import kafka_bench
 
             if not kafka_bench(settings, args, floods_off, stamp):
                 return 1
@@ -195,7 +195,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers: int) -> CeilingResult:
-    command = ["worker.tools.bench_ceiling", settings.mqtt.url, str(messages), "300"]
+    command = ["worker.tools.bench.ceiling", settings.mqtt.url, str(messages), "300"]
     command.append(str(settings.mqtt.receive_maximum))
     sub = subprocess.Popen([sys.executable, "-m", *command], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     pubs = None
@@ -231,7 +231,7 @@ def _measure_ceiling(settings: Settings, messages: int, devices: int, publishers
 def _install_rules(settings: Settings) -> dict[str, str] | None:
     """Ten rules per device through the rules package, when it is there; env to enable them."""
     try:
-        from worker.tools.rules_bench import install_bench_rules, traffic_labels
+        from worker.tools.bench.rules import install_bench_rules, traffic_labels
     except ImportError:
         return None
 

@@ -35,7 +35,7 @@ from worker.stores.dead_letters import Selection
 from worker.stores.devices import DatapointSpec, DeviceSpec, add_devices
 from worker.stores.migrate import migrate
 from worker.stores.postgres import connect
-from worker.tools.bench_support import cpu_seconds
+from worker.tools.bench.support import cpu_seconds
 
 DEVICES = 1000
 READINGS_PER_LETTER = 2
@@ -173,7 +173,7 @@ def run_deadletters_bench(settings: Settings, count: int, batch_size: int, embed
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.tools.deadletters_bench", description=(__doc__ or "").split("\n")[0]
+        prog="python -m worker.tools.bench.deadletters", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--dead-letters", type=int, default=100_000, help="dead letters to replay")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="dead letters per transaction")

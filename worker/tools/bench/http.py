@@ -1,9 +1,9 @@
 """`iotflow bench --http`: the HTTP intake beside the MQTT path, in one run.
 
 Everything in separate processes, as in production: client processes
-(worker.tools.bench_http_client) post JSON telemetry over keep-alive connections to a new
+(worker.tools.bench.http_client) post JSON telemetry over keep-alive connections to a new
 `iotflow run` with the device API on, for each run; the MQTT floods are `iotflow bench`'s
-own (bench_support.measure_worker), alternated with the HTTP ones. Per run: requests/s,
+own (support.measure_worker), alternated with the HTTP ones. Per run: requests/s,
 readings/s, CPU-seconds per 100k readings of the daemon process alone (utime + stime
 from /proc), peak RSS (VmHWM), the answers that were not 200, and the loss: readings
 answered 200 that are not rows of `decoded_data`. Then one paced run per batch size at
@@ -29,7 +29,7 @@ import orjson
 from worker.config import Settings
 from worker.logging import configure_logging
 from worker.stores.migrate import migrate
-from worker.tools.bench_support import (
+from worker.tools.bench.support import (
     READINGS_PER_MESSAGE,
     RunResult,
     bench_services,
@@ -224,7 +224,7 @@ def _http_run(
             mine = keys[index * len(keys) // clients : (index + 1) * len(keys) // clients]
             command = [str(port), str(connections // clients), str(share), str(batch), str(rate / clients)]
             proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.tools.bench_http_client", *command],
+                [sys.executable, "-m", "worker.tools.bench.http_client", *command],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )

@@ -7,7 +7,7 @@ PUBACKs. No callbacks, futures or locks per message, no storage: what a Python
 subscriber on this machine costs at the least, so the worker's rate and CPU can be
 read against it.
 
-Run as `python -m worker.tools.bench_ceiling URL COUNT [TIMEOUT] [RECEIVE_MAXIMUM]`:
+Run as `python -m worker.tools.bench.ceiling URL COUNT [TIMEOUT] [RECEIVE_MAXIMUM]`:
 prints `ready` once subscribed, then one JSON line once COUNT messages arrived (or on
 timeout): how many, and `last`, the monotonic time of the last one (the bench
 measures from its own start signal, the same clock for every process on Linux). It

@@ -44,7 +44,7 @@ from schemas.records import AckToken, DecodedBatch, RawMessage, Reading
 from worker.config import KafkaSettings, Settings
 from worker.decode.codecs import load_codecs
 from worker.stores.kafka import create_producer, create_topics
-from worker.tools.bench_support import (
+from worker.tools.bench.support import (
     READINGS_PER_MESSAGE,
     RunResult,
     count_rows,

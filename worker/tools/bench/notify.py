@@ -1,4 +1,4 @@
-"""`python -m worker.tools.notify_bench`: an alert storm sent to Alertmanager beside ingest.
+"""`python -m worker.tools.bench.notify`: an alert storm sent to Alertmanager beside ingest.
 
 The writer's storage step in one process — the PostgreSQL readings sink and the alert
 sink, as the daemon builds them — fed the same batches in two configurations,
@@ -51,7 +51,7 @@ from worker.sinks.notify.outbox import NotificationOutbox
 from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.stores import Stores, open_stores
 from worker.stores.migrate import migrate
-from worker.tools.bench_support import READINGS_PER_MESSAGE, cpu_seconds, parse_metrics
+from worker.tools.bench.support import READINGS_PER_MESSAGE, cpu_seconds, parse_metrics
 from worker.tools.servers import AlertmanagerServer, ServerUnavailable
 
 BATCH_READINGS = 5000  # as the writer's batches under load (pipeline.batch_size)
@@ -278,7 +278,7 @@ def report(runs: list[Run]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.tools.notify_bench", description=__doc__.split("\n")[0]
+        prog="python -m worker.tools.bench.notify", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--devices", type=int, default=10_000, help="devices, each firing one alert per run")
     parser.add_argument("--messages", type=int, default=100_000, help="messages per run (3 readings each)")

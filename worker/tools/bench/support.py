@@ -1,9 +1,9 @@
-"""What `iotflow bench` and its Kafka part (worker.tools.bench_kafka) both measure with:
+"""What `iotflow bench` and its Kafka part (worker.tools.bench.kafka) both measure with:
 one run of `iotflow run` against publisher processes (`measure_worker`), its result
 (`RunResult`), and the readings of /proc, /metrics and PostgreSQL it is made of.
 
-Measuring only: what each bench runs and prints stays in bench.py and bench_kafka.py.
-Both import from here; bench_kafka never imports bench (bench calls it for `--kafka`).
+Measuring only: what each bench runs and prints stays in pipeline.py and kafka.py.
+Both import from here; kafka never imports pipeline (pipeline calls it for `--kafka`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Publishers:
         devices: int,
         count: int,
         rate: float = 0.0,
-        form: str = "climate",  # or a form of worker.tools.mappings_bench
+        form: str = "climate",  # or a form of worker.tools.bench.mappings
     ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         for index in range(count):
@@ -101,7 +101,7 @@ class Publishers:
             command = [settings.mqtt.url, str(share), str(slice_devices), str(first), str(rate / count), form]
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "worker.tools.bench_publisher", *command],
+                    [sys.executable, "-m", "worker.tools.bench.publisher", *command],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                 )

@@ -4,7 +4,7 @@ Each device gets rules on the measurements it reports (its datapoint labels that
 already have data, or all of them before any data), cycling through the kinds —
 threshold, range, rate — plus one offline rule, with levels no simulated value
 reaches, so the bench measures the steady-state cost of evaluation rather than the
-cost of an alert storm. `python -m worker.tools.rules_bench` prints the
+cost of an alert storm. `python -m worker.tools.bench.rules` prints the
 evaluator's own cost per reading.
 """
 

@@ -1,7 +1,7 @@
 """`iotflow bench --mappings`: what a mapped JSON message costs the worker against built-in JSON.
 
 Floods of the same readings in three forms, alternated in one run, each through a new
-`iotflow run` as `iotflow bench` runs it (worker.tools.bench_support.measure_worker: its
+`iotflow run` as `iotflow bench` runs it (worker.tools.bench.support.measure_worker: its
 publishers, a Mosquitto of its own, PostgreSQL, Redis, the worker's CPU from /proc):
 
 - `json`: built-in JSON telemetry, `devices/{key}/telemetry`, `{"ts": …, "values": {3 numbers}}`;
@@ -31,7 +31,7 @@ from worker.config import Settings
 from worker.decode.mappings import profile_path
 from worker.logging import configure_logging
 from worker.stores.migrate import migrate
-from worker.tools.bench_support import READINGS_PER_MESSAGE, RunResult, drop_run, measure_worker
+from worker.tools.bench.support import READINGS_PER_MESSAGE, RunResult, drop_run, measure_worker
 
 FORMS = ("json", "mapped", "tasmota")
 MAPPED = """

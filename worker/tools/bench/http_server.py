@@ -1,4 +1,4 @@
-"""The HTTP server library comparison behind worker/api: `python -m worker.tools.http_server_bench`.
+"""The HTTP server library comparison behind worker/api: `python -m worker.tools.bench.http_server`.
 
 Each candidate serves the same two routes in a process of its own, on uvloop as the daemon
 runs: `GET /healthz` (a small JSON answer) and `POST /telemetry` (a JSON body of 10 readings
@@ -25,10 +25,10 @@ from typing import Any
 
 import orjson
 
-from worker.tools.bench_support import cpu_seconds
+from worker.tools.bench.support import cpu_seconds
 from worker.tools.embedded import free_port
 
-MODULE = "worker.tools.http_server_bench"
+MODULE = "worker.tools.bench.http_server"
 CANDIDATES = {
     "aiohttp": ("aiohttp",),
     "starlette+uvicorn": ("starlette", "uvicorn", "httptools"),

@@ -6,9 +6,9 @@ worker that should do 10k. This publisher frames PUBLISH packets itself and
 writes them in batches, with a window of unacknowledged packet ids, and counts
 PUBACKs so a run knows the broker took every message.
 
-Run as `python -m worker.tools.bench_publisher URL COUNT DEVICES FIRST_DEVICE [RATE [FORM]]`
+Run as `python -m worker.tools.bench.publisher URL COUNT DEVICES FIRST_DEVICE [RATE [FORM]]`
 (RATE in messages/s; absent or 0: as fast as the broker takes them; FORM `climate`, the
-default, or a JSON form of worker.tools.mappings_bench). It connects,
+default, or a JSON form of worker.tools.bench.mappings). It connects,
 prints `ready`, and starts when a line arrives on stdin, so the bench starts its clock
 for all publishers at once and counts neither their start-up nor their connecting. A
 flood (no RATE) builds its messages before `ready`, so the publisher spends its time on
@@ -74,7 +74,7 @@ async def publish(
     if form == "climate":
         stream = message_stream(build_fleet(devices, "climate", first=first), load_codecs(), "climate")
     else:
-        from worker.tools.mappings_bench import form_stream
+        from worker.tools.bench.mappings import form_stream
 
         stream = form_stream(form, devices, first)
     if rate <= 0:  # a flood: everything built beforehand

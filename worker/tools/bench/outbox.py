@@ -56,7 +56,7 @@ from worker.stores.cassandra import CassandraStore
 from worker.stores.cassandra_schema import migrate_cassandra
 from worker.stores.migrate import migrate
 from worker.stores.timeseries import read_device
-from worker.tools.bench_support import READINGS_PER_MESSAGE, cpu_seconds
+from worker.tools.bench.support import READINGS_PER_MESSAGE, cpu_seconds
 from worker.tools.embedded import free_port
 from worker.tools.servers import CassandraServer, ServerUnavailable
 
@@ -429,7 +429,7 @@ def report(runs: list[Run], timeseries: Timeseries = "both", live: bool = False)
 
 
 def run_timeseries_bench(settings: Settings, args: argparse.Namespace) -> int:
-    """`iotflow bench --timeseries cassandra|both` (and `python -m worker.tools.outbox_bench`).
+    """`iotflow bench --timeseries cassandra|both` (and `python -m worker.tools.bench.outbox`).
     With --embedded and no IOTFLOW_CASSANDRA_HOSTS, a Cassandra of its own (a temporary
     directory, stopped at the end), killed and restarted once in `both` for the outage."""
     timeseries: Timeseries = args.timeseries
@@ -480,7 +480,7 @@ def run_timeseries_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.tools.outbox_bench", description=__doc__.split("\n")[0]
+        prog="python -m worker.tools.bench.outbox", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--messages", type=int, default=100_000, help="messages per run (3 readings each)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration, alternated")

@@ -21,7 +21,7 @@ from pathlib import Path
 from worker.config import Settings
 from worker.logging import configure_logging
 from worker.stores.migrate import migrate
-from worker.tools.bench_support import READINGS_PER_MESSAGE, RunResult, drop_run, mean_cpu, measure_worker
+from worker.tools.bench.support import READINGS_PER_MESSAGE, RunResult, drop_run, mean_cpu, measure_worker
 from worker.tools.servers.secured import (
     SecuredMosquittoServer,
     SecuredPostgresServer,

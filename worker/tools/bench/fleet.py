@@ -10,7 +10,7 @@ within one process, each met once (unmeasured) before its rounds, as a long-runn
 daemon has met its fleet. Real PostgreSQL and Redis: the configured ones (a schema and
 a key prefix of its own, dropped afterwards) or, with `--embedded`, its own.
 
-    python -m worker.tools.fleet_bench --embedded [--fleets 100,20000] [--messages 60000]
+    python -m worker.tools.bench.fleet --embedded [--fleets 100,20000] [--messages 60000]
 
 Per message the intake (MQTT) is left out: it costs the same for any fleet.
 """
@@ -44,8 +44,8 @@ from worker.sinks.postgres import PostgresTimeseriesWriter
 from worker.sinks.redis_state import RedisHotStateWriter
 from worker.stores import Stores, open_stores
 from worker.stores.migrate import migrate
-from worker.tools.bench_support import drop_run
-from worker.tools.rules_bench import bench_rules, traffic_labels
+from worker.tools.bench.rules import bench_rules, traffic_labels
+from worker.tools.bench.support import drop_run
 from worker.tools.simulate import build_fleet, message_stream, register_fleet
 
 STAGES = ("decode", "rules", "postgres", "hot state")
@@ -173,7 +173,7 @@ def _in_services(embedded: bool, run: Callable[[], Coroutine[Any, Any, None]], s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.tools.fleet_bench", description=__doc__.split("\n")[0]
+        prog="python -m worker.tools.bench.fleet", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--fleets", default="100,20000", help="fleet sizes, the first the base (default 100,20000)"
