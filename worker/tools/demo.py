@@ -70,7 +70,8 @@ async def _demo(settings: Settings, args: argparse.Namespace, embedded: bool) ->
     await register_fleet(settings.postgres, fleet)
     daemon = Daemon(settings)
     worker = asyncio.create_task(daemon.run())
-    await asyncio.wait_for(daemon.ready.wait(), 30)
+    async with asyncio.timeout(30):
+        await daemon.ready.wait()
     print(
         f"worker ready; simulating {args.devices} devices at {args.rate:g} msg/s for {args.count} messages",
         flush=True,

@@ -100,7 +100,8 @@ async def ceiling(url: str, count: int, timeout: float, receive_maximum: int = 5
         last = time.monotonic()
 
     try:
-        await asyncio.wait_for(consume(), timeout)
+        async with asyncio.timeout(timeout):
+            await consume()
     except TimeoutError:
         last = time.monotonic()
     writer.write(mqtt5.DisconnectPacket().write())
