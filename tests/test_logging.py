@@ -3,16 +3,25 @@ come out alike, tracebacks only at debug, a library's repeats rate-limited."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import logging
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 import structlog
+import uvloop
 
-from worker.logging import RATE_LIMIT_WINDOW_S, RateLimitFilter, configure_logging
+from worker.logging import (
+    RATE_LIMIT_WINDOW_S,
+    RateLimitFilter,
+    configure_logging,
+    quiet_abandoned_connection_failures,
+)
 
 
 class Clock:
@@ -206,3 +215,35 @@ def test_reconfiguring_replaces_the_handler() -> None:
     logging.getLogger("asyncpg").warning("once")
     assert first.text() == ""
     assert [line["event"] for line in second.lines()] == ["once"]
+
+
+def test_under_uvloop_a_connection_failure_nobody_retrieved_is_not_an_error_line() -> None:
+    out = Output("debug")
+    loop = uvloop.new_event_loop()
+    try:
+        quiet_abandoned_connection_failures(loop)
+        failed = loop.create_future()  # as uvloop#437 leaves a TLS handshake's failure
+        failed.set_exception(ssl.SSLCertVerificationError(1, "certificate verify failed"))
+        del failed
+        gc.collect()  # asyncio reports an unretrieved exception when the future goes
+        # Other reports still reach asyncio's own handler, an OSError's too.
+        loop.call_exception_handler({"message": "Fatal error on transport", "exception": OSError(5, "EIO")})
+        loop.call_exception_handler({"message": "Exception in callback", "exception": ValueError("a bug")})
+    finally:
+        loop.close()
+    seen = [(line["event"], line["level"]) for line in out.lines()]
+    assert seen == [
+        ("asyncio.unretrieved_connection_failure", "debug"),
+        ("Fatal error on transport", "error"),
+        ("Exception in callback", "error"),
+    ]
+    assert "certificate verify failed" in out.lines()[0]["error"]
+
+
+def test_the_stdlib_loop_keeps_asyncio_s_own_handler() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_abandoned_connection_failures(loop)
+        assert loop.get_exception_handler() is None
+    finally:
+        loop.close()

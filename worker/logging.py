@@ -18,6 +18,7 @@ No line carries a multi-line traceback unless the level is debug: an exception b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -212,3 +213,28 @@ def configure_logging(
     root.setLevel(library_level)
     # Python's warnings (DeprecationWarning …) become `py.warnings` records, not stderr text.
     logging.captureWarnings(True)
+
+
+def quiet_abandoned_connection_failures(loop: asyncio.AbstractEventLoop) -> None:
+    """Under uvloop, report a failed connection attempt that nobody was left to hear of at
+    debug, and everything else as asyncio would.
+
+    uvloop's create_connection can leave the failure of a TLS handshake unretrieved when the
+    attempt is given up on as it fails (MagicStack/uvloop#437, open): asyncio then logs
+    "Future exception was never retrieved" at error, a second line beside the store's own
+    report of the same failure (a refused certificate, a lost server). Other reports are
+    left to asyncio; the stdlib loop does not have this bug, so nothing changes there.
+    """
+    if not type(loop).__module__.startswith("uvloop"):
+        return
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        failure = context.get("exception")
+        if isinstance(failure, OSError) and "never retrieved" in str(context.get("message", "")):
+            structlog.get_logger("worker.logging").debug(
+                "asyncio.unretrieved_connection_failure", error=f"{type(failure).__name__}: {failure}"
+            )
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)

@@ -75,11 +75,13 @@ async def _run_one(settings: Settings, config_file: Path | None) -> ExitCode:
     import structlog
 
     from worker.config import load_settings
+    from worker.logging import quiet_abandoned_connection_failures
     from worker.pipeline import Daemon
     from worker.runtime.garbage import tune_gc
     from worker.runtime.processes import CHILD_INDEX_ENV
 
     tune_gc()
+    quiet_abandoned_connection_failures(asyncio.get_running_loop())
     daemon = Daemon(settings, load_settings=lambda: load_settings(config_file))
     index = os.environ.get(CHILD_INDEX_ENV)
     if index is not None:
