@@ -301,6 +301,20 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def cassandra_worker_env(settings: Settings) -> dict[str, str]:
+    """`worker_env` with readings in these settings' Cassandra."""
+    c = settings.cassandra
+    return {
+        **worker_env(settings),
+        "IOTFLOW_TIMESERIES_BACKEND": "cassandra",
+        "IOTFLOW_CASSANDRA_HOSTS": ",".join(c.hosts),
+        "IOTFLOW_CASSANDRA_PORT": str(c.port),
+        "IOTFLOW_CASSANDRA_KEYSPACE": c.keyspace,
+        "IOTFLOW_CASSANDRA_CONSISTENCY": c.consistency,
+        "IOTFLOW_CASSANDRA_LOCAL_DC": c.local_dc,
+    }
+
+
 def unavailable(reason: str) -> NoReturn:
     """Skip a test whose server this machine cannot run, saying what to install; under CI
     (CI=true) fail instead: CI must prove every server ran."""

@@ -37,7 +37,7 @@ from worker.stores.cassandra import CassandraStore
 from worker.stores.cassandra_schema import migrate_cassandra
 from worker.tools.servers import CassandraServer
 
-from .conftest import worker_env
+from .conftest import cassandra_worker_env
 from .helpers import ROOT, publish, running_daemon, wait_for, wait_for_committed, with_cassandra
 from .test_outages import BASE_MS, json_messages
 
@@ -275,16 +275,7 @@ async def test_iotflow_query_pages_through_a_device_range_on_cassandra(
         for s in range(40)
         for label in ("humidity", "temperature")
     ]
-    c = configured.cassandra
-    env = {
-        **worker_env(configured),
-        "IOTFLOW_TIMESERIES_BACKEND": "cassandra",
-        "IOTFLOW_CASSANDRA_HOSTS": ",".join(c.hosts),
-        "IOTFLOW_CASSANDRA_PORT": str(c.port),
-        "IOTFLOW_CASSANDRA_KEYSPACE": c.keyspace,
-        "IOTFLOW_CASSANDRA_CONSISTENCY": c.consistency,
-        "IOTFLOW_CASSANDRA_LOCAL_DC": c.local_dc,
-    }
+    env = cassandra_worker_env(configured)
     span = [
         "--from",
         (T0 + timedelta(seconds=10)).isoformat(),

@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.conftest import worker_env
+from tests.conftest import cassandra_worker_env
 from worker.config import CassandraSettings, ConfigError, Settings, load_settings
 from worker.ops.certs import CertStore
 from worker.stores.cassandra import CassandraStore
@@ -83,13 +83,7 @@ def configured(settings: Settings, secured: CassandraSettings) -> Settings:
 def cassandra_env(settings: Settings, password_file: Path | None = None) -> dict[str, str]:
     c = settings.cassandra
     env = {
-        **worker_env(settings),
-        "IOTFLOW_TIMESERIES_BACKEND": "cassandra",
-        "IOTFLOW_CASSANDRA_HOSTS": ",".join(c.hosts),
-        "IOTFLOW_CASSANDRA_PORT": str(c.port),
-        "IOTFLOW_CASSANDRA_KEYSPACE": c.keyspace,
-        "IOTFLOW_CASSANDRA_CONSISTENCY": c.consistency,
-        "IOTFLOW_CASSANDRA_LOCAL_DC": c.local_dc,
+        **cassandra_worker_env(settings),
         "IOTFLOW_CASSANDRA_USERNAME": c.username,
         "IOTFLOW_CASSANDRA_TLS": "true" if c.tls else "false",
         "IOTFLOW_CASSANDRA_CA_FILE": c.ca_file,

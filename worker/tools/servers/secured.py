@@ -8,6 +8,7 @@ or with a wrong password, is refused: what the secured-store tests need.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -108,8 +109,8 @@ class SecuredPostgresServer(ServerProcess):
             self._data.mkdir(mode=0o700)
             os.chown(self._data, self._run_as.uid, self._run_as.gid)
         with self.log_path.open("ab") as log:
-            subprocess.run(
-                initdb,
+            run = functools.partial(
+                subprocess.run,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 check=True,
@@ -118,16 +119,10 @@ class SecuredPostgresServer(ServerProcess):
                 user=uid,
                 group=gid,
             )
-            subprocess.run(
+            run(initdb)
+            run(
                 [str(self._bindir / "postgres"), "--single", "-D", str(self._data), "postgres"],
                 input=f"CREATE DATABASE {DATABASE};\n".encode(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                check=True,
-                env=env,
-                cwd="/",
-                user=uid,
-                group=gid,
             )
         # The server reads its key only when the key belongs to it and no one else may read it.
         shutil.copy(self._pki.cert_path("server"), self._data / "server.crt")
